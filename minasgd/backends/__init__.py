@@ -1,0 +1,75 @@
+"""Backends: one op contract, two implementations.
+
+    be = minasgd.backends.get("numpy")   # the reference, runs anywhere
+    be = minasgd.backends.get("cuda")    # hand-written Numba CUDA kernels
+    be = minasgd.backends.get("auto")    # cuda when a GPU is present, else numpy
+
+Every backend offers the same functions, all float32, images NCHW:
+
+  memory      asarray(np_array) -> array        to_numpy(array) -> np.ndarray
+              zeros(shape) -> array             copy_into(dst, src)  (dst[...] = src)
+              synchronize()  (wait for queued GPU work)      NAME, DEVICE  (strings)
+  conv        conv2d_forward(x[N,C,H,W], w[K,C,R,S], b[K], stride, pad) -> y[N,K,P,Q]
+                  P = (H + 2*pad - R) // stride + 1, Q likewise
+              conv2d_backward(dy, x, w, stride, pad) -> (dx, dw, db)
+  pooling     maxpool2d_forward(x, size, stride) -> (y, argmax)
+                  floor output size; argmax int32, the index within the (n, c) input plane
+              maxpool2d_backward(dy, argmax, x_shape) -> dx   (overlapping windows accumulate)
+  relu        relu_forward(x) -> y           relu_backward(dy, y) -> dx
+  dropout     dropout_forward(x, p, seed) -> y    dropout_backward(dy, p, seed) -> dx
+                  inverted dropout; the mask is `minasgd.dropout_hash.keep_mask(seed, x.size, p)`
+  linear      linear_forward(x[N,D], w[M,D], b[M]) -> y[N,M]     (y = x w^T + b)
+              linear_backward(dy, x, w) -> (dx, dw, db)
+  loss        softmax_cross_entropy(logits[N,M], labels[N] int32) -> (loss[1], dlogits[N,M])
+                  mean loss over the batch, left on the device as a 1-element array (read it
+                  with float(be.to_numpy(loss)[0]) only when logging); dlogits is its gradient
+  optimizer   sgd_update(w, g, v, lr, momentum, weight_decay)   in place, flat vectors:
+                  v = momentum * v + (g + weight_decay * w);  w -= lr * v
+
+Backward functions return fresh arrays; none accumulates into its inputs.
+"""
+
+NAMES = ("numpy", "cuda")
+
+OPS = (
+    "asarray", "to_numpy", "zeros", "copy_into", "synchronize",
+    "conv2d_forward", "conv2d_backward",
+    "maxpool2d_forward", "maxpool2d_backward",
+    "relu_forward", "relu_backward",
+    "dropout_forward", "dropout_backward",
+    "linear_forward", "linear_backward",
+    "softmax_cross_entropy", "sgd_update",
+)
+
+
+def cuda_available():
+    """True when numba can see a real GPU (False under the simulator)."""
+    from numba import config, cuda
+
+    if config.ENABLE_CUDASIM:
+        return False
+    try:
+        return bool(cuda.is_available())
+    except Exception:
+        return False
+
+
+def get(name="numpy", device=None):
+    """Return the backend module called `name` ("numpy", "cuda" or "auto").
+
+    A backend is a plain module: `be.conv2d_forward(...)`, `be.NAME`, `be.DEVICE`.
+
+    `device` selects a GPU for the cuda backend (default: the current one).
+    """
+    if name == "auto":
+        name = "cuda" if cuda_available() else "numpy"
+    if name == "numpy":
+        from . import numpy_backend
+
+        return numpy_backend
+    if name == "cuda":
+        from . import cuda_backend
+
+        cuda_backend.select_device(device)
+        return cuda_backend
+    raise ValueError(f"unknown backend {name!r}; choose one of: numpy, cuda, auto")

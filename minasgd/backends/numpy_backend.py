@@ -1,0 +1,199 @@
+"""The NumPy reference backend: the ground truth every CUDA kernel is tested against.
+
+Clear and vectorised: convolution is im2col (a strided window view copied into
+a matrix) followed by one BLAS matrix multiply; pooling picks the max of each
+window view; the rest are a few array expressions. See `minasgd.backends` for
+the op contract.
+"""
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from .. import dropout_hash
+from . import shapes
+
+NAME = "numpy"
+DEVICE = "CPU (NumPy)"
+F32 = np.float32
+
+
+def _f32(a):
+    return np.ascontiguousarray(a, dtype=F32)
+
+
+# ---------------------------------------------------------------- convolution
+
+def _pad(x, pad):
+    if pad == 0:
+        return x
+    return np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+
+
+def im2col(x, r, s, stride, pad):
+    """x (N, C, H, W) -> cols (N*P*Q, C*R*S): row (n, p, q) holds the input patch under output (p, q)."""
+    n, c = x.shape[:2]
+    windows = sliding_window_view(_pad(x, pad), (r, s), axis=(2, 3))[:, :, ::stride, ::stride]
+    p, q = windows.shape[2:4]
+    # (N, C, P, Q, R, S) -> (N, P, Q, C, R, S): the reshape copies into one matrix.
+    return windows.transpose(0, 2, 3, 1, 4, 5).reshape(n * p * q, c * r * s)
+
+
+def col2im(cols, x_shape, r, s, stride, pad, p, q):
+    """Adjoint of im2col: scatter-add each patch row back into a (N, C, H, W) image."""
+    n, c, h, w = x_shape
+    dxp = np.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=F32)
+    patches = cols.reshape(n, p, q, c, r, s).transpose(0, 3, 4, 5, 1, 2)  # (N, C, R, S, P, Q)
+    for i in range(r):
+        for j in range(s):
+            dxp[:, :, i : i + stride * p : stride, j : j + stride * q : stride] += patches[:, :, i, j]
+    return dxp[:, :, pad : pad + h, pad : pad + w]
+
+
+def conv2d_forward(x, w, b, stride=1, pad=0):
+    # x: (N, C, H, W), w: (K, C, R, S), b: (K,) -> y: (N, K, P, Q)
+    n, k, p, q = shapes.conv2d_output_shape(x.shape, w.shape, stride, pad, b.shape)
+    cols = im2col(x, w.shape[2], w.shape[3], stride, pad)
+    y = cols @ w.reshape(k, -1).T  # (N*P*Q, K)
+    y += b
+    return _f32(y.reshape(n, p, q, k).transpose(0, 3, 1, 2))
+
+
+def conv2d_backward(dy, x, w, stride=1, pad=0):
+    # dy: (N, K, P, Q) -> dx: (N, C, H, W), dw: (K, C, R, S), db: (K,); all freshly allocated
+    n, k, p, q = shapes.conv2d_output_shape(x.shape, w.shape, stride, pad)
+    shapes.check_same_shape("conv2d_backward dy", dy.shape, (n, k, p, q))
+    r, s = w.shape[2:]
+    dy_mat = dy.transpose(0, 2, 3, 1).reshape(n * p * q, k)
+    cols = im2col(x, r, s, stride, pad)
+    dw = (dy_mat.T @ cols).reshape(w.shape)
+    db = dy.sum(axis=(0, 2, 3), dtype=F32)
+    dcols = dy_mat @ w.reshape(k, -1)
+    dx = col2im(dcols, x.shape, r, s, stride, pad, p, q)
+    return _f32(dx), _f32(dw), _f32(db)
+
+
+# ---------------------------------------------------------------- max pooling
+
+def maxpool2d_forward(x, size=3, stride=2):
+    # x: (N, C, H, W) -> y: (N, C, P, Q), argmax: (N, C, P, Q) int32 index into the H*W plane
+    n, c, p, q = shapes.pool2d_output_shape(x.shape, size, stride)
+    w_in = x.shape[3]
+    windows = sliding_window_view(x, (size, size), axis=(2, 3))[:, :, ::stride, ::stride]
+    flat = windows.reshape(n, c, p, q, size * size)
+    k = flat.argmax(axis=-1)  # first maximum in row-major window order
+    y = np.take_along_axis(flat, k[..., None], axis=-1)[..., 0]
+    rows = np.arange(p)[:, None] * stride + k // size
+    cols = np.arange(q)[None, :] * stride + k % size
+    return _f32(y), (rows * w_in + cols).astype(np.int32)
+
+
+def maxpool2d_backward(dy, argmax, x_shape):
+    # dy, argmax: (N, C, P, Q) -> dx: (N, C, H, W); windows that overlap add their gradients
+    n, c, h, w = x_shape
+    shapes.check_same_shape("maxpool2d_backward argmax", argmax.shape, dy.shape)
+    plane = np.arange(n * c, dtype=np.int64).reshape(n, c, 1, 1) * (h * w)
+    dx = np.bincount((plane + argmax).ravel(), weights=dy.ravel(), minlength=n * c * h * w)
+    return _f32(dx.reshape(x_shape))
+
+
+# ---------------------------------------------------------------- elementwise
+
+def relu_forward(x):
+    return np.maximum(x, F32(0))
+
+
+def relu_backward(dy, y):
+    shapes.check_same_shape("relu_backward", dy.shape, y.shape)
+    return np.where(y > 0, dy, F32(0)).astype(F32, copy=False)
+
+
+def _dropout(a, p, seed):
+    shapes.check_dropout_p(p)
+    if p == 0.0:
+        return a.copy()
+    keep = dropout_hash.keep_mask(seed, a.size, p).reshape(a.shape)
+    scale = F32(1.0 / (1.0 - p))
+    return np.where(keep, a * scale, F32(0)).astype(F32, copy=False)
+
+
+def dropout_forward(x, p, seed):
+    """Inverted dropout: keep with probability 1-p and scale by 1/(1-p); mask from (seed, index)."""
+    return _dropout(x, p, seed)
+
+
+def dropout_backward(dy, p, seed):
+    """The same mask and scale applied to the incoming gradient."""
+    return _dropout(dy, p, seed)
+
+
+# ---------------------------------------------------------------- fully connected
+
+def linear_forward(x, w, b):
+    # x: (N, D), w: (M, D), b: (M,) -> y: (N, M)
+    shapes.linear_output_shape(x.shape, w.shape, b.shape)
+    y = x @ w.T
+    y += b
+    return _f32(y)
+
+
+def linear_backward(dy, x, w):
+    # dy: (N, M) -> dx: (N, D), dw: (M, D), db: (M,)
+    shapes.check_same_shape("linear_backward dy", dy.shape, shapes.linear_output_shape(x.shape, w.shape))
+    return _f32(dy @ w), _f32(dy.T @ x), _f32(dy.sum(axis=0, dtype=F32))
+
+
+# ---------------------------------------------------------------- loss
+
+def softmax_cross_entropy(logits, labels):
+    """Mean cross-entropy of softmax(logits) against integer labels, and its gradient."""
+    shapes.check_logits_labels(logits.shape, labels.shape)
+    n, m = logits.shape
+    labels = np.asarray(labels)
+    if labels.size and (labels.min() < 0 or labels.max() >= m):
+        raise ValueError(f"softmax_cross_entropy: labels must be in [0, {m}), got {labels.min()}..{labels.max()}")
+    shifted = logits - logits.max(axis=1, keepdims=True)  # stable: the largest exponent is 0
+    e = np.exp(shifted)
+    total = e.sum(axis=1, keepdims=True)
+    rows = np.arange(n)
+    log_p = shifted[rows, labels] - np.log(total[:, 0])
+    dlogits = e / total
+    dlogits[rows, labels] -= F32(1)
+    dlogits *= F32(1.0 / n)
+    loss = np.array([-log_p.mean()], dtype=F32)
+    return loss, _f32(dlogits)
+
+
+# ---------------------------------------------------------------- optimizer
+
+def sgd_update(w, g, v, lr, momentum=0.0, weight_decay=0.0):
+    """In place: v = momentum*v + g + weight_decay*w; w -= lr*v. All flat float32 vectors."""
+    shapes.check_same_shape("sgd_update", w.shape, g.shape)
+    shapes.check_same_shape("sgd_update", w.shape, v.shape)
+    v *= F32(momentum)
+    v += g
+    if weight_decay:
+        v += F32(weight_decay) * w
+    w -= F32(lr) * v
+
+
+# ---------------------------------------------------------------- memory
+
+def asarray(a):
+    return np.ascontiguousarray(a)
+
+
+def to_numpy(a):
+    return np.asarray(a)
+
+
+def zeros(shape, dtype=F32):
+    return np.zeros(shape, dtype=dtype)
+
+
+def copy_into(dst, src):
+    shapes.check_same_shape("copy_into", dst.shape, src.shape)
+    dst[...] = src
+
+
+def synchronize():
+    """Nothing to wait for on the CPU (the cuda backend waits for the GPU here)."""
