@@ -17,8 +17,9 @@ DEVICE = "CPU (NumPy)"
 F32 = np.float32
 
 
-def _f32(a):
-    return np.ascontiguousarray(a, dtype=F32)
+def _c(a):
+    """Contiguous result. Ops keep their input dtype (float32 in use; float64 inside gradchecks)."""
+    return np.ascontiguousarray(a)
 
 
 # ---------------------------------------------------------------- convolution
@@ -41,7 +42,7 @@ def im2col(x, r, s, stride, pad):
 def col2im(cols, x_shape, r, s, stride, pad, p, q):
     """Adjoint of im2col: scatter-add each patch row back into a (N, C, H, W) image."""
     n, c, h, w = x_shape
-    dxp = np.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=F32)
+    dxp = np.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=cols.dtype)
     patches = cols.reshape(n, p, q, c, r, s).transpose(0, 3, 4, 5, 1, 2)  # (N, C, R, S, P, Q)
     for i in range(r):
         for j in range(s):
@@ -55,7 +56,7 @@ def conv2d_forward(x, w, b, stride=1, pad=0):
     cols = im2col(x, w.shape[2], w.shape[3], stride, pad)
     y = cols @ w.reshape(k, -1).T  # (N*P*Q, K)
     y += b
-    return _f32(y.reshape(n, p, q, k).transpose(0, 3, 1, 2))
+    return _c(y.reshape(n, p, q, k).transpose(0, 3, 1, 2))
 
 
 def conv2d_backward(dy, x, w, stride=1, pad=0):
@@ -66,10 +67,10 @@ def conv2d_backward(dy, x, w, stride=1, pad=0):
     dy_mat = dy.transpose(0, 2, 3, 1).reshape(n * p * q, k)
     cols = im2col(x, r, s, stride, pad)
     dw = (dy_mat.T @ cols).reshape(w.shape)
-    db = dy.sum(axis=(0, 2, 3), dtype=F32)
+    db = dy.sum(axis=(0, 2, 3))
     dcols = dy_mat @ w.reshape(k, -1)
     dx = col2im(dcols, x.shape, r, s, stride, pad, p, q)
-    return _f32(dx), _f32(dw), _f32(db)
+    return _c(dx), _c(dw), _c(db)
 
 
 # ---------------------------------------------------------------- max pooling
@@ -84,7 +85,7 @@ def maxpool2d_forward(x, size=3, stride=2):
     y = np.take_along_axis(flat, k[..., None], axis=-1)[..., 0]
     rows = np.arange(p)[:, None] * stride + k // size
     cols = np.arange(q)[None, :] * stride + k % size
-    return _f32(y), (rows * w_in + cols).astype(np.int32)
+    return _c(y), (rows * w_in + cols).astype(np.int32)
 
 
 def maxpool2d_backward(dy, argmax, x_shape):
@@ -93,7 +94,7 @@ def maxpool2d_backward(dy, argmax, x_shape):
     shapes.check_same_shape("maxpool2d_backward argmax", argmax.shape, dy.shape)
     plane = np.arange(n * c, dtype=np.int64).reshape(n, c, 1, 1) * (h * w)
     dx = np.bincount((plane + argmax).ravel(), weights=dy.ravel(), minlength=n * c * h * w)
-    return _f32(dx.reshape(x_shape))
+    return dx.reshape(x_shape).astype(dy.dtype)
 
 
 # ---------------------------------------------------------------- elementwise
@@ -104,7 +105,7 @@ def relu_forward(x):
 
 def relu_backward(dy, y):
     shapes.check_same_shape("relu_backward", dy.shape, y.shape)
-    return np.where(y > 0, dy, F32(0)).astype(F32, copy=False)
+    return np.where(y > 0, dy, F32(0)).astype(dy.dtype, copy=False)
 
 
 def _dropout(a, p, seed):
@@ -113,7 +114,7 @@ def _dropout(a, p, seed):
         return a.copy()
     keep = dropout_hash.keep_mask(seed, a.size, p).reshape(a.shape)
     scale = F32(1.0 / (1.0 - p))
-    return np.where(keep, a * scale, F32(0)).astype(F32, copy=False)
+    return np.where(keep, a * scale, F32(0)).astype(a.dtype, copy=False)
 
 
 def dropout_forward(x, p, seed):
@@ -133,13 +134,13 @@ def linear_forward(x, w, b):
     shapes.linear_output_shape(x.shape, w.shape, b.shape)
     y = x @ w.T
     y += b
-    return _f32(y)
+    return _c(y)
 
 
 def linear_backward(dy, x, w):
     # dy: (N, M) -> dx: (N, D), dw: (M, D), db: (M,)
     shapes.check_same_shape("linear_backward dy", dy.shape, shapes.linear_output_shape(x.shape, w.shape))
-    return _f32(dy @ w), _f32(dy.T @ x), _f32(dy.sum(axis=0, dtype=F32))
+    return _c(dy @ w), _c(dy.T @ x), _c(dy.sum(axis=0))
 
 
 # ---------------------------------------------------------------- loss
@@ -158,9 +159,9 @@ def softmax_cross_entropy(logits, labels):
     log_p = shifted[rows, labels] - np.log(total[:, 0])
     dlogits = e / total
     dlogits[rows, labels] -= F32(1)
-    dlogits *= F32(1.0 / n)
-    loss = np.array([-log_p.mean()], dtype=F32)
-    return loss, _f32(dlogits)
+    dlogits /= n
+    loss = np.array([-log_p.mean()], dtype=logits.dtype)
+    return loss, _c(dlogits)
 
 
 # ---------------------------------------------------------------- optimizer
