@@ -31,32 +31,38 @@ def _pad(x, pad):
 
 
 def im2col(x, r, s, stride, pad):
-    """x (N, C, H, W) -> cols (N*P*Q, C*R*S): row (n, p, q) holds the input patch under output (p, q)."""
-    n, c = x.shape[:2]
-    windows = sliding_window_view(_pad(x, pad), (r, s), axis=(2, 3))[:, :, ::stride, ::stride]
-    p, q = windows.shape[2:4]
-    # (N, C, P, Q, R, S) -> (N, P, Q, C, R, S): the reshape copies into one matrix.
-    return windows.transpose(0, 2, 3, 1, 4, 5).reshape(n * p * q, c * r * s)
+    """x (N, C, H, W) -> cols (C*R*S, N*P*Q).
+
+    Column (n, p, q) holds the input patch under output pixel (p, q) of image n,
+    so the convolution is one matrix product: y = w.reshape(K, C*R*S) @ cols.
+    Rows are ordered (c, r, s) like the weights; columns (n, p, q) keep each
+    output row contiguous, which makes the copy below fast.
+    """
+    c = x.shape[1]
+    xc = _pad(x, pad).transpose(1, 0, 2, 3)  # (C, N, Hp, Wp)
+    windows = sliding_window_view(xc, (r, s), axis=(2, 3))[:, :, ::stride, ::stride]  # (C, N, P, Q, R, S)
+    n, p, q = windows.shape[1:4]
+    return windows.transpose(0, 4, 5, 1, 2, 3).reshape(c * r * s, n * p * q)  # the reshape copies
 
 
 def col2im(cols, x_shape, r, s, stride, pad, p, q):
-    """Adjoint of im2col: scatter-add each patch row back into a (N, C, H, W) image."""
+    """Adjoint of im2col: add every patch column back where it came from -> (N, C, H, W)."""
     n, c, h, w = x_shape
-    dxp = np.zeros((n, c, h + 2 * pad, w + 2 * pad), dtype=cols.dtype)
-    patches = cols.reshape(n, p, q, c, r, s).transpose(0, 3, 4, 5, 1, 2)  # (N, C, R, S, P, Q)
+    dxc = np.zeros((c, n, h + 2 * pad, w + 2 * pad), dtype=cols.dtype)
+    patches = cols.reshape(c, r, s, n, p, q)
     for i in range(r):
         for j in range(s):
-            dxp[:, :, i : i + stride * p : stride, j : j + stride * q : stride] += patches[:, :, i, j]
-    return dxp[:, :, pad : pad + h, pad : pad + w]
+            dxc[:, :, i : i + stride * p : stride, j : j + stride * q : stride] += patches[:, i, j]
+    return dxc[:, :, pad : pad + h, pad : pad + w].transpose(1, 0, 2, 3)
 
 
 def conv2d_forward(x, w, b, stride=1, pad=0):
     # x: (N, C, H, W), w: (K, C, R, S), b: (K,) -> y: (N, K, P, Q)
     n, k, p, q = shapes.conv2d_output_shape(x.shape, w.shape, stride, pad, b.shape)
     cols = im2col(x, w.shape[2], w.shape[3], stride, pad)
-    y = cols @ w.reshape(k, -1).T  # (N*P*Q, K)
-    y += b
-    return _c(y.reshape(n, p, q, k).transpose(0, 3, 1, 2))
+    y = w.reshape(k, -1) @ cols  # (K, N*P*Q)
+    y += b[:, None]
+    return _c(y.reshape(k, n, p, q).transpose(1, 0, 2, 3))
 
 
 def conv2d_backward(dy, x, w, stride=1, pad=0):
@@ -64,11 +70,11 @@ def conv2d_backward(dy, x, w, stride=1, pad=0):
     n, k, p, q = shapes.conv2d_output_shape(x.shape, w.shape, stride, pad)
     shapes.check_same_shape("conv2d_backward dy", dy.shape, (n, k, p, q))
     r, s = w.shape[2:]
-    dy_mat = dy.transpose(0, 2, 3, 1).reshape(n * p * q, k)
+    dy_k = _c(dy.transpose(1, 0, 2, 3)).reshape(k, n * p * q)
     cols = im2col(x, r, s, stride, pad)
-    dw = (dy_mat.T @ cols).reshape(w.shape)
-    db = dy.sum(axis=(0, 2, 3))
-    dcols = dy_mat @ w.reshape(k, -1)
+    dw = (dy_k @ cols.T).reshape(w.shape)
+    db = dy_k.sum(axis=1)
+    dcols = w.reshape(k, -1).T @ dy_k  # (C*R*S, N*P*Q)
     dx = col2im(dcols, x.shape, r, s, stride, pad, p, q)
     return _c(dx), _c(dw), _c(db)
 
@@ -79,13 +85,19 @@ def maxpool2d_forward(x, size=3, stride=2):
     # x: (N, C, H, W) -> y: (N, C, P, Q), argmax: (N, C, P, Q) int32 index into the H*W plane
     n, c, p, q = shapes.pool2d_output_shape(x.shape, size, stride)
     w_in = x.shape[3]
-    windows = sliding_window_view(x, (size, size), axis=(2, 3))[:, :, ::stride, ::stride]
-    flat = windows.reshape(n, c, p, q, size * size)
-    k = flat.argmax(axis=-1)  # first maximum in row-major window order
-    y = np.take_along_axis(flat, k[..., None], axis=-1)[..., 0]
-    rows = np.arange(p)[:, None] * stride + k // size
-    cols = np.arange(q)[None, :] * stride + k % size
-    return _c(y), (rows * w_in + cols).astype(np.int32)
+    # Visit the window offsets in row-major order; a strictly larger value takes over,
+    # so ties keep the first maximum (the CUDA kernel scans the same way).
+    y = x[:, :, 0 : stride * p : stride, 0 : stride * q : stride].copy()
+    k = np.zeros((n, c, p, q), dtype=np.int32)
+    for i in range(size):
+        for j in range(size):
+            candidate = x[:, :, i : i + stride * p : stride, j : j + stride * q : stride]
+            better = candidate > y
+            np.maximum(y, candidate, out=y)
+            np.putmask(k, better, i * size + j)
+    rows = np.arange(p, dtype=np.int32)[:, None] * stride + k // size
+    cols = np.arange(q, dtype=np.int32)[None, :] * stride + k % size
+    return y, (rows * w_in + cols).astype(np.int32)
 
 
 def maxpool2d_backward(dy, argmax, x_shape):

@@ -1,0 +1,48 @@
+"""Optimizers over the flat parameter vector, and the learning-rate schedule.
+
+`SGD` runs on any backend (its update is one backend op, a CUDA kernel on the
+GPU). `Adagrad` is the per-parameter adaptive rule DistBelief's Downpour SGD
+used on its parameter server; it runs in NumPy on the server.
+"""
+
+import math
+
+import numpy as np
+
+
+class SGD:
+    """SGD with momentum and weight decay: v = m*v + g + wd*w;  w -= lr*v."""
+
+    def __init__(self, be, num_params, momentum=0.9, weight_decay=0.0):
+        self.be, self.momentum, self.weight_decay = be, momentum, weight_decay
+        self.velocity = be.zeros(num_params)
+
+    def step(self, params, grads, lr):
+        self.be.sgd_update(params, grads, self.velocity, lr, self.momentum, self.weight_decay)
+
+    def state(self):
+        return {"velocity": np.asarray(self.be.to_numpy(self.velocity))}
+
+
+class Adagrad:
+    """Adagrad (Duchi et al. 2011): each parameter's step shrinks with its summed squared gradients."""
+
+    def __init__(self, be, num_params, eps=1e-8, weight_decay=0.0):
+        self.be, self.eps, self.weight_decay = be, np.float32(eps), weight_decay
+        self.sum_sq = np.zeros(num_params, dtype=np.float32)
+
+    def step(self, params, grads, lr):
+        g = grads + np.float32(self.weight_decay) * params if self.weight_decay else grads
+        self.sum_sq += g * g
+        params -= np.float32(lr) * g / (np.sqrt(self.sum_sq) + self.eps)
+
+    def state(self):
+        return {"sum_sq": self.sum_sq.copy()}
+
+
+def learning_rate(step, total_steps, base_lr, warmup_steps=0):
+    """Linear warm-up, then cosine decay from base_lr to 0 at total_steps."""
+    if warmup_steps and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
