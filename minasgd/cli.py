@@ -1,10 +1,14 @@
 """The `minasgd` command line.
 
-    minasgd train     train a model (one process; --workers N adds a parameter server)
-    minasgd eval      test accuracy of a saved model
-    minasgd model     the layers of a network, as a table or JSON
-    minasgd data      make or download a dataset
-    minasgd bench     step | kernels: timings against a baseline measured in the same run
+    minasgd train       train a model (--workers 0: one process; N: a parameter server and N workers)
+    minasgd serve       run a parameter server alone (workers on other machines connect to it)
+    minasgd work        run one worker against a parameter server
+    minasgd eval        test accuracy of a saved model
+    minasgd model       the layers of a network, as a table or JSON
+    minasgd data        make or download a dataset
+    minasgd bench       step | kernels | ps: timings against a baseline measured in the same run
+    minasgd experiment  the paper's experiments at laptop scale (tables and plots)
+    minasgd assignment  cut student versions of the code for a course
 
 Errors a user can fix (a missing file, a wrong shape, a busy port) are printed
 as one line and exit with status 2; anything else is a bug and shows a traceback.
@@ -55,10 +59,39 @@ def _train_config(args):
 
 
 def cmd_train(args, console):
-    from .train import train
+    if args.workers == 0:
+        from .train import train
 
-    train(_train_config(args), console=console)
+        train(_train_config(args), console=console)
+        return 0
+    from .ps import launcher
+
+    launcher.train_distributed(_train_config(args), args, console=console)
     return 0
+
+
+def cmd_serve(args, console):
+    from .ps import cli as ps_cli
+
+    return ps_cli.serve(args, console)
+
+
+def cmd_work(args, console):
+    from .ps import cli as ps_cli
+
+    return ps_cli.work(args, console)
+
+
+def cmd_experiment(args, console):
+    from . import experiments
+
+    return experiments.run(args, console)
+
+
+def cmd_assignment(args, console):
+    from . import assignment
+
+    return assignment.run(args, console)
 
 
 def cmd_eval(args, console):
@@ -120,6 +153,10 @@ def cmd_bench(args, console):
         from . import bench_step
 
         return bench_step.run(args, console)
+    if args.what == "ps":
+        from .ps import bench as ps_bench
+
+        return ps_bench.run(args, console)
     if args.what == "kernels":
         from . import bench_kernels
 
@@ -134,9 +171,20 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="minasgd", description="GPU asynchronous SGD from scratch (Paine et al., 2013).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from .ps import cli as ps_cli
+
     p = sub.add_parser("train", help="train a model on a dataset")
     _add_train_arguments(p)
+    ps_cli.add_train_arguments(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("serve", help="run a parameter server alone")
+    ps_cli.add_serve_arguments(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("work", help="run one worker against a parameter server")
+    ps_cli.add_work_arguments(p)
+    p.set_defaults(func=cmd_work)
 
     p = sub.add_parser("eval", help="test accuracy of a saved model")
     p.add_argument("checkpoint", help="a model.npz written by `minasgd train`")
@@ -158,15 +206,26 @@ def build_parser():
     data_cli.add_arguments(p)
     p.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("bench", help="benchmarks: a training step, or each CUDA kernel")
-    p.add_argument("what", choices=["step", "kernels"])
+    p = sub.add_parser("bench", help="benchmarks: a training step, each CUDA kernel, the parameter server")
+    p.add_argument("what", choices=["step", "kernels", "ps"])
     p.add_argument("--backend", default="numpy", choices=["numpy", "cuda", "auto"])
     p.add_argument("--model", default="alexnet-mini")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--gpu", type=int, default=None)
     p.add_argument("--json", action="store_true")
+    ps_cli.add_bench_arguments(p)
     p.set_defaults(func=cmd_bench)
+
+    from . import assignment, experiments
+
+    p = sub.add_parser("experiment", help="run one of the paper's experiments at laptop scale")
+    experiments.add_arguments(p)
+    p.set_defaults(func=cmd_experiment)
+
+    p = sub.add_parser("assignment", help="make a student version of the code, or grade one")
+    assignment.add_arguments(p)
+    p.set_defaults(func=cmd_assignment)
     return parser
 
 
