@@ -1,0 +1,21 @@
+"""Hand-written Numba CUDA kernels, one module per op family (installed as `minasgd.kernels`).
+
+    common       the simulator switch, threads per block and grid sizes for grid-stride loops
+    elementwise  fill, relu forward/backward, dropout forward/backward (the mask is a hash, not stored)
+    gemm         matrix multiply C = op(A) op(B) (+ bias): v1 naive, v2 shared-memory tiled
+    conv         conv2d: forward v1 naive and v2 tiled implicit GEMM; backward-data (gather)
+                 and backward-filter (tiled implicit GEMM with split-K)
+    pool         max-pool forward with argmax; backward v1 atomic scatter, v2 gather
+    reduce       sums over batch (and pixels): bias gradients, the mean loss
+    softmax      softmax + cross-entropy: one thread per row, max-subtracted
+    optim        SGD with momentum and weight decay over the flat parameter vector
+
+Each module has the same layout: the kernels (naive first, then optimized), then the host
+launchers that pick the grid and block, then the public functions that `minasgd.backends.cuda_backend`
+calls. Public functions take numba device arrays and an optional `out=` buffer (tests pre-fill
+it with NaN so that any element a kernel forgets to write fails the comparison).
+
+Kernels are float32 throughout: constants are written `float32(0.5)`, never `0.5`, because a
+Python float literal promotes the arithmetic to float64. Set `NUMBA_ENABLE_CUDASIM=1` before
+numba is imported to run everything on the CUDA simulator (slow: keep shapes tiny there).
+"""

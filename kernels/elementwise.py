@@ -1,0 +1,142 @@
+"""Elementwise kernels: fill, ReLU and dropout.
+
+    fill           v1: grid-stride loop, x[i] = value
+    relu_forward   v1: grid-stride loop, y[i] = max(x[i], 0)
+    relu_backward  v1: grid-stride loop, dx[i] = dy[i] where y[i] > 0, else 0
+    dropout        v1: grid-stride loop; element i is kept when hash32(seed, i) >= threshold(p),
+                   so the mask is recomputed in backward instead of stored
+
+All kernels see tensors as flat 1-D views (every activation is C-contiguous), so one loop serves
+any shape. The dropout hash is the same uint32 mixer as `minasgd.dropout_hash.hash32`, written as
+a device function; every step is wrapped in uint32(...) so the GPU, the simulator and NumPy agree
+bit for bit (without it, compiled Numba widens `uint32 * uint32` to 64 bits).
+"""
+
+import numpy as np
+from numba import cuda, float32, uint32
+
+from minasgd import dropout_hash
+from minasgd.backends import shapes
+
+from .common import flat, grid_1d, output
+
+GOLDEN = uint32(dropout_hash.GOLDEN)
+MUL1 = uint32(dropout_hash.MUL1)
+MUL2 = uint32(dropout_hash.MUL2)
+
+
+# ---------------------------------------------------------------- kernels
+
+@cuda.jit(cache=True)
+def fill_kernel(x, value):
+    """x[i] = value for every i (x flat). Thread t handles t, t + G, t + 2G, ..."""
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    for i in range(start, x.size, stride):
+        x[i] = value
+
+
+@cuda.jit(cache=True)
+def relu_forward_kernel(x, y):
+    """y[i] = max(x[i], 0) over flat views; grid-stride loop."""
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    for i in range(start, x.size, stride):
+        v = x[i]
+        y[i] = v if v > float32(0) else float32(0)
+
+
+@cuda.jit(cache=True)
+def relu_backward_kernel(dy, y, dx):
+    """dx[i] = dy[i] if y[i] > 0 else 0 (the ReLU output decides); grid-stride loop."""
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    for i in range(start, dy.size, stride):
+        dx[i] = dy[i] if y[i] > float32(0) else float32(0)
+
+
+@cuda.jit(device=True, cache=True)
+def hash32(seed, index):
+    """lowbias32 of (index ^ seed * GOLDEN): a uint32 with every step wrapped mod 2**32."""
+    x = uint32(uint32(index) ^ uint32(uint32(seed) * GOLDEN))
+    x = uint32(x ^ uint32(x >> uint32(16)))
+    x = uint32(x * MUL1)
+    x = uint32(x ^ uint32(x >> uint32(15)))
+    x = uint32(x * MUL2)
+    x = uint32(x ^ uint32(x >> uint32(16)))
+    return x
+
+
+@cuda.jit(cache=True)
+def dropout_kernel(x, y, seed, threshold, scale):
+    """Inverted dropout over flat views: y[i] = x[i] * scale if hash32(seed, i) >= threshold else 0.
+
+    Forward and backward are the same kernel: backward feeds dy with the same seed.
+    """
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    for i in range(start, x.size, stride):
+        if hash32(seed, i) >= threshold:
+            y[i] = x[i] * scale
+        else:
+            y[i] = float32(0)
+
+
+# ---------------------------------------------------------------- launchers
+
+def launch_fill(x, value):
+    blocks, threads = grid_1d(x.size)
+    fill_kernel[blocks, threads](flat(x), x.dtype.type(value))
+
+
+def launch_relu_forward(x, y):
+    blocks, threads = grid_1d(x.size)
+    relu_forward_kernel[blocks, threads](flat(x), flat(y))
+
+
+def launch_relu_backward(dy, y, dx):
+    blocks, threads = grid_1d(dy.size)
+    relu_backward_kernel[blocks, threads](flat(dy), flat(y), flat(dx))
+
+
+def launch_dropout(x, y, p, seed):
+    # Host-side constants go in as NumPy scalars so the kernel sees uint32 / float32, not int64 / float64.
+    threshold = dropout_hash.keep_threshold(p)
+    scale = np.float32(1.0 / (1.0 - p))
+    blocks, threads = grid_1d(x.size)
+    dropout_kernel[blocks, threads](flat(x), flat(y), np.uint32(seed & 0xFFFFFFFF), threshold, scale)
+
+
+# ---------------------------------------------------------------- public functions
+
+def fill(x, value):
+    """x[...] = value, in place (device_array memory starts uninitialised)."""
+    if x.size:
+        launch_fill(x, value)
+    return x
+
+
+def relu_forward(x, out=None):
+    # x: any shape -> y: same shape
+    y = output(x.shape, x.dtype, out, "relu_forward out")
+    if x.size:
+        launch_relu_forward(x, y)
+    return y
+
+
+def relu_backward(dy, y, out=None):
+    # dy, y: same shape -> dx (fresh unless out is given)
+    shapes.check_same_shape("relu_backward", dy.shape, y.shape)
+    dx = output(dy.shape, dy.dtype, out, "relu_backward out")
+    if dy.size:
+        launch_relu_backward(dy, y, dx)
+    return dx
+
+
+def dropout(x, p, seed, out=None):
+    """Inverted dropout of x (forward) or of dy (backward: same p and seed give the same mask)."""
+    shapes.check_dropout_p(p)
+    y = output(x.shape, x.dtype, out, "dropout out")
+    if x.size:
+        launch_dropout(x, y, p, seed)
+    return y

@@ -1,0 +1,48 @@
+"""SGD with momentum and weight decay, in place over the flat parameter vector.
+
+    v = momentum * v + (g + weight_decay * w)
+    w = w - lr * v
+
+    v1 grid-stride loop, one element per iteration: read w, g, v, write v, w (20 bytes per
+       parameter, memory bound). The model keeps every parameter in ONE flat float32 buffer, so a
+       single launch updates the whole network.
+"""
+
+import numpy as np
+from numba import cuda
+
+from minasgd.backends import shapes
+
+from .common import flat, grid_1d
+
+
+# ---------------------------------------------------------------- kernels
+
+@cuda.jit(cache=True)
+def sgd_momentum_kernel(w, g, v, lr, momentum, weight_decay):
+    """Element i: v[i] = momentum*v[i] + g[i] + weight_decay*w[i]; w[i] -= lr*v[i]. Grid-stride."""
+    start = cuda.grid(1)
+    step = cuda.gridsize(1)
+    for i in range(start, w.size, step):
+        vi = momentum * v[i] + g[i] + weight_decay * w[i]
+        v[i] = vi
+        w[i] = w[i] - lr * vi
+
+
+# ---------------------------------------------------------------- launchers
+
+def launch_sgd(w, g, v, lr, momentum, weight_decay):
+    # float32 scalars, so the kernel's arithmetic stays float32
+    blocks, threads = grid_1d(w.size)
+    f32 = np.float32
+    sgd_momentum_kernel[blocks, threads](flat(w), flat(g), flat(v), f32(lr), f32(momentum), f32(weight_decay))
+
+
+# ---------------------------------------------------------------- public functions
+
+def sgd_update(w, g, v, lr, momentum=0.0, weight_decay=0.0):
+    """In place on w and v (same-shape float32 device arrays, usually flat)."""
+    shapes.check_same_shape("sgd_update", w.shape, g.shape)
+    shapes.check_same_shape("sgd_update", w.shape, v.shape)
+    if w.size:
+        launch_sgd(w, g, v, lr, momentum, weight_decay)

@@ -1,0 +1,151 @@
+"""Max pooling (floor mode, no padding), forward with argmax and backward, float32.
+
+    x, dx: (N, C, H, W)    y, dy, argmax: (N, C, P, Q)    P = (H - size) // stride + 1
+
+    forward   v1: one thread per output y[n, c, p, q] (grid-stride loop). It scans its window in
+              row-major order and takes a new maximum only when strictly greater, so ties keep the
+              FIRST maximum, as numpy.argmax does. argmax is the int32 index h * W + w in the plane.
+    backward  v1 scatter: zero dx, then one thread per dy[n, c, p, q] (grid-stride loop) adds it to
+              dx at its argmax with cuda.atomic.add: windows overlap when size > stride, so two
+              threads may hit the same pixel. Needs only argmax, as the op contract gives.
+              v2 gather: one thread per input pixel dx[n, c, h, w]. It visits the few windows
+              that contain (h, w) and adds dy wherever that window's argmax is this pixel. No
+              atomics, no zeroing, a fixed summation order; but it needs the window size and
+              stride, which the backend contract `maxpool2d_backward(dy, argmax, x_shape)` lacks.
+"""
+
+from numba import cuda, float32
+
+from minasgd.backends import shapes
+
+from .common import grid_1d, output
+from .elementwise import fill
+
+
+# ---------------------------------------------------------------- kernels
+
+@cuda.jit(cache=True)
+def maxpool2d_forward_kernel(x, y, argmax, size, stride):
+    """One thread per output y[n, c, p, q]: max and first argmax of its size x size window."""
+    start = cuda.grid(1)
+    step = cuda.gridsize(1)
+    n_, c_, h_, w_ = x.shape
+    p_, q_ = y.shape[2], y.shape[3]
+    for idx in range(start, y.size, step):
+        q = idx % q_
+        p = (idx // q_) % p_
+        c = (idx // (q_ * p_)) % c_
+        n = idx // (q_ * p_ * c_)
+        h0 = p * stride
+        w0 = q * stride
+        best = x[n, c, h0, w0]
+        best_at = h0 * w_ + w0
+        for r in range(size):
+            for s in range(size):
+                v = x[n, c, h0 + r, w0 + s]
+                if v > best:  # strictly greater: ties keep the first maximum
+                    best = v
+                    best_at = (h0 + r) * w_ + w0 + s
+        y[n, c, p, q] = best
+        argmax[n, c, p, q] = best_at
+
+
+@cuda.jit(cache=True)
+def maxpool2d_backward_scatter_kernel(dy, argmax, dx):
+    """One thread per dy[n, c, p, q]: dx[n, c, argmax] += dy (atomically). dx must be zeroed."""
+    start = cuda.grid(1)
+    step = cuda.gridsize(1)
+    c_, w_ = dx.shape[1], dx.shape[3]
+    p_, q_ = dy.shape[2], dy.shape[3]
+    for idx in range(start, dy.size, step):
+        q = idx % q_
+        p = (idx // q_) % p_
+        c = (idx // (q_ * p_)) % c_
+        n = idx // (q_ * p_ * c_)
+        at = argmax[n, c, p, q]
+        cuda.atomic.add(dx, (n, c, at // w_, at % w_), dy[n, c, p, q])
+
+
+@cuda.jit(cache=True)
+def maxpool2d_backward_gather_kernel(dy, argmax, dx, size, stride):
+    """One thread per input dx[n, c, h, w]: sum dy over the windows whose argmax is (h, w).
+
+    Window p covers rows p*stride .. p*stride + size - 1, so row h lies in windows
+    p = ceil((h - size + 1) / stride) .. floor(h / stride), clipped to [0, P); columns likewise.
+    """
+    start = cuda.grid(1)
+    step = cuda.gridsize(1)
+    n_, c_, h_, w_ = dx.shape
+    p_, q_ = dy.shape[2], dy.shape[3]
+    for idx in range(start, dx.size, step):
+        w = idx % w_
+        h = (idx // w_) % h_
+        c = (idx // (w_ * h_)) % c_
+        n = idx // (w_ * h_ * c_)
+        p_lo = 0 if h < size else (h - size) // stride + 1
+        q_lo = 0 if w < size else (w - size) // stride + 1
+        p_hi = min(h // stride, p_ - 1)
+        q_hi = min(w // stride, q_ - 1)
+        here = h * w_ + w
+        acc = float32(0)
+        for p in range(p_lo, p_hi + 1):
+            for q in range(q_lo, q_hi + 1):
+                if argmax[n, c, p, q] == here:
+                    acc += dy[n, c, p, q]
+        dx[n, c, h, w] = acc
+
+
+# ---------------------------------------------------------------- launchers
+
+def launch_forward(x, y, argmax, size, stride):
+    blocks, threads = grid_1d(y.size)
+    maxpool2d_forward_kernel[blocks, threads](x, y, argmax, size, stride)
+
+
+def launch_backward_scatter(dy, argmax, dx):
+    """dx must be zeroed."""
+    blocks, threads = grid_1d(dy.size)
+    maxpool2d_backward_scatter_kernel[blocks, threads](dy, argmax, dx)
+
+
+def launch_backward_gather(dy, argmax, dx, size, stride):
+    blocks, threads = grid_1d(dx.size)
+    maxpool2d_backward_gather_kernel[blocks, threads](dy, argmax, dx, size, stride)
+
+
+# ---------------------------------------------------------------- public functions
+
+def maxpool2d_forward(x, size=3, stride=2, out=None, out_argmax=None):
+    # x: (N, C, H, W) -> y: (N, C, P, Q), argmax: (N, C, P, Q) int32 index into the H*W plane
+    y_shape = shapes.pool2d_output_shape(x.shape, size, stride)
+    y = output(y_shape, x.dtype, out, "maxpool2d_forward out")
+    argmax = output(y_shape, "int32", out_argmax, "maxpool2d_forward out_argmax")
+    if y.size:
+        launch_forward(x, y, argmax, size, stride)
+    return y, argmax
+
+
+def maxpool2d_backward(dy, argmax, x_shape, out=None):
+    """dy, argmax: (N, C, P, Q) -> dx: (N, C, H, W) by atomic scatter (the backend's version)."""
+    shapes.check_same_shape("maxpool2d_backward argmax", argmax.shape, dy.shape)
+    _check_batch_channels(dy.shape, x_shape)
+    dx = output(x_shape, dy.dtype, out, "maxpool2d_backward out")
+    fill(dx, 0)
+    if dy.size:
+        launch_backward_scatter(dy, argmax, dx)
+    return dx
+
+
+def maxpool2d_backward_gather(dy, argmax, x_shape, size, stride, out=None):
+    """The same dx by gather: deterministic, but needs the window `size` and `stride`."""
+    shapes.check_same_shape("maxpool2d_backward argmax", argmax.shape, dy.shape)
+    shapes.check_same_shape("maxpool2d_backward dy", dy.shape, shapes.pool2d_output_shape(x_shape, size, stride))
+    dx = output(x_shape, dy.dtype, out, "maxpool2d_backward out")
+    if dx.size:
+        launch_backward_gather(dy, argmax, dx, size, stride)
+    return dx
+
+
+def _check_batch_channels(dy_shape, x_shape):
+    if len(x_shape) != 4 or len(dy_shape) != 4 or tuple(dy_shape[:2]) != tuple(x_shape[:2]):
+        raise ValueError(f"maxpool2d_backward: dy {tuple(dy_shape)} does not pool x {tuple(x_shape)}")

@@ -1,0 +1,64 @@
+"""Sums over the batch: bias gradients and the mean loss.
+
+    sum_over_batch  v1 block reduction: out[k] = scale * sum_{n, l} x[n, k, l]. One block per
+                    output k (grid-stride over k). Its threads each sum a strided share of the
+                    N*L terms into a register, then halve the shared-memory partials log2(B) times.
+
+The same kernel serves three callers by viewing their input as (N, K, L):
+    conv bias     dy (N, K, P, Q) -> (N, K, P*Q)     db[k] = sum over n, p, q
+    linear bias   dy (N, M)       -> (N, M, 1)       db[m] = sum over n
+    mean loss     losses (N,)     -> (N, 1, 1)       loss[0] = sum / N   (scale = 1/N)
+"""
+
+import numpy as np
+from numba import cuda, float32
+
+from .common import MAX_BLOCKS, THREADS, output
+
+BLOCK = THREADS  # threads per block, a power of two (a compile-time constant for the shared array)
+
+
+# ---------------------------------------------------------------- kernels
+
+@cuda.jit(cache=True)
+def sum_over_batch_kernel(x3, out, scale):
+    """out[k] = scale * sum_{n, l} x3[n, k, l]. Block b reduces k = b, b + gridDim, ...;
+    thread t adds terms t, t + BLOCK, ... of the N*L terms of that k, then the block tree-reduces.
+    """
+    tid = cuda.threadIdx.x
+    n_, k_, l_ = x3.shape
+    partial = cuda.shared.array(BLOCK, float32)
+    for k in range(cuda.blockIdx.x, k_, cuda.gridDim.x):  # same trip count for the whole block
+        acc = float32(0)
+        for idx in range(tid, n_ * l_, BLOCK):
+            acc += x3[idx // l_, k, idx % l_]
+        partial[tid] = acc
+        cuda.syncthreads()
+        half = BLOCK // 2
+        while half > 0:
+            if tid < half:
+                partial[tid] += partial[tid + half]
+            cuda.syncthreads()
+            half //= 2
+        if tid == 0:
+            out[k] = partial[0] * scale
+        cuda.syncthreads()  # partial[0] is read before the next k overwrites it
+
+
+# ---------------------------------------------------------------- launchers
+
+def launch_sum_over_batch(x3, out, scale):
+    blocks = max(1, min(x3.shape[1], MAX_BLOCKS))
+    sum_over_batch_kernel[blocks, BLOCK](x3, out, np.float32(scale))
+
+
+# ---------------------------------------------------------------- public functions
+
+def sum_over_batch(x, scale=1.0, out=None):
+    """Sum a contiguous (N, K, ...) array over every axis but 1 -> (K,); a 1-D (N,) array -> (1,)."""
+    n = x.shape[0]
+    k = x.shape[1] if x.ndim > 1 else 1
+    x3 = x.reshape(n, k, x.size // max(n * k, 1))
+    s = output((k,), x.dtype, out, "sum_over_batch out")
+    launch_sum_over_batch(x3, s, scale)
+    return s

@@ -1,0 +1,382 @@
+"""`minasgd bench kernels [--json]`: time every hand-written kernel at alexnet-mini sizes.
+
+For each op at the sizes one training step of alexnet-mini uses (batch 128):
+  * the steady-state time of the version the cuda backend uses (median of several samples,
+    each a few calls between `cuda.synchronize()`s, after a warm-up call that compiles),
+  * its rate: GFLOP/s for convolutions and matrix multiplies, GB/s for memory-bound ops,
+  * the other version where there is one (the naive conv and GEMM, the gather pool backward)
+    and the speed-up of ours over it,
+  * with PyTorch on a GPU: the cuDNN / cuBLAS / ATen equivalent timed in the same run, and
+    ours / torch (above 1 means ours is slower).
+It also reports the first call of one kernel (JIT compile, or loading numba's on-disk cache)
+against its steady state.
+
+Timings need a real NVIDIA GPU. Under the CUDA simulator, or without a GPU, `run` prints one
+line saying so and times nothing: simulator timings are meaningless.
+"""
+
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+BATCH = 128
+
+# alexnet-mini: three conv -> relu -> max-pool(3, 2) stages, then fc 1152 -> 256 -> 10.
+ALEXNET_MINI = dict(
+    image=(3, 32, 32),
+    convs=[  # (name, out channels, filter size, pad); stride 1
+        ("conv1", 32, 5, 2),
+        ("conv2", 64, 5, 2),
+        ("conv3", 128, 3, 1),
+    ],
+    pool=(3, 2),
+    fcs=[("fc1", 256), ("fc2", 10)],
+)
+
+# The same structure, small enough for the CUDA simulator (used by the tests to run every case once).
+TINY = dict(image=(2, 7, 7), convs=[("conv1", 3, 3, 1), ("conv2", 4, 3, 1)], pool=(3, 2), fcs=[("fc1", 6), ("fc2", 3)])
+
+
+@dataclass
+class Case:
+    """One row of the table: an op at one size, our version and what it is compared with."""
+
+    name: str
+    shape: str
+    work: float  # floating-point operations, or bytes moved for memory-bound ops
+    unit: str  # "GFLOP/s" or "GB/s"
+    ours: Callable[[], object]
+    alt: Optional[Callable[[], object]] = None
+    alt_name: str = ""
+    torch: Optional[Callable[[], object]] = None
+    results: dict = field(default_factory=dict)
+
+
+def _shape(*dims):
+    return "x".join(str(d) for d in dims)
+
+
+def param_count(net=ALEXNET_MINI):
+    c, h, w = net["image"]
+    total = 0
+    for _, k, r, pad in net["convs"]:
+        total += k * c * r * r + k
+        c = k
+        h, w = h + 2 * pad - r + 1, w + 2 * pad - r + 1
+        size, stride = net["pool"]
+        h, w = (h - size) // stride + 1, (w - size) // stride + 1
+    d = c * h * w
+    for _, m in net["fcs"]:
+        total += m * d + m
+        d = m
+    return total
+
+
+def build_cases(net=ALEXNET_MINI, batch=BATCH, torch_device=None, tile=None):
+    """Every benchmark case, with device inputs and preallocated outputs ready.
+
+    `torch_device` ("cuda", or "cpu" to check the calls without a GPU) adds the PyTorch
+    equivalents; None leaves them out. `tile` overrides the tile size of the tiled kernels.
+    """
+    from numba import cuda
+
+    from minasgd.backends import shapes
+    from minasgd.backends import cuda_backend as be
+    from minasgd.kernels import conv, elementwise, gemm, optim, pool, reduce, softmax
+
+    torch = F = None
+    if torch_device is not None:
+        import torch
+        import torch.nn.functional as F
+
+        torch.backends.cudnn.benchmark = True
+
+    rng = np.random.default_rng(0)
+    ct = {} if tile is None else {"tile": tile}  # tile size for the tiled conv and GEMM kernels
+
+    def dev(*shape):
+        return cuda.to_device(rng.standard_normal(shape).astype(np.float32))
+
+    def tdev(*shape):
+        return torch.randn(*shape, device=torch_device)
+
+    cases = []
+    c, h, w = net["image"]
+    size, stride = net["pool"]
+    largest = 0
+    for name, k, r, pad in net["convs"]:
+        x, wt, b = dev(batch, c, h, w), dev(k, c, r, r), dev(k)
+        y_shape = shapes.conv2d_output_shape(x.shape, wt.shape, 1, pad)
+        y, dx, dw, db = (cuda.device_array(s, np.float32) for s in (y_shape, x.shape, wt.shape, (k,)))
+        dy = dev(*y_shape)
+        flops = 2.0 * np.prod(y_shape) * c * r * r
+        label = f"{_shape(batch, c, h, w)} * {_shape(k, c, r, r)} pad {pad}"
+        t = {}
+        if torch is not None:
+            tx, tw, tb, tdy = tdev(batch, c, h, w), tdev(k, c, r, r), tdev(k), tdev(*y_shape)
+
+            def t_backward(mask, tx=tx, tw=tw, tdy=tdy, pad=pad, k=k):
+                return torch.ops.aten.convolution_backward(tdy, tx, tw, [k], [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, mask)
+
+            t = dict(
+                fwd=lambda tx=tx, tw=tw, tb=tb, pad=pad: F.conv2d(tx, tw, tb, 1, pad),
+                data=lambda f=t_backward: f([True, False, False]),
+                filt=lambda f=t_backward: f([False, True, True]),
+            )
+        cases += [
+            Case(f"{name} forward", label, flops, "GFLOP/s",
+                 lambda x=x, wt=wt, b=b, y=y, pad=pad: conv.conv2d_forward(x, wt, b, 1, pad, out=y, version="tiled", **ct),
+                 lambda x=x, wt=wt, b=b, y=y, pad=pad: conv.conv2d_forward(x, wt, b, 1, pad, out=y, version="naive"),
+                 "naive", t.get("fwd")),
+            Case(f"{name} backward data", label, flops, "GFLOP/s",
+                 lambda dy=dy, wt=wt, dx=dx, pad=pad: conv.conv2d_backward_data(dy, wt, dx.shape, 1, pad, out=dx),
+                 torch=t.get("data")),
+            Case(f"{name} backward filter+bias", label, flops + 4.0 * np.prod(y_shape), "GFLOP/s",
+                 lambda dy=dy, x=x, dw=dw, db=db, pad=pad: (conv.conv2d_backward_filter(dy, x, dw.shape, 1, pad, out=dw, **ct),
+                                                            reduce.sum_over_batch(dy, out=db)),
+                 torch=t.get("filt")),
+        ]
+        largest = max(largest, int(np.prod(y_shape)))
+
+        # max-pool(size, stride) of the conv output
+        _, k, h, w = y_shape
+        p_shape = shapes.pool2d_output_shape(y_shape, size, stride)
+        py, parg, pdy, pdx = (cuda.device_array(p_shape, np.float32), cuda.device_array(p_shape, np.int32),
+                              dev(*p_shape), cuda.device_array(y_shape, np.float32))
+        pool.maxpool2d_forward(y, size, stride, out=py, out_argmax=parg)  # valid argmax for backward
+        pool_bytes = 4.0 * np.prod(y_shape) + 8.0 * np.prod(p_shape)
+        tp = {}
+        if torch is not None:
+            ty = tdev(*y_shape)
+            _, tidx = F.max_pool2d(ty, size, stride, return_indices=True)
+            tpdy = tdev(*p_shape)
+            tp = dict(
+                fwd=lambda ty=ty: F.max_pool2d(ty, size, stride, return_indices=True),
+                bwd=lambda ty=ty, tidx=tidx, tpdy=tpdy: torch.ops.aten.max_pool2d_with_indices_backward(
+                    tpdy, ty, [size, size], [stride, stride], [0, 0], [1, 1], False, tidx),
+            )
+        pool_name = "pool" + name[-1]
+        plabel = f"{_shape(*y_shape)} window {size} stride {stride}"
+        cases += [
+            Case(f"{pool_name} forward", plabel, pool_bytes, "GB/s",
+                 lambda y=y, py=py, parg=parg: pool.maxpool2d_forward(y, size, stride, out=py, out_argmax=parg),
+                 torch=tp.get("fwd")),
+            Case(f"{pool_name} backward", plabel, pool_bytes + 4.0 * np.prod(y_shape), "GB/s",
+                 lambda pdy=pdy, parg=parg, pdx=pdx: pool.maxpool2d_backward(pdy, parg, pdx.shape, out=pdx),
+                 lambda pdy=pdy, parg=parg, pdx=pdx: pool.maxpool2d_backward_gather(pdy, parg, pdx.shape, size, stride, out=pdx),
+                 "gather", tp.get("bwd")),
+        ]
+        c, h, w = p_shape[1:]
+
+    d = c * h * w
+    for name, m in net["fcs"]:
+        x, wt, b, dy = dev(batch, d), dev(m, d), dev(m), dev(batch, m)
+        y, dx, dw = (cuda.device_array(s, np.float32) for s in ((batch, m), (batch, d), (m, d)))
+        flops = 2.0 * batch * d * m
+        tl = {}
+        if torch is not None:
+            tx, tw, tb, tdy = tdev(batch, d), tdev(m, d), tdev(m), tdev(batch, m)
+            tl = dict(fwd=lambda tx=tx, tw=tw, tb=tb: F.linear(tx, tw, tb),
+                      data=lambda tdy=tdy, tw=tw: tdy @ tw,
+                      weight=lambda tdy=tdy, tx=tx: tdy.t() @ tx)
+        for what, args, out, tkey in (
+            ("forward y = x w^T + b", (x, wt, False, True, b), y, "fwd"),
+            ("backward dx = dy w", (dy, wt, False, False, None), dx, "data"),
+            ("backward dw = dy^T x", (dy, x, True, False, None), dw, "weight"),
+        ):
+            cases.append(Case(
+                f"{name} {what}", f"{_shape(batch, d)} -> {_shape(batch, m)}", flops, "GFLOP/s",
+                lambda args=args, out=out: gemm.gemm(*args[:2], args[2], args[3], bias=args[4], out=out, version="tiled", **ct),
+                lambda args=args, out=out: gemm.gemm(*args[:2], args[2], args[3], bias=args[4], out=out, version="naive"),
+                "naive", tl.get(tkey)))
+        d = m
+
+    # Elementwise ops over the largest activation, the loss, and one optimizer step.
+    a, a_out, a_dy = dev(largest), cuda.device_array(largest, np.float32), dev(largest)
+    classes = net["fcs"][-1][1]
+    logits, dlogits = dev(batch, classes), cuda.device_array((batch, classes), np.float32)
+    labels = cuda.to_device(rng.integers(0, classes, batch).astype(np.int32))
+    n_params = param_count(net)
+    pw, pg, pv = dev(n_params), dev(n_params), be.zeros((n_params,))
+    te = {}
+    if torch is not None:
+        ta, tady, tlog = tdev(largest), tdev(largest), tdev(batch, classes)
+        tlab = torch.randint(0, classes, (batch,), device=torch_device)
+        tpw, tpg, tpv = tdev(n_params), tdev(n_params), torch.zeros(n_params, device=torch_device)
+
+        def t_softmax_xent():  # loss and its gradient, like ours
+            tlog.requires_grad_(True)
+            loss = F.cross_entropy(tlog, tlab)
+            return loss.detach(), torch.autograd.grad(loss, tlog)[0]
+
+        def t_sgd():
+            tpv.mul_(0.9).add_(tpg).add_(tpw, alpha=5e-4)
+            tpw.add_(tpv, alpha=-0.01)
+
+        te = dict(
+            relu=lambda: F.relu(ta),
+            relu_bwd=lambda: torch.ops.aten.threshold_backward(tady, ta, 0.0),
+            dropout=lambda: F.dropout(ta, 0.5, training=True),
+            softmax=t_softmax_xent,
+            sgd=t_sgd,
+        )
+    cases += [
+        Case("relu forward", _shape(largest), 8.0 * largest, "GB/s",
+             lambda: elementwise.relu_forward(a, out=a_out), torch=te.get("relu")),
+        Case("relu backward", _shape(largest), 12.0 * largest, "GB/s",
+             lambda: elementwise.relu_backward(a_dy, a, out=a_out), torch=te.get("relu_bwd")),
+        Case("dropout p=0.5", _shape(largest), 8.0 * largest, "GB/s",
+             lambda: elementwise.dropout(a, 0.5, 1234, out=a_out), torch=te.get("dropout")),
+        Case("softmax + cross-entropy", _shape(batch, classes), 8.0 * batch * classes + 4.0 * batch, "GB/s",
+             lambda: softmax.softmax_cross_entropy(logits, labels, out=dlogits), torch=te.get("softmax")),
+        Case("sgd momentum + decay", f"{n_params:,} params", 20.0 * n_params, "GB/s",
+             lambda: optim.sgd_update(pw, pg, pv, 0.01, 0.9, 5e-4), torch=te.get("sgd")),
+    ]
+    return cases
+
+
+# ---------------------------------------------------------------- timing
+
+def _sync(torch_fn=None):
+    from numba import cuda
+
+    cuda.synchronize()
+    if torch_fn is not None:
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def time_call(fn, samples=7, calls=5, is_torch=False):
+    """Median seconds per call: one warm-up call, then `samples` timings of `calls` back-to-back calls."""
+    sync = (lambda: _sync(True)) if is_torch else _sync
+    fn()
+    sync()
+    times = []
+    for _ in range(samples):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        times.append((time.perf_counter() - start) / calls)
+    return statistics.median(times)
+
+
+def first_call_vs_steady(cases):
+    """First call of the first case (compile or cache load, plus the launch) against its steady state."""
+    case = cases[0]
+    _sync()
+    start = time.perf_counter()
+    case.ours()
+    _sync()
+    first = time.perf_counter() - start
+    steady = time_call(case.ours)
+    return {"kernel": case.name, "first_call_s": first, "steady_s": steady}
+
+
+SWEPT = ("conv2 forward", "fc1 forward y = x w^T + b")
+
+
+def tile_sweep(tiles=(8, 16, 32), net=ALEXNET_MINI, batch=BATCH):
+    """The SWEPT kernels with tile x tile thread blocks, for each tile size."""
+    rows = []
+    for tile in tiles:
+        row = {"tile": tile}
+        for case in build_cases(net, batch, tile=tile):
+            if case.name in SWEPT:
+                seconds = time_call(case.ours)
+                row[case.name] = {"ms": seconds * 1e3, "rate": case.work / seconds / 1e9}
+        rows.append(row)
+    return rows
+
+
+def _torch_device():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return "cuda" if torch.cuda.is_available() else None
+
+
+def no_gpu_reason():
+    """Why GPU timings cannot be taken here, or None when they can."""
+    from numba import config
+
+    from minasgd.backends import cuda_available
+
+    if config.ENABLE_CUDASIM:
+        return "GPU timings need a real GPU: NUMBA_ENABLE_CUDASIM is set, and simulator timings are meaningless; nothing was timed."
+    if not cuda_available():
+        return "GPU timings need a real NVIDIA GPU, and numba sees none here; nothing was timed."
+    return None
+
+
+def run(as_json=False, backend_device=None):
+    """Time every kernel (see the module docstring); print a table, or JSON; return the results."""
+    reason = no_gpu_reason()
+    if reason:
+        result = {"skipped": reason}
+        print(json.dumps(result) if as_json else reason)
+        return result
+
+    from minasgd.backends import cuda_backend
+
+    device = cuda_backend.select_device(backend_device)
+    torch_device = _torch_device()
+    cases = build_cases(torch_device=torch_device)
+    compile_info = first_call_vs_steady(cases)
+    rows = []
+    for case in cases:
+        ours = time_call(case.ours)
+        row = {"kernel": case.name, "shape": case.shape, "ours_ms": ours * 1e3,
+               "rate": case.work / ours / 1e9, "unit": case.unit}
+        if case.alt is not None:
+            alt = time_call(case.alt)
+            row.update(alt_version=case.alt_name, alt_ms=alt * 1e3, speedup_vs_alt=alt / ours)
+        if case.torch is not None:
+            t = time_call(case.torch, is_torch=True)
+            row.update(torch_ms=t * 1e3, ours_over_torch=ours / t)
+        rows.append(row)
+    result = {"device": device, "batch": BATCH, "torch": torch_device is not None,
+              "first_call": compile_info, "kernels": rows, "tile_sweep": tile_sweep()}
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print_table(result)
+    return result
+
+
+def _print_table(result):
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"minasgd kernels on {result['device']}, alexnet-mini, batch {result['batch']}")
+    for col, just in (("kernel", "left"), ("shape", "left"), ("ours ms", "right"), ("rate", "right"),
+                      ("other version", "right"), ("ours faster by", "right"), ("torch ms", "right"), ("ours / torch", "right")):
+        table.add_column(col, justify=just)
+    for r in result["kernels"]:
+        alt = f"{r['alt_version']} {r['alt_ms']:.3f} ms" if "alt_ms" in r else ""
+        speedup = f"{r['speedup_vs_alt']:.1f}x" if "alt_ms" in r else ""
+        torch_ms = f"{r['torch_ms']:.3f}" if "torch_ms" in r else ""
+        ratio = f"{r['ours_over_torch']:.2f}" if "torch_ms" in r else ""
+        table.add_row(r["kernel"], r["shape"], f"{r['ours_ms']:.3f}", f"{r['rate']:.1f} {r['unit']}",
+                      alt, speedup, torch_ms, ratio)
+    console = Console()
+    console.print(table)
+    sweep = Table(title="tile size sweep (GFLOP/s)")
+    sweep.add_column("tile", justify="right")
+    names = [k for k in result["tile_sweep"][0] if k != "tile"]
+    for name in names:
+        sweep.add_column(name, justify="right")
+    for row in result["tile_sweep"]:
+        sweep.add_row(f"{row['tile']}x{row['tile']}", *(f"{row[n]['rate']:.1f}" for n in names))
+    console.print(sweep)
+    fc = result["first_call"]
+    console.print(f"first call of {fc['kernel']}: {fc['first_call_s'] * 1e3:.1f} ms (JIT compile, or numba's on-disk "
+                  f"cache) vs {fc['steady_s'] * 1e3:.3f} ms steady state")
+    if not result["torch"]:
+        console.print("PyTorch with CUDA not found: no cuDNN/cuBLAS comparison (pip install torch).")
