@@ -6,7 +6,7 @@
 
 Every backend offers the same functions, all float32, images NCHW:
 
-  memory      asarray(np_array) -> array        to_numpy(array) -> np.ndarray
+  memory      asarray(np_array) -> array (floats become float32)    to_numpy(array) -> np.ndarray
               zeros(shape) -> array             copy_into(dst, src)  (dst[...] = src)
               synchronize()  (wait for queued GPU work)      NAME, DEVICE  (strings)
   conv        conv2d_forward(x[N,C,H,W], w[K,C,R,S], b[K], stride, pad) -> y[N,K,P,Q]

@@ -50,10 +50,14 @@ def select_device(device=None):
 # ---------------------------------------------------------------- memory
 
 def asarray(a):
-    """A contiguous device copy of a host array (a device array is returned as it is)."""
+    """A contiguous device copy of a host array (a device array is returned as it is).
+
+    Floating-point input becomes float32, so no float64 kernel is ever compiled by accident.
+    """
     if is_device_array(a):
         return a
-    return cuda.to_device(np.ascontiguousarray(a))
+    a = np.asarray(a)
+    return cuda.to_device(np.ascontiguousarray(a, dtype=F32 if a.dtype.kind == "f" else a.dtype))
 
 
 def to_numpy(a):

@@ -192,7 +192,9 @@ def sgd_update(w, g, v, lr, momentum=0.0, weight_decay=0.0):
 # ---------------------------------------------------------------- memory
 
 def asarray(a):
-    return np.ascontiguousarray(a)
+    """A contiguous array; floating-point input becomes float32 (the hot path is float32 only)."""
+    a = np.asarray(a)
+    return np.ascontiguousarray(a, dtype=F32 if a.dtype.kind == "f" else a.dtype)
 
 
 def to_numpy(a):
