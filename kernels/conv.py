@@ -282,11 +282,14 @@ def conv2d_backward_filter(dy, x, w_shape, stride=1, pad=0, out=None, tile=TILE,
     return dw
 
 
-def conv2d_backward(dy, x, w, stride=1, pad=0, tile=TILE):
-    """dy: (N, K, P, Q) -> (dx, dw, db), all freshly allocated; nothing accumulates into the inputs."""
+def conv2d_backward(dy, x, w, stride=1, pad=0, tile=TILE, need_dx=True):
+    """dy: (N, K, P, Q) -> (dx, dw, db), all freshly allocated; nothing accumulates into the inputs.
+
+    need_dx=False skips the input gradient (dx is None): the first layer has no use for it.
+    """
     n, k, p, q = shapes.conv2d_output_shape(x.shape, w.shape, stride, pad)
     shapes.check_same_shape("conv2d_backward dy", dy.shape, (n, k, p, q))
-    dx = conv2d_backward_data(dy, w, x.shape, stride, pad)
+    dx = conv2d_backward_data(dy, w, x.shape, stride, pad) if need_dx else None
     dw = conv2d_backward_filter(dy, x, w.shape, stride, pad, tile=tile)
     db = reduce.sum_over_batch(dy)
     return dx, dw, db

@@ -19,6 +19,7 @@ class Layer:
         self.name = name
         self.in_shape = None  # per-image shape, set by `build`
         self.out_shape = None
+        self.is_first = False  # the model's first layer need not compute a gradient for its input
 
     def build(self, in_shape):
         """Record the per-image input shape and return the output shape."""
@@ -59,7 +60,9 @@ class Conv2d(Layer):
         return self.be.conv2d_forward(x, self.params["w"], self.params["b"], self.stride, self.pad)
 
     def backward(self, dy):
-        dx, dw, db = self.be.conv2d_backward(dy, self.x, self.params["w"], self.stride, self.pad)
+        # overwrites the weight/bias gradients; returns dx, or None for the network's first layer
+        dx, dw, db = self.be.conv2d_backward(dy, self.x, self.params["w"], self.stride, self.pad,
+                                             need_dx=not self.is_first)
         self.be.copy_into(self.grads["w"], dw)
         self.be.copy_into(self.grads["b"], db)
         return dx

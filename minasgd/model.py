@@ -63,6 +63,7 @@ class Model:
         shape = self.input_shape
         for layer in self.layers:
             shape = layer.build(shape)
+        self.layers[0].is_first = True
         self.num_classes = shape[0]
 
         # Lay the parameters out back to back: (layer, param name, offset, shape).
@@ -108,7 +109,7 @@ class Model:
         return x
 
     def backward(self, dlogits):
-        """Overwrite model.grads with the gradient of the loss; returns d loss / d input."""
+        """Overwrite model.grads with the gradient of the loss (the input's gradient is not computed)."""
         dy = dlogits
         for layer in reversed(self.layers):
             dy = layer.backward(dy)

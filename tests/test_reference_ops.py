@@ -42,6 +42,8 @@ def test_conv2d_gradcheck(case):
     assert_close(dx, numeric_grad(f, x), rtol=1e-6, atol=1e-6)
     assert_close(dw, numeric_grad(f, wt), rtol=1e-6, atol=1e-6)
     assert_close(db, numeric_grad(f, b), rtol=1e-6, atol=1e-6)
+    no_dx = ref.conv2d_backward(cw, x, wt, stride, pad, need_dx=False)
+    assert no_dx[0] is None and np.array_equal(no_dx[1], dw) and np.array_equal(no_dx[2], db)
 
 
 def test_conv2d_forward_matches_direct_loops():

@@ -11,7 +11,8 @@ Every backend offers the same functions, all float32, images NCHW:
               synchronize()  (wait for queued GPU work)      NAME, DEVICE  (strings)
   conv        conv2d_forward(x[N,C,H,W], w[K,C,R,S], b[K], stride, pad) -> y[N,K,P,Q]
                   P = (H + 2*pad - R) // stride + 1, Q likewise
-              conv2d_backward(dy, x, w, stride, pad) -> (dx, dw, db)
+              conv2d_backward(dy, x, w, stride, pad, need_dx=True) -> (dx, dw, db)
+                  need_dx=False skips the input gradient and returns dx = None
   pooling     maxpool2d_forward(x, size, stride) -> (y, argmax)
                   floor output size; argmax int32, the index within the (n, c) input plane
               maxpool2d_backward(dy, argmax, x_shape) -> dx   (overlapping windows accumulate)

@@ -92,9 +92,9 @@ def conv2d_forward(x, w, b, stride=1, pad=0):
     return conv.conv2d_forward(x, w, b, stride, pad, version=CONV_VERSION)
 
 
-def conv2d_backward(dy, x, w, stride=1, pad=0):
-    # dy: (N, K, P, Q) -> dx: (N, C, H, W), dw: (K, C, R, S), db: (K,); all freshly allocated
-    return conv.conv2d_backward(dy, x, w, stride, pad)
+def conv2d_backward(dy, x, w, stride=1, pad=0, need_dx=True):
+    # dy: (N, K, P, Q) -> dx: (N, C, H, W) (None unless need_dx), dw: (K, C, R, S), db: (K,); all fresh
+    return conv.conv2d_backward(dy, x, w, stride, pad, need_dx=need_dx)
 
 
 # ---------------------------------------------------------------- max pooling

@@ -65,8 +65,8 @@ def conv2d_forward(x, w, b, stride=1, pad=0):
     return _c(y.reshape(k, n, p, q).transpose(1, 0, 2, 3))
 
 
-def conv2d_backward(dy, x, w, stride=1, pad=0):
-    # dy: (N, K, P, Q) -> dx: (N, C, H, W), dw: (K, C, R, S), db: (K,); all freshly allocated
+def conv2d_backward(dy, x, w, stride=1, pad=0, need_dx=True):
+    # dy: (N, K, P, Q) -> dx: (N, C, H, W) (None unless need_dx), dw: (K, C, R, S), db: (K,); all fresh
     n, k, p, q = shapes.conv2d_output_shape(x.shape, w.shape, stride, pad)
     shapes.check_same_shape("conv2d_backward dy", dy.shape, (n, k, p, q))
     r, s = w.shape[2:]
@@ -74,6 +74,8 @@ def conv2d_backward(dy, x, w, stride=1, pad=0):
     cols = im2col(x, r, s, stride, pad)
     dw = (dy_k @ cols.T).reshape(w.shape)
     db = dy_k.sum(axis=1)
+    if not need_dx:
+        return None, _c(dw), _c(db)
     dcols = w.reshape(k, -1).T @ dy_k  # (C*R*S, N*P*Q)
     dx = col2im(dcols, x.shape, r, s, stride, pad, p, q)
     return _c(dx), _c(dw), _c(db)
@@ -88,16 +90,15 @@ def maxpool2d_forward(x, size=3, stride=2):
     # Visit the window offsets in row-major order; a strictly larger value takes over,
     # so ties keep the first maximum (the CUDA kernel scans the same way).
     y = x[:, :, 0 : stride * p : stride, 0 : stride * q : stride].copy()
-    k = np.zeros((n, c, p, q), dtype=np.int32)
+    offset = np.zeros((n, c, p, q), dtype=np.int32)  # where in its window each max sits: i * W + j
     for i in range(size):
         for j in range(size):
             candidate = x[:, :, i : i + stride * p : stride, j : j + stride * q : stride]
             better = candidate > y
             np.maximum(y, candidate, out=y)
-            np.putmask(k, better, i * size + j)
-    rows = np.arange(p, dtype=np.int32)[:, None] * stride + k // size
-    cols = np.arange(q, dtype=np.int32)[None, :] * stride + k % size
-    return y, (rows * w_in + cols).astype(np.int32)
+            np.copyto(offset, i * w_in + j, where=better)
+    corner = (np.arange(p, dtype=np.int32)[:, None] * w_in + np.arange(q, dtype=np.int32)[None, :]) * stride
+    return y, corner + offset
 
 
 def maxpool2d_backward(dy, argmax, x_shape):
@@ -117,7 +118,7 @@ def relu_forward(x):
 
 def relu_backward(dy, y):
     shapes.check_same_shape("relu_backward", dy.shape, y.shape)
-    return np.where(y > 0, dy, F32(0)).astype(dy.dtype, copy=False)
+    return dy * (y > 0)
 
 
 def _dropout(a, p, seed):
