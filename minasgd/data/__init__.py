@@ -1,0 +1,131 @@
+"""Datasets: one in-memory `Dataset` type, three sources, and the helpers the trainer needs.
+
+Every source yields the same thing: uint8 images of shape (N, 32, 32, 3) (NHWC, RGB) and int32
+labels, for a train and a test split. Sources, picked by a spec string given to `load`:
+
+    "shapes"        the built-in procedurally drawn dataset (`minasgd.data.shapes`), made in seconds
+    "cifar10"       CIFAR-10 in its binary version (`minasgd.data.cifar10`), downloaded once
+    "folder:PATH"   an image-folder tree PATH/{train,test}/<class>/* (`minasgd.data.folder`)
+
+Images stay uint8 until a batch is fed to the model; `normalize` turns a batch into the float32
+NCHW layout the backends use. Anything wrong with a file raises `DatasetError`, a one-line
+message that names the file or folder.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+IMAGE_SHAPE = (32, 32, 3)  # every dataset's images: height, width, RGB channels
+MEAN = (0.5, 0.5, 0.5)  # per-channel mean and std used by `normalize`, the same for all datasets
+STD = (0.25, 0.25, 0.25)
+SPECS = ("shapes", "cifar10", "folder:PATH")
+
+
+class DatasetError(ValueError):
+    """A dataset could not be found or read; the one-line message names the file or folder."""
+
+
+@dataclass
+class Dataset:
+    """Train and test images (uint8, N x 32 x 32 x 3, NHWC) with int32 labels and class names."""
+
+    name: str
+    classes: list[str]
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def shard(self, index: int, count: int) -> Dataset:
+        """The index-th of `count` disjoint, nearly equal shards of the train split.
+
+        Shard i takes train images i, i + count, i + 2*count, ... so the shards cover the train
+        split exactly once and differ in size by at most one image. The test split is shared.
+        """
+        n = len(self.train_y)
+        if count < 1 or not 0 <= index < count:
+            raise ValueError(f"shard: need 0 <= index < count, got index={index} count={count}")
+        if count > n:
+            raise ValueError(f"shard: cannot split {n} training images of {self.name} into {count} shards")
+        return Dataset(
+            name=f"{self.name}[shard {index + 1}/{count}]",
+            classes=list(self.classes),
+            train_x=np.ascontiguousarray(self.train_x[index::count]),
+            train_y=np.ascontiguousarray(self.train_y[index::count]),
+            test_x=self.test_x,
+            test_y=self.test_y,
+        )
+
+
+def default_root() -> Path:
+    """Where datasets live: $MINASGD_DATA if set, else ./data (relative to the current folder)."""
+    return Path(os.environ.get("MINASGD_DATA") or "data")
+
+
+def load(spec: str, root: str | Path | None = None, seed: int = 0, progress: bool = True) -> Dataset:
+    """Load the dataset named by `spec` ("shapes", "cifar10" or "folder:PATH").
+
+    `root` (default: `default_root()`) holds the shapes cache and the CIFAR-10 files; `seed`
+    picks the shapes images and the order of a folder dataset's train split.
+    """
+    root = default_root() if root is None else Path(root)
+    if spec == "shapes":
+        from . import shapes
+
+        return shapes.load(root, seed=seed, progress=progress)
+    if spec == "cifar10":
+        from . import cifar10
+
+        return cifar10.load(root)
+    if spec.startswith("folder:") and spec != "folder:":
+        from . import folder
+
+        return folder.load(spec[len("folder:"):], seed=seed, progress=progress)
+    raise DatasetError(f"unknown dataset {spec!r}: choose one of {', '.join(SPECS)}")
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    """uint8 images (N, H, W, 3) -> float32 (N, 3, H, W), C-contiguous, (x/255 - MEAN) / STD."""
+    if x.ndim != 4 or x.shape[3] != 3:
+        raise ValueError(f"normalize: expected uint8 images of shape (N, H, W, 3), got {x.shape}")
+    out = np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)
+    out /= np.float32(255)
+    out -= np.asarray(MEAN, dtype=np.float32).reshape(1, 3, 1, 1)
+    out /= np.asarray(STD, dtype=np.float32).reshape(1, 3, 1, 1)
+    return out
+
+
+def batches(
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    rng: np.random.Generator | None = None,
+    drop_last: bool = False,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield (x, y) mini-batches; in a random order drawn from `rng` if given, else in order.
+
+    The last batch is smaller when batch_size does not divide len(x), unless drop_last.
+    """
+    n = len(x)
+    if len(y) != n:
+        raise ValueError(f"batches: x has {n} images but y has {len(y)} labels")
+    if batch_size < 1:
+        raise ValueError(f"batches: batch_size must be >= 1, got {batch_size}")
+    order = None if rng is None else rng.permutation(n)
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        if order is None:
+            yield x[start:start + batch_size], y[start:start + batch_size]
+        else:
+            idx = order[start:start + batch_size]
+            yield x[idx], y[idx]
