@@ -237,7 +237,7 @@ def main(argv=None):
     try:
         return args.func(args, console)
     except (DatasetError, CheckpointError, ValueError, FloatingPointError, OSError) as e:
-        console.print(f"[red]minasgd {args.command}: {e}[/]", highlight=False)
+        console.print(f"[red]minasgd {args.command}: {e}[/]", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")

@@ -56,6 +56,7 @@ GEMM_CASES = [("naive", None, *t) for t in TRANSPOSES] + [("tiled", 16, *t) for 
 
 
 @pytest.mark.parametrize("version,tile,trans_a,trans_b", GEMM_CASES)
+@pytest.mark.task_5_1
 def test_gemm_matches_numpy(rng, version, tile, trans_a, trans_b):
     m, k, n = 17, 19, 13  # no dimension a multiple of the tile
     a = randn(rng, k, m) if trans_a else randn(rng, m, k)
@@ -68,6 +69,7 @@ def test_gemm_matches_numpy(rng, version, tile, trans_a, trans_b):
 
 
 @pytest.mark.parametrize("version", gemm.VERSIONS)
+@pytest.mark.task_5_1
 def test_gemm_without_bias_batch_one(rng, version):
     x, w = randn(rng, 1, 5), randn(rng, 3, 5)  # a batch of one: y = x w^T
     c = gemm.gemm(dev(x), dev(w), trans_b=True, out=nan_out((1, 3)), version=version)
@@ -99,11 +101,24 @@ def _conv_case(rng, case):
 
 @pytest.mark.parametrize("version", conv.VERSIONS)
 @pytest.mark.parametrize("case", CONV_CASES)
+@pytest.mark.task_2_1
 def test_conv2d_forward(rng, case, version):
     x, w, b, stride, pad = _conv_case(rng, case)
     expect = ref.conv2d_forward(x, w, b, stride, pad)
     y = conv.conv2d_forward(dev(x), dev(w), dev(b), stride, pad, out=nan_out(expect.shape), version=version)
     assert_close(host(y), expect, **TINY)
+
+
+def test_conv2d_tiled_with_the_gpu_tile_size(rng):
+    # the GPU default, 16 x 16 threads per block (the simulator's default tile is 4)
+    x, w, b, stride, pad = _conv_case(rng, CONV_CASES[1])
+    expect = ref.conv2d_forward(x, w, b, stride, pad)
+    y = conv.conv2d_forward(dev(x), dev(w), dev(b), stride, pad, out=nan_out(expect.shape), version="tiled", tile=16)
+    assert_close(host(y), expect, **TINY)
+    dy = randn(rng, *expect.shape)
+    _, dw_ref, _ = ref.conv2d_backward(dy, x, w, stride, pad)
+    dw = conv.conv2d_backward_filter(dev(dy), dev(x), w.shape, stride, pad, out=nan_out(w.shape), tile=16)
+    assert_close(host(dw), dw_ref, **TINY)
 
 
 def test_conv2d_forward_tiled_spans_several_tiles_in_every_direction(rng):
@@ -150,6 +165,8 @@ POOL_CASES = [((1, 1, 5, 5), 3, 2), ((2, 3, 7, 6), 3, 2), ((1, 2, 6, 6), 2, 2), 
 
 
 @pytest.mark.parametrize("shape,size,stride", POOL_CASES)
+@pytest.mark.task_3_2
+@pytest.mark.task_3_1
 def test_maxpool2d_forward_and_backward(rng, shape, size, stride):
     x = randn(rng, *shape)
     y_ref, arg_ref = ref.maxpool2d_forward(x, size, stride)
@@ -164,6 +181,7 @@ def test_maxpool2d_forward_and_backward(rng, shape, size, stride):
     assert_close(host(dx), dx_ref, **TINY)
 
 
+@pytest.mark.task_3_1
 def test_maxpool2d_ties_pick_the_first_maximum():
     # integer values with many ties, and an all-equal plane: the argmax must match numpy's first max
     x = (np.arange(2 * 7 * 7) % 3).astype(np.float32).reshape(1, 2, 7, 7)
@@ -173,6 +191,7 @@ def test_maxpool2d_ties_pick_the_first_maximum():
     assert np.array_equal(host(y), y_ref) and np.array_equal(host(arg), arg_ref)
 
 
+@pytest.mark.task_3_2
 def test_maxpool2d_overlapping_windows_accumulate():
     x = np.zeros((1, 1, 5, 5), np.float32)
     x[0, 0, 2, 2] = 1.0  # the max of all four overlapping 3x3/2 windows
@@ -185,6 +204,7 @@ def test_maxpool2d_overlapping_windows_accumulate():
 
 # ---------------------------------------------------------------- elementwise
 
+@pytest.mark.task_1_1
 def test_relu_forward_backward(rng):
     x = randn(rng, 3, 5, 7)  # 105 elements: several grid-stride trips on the simulator
     x[0, 0, :3] = 0.0
@@ -196,6 +216,7 @@ def test_relu_forward_backward(rng):
 
 
 @pytest.mark.parametrize("p,seed", [(0.5, 7), (0.25, 2**32 + 3), (0.0, 1), (0.9, 123456789)])
+@pytest.mark.task_1_2
 def test_dropout_mask_is_bit_identical(rng, p, seed):
     x = randn(rng, 4, 37)
     y = elementwise.dropout(dev(x), p, seed, out=nan_out(x.shape))
@@ -204,6 +225,7 @@ def test_dropout_mask_is_bit_identical(rng, p, seed):
     assert np.array_equal(host(elementwise.dropout(dev(dy), p, seed)), ref.dropout_backward(dy, p, seed))
 
 
+@pytest.mark.task_1_2
 def test_dropout_hash_device_function_matches_numpy():
     # the kernel's keep decision is exactly `hash32 >= threshold`: check it on ones, p ~ 1/2
     n = 150
@@ -228,6 +250,7 @@ def test_sum_over_batch(rng, shape):
     assert_close(host(got), expect, **TINY)
 
 
+@pytest.mark.task_4_1
 def test_softmax_cross_entropy_matches_and_is_stable(rng):
     logits = randn(rng, 7, 10)
     logits[0] *= 1e4  # huge logits: exp would overflow without the max subtraction
@@ -242,6 +265,7 @@ def test_softmax_cross_entropy_matches_and_is_stable(rng):
     assert_close(host(loss2), loss_ref, **TINY)
 
 
+@pytest.mark.task_4_1
 def test_softmax_cross_entropy_bad_device_label_gives_nan_not_a_crash(rng):
     loss, _ = softmax.softmax_cross_entropy(dev(randn(rng, 2, 3)), dev(np.array([0, 3], np.int32)))
     assert np.isnan(host(loss)[0])

@@ -4,6 +4,7 @@ Every source yields the same thing: uint8 images of shape (N, 32, 32, 3) (NHWC, 
 labels, for a train and a test split. Sources, picked by a spec string given to `load`:
 
     "shapes"        the built-in procedurally drawn dataset (`minasgd.data.shapes`), made in seconds
+    "shapes:N,M"    the same with N train and M test images (quick looks, tests)
     "cifar10"       CIFAR-10 in its binary version (`minasgd.data.cifar10`), downloaded once
     "folder:PATH"   an image-folder tree PATH/{train,test}/<class>/* (`minasgd.data.folder`)
 
@@ -24,7 +25,7 @@ import numpy as np
 IMAGE_SHAPE = (32, 32, 3)  # every dataset's images: height, width, RGB channels
 MEAN = (0.5, 0.5, 0.5)  # per-channel mean and std used by `normalize`, the same for all datasets
 STD = (0.25, 0.25, 0.25)
-SPECS = ("shapes", "cifar10", "folder:PATH")
+SPECS = ("shapes", "shapes:TRAIN,TEST", "cifar10", "folder:PATH")
 
 
 class DatasetError(ValueError):
@@ -73,16 +74,17 @@ def default_root() -> Path:
 
 
 def load(spec: str, root: str | Path | None = None, seed: int = 0, progress: bool = True) -> Dataset:
-    """Load the dataset named by `spec` ("shapes", "cifar10" or "folder:PATH").
+    """Load the dataset named by `spec` ("shapes", "shapes:TRAIN,TEST", "cifar10" or "folder:PATH").
 
     `root` (default: `default_root()`) holds the shapes cache and the CIFAR-10 files; `seed`
     picks the shapes images and the order of a folder dataset's train split.
     """
     root = default_root() if root is None else Path(root)
-    if spec == "shapes":
+    if spec == "shapes" or spec.startswith("shapes:"):
         from . import shapes
 
-        return shapes.load(root, seed=seed, progress=progress)
+        train_size, test_size = _shapes_sizes(spec)
+        return shapes.load(root, seed=seed, train_size=train_size, test_size=test_size, progress=progress)
     if spec == "cifar10":
         from . import cifar10
 
@@ -92,6 +94,21 @@ def load(spec: str, root: str | Path | None = None, seed: int = 0, progress: boo
 
         return folder.load(spec[len("folder:"):], seed=seed, progress=progress)
     raise DatasetError(f"unknown dataset {spec!r}: choose one of {', '.join(SPECS)}")
+
+
+def _shapes_sizes(spec: str) -> tuple[int, int]:
+    """"shapes" -> the default sizes; "shapes:2000,500" -> a smaller set for quick looks and tests."""
+    from . import shapes
+
+    if spec == "shapes":
+        return shapes.TRAIN_SIZE, shapes.TEST_SIZE
+    try:
+        train_size, test_size = (int(v) for v in spec[len("shapes:"):].split(","))
+    except ValueError:
+        raise DatasetError(f"bad dataset {spec!r}: write shapes:TRAIN,TEST, e.g. shapes:2000,500") from None
+    if train_size < 1 or test_size < 1:
+        raise DatasetError(f"bad dataset {spec!r}: both sizes must be at least 1")
+    return train_size, test_size
 
 
 def normalize(x: np.ndarray) -> np.ndarray:
