@@ -79,12 +79,19 @@ def test_load_dispatch(tmp_path, monkeypatch):
     assert data.default_root() == tmp_path
     monkeypatch.delenv("MINASGD_DATA")
     assert data.default_root() == Path("data")
-    with pytest.raises(DatasetError, match="unknown dataset 'mnist'.*shapes, cifar10, folder:PATH"):
+    with pytest.raises(DatasetError, match="unknown dataset 'mnist'.*shapes, shapes:TRAIN,TEST, cifar10, folder:PATH"):
         data.load("mnist", root=tmp_path)
     with pytest.raises(DatasetError, match="CIFAR-10 not found"):
         data.load("cifar10", root=tmp_path)
     with pytest.raises(DatasetError, match="image folder .*nowhere not found"):
         data.load(f"folder:{tmp_path / 'nowhere'}")
+    with pytest.raises(DatasetError, match="write shapes:TRAIN,TEST"):
+        data.load("shapes:many", root=tmp_path)
+
+
+def test_small_shapes_spec(tmp_path):
+    small = data.load("shapes:30,10", root=tmp_path, progress=False)
+    assert small.train_x.shape == (30, 32, 32, 3) and small.test_x.shape == (10, 32, 32, 3)
 
 
 # ------------------------------------------------------------------ normalize, batches, shard
