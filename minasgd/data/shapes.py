@@ -2,11 +2,12 @@
 
 Each 32x32 image holds one shape of a random colour, size, position, rotation and slight stretch,
 on a random background colour, among clutter (thin lines behind and across the shape, small
-blobs) and with pixel noise. Some images are small or low-contrast, and some classes look
-alike (circle / hexagon / pentagon, star / cross / arrow), so a small CNN needs several epochs
-and does not reach 100%. Measured: pixel-level baselines are at chance (nearest class mean 10%,
-softmax regression 12%: colours are random); a 3-conv-layer CNN (Adam, batch 64, no schedule)
-went 37% -> 69% -> 80% -> 86% test accuracy after epochs 1, 3, 5, 8, still rising.
+blobs) and with pixel noise. Some classes look alike (circle / hexagon / pentagon, star / cross /
+arrow), so a small CNN needs several epochs and does not reach 100%. Measured: pixel-level
+baselines are at chance (nearest class mean 10%, softmax regression 12%: colours are random);
+alexnet-mini with SGD (lr 0.02, momentum 0.9, batch 64, cosine schedule) went 34% -> 56% -> 77%
+-> 85% test accuracy over its first four epochs. (Version 1 had more clutter, noise and
+low-contrast images and was too hard for a 10-minute CPU run.)
 
 Images are drawn at SCALE times the final size and shrunk with a box filter, which antialiases
 the edges. All randomness comes from `seed`: the train and test splits use separate random
@@ -30,7 +31,7 @@ from PIL import Image, ImageDraw
 
 from . import Dataset, DatasetError
 
-VERSION = 1
+VERSION = 2
 CLASSES = ["circle", "square", "triangle", "pentagon", "hexagon", "star", "cross", "ring", "ellipse", "arrow"]
 TRAIN_SIZE = 20_000
 TEST_SIZE = 2_000
@@ -104,16 +105,13 @@ def _draw_params(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
 
     background = rng.uniform(0, 255, (n, 3))
     fill = rng.uniform(0, 255, (n, 3))
-    # Keep the shape visible but not always easy: at least 80 apart in RGB, except 5% of the
-    # images that get a low contrast of 30-50.
+    # Keep the shape visible: at least 140 apart from the background in RGB.
     direction = rng.normal(size=(n, 3))
     direction /= np.linalg.norm(direction, axis=1, keepdims=True)
     diff = fill - background
     dist = np.linalg.norm(diff, axis=1)
-    too_close = dist < 80
-    diff[too_close] = direction[too_close] * 80
-    low = rng.uniform(0, 1, n) < 0.05
-    diff[low] = direction[low] * rng.uniform(30, 50, (low.sum(), 1))
+    too_close = dist < 140
+    diff[too_close] = direction[too_close] * 140
     fill = np.clip(background + diff, 0, 255)
 
     return {
@@ -126,8 +124,8 @@ def _draw_params(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         "ring_width": rng.uniform(0.3, 0.55, n),
         "background": background.astype(int),
         "fill": fill.astype(int),
-        "lines_behind": rng.integers(0, 4, n),
-        "lines_across": rng.integers(0, 2, n),
+        "lines_behind": rng.integers(0, 2, n),
+        "lines_across": (rng.uniform(0, 1, n) < 0.15).astype(int),  # a thin line in front of 15%
         "line_ends": rng.uniform(-4, SIZE + 4, (n, 7, 4)),
         "line_width": rng.integers(1, 3, (n, 7)),
         "line_colour": rng.integers(0, 256, (n, 7, 3)),
@@ -135,7 +133,7 @@ def _draw_params(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         "blob_xy": rng.uniform(0, SIZE, (n, 3, 2)),
         "blob_radius": rng.uniform(1, 3, (n, 3)),
         "blob_colour": rng.integers(0, 256, (n, 3, 3)),
-        "noise": rng.uniform(2, 8, n),
+        "noise": rng.uniform(2, 4, n),
     }
 
 
