@@ -26,7 +26,7 @@ class TrainConfig:
     model: str = "alexnet-mini"
     backend: str = "auto"
     gpu: int | None = None
-    epochs: int = 8
+    epochs: int = 6
     batch_size: int = 64
     lr: float = 0.02
     momentum: float = 0.9
