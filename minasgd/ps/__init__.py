@@ -1,4 +1,19 @@
 """The parameter server: asynchronous SGD across worker processes (Paine et al., 2013).
 
-(Being built: see cli.py for the command-line hooks.)
+N workers (the paper's GPU clients) each train the model on their own shard of the data and
+talk to one central server every `nsync` mini-batches: push the summed gradient, fetch fresh
+parameters. The server applies each push the moment it arrives (async, as in the paper and in
+DistBelief's Downpour SGD), or averages one push per worker per round (`--sync`, the baseline).
+
+Read it in this order; each module does one job:
+
+    protocol.py   the wire format: a 32-byte header + raw float32 or a small JSON body
+    server.py     ParameterServer: the parameters, the optimizer, staleness, the sync barrier,
+                  checkpoints. No sockets: a transport calls join / fetch_into / push / leave
+    tcp.py        TcpServer (one thread per worker) and TcpClient: frames <-> those calls
+    worker.py     Worker: fetch, nsync local steps accumulating the gradient, push, repeat
+    monitor.py    test accuracy, metrics.jsonl, checkpoints and the live dashboard
+    launcher.py   `minasgd train --workers N`: the server here, N spawned worker processes
+    cli.py        the `train --workers` / `serve` / `work` command lines
+    bench.py      `minasgd bench ps`: goodput vs a raw socket, and the workers speed-up
 """

@@ -1,25 +1,109 @@
-"""Command-line arguments of the parameter-server commands (placeholder until the server lands)."""
+"""The command-line side of the parameter server: `train --workers`, `serve`, `work`, `bench ps`.
+
+    minasgd train --workers 2                      server + 2 worker processes on this machine
+    minasgd serve --bind 0.0.0.0:5555 --token T    a server alone, for workers on other machines
+    minasgd work --server HOST:5555 --token T      one worker (--gpu N picks its GPU)
+
+The token may also come from the environment variable MINASGD_TOKEN, which keeps it out of the
+process list.
+"""
+
+import os
+
+from .launcher import PsOptions
+
+D = PsOptions()
+
+
+def _add_server_arguments(p, bind_default, bind_help):
+    p.add_argument("--nsync", type=int, default=D.nsync,
+                   help="mini-batches between a worker's syncs: nfetch = npush = nsync (default: %(default)s)")
+    p.add_argument("--sync", action="store_true",
+                   help="bulk-synchronous baseline: average one push from every worker per update")
+    p.add_argument("--optimizer", default=D.optimizer, choices=["sgd", "adagrad"],
+                   help="the server's optimizer: sgd (with --momentum) or adagrad as in Downpour SGD "
+                        "(default: %(default)s)")
+    p.add_argument("--server-momentum", type=float, default=D.server_momentum,
+                   help="momentum of the server's sgd, per push (default: %(default)s; --momentum is "
+                        "single-process training's)")
+    p.add_argument("--staleness-lr", action="store_true", help="divide the server's lr by each push's staleness")
+    p.add_argument("--bind", metavar="HOST:PORT", default=bind_default, help=bind_help)
+    p.add_argument("--token", default=os.environ.get("MINASGD_TOKEN"),
+                   help="shared secret workers must prove (default: $MINASGD_TOKEN); needed to bind "
+                        "anything but loopback")
+    p.add_argument("--timeout", type=float, default=D.timeout,
+                   help="drop a worker silent for this many seconds (default: %(default)s)")
+    p.add_argument("--checkpoint-every", type=float, default=D.checkpoint_every, metavar="SECONDS",
+                   help="write model.npz this often, and at the end (default: %(default)s)")
+    p.add_argument("--eval-every", type=float, default=D.eval_every, metavar="EPOCHS",
+                   help="test accuracy of the server's parameters every this many epochs (default: %(default)s)")
 
 
 def add_train_arguments(p):
-    p.add_argument("--workers", type=int, default=0, help="0 = one process, no server (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=D.workers,
+                   help="worker processes with a parameter server; 0 = one process, no server "
+                        "(default: %(default)s)")
+    p.add_argument("--nfetch", type=int, help="mini-batches between fetches (default: --nsync)")
+    p.add_argument("--npush", type=int, help="mini-batches between pushes (default: --nsync)")
+    _add_server_arguments(p, None, "the server's address (default: a free loopback port, printed at start)")
 
 
 def add_serve_arguments(p):
-    pass
+    from ..cli import _add_train_arguments
+
+    _add_train_arguments(p)
+    _add_server_arguments(p, "127.0.0.1:5555", "address to listen on (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="start training once this many workers have joined (default: %(default)s)")
 
 
 def add_work_arguments(p):
-    pass
+    p.add_argument("--server", required=True, metavar="HOST:PORT", help="the parameter server")
+    p.add_argument("--token", default=os.environ.get("MINASGD_TOKEN"), help="the server's token (default: $MINASGD_TOKEN)")
+    p.add_argument("--backend", default="auto", choices=["numpy", "cuda", "auto"],
+                   help="auto = cuda when a GPU is present (default: %(default)s)")
+    p.add_argument("--gpu", type=int, default=None, help="GPU index for the cuda backend")
+    p.add_argument("--nsync", type=int, help="nfetch = npush = K (default: the server's)")
+    p.add_argument("--nfetch", type=int, help="mini-batches between fetches (default: --nsync)")
+    p.add_argument("--npush", type=int, help="mini-batches between pushes (default: --nsync)")
+    p.add_argument("--shard", metavar="I/N", default="1/1", help="train on the I-th of N shards (default: %(default)s)")
+    p.add_argument("--data-root", metavar="DIR", help="where datasets live (default: $MINASGD_DATA or ./data)")
+    p.add_argument("--model", help="the model (default: the server's; a different one is refused)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for a reply (default: %(default)s)")
+    p.add_argument("--connect-timeout", type=float, default=30.0,
+                   help="keep trying to connect for this many seconds (default: %(default)s)")
 
 
 def add_bench_arguments(p):
-    pass
+    p.add_argument("--workers-list", default="1,2,4", metavar="N,N,...",
+                   help="bench ps: worker counts for the speed-up table (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=3, help="bench ps: epochs of training per worker count")
+    p.add_argument("--target", type=float, default=0.5, help="bench ps: test accuracy to reach (default: %(default)s)")
+    p.add_argument("--train-limit", type=int, default=None, help="bench ps: use only the first N training images")
+    p.add_argument("--nsync", type=int, default=D.nsync, help="bench ps: nfetch = npush for the training runs")
+    p.add_argument("--skip-training", action="store_true", help="bench ps: only the goodput measurements")
 
 
 def serve(args, console):
-    raise NotImplementedError
+    from ..cli import _train_config
+    from .launcher import run_server
+
+    run_server(_train_config(args), PsOptions.from_args(args), console)
+    return 0
 
 
 def work(args, console):
-    raise NotImplementedError
+    from .tcp import TcpClient
+    from .worker import connect_and_train
+
+    index, sep, count = args.shard.partition("/")
+    if not sep or not index.isdigit() or not count.isdigit() or not 1 <= int(index) <= int(count):
+        raise ValueError(f"--shard wants I/N with 1 <= I <= N, got {args.shard!r}")
+    client = TcpClient(args.server, args.token, timeout=args.timeout, connect_timeout=args.connect_timeout)
+    console.print(f"connected to {args.server}: model {client.server_hello.get('model')}")
+    numbers = connect_and_train(client, backend=args.backend, gpu=args.gpu, model_name=args.model,
+                                shard_index=int(index) - 1, shard_count=int(count), data_root=args.data_root,
+                                nsync=args.nsync, nfetch=args.nfetch, npush=args.npush)
+    console.print(f"training over: {numbers['steps']} steps, {numbers['pushes']} pushes, "
+                  f"{numbers['images_per_second']:.0f} images/s, last loss {numbers['loss']:.3f}")
+    return 0

@@ -1,0 +1,241 @@
+"""`minasgd bench ps`: what the parameter server costs, and what the workers buy.
+
+1. Goodput, the way ps-lite reports it: push-only, fetch-only and push+fetch round trips per
+   second and MB/s for a vector the size of `--model`, through our server (in its own process),
+   against a raw loopback socket moving exactly the same bytes in the same run (a bare echo
+   process: no header, no checks, no optimizer). The ratio is ours / raw.
+2. Speed-up: images/s and the time to reach `--target` test accuracy for `--workers-list`
+   (default 1,2,4) on the shapes dataset, with single-process training as the first row.
+"""
+
+import json
+import os
+import socket
+import sys
+import time
+
+import numpy as np
+
+from .. import backends
+from ..model import Model
+from .launcher import PsOptions, blas_threads
+
+OPS = ("push", "fetch", "push+fetch")
+
+
+# ------------------------------------------------------------------ the two servers
+
+def _ps_process(n, port_queue, stop_event):
+    """Our parameter server for n parameters, alone in a process, until `stop_event`."""
+    from .server import ParameterServer
+    from .tcp import TcpServer, listen
+
+    ps = ParameterServer(np.zeros(n, np.float32), model_name="bench", fingerprint="bench", total_steps=10**12,
+                         lr=1e-6, momentum=0.9)
+    tcp = TcpServer(ps, listen("127.0.0.1", 0)).start()
+    port_queue.put(tcp.address[1])
+    stop_event.wait()
+    tcp.close()
+
+
+def _raw_process(n, port_queue, stop_event):
+    """A bare socket doing the same transfers: 1 op byte, then n float32 in or out, 8-byte acks."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port_queue.put(listener.getsockname()[1])
+    sock, _ = listener.accept()
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    data = np.zeros(n, np.float32)
+    view, op = memoryview(data).cast("B"), bytearray(1)
+    while sock.recv_into(op, 1):
+        if op[0] == ord("p"):  # push: receive the vector, send an ack
+            _recv_exactly(sock, view)
+            sock.sendall(b"\0" * 8)
+        else:  # fetch: send the vector
+            sock.sendall(view)
+
+
+def _recv_exactly(sock, view):
+    got = 0
+    while got < len(view):
+        got += sock.recv_into(view[got:])
+
+
+def _start(target, n):
+    import multiprocess
+
+    ctx = multiprocess.get_context("spawn")
+    port_queue, stop_event = ctx.Queue(), ctx.Event()
+    with blas_threads(1):
+        process = ctx.Process(target=target, args=(n, port_queue, stop_event), daemon=True)
+        process.start()
+    return process, stop_event, port_queue.get(timeout=60)
+
+
+# ------------------------------------------------------------------ the measurements
+
+def _time(fn, seconds):
+    """Round trips per second of fn(), run for about `seconds` after a warm-up."""
+    for _ in range(3):
+        fn()
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        fn()
+        count += 1
+    return count / (time.perf_counter() - t0)
+
+
+def goodput(n, seconds=1.5):
+    """{op: {"ours": round trips/s, "raw": round trips/s}} for a float32 vector of n elements."""
+    from .tcp import TcpClient
+
+    grad = np.full(n, 1e-3, np.float32)
+    params = np.empty(n, np.float32)
+    results = {}
+
+    process, stop, port = _start(_ps_process, n)
+    try:
+        client = TcpClient(("127.0.0.1", port))
+        client.hello("bench")
+        state = {"version": client.fetch_into(params)}
+
+        def push():
+            state["version"] = client.push(grad, state["version"], 1)["version"]
+
+        def fetch():
+            client.fetch_into(params)
+
+        ours = {"push": push, "fetch": fetch, "push+fetch": lambda: (push(), fetch())}
+        for op in OPS:
+            results[op] = {"ours": _time(ours[op], seconds)}
+        client.close()
+    finally:
+        stop.set()
+        process.join(timeout=10)
+
+    process, stop, port = _start(_raw_process, n)
+    try:
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        ack, view = bytearray(8), memoryview(params).cast("B")
+
+        def raw_push():
+            sock.sendall(b"p")
+            sock.sendall(memoryview(grad).cast("B"))
+            _recv_exactly(sock, memoryview(ack))
+
+        def raw_fetch():
+            sock.sendall(b"f")
+            _recv_exactly(sock, view)
+
+        raw = {"push": raw_push, "fetch": raw_fetch, "push+fetch": lambda: (raw_push(), raw_fetch())}
+        for op in OPS:
+            results[op]["raw"] = _time(raw[op], seconds)
+        sock.close()
+    finally:
+        stop.set()
+        process.join(timeout=10)
+        if process.is_alive():
+            process.terminate()
+    return results
+
+
+def server_work_per_push(n, repeats=50):
+    """Seconds the server spends on one push outside the network: checks + optimizer update."""
+    from .server import ParameterServer
+
+    ps = ParameterServer(np.zeros(n, np.float32), model_name="bench", fingerprint="bench", total_steps=10**12,
+                         lr=1e-6, momentum=0.9)
+    wid = ps.join("bench", {})
+    grad = np.full(n, 1e-3, np.float32)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        ps.push(wid, grad, ps.version)
+    return (time.perf_counter() - t0) / repeats
+
+
+# ------------------------------------------------------------------ the speed-up table
+
+def _single_process(cfg):
+    from ..train import train
+
+    return train(cfg)
+
+
+def speedup(args, console):
+    """Train on shapes with single-process and each worker count; one row per run."""
+    import multiprocess
+
+    from ..train import TrainConfig
+    from .launcher import train_distributed
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    rows = []
+    counts = [0] + [int(k) for k in args.workers_list.split(",")]
+    for workers in counts:
+        cfg = TrainConfig(dataset="shapes", model=args.model, backend=args.backend, gpu=args.gpu,
+                          epochs=args.epochs, train_limit=args.train_limit, quiet=True,
+                          out=f"runs/bench-ps-{time.strftime('%Y%m%d-%H%M%S')}-w{workers}")
+        t0 = time.perf_counter()
+        if workers == 0:  # in a fresh process with the same BLAS threads a single worker gets
+            ctx = multiprocess.get_context("spawn")
+            with blas_threads(max(1, cores - 1)), ctx.Pool(1) as pool:
+                summary = pool.apply(_single_process, (cfg,))
+        else:
+            summary = train_distributed(cfg, PsOptions(workers=workers, nsync=args.nsync))
+        wall = time.perf_counter() - t0
+        records = [json.loads(line) for line in open(os.path.join(cfg.out, "metrics.jsonl"))]
+        reached = [r["time"] for r in records if r["kind"] == "epoch" and r["test_accuracy"] >= args.target]
+        rows.append({"workers": workers, "images_per_second": summary["images_per_second"],
+                     "test_accuracy": summary["test_accuracy"], "seconds_to_target": reached[0] if reached else None,
+                     "train_seconds": summary["train_seconds"], "wall_seconds": wall,
+                     "staleness": summary.get("staleness"), "pushes": summary.get("pushes"), "run": cfg.out})
+        print(f"  workers {workers}: {rows[-1]['images_per_second']:.0f} images/s, "
+              f"test accuracy {rows[-1]['test_accuracy']:.1%}", file=sys.stderr)  # stdout may be --json
+    return rows
+
+
+# ------------------------------------------------------------------ the command
+
+def run(args, console):
+    n = Model(args.model, backends.get("numpy")).num_params
+    mb = 4 * n / 1e6
+    result = {"model": args.model, "num_params": n, "megabytes": mb, "goodput": goodput(n),
+              "server_seconds_per_push": server_work_per_push(n)}
+    for op, r in result["goodput"].items():
+        moved = 2 * mb if op == "push+fetch" else mb
+        r.update(ours_mb_per_second=r["ours"] * moved, raw_mb_per_second=r["raw"] * moved, ratio=r["ours"] / r["raw"])
+    if not args.skip_training:
+        result["speedup"] = speedup(args, console)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        report(result, console)
+    return 0
+
+
+def report(result, console):
+    from rich.table import Table
+
+    table = Table(title=f"parameter server goodput: {result['model']}, {result['num_params']:,} float32 "
+                        f"({result['megabytes']:.2f} MB), loopback")
+    for col in ("operation", "ours round trips/s", "ours MB/s", "raw socket MB/s", "ours / raw"):
+        table.add_column(col, justify="left" if col == "operation" else "right")
+    for op, r in result["goodput"].items():
+        table.add_row(op, f"{r['ours']:.0f}", f"{r['ours_mb_per_second']:.0f}", f"{r['raw_mb_per_second']:.0f}",
+                      f"{r['ratio']:.0%}")
+    console.print(table)
+    console.print(f"server work per push (finite check + SGD momentum update, no network): "
+                  f"{result['server_seconds_per_push'] * 1e3:.2f} ms")
+    if "speedup" not in result:
+        return
+    table = Table(title="workers on shapes (workers 0 = single process)")
+    for col in ("workers", "images/s", "test accuracy", "time to target", "pushes", "mean staleness"):
+        table.add_column(col, justify="right")
+    for row in result["speedup"]:
+        hist = row["staleness"] or {}
+        total = sum(hist.values())
+        mean = sum(int(k) * v for k, v in hist.items()) / total if total else None
+        table.add_row(str(row["workers"]), f"{row['images_per_second']:.0f}", f"{row['test_accuracy']:.1%}",
+                      "-" if row["seconds_to_target"] is None else f"{row['seconds_to_target']:.0f} s",
+                      str(row["pushes"] or "-"), "-" if mean is None else f"{mean:.2f}")
+    console.print(table)

@@ -1,0 +1,155 @@
+"""The wire format between workers and the parameter server.
+
+Every message is one frame: a fixed 32-byte header, then `length` bytes of payload.
+
+    offset  size  field     meaning
+         0     4  magic     b"MASG"
+         4     1  protocol  PROTOCOL, bumped whenever this format changes
+         5     1  type      a `Msg` value
+         6     2  count     PUSH: mini-batches summed into the gradient; 0 otherwise
+         8     8  length    payload bytes that follow the header
+        16     8  seq       the sender's message number; a reply repeats its request's seq
+        24     8  version   PARAMS: server version sent; PUSH: version the gradient was computed
+                            from; ACK: server version after the push; 0 otherwise
+
+All integers are little-endian. A payload is either raw little-endian float32 (PARAMS, PUSH:
+the whole flat vector, sent straight from the NumPy buffer and received straight into one) or
+a small UTF-8 JSON object (everything else). Nothing received is ever unpickled or evaluated.
+
+A conversation (worker on the left):
+
+    <- HELLO   {"model", "num_params", "nonce", "auth"}          server speaks first
+    -> HELLO   {"fingerprint", "name", "hmac"}                   hmac of the nonce with the token
+    <- WELCOME {"worker_id", "config"}    or   ERROR {"error"}, then the server hangs up
+    -> FETCH                          <- PARAMS  float32[num_params], version
+    -> PUSH    float32[num_params]    <- ACK     {"lr", "done"}, version
+    -> STATS   {"loss", ...}          <- STATS   the server's statistics
+    -> BYE     {"reason"}                                         either side, then it hangs up
+
+Once training is over the server answers FETCH with BYE. Any request the server rejects
+(bad header, wrong payload size, non-finite gradient...) gets ERROR and the connection closes.
+"""
+
+import enum
+import json
+import struct
+
+import numpy as np
+
+MAGIC = b"MASG"
+PROTOCOL = 1
+HEADER = struct.Struct("<4sBBHQQQ")  # magic, protocol, type, count, length, seq, version: 32 bytes
+MAX_JSON = 64 * 1024  # a control body is never bigger than this
+
+
+class Msg(enum.IntEnum):
+    HELLO = 1
+    WELCOME = 2
+    ERROR = 3
+    FETCH = 4
+    PARAMS = 5
+    PUSH = 6
+    ACK = 7
+    STATS = 8
+    BYE = 9
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not a valid frame here; the message says what."""
+
+
+class ConnectionClosed(ProtocolError):
+    """The peer hung up (cleanly, between frames, or in the middle of one)."""
+
+
+class Frame:
+    """A received frame: the header fields, and `payload`, a memoryview into the receive buffer."""
+
+    __slots__ = ("type", "count", "seq", "version", "payload")
+
+    def __init__(self, type, count, seq, version, payload):
+        self.type, self.count, self.seq, self.version, self.payload = type, count, seq, version, payload
+
+    def floats(self, n):
+        """The payload as float32[n], without copying; ProtocolError if it has another size."""
+        if len(self.payload) != 4 * n:
+            raise ProtocolError(f"{self.type.name} carries {len(self.payload)} bytes, expected {4 * n} "
+                                f"({n} float32 parameters)")
+        return np.frombuffer(self.payload, dtype="<f4")
+
+    def json(self):
+        """The payload as a JSON object (a dict); ProtocolError if it is not one."""
+        try:
+            body = json.loads(bytes(self.payload).decode("utf-8")) if len(self.payload) else {}
+        except (UnicodeDecodeError, ValueError) as e:
+            raise ProtocolError(f"{self.type.name} body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise ProtocolError(f"{self.type.name} body must be a JSON object, got {type(body).__name__}")
+        return body
+
+
+# ------------------------------------------------------------------ sending
+
+def send_frame(sock, msg, payload=b"", seq=0, version=0, count=0):
+    """Send one frame. `payload`: bytes, or a float32 NumPy vector sent from its own memory (no copy)."""
+    if isinstance(payload, np.ndarray):
+        if payload.dtype != np.dtype("<f4") or not payload.flags.c_contiguous:
+            raise ValueError("send_frame: a vector payload must be contiguous little-endian float32")
+        payload = memoryview(payload).cast("B")
+    sock.sendall(HEADER.pack(MAGIC, PROTOCOL, msg, count, len(payload), seq, version))
+    if len(payload):
+        sock.sendall(payload)
+
+
+def send_json(sock, msg, body, seq=0, version=0):
+    send_frame(sock, msg, json.dumps(body).encode("utf-8"), seq=seq, version=version)
+
+
+# ------------------------------------------------------------------ receiving
+
+def recv_exactly(sock, view):
+    """Fill the memoryview `view` from the socket with recv_into; ConnectionClosed on EOF."""
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise ConnectionClosed("connection closed" + (" in the middle of a frame" if got else ""))
+        got += n
+
+
+class Receiver:
+    """Reads frames from one socket into buffers allocated once.
+
+    `max_payload` bounds the length a header may announce, so a garbage length can never make
+    us allocate (or wait for) gigabytes: it is the parameter vector's size, or MAX_JSON if larger.
+    """
+
+    def __init__(self, sock, max_payload=MAX_JSON):
+        self.sock = sock
+        self.header = memoryview(bytearray(HEADER.size))
+        self.resize(max_payload)
+
+    def resize(self, max_payload):
+        self.buffer = memoryview(bytearray(max(max_payload, MAX_JSON)))
+
+    def recv(self, into=None):
+        """The next frame; ProtocolError (nothing more can be read) if its header is invalid.
+
+        `into`: a writable byte memoryview; a payload of exactly its size lands there instead of
+        in our buffer (a fetch receives straight into the caller's parameter vector, no copy).
+        """
+        recv_exactly(self.sock, self.header)
+        magic, protocol, msg, count, length, seq, version = HEADER.unpack(self.header)
+        if magic != MAGIC:
+            raise ProtocolError(f"bad magic {bytes(magic)!r} (not a minasgd peer?)")
+        if protocol != PROTOCOL:
+            raise ProtocolError(f"protocol version {protocol}, this side speaks version {PROTOCOL}")
+        try:
+            msg = Msg(msg)
+        except ValueError:
+            raise ProtocolError(f"unknown message type {msg}") from None
+        if length > len(self.buffer):
+            raise ProtocolError(f"{msg.name} announces {length} bytes, more than the {len(self.buffer)} allowed")
+        payload = into if into is not None and length == len(into) else self.buffer[:length]
+        recv_exactly(self.sock, payload)
+        return Frame(msg, count, seq, version, payload)

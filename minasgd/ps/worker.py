@@ -1,0 +1,175 @@
+"""A worker (the paper's "GPU client"): fetch, train a few mini-batches locally, push, repeat.
+
+    worker = Worker(client, model, train_x, train_y, batch_size=64, npush=4, nfetch=4, lr=0.02)
+    worker.run()            # until the server says training is over
+
+One round of the loop, on any backend (the model and the gradient sum stay on the device):
+
+    fetch the parameters (server version v)
+    for each of nsync mini-batches:
+        g = gradient of the batch + weight_decay * w
+        w -= lr * g              local plain SGD, so the worker keeps learning between syncs
+        grad_sum += g
+    push grad_sum, "computed from version v"      one device -> host copy per push
+    grad_sum = 0
+
+The push is the SUM of the gradients (weight decay included), with the number of mini-batches
+in it; the server applies it with its own optimizer and learning rate (`minasgd.ps.server`).
+`npush` and `nfetch` (both `nsync` by default, as in the paper) may differ: with nfetch > npush
+a worker pushes several times between fetches; with nfetch < npush it fetches more often.
+The local lr is the one the server sent with its last reply, so it follows the run's schedule.
+
+`client` is the transport: anything with `fetch_into(out) -> version or None`,
+`push(grad, base_version, batches) -> {"version", "lr", "done"}`, `stats(numbers) -> dict` and
+`close(reason)`, like `minasgd.ps.tcp.TcpClient`.
+"""
+
+import os
+import socket
+import time
+
+import numpy as np
+
+from .. import backends
+from ..model import Model
+from ..train import TrainConfig, load_dataset, prepare_batch
+
+
+def add_into(be, total, x, scratch):
+    """total += x on any backend, using the update op every backend has:
+    sgd_update(w, g, v, lr=-1, momentum=0) sets v = g, then w -= -1 * v."""
+    be.sgd_update(total, x, scratch, -1.0, 0.0, 0.0)
+
+
+class Worker:
+    def __init__(self, client, model, train_x, train_y, *, batch_size, npush, nfetch, lr,
+                 weight_decay=0.0, seed=0, report_every=1.0):
+        if len(train_y) < batch_size:
+            raise ValueError(f"a worker's shard has {len(train_y)} images, fewer than one batch of {batch_size}")
+        if npush < 1 or nfetch < 1:
+            raise ValueError(f"npush and nfetch must be >= 1, got npush={npush} nfetch={nfetch}")
+        self.client, self.model, self.be = client, model, model.be
+        self.train_x, self.train_y = train_x, train_y
+        self.batch_size, self.npush, self.nfetch = batch_size, npush, nfetch
+        self.lr, self.weight_decay = lr, weight_decay
+        self.rng = np.random.default_rng(seed)
+        self.report_every = report_every
+
+        n = model.num_params
+        self.host_params = np.empty(n, dtype=np.float32)  # where fetched parameters land
+        self.grad_sum = self.be.zeros(n)  # sum of the gradients not pushed yet (on the device)
+        self.step_grad = self.be.zeros(n)  # this step's gradient + weight decay
+        self.scratch = self.be.zeros(n)
+        self.batches_in_sum = 0
+        self.fetched_version = self.base_version = 0
+        self.steps = self.images = self.pushes = self.fetches = 0
+        self.last_loss = None  # the last batch's loss, left on the device until a push
+        self.loss = float("nan")
+        self.started = self.last_report = time.perf_counter()
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self):
+        """Train until the server says it is over; returns this worker's numbers."""
+        if not self.fetch():
+            return self.numbers()
+        for x_u8, y in self.batches():
+            self.train_step(x_u8, y)
+            if self.batches_in_sum == self.npush and self.push()["done"]:
+                break
+            if self.steps % self.nfetch == 0 and not self.fetch():
+                break
+        return self.numbers()
+
+    def batches(self):
+        """Mini-batches from this worker's shard, reshuffled every pass, forever."""
+        n = len(self.train_y)
+        while True:
+            order = self.rng.permutation(n)
+            for start in range(0, n - self.batch_size + 1, self.batch_size):
+                idx = order[start : start + self.batch_size]
+                yield self.train_x[idx], self.train_y[idx]
+
+    def train_step(self, x_u8, y):
+        be, model = self.be, self.model
+        x, labels = prepare_batch(be, model, x_u8, y)
+        self.last_loss = model.loss_and_grad(x, labels, self.steps)
+        be.sgd_update(model.params, model.grads, self.step_grad, self.lr, 0.0, self.weight_decay)
+        add_into(be, self.grad_sum, self.step_grad, self.scratch)
+        self.steps += 1
+        self.batches_in_sum += 1
+        self.images += len(y)
+
+    # ------------------------------------------------------------------ talking to the server
+
+    def fetch(self):
+        """Replace the local parameters by the server's; False once training is over."""
+        version = self.client.fetch_into(self.host_params)
+        if version is None:
+            return False
+        self.model.set_params(self.host_params)
+        self.fetched_version = version
+        if self.batches_in_sum == 0:  # the next gradient sum starts from these parameters
+            self.base_version = version
+        self.fetches += 1
+        return True
+
+    def push(self):
+        """Send the gradient sum (one device -> host copy), start a new one, adopt the server's lr."""
+        self.loss = float(self.be.to_numpy(self.last_loss)[0])
+        if not np.isfinite(self.loss):
+            raise FloatingPointError(f"loss became {self.loss} at step {self.steps}; try a smaller --lr")
+        grad = self.be.to_numpy(self.grad_sum)  # on the numpy backend this is the array itself
+        reply = self.client.push(grad, self.base_version, self.batches_in_sum)
+        self.grad_sum = self.be.zeros(self.model.num_params)
+        self.batches_in_sum = 0
+        self.base_version = self.fetched_version  # the next gradients start from these parameters
+        self.lr = float(reply["lr"])
+        self.pushes += 1
+        if time.perf_counter() - self.last_report >= self.report_every or reply["done"]:
+            self.client.stats(self.numbers())
+            self.last_report = time.perf_counter()
+        return reply
+
+    def numbers(self):
+        seconds = time.perf_counter() - self.started
+        return {"loss": self.loss, "steps": self.steps, "images": self.images, "pushes": self.pushes,
+                "images_per_second": self.images / max(seconds, 1e-9), "lr": self.lr, "seconds": seconds}
+
+
+# ------------------------------------------------------------------ one worker, start to end
+
+def connect_and_train(client, *, backend="numpy", gpu=None, model_name=None, shard=None,
+                      shard_index=0, shard_count=1, data_root=None, nsync=None, nfetch=None,
+                      npush=None, name=None):
+    """Handshake over `client`, build the model and the data, run a `Worker`; returns its numbers.
+
+    `shard`: (train_x, train_y) given by a launcher; else the worker loads the dataset the server
+    names and keeps shard `shard_index` of `shard_count`.
+    """
+    hello = client.server_hello
+    be = backends.get(backend, gpu)
+    model = Model(model_name or hello["model"], be)
+    name = name or f"{socket.gethostname()}:{os.getpid()}"
+    config = client.hello(model.fingerprint(), {"name": name, "backend": be.NAME, "device": be.DEVICE})
+    model.seed = config.get("seed", 0) * 1000 + config["worker_id"]  # its own dropout masks
+
+    if shard is None:
+        cfg = TrainConfig(dataset=config["dataset"], data_root=data_root, train_limit=config.get("train_limit"),
+                          quiet=True)
+        shard = load_dataset(cfg).shard(shard_index, shard_count)
+        shard = (shard.train_x, shard.train_y)
+    nsync = nsync or config["nsync"]
+    worker = Worker(client, model, shard[0], shard[1], batch_size=config["batch_size"],
+                    npush=npush or nsync, nfetch=nfetch or nsync, lr=config["lr"],
+                    weight_decay=config.get("weight_decay", 0.0), seed=model.seed)
+    try:
+        numbers = worker.run()
+    except KeyboardInterrupt:
+        client.close("interrupted")
+        raise
+    except Exception as e:
+        client.close(f"error: {e}")
+        raise
+    client.close("finished")
+    return numbers

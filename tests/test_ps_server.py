@@ -1,0 +1,171 @@
+"""ParameterServer rules without sockets: updates, staleness, rejections, sync rounds, checkpoints."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from minasgd import checkpoint
+from minasgd.optim import learning_rate
+from minasgd.ps.server import ParameterServer, Refused
+
+N = 50
+
+
+def make_ps(**kw):
+    kw = {"model_name": "toy", "fingerprint": "toy:50:abc", "total_steps": 1000, "lr": 0.1, "momentum": 0.0, **kw}
+    return ParameterServer(np.linspace(-1, 1, N, dtype=np.float32), **kw)
+
+
+@pytest.mark.task_6_1
+def test_async_push_is_applied_at_once_with_the_scheduled_lr():
+    ps = make_ps()
+    wid = ps.join("toy:50:abc", {"name": "a"})
+    out = np.empty(N, np.float32)
+    assert ps.fetch_into(wid, out) == (0, False) and np.array_equal(out, ps.params)
+    before = ps.params.copy()
+    grad = np.full(N, 2.0, np.float32)
+    reply = ps.push(wid, grad, base_version=0, batches=4)
+    lr = learning_rate(0, 1000, 0.1)
+    np.testing.assert_allclose(ps.params, before - lr * grad, rtol=1e-6)
+    assert reply["version"] == 1 and ps.steps == 4 and reply["lr"] == pytest.approx(learning_rate(4, 1000, 0.1))
+
+
+@pytest.mark.task_6_1
+def test_staleness_is_recorded_and_can_scale_the_lr():
+    ps = make_ps(staleness_lr=True)
+    a, b = ps.join("toy:50:abc", {}), ps.join("toy:50:abc", {})
+    grad = np.ones(N, np.float32)
+    for _ in range(3):
+        ps.push(a, grad, base_version=ps.version)  # fresh: staleness 0
+    before = ps.params.copy()
+    ps.push(b, grad, base_version=0)  # computed from version 0, now at 3
+    assert ps.stats()["staleness"] == {"0": 3, "3": 1}
+    np.testing.assert_allclose(before - ps.params, learning_rate(3, 1000, 0.1) / 3, rtol=1e-5)
+    assert ps.workers[b].last_staleness == 3
+
+
+@pytest.mark.parametrize("grad, version, message", [
+    (np.ones(N + 1, np.float32), 0, "float32\\[50\\]"),
+    (np.ones(N, np.float64), 0, "float32\\[50\\]"),
+    (np.r_[np.ones(N - 1), np.nan].astype(np.float32), 0, "1 NaN/Inf"),
+    (np.r_[np.ones(N - 2), np.inf, -np.inf].astype(np.float32), 0, "2 NaN/Inf"),
+    (np.ones(N, np.float32), 7, "server is at 0"),
+])
+def test_bad_pushes_are_refused_and_params_stay_bit_identical(grad, version, message):
+    ps = make_ps(momentum=0.9)
+    wid = ps.join("toy:50:abc", {})
+    before = ps.params.tobytes()
+    with pytest.raises(Refused, match=message):
+        ps.push(wid, grad, base_version=version)
+    assert ps.params.tobytes() == before and ps.version == 0 and ps.pushes == 0
+    assert not ps.optimizer.velocity.any()
+
+
+def test_unknown_worker_and_wrong_fingerprint_are_refused():
+    ps = make_ps()
+    with pytest.raises(Refused, match="model mismatch"):
+        ps.join("tiny:9:zzz", {})
+    with pytest.raises(Refused, match="not connected"):
+        ps.push(99, np.ones(N, np.float32), 0)
+    wid = ps.join("toy:50:abc", {})
+    ps.leave(wid, "bye")
+    with pytest.raises(Refused, match="not connected"):
+        ps.push(wid, np.ones(N, np.float32), 0)
+
+
+@pytest.mark.task_6_1
+def test_training_ends_after_total_steps_and_later_pushes_are_discarded():
+    ps = make_ps(total_steps=8)
+    wid = ps.join("toy:50:abc", {})
+    assert not ps.push(wid, np.ones(N, np.float32), 0, batches=4)["done"]
+    assert ps.push(wid, np.ones(N, np.float32), 1, batches=4)["done"]
+    frozen = ps.params.tobytes()
+    assert ps.push(wid, np.ones(N, np.float32), 2, batches=4)["done"]
+    assert ps.params.tobytes() == frozen and ps.discarded == 1
+    with pytest.raises(Refused, match="already finished"):
+        ps.join("toy:50:abc", {})
+
+
+@pytest.mark.task_6_1
+def test_adagrad_on_the_server():
+    ps = make_ps(optimizer="adagrad")
+    wid = ps.join("toy:50:abc", {})
+    before = ps.params.copy()
+    ps.push(wid, np.full(N, 3.0, np.float32), 0)
+    np.testing.assert_allclose(before - ps.params, learning_rate(0, 1000, 0.1), rtol=1e-5)  # g/sqrt(g^2) = 1
+
+
+def _push_in_thread(ps, wid, value, replies):
+    t = threading.Thread(target=lambda: replies.append(ps.push(wid, np.full(N, value, np.float32), ps.version)))
+    t.start()
+    return t
+
+
+def test_sync_round_applies_the_mean_once_everyone_pushed():
+    ps = make_ps(sync=True)
+    a, b = ps.join("toy:50:abc", {}), ps.join("toy:50:abc", {})
+    before, replies = ps.params.copy(), []
+    t = _push_in_thread(ps, a, 1.0, replies)
+    t.join(timeout=0.3)
+    assert t.is_alive() and ps.version == 0  # waiting for b
+    ps.push(b, np.full(N, 3.0, np.float32), 0, batches=1)
+    t.join(timeout=5)
+    assert not t.is_alive() and replies[0]["version"] == 1 and ps.version == 1 and ps.steps == 2
+    np.testing.assert_allclose(before - ps.params, learning_rate(0, 1000, 0.1) * 2.0, rtol=1e-5)
+
+
+def test_sync_round_completes_when_the_missing_worker_leaves():
+    ps = make_ps(sync=True)
+    a, b = ps.join("toy:50:abc", {}), ps.join("toy:50:abc", {})
+    replies = []
+    t = _push_in_thread(ps, a, 1.0, replies)
+    t.join(timeout=0.2)
+    assert t.is_alive()
+    ps.leave(b, "connection reset")
+    t.join(timeout=5)
+    assert not t.is_alive() and ps.version == 1
+    assert not ps.stats()["workers"][1]["alive"]
+
+
+def test_stop_releases_a_waiting_sync_push():
+    ps = make_ps(sync=True)
+    a, _ = ps.join("toy:50:abc", {}), ps.join("toy:50:abc", {})
+    replies = []
+    t = _push_in_thread(ps, a, 1.0, replies)
+    ps.stop()
+    t.join(timeout=5)
+    assert not t.is_alive() and replies[0]["done"]
+
+
+def test_checkpoint_interrupted_mid_write_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
+    path = tmp_path / "model.npz"
+    ps = make_ps(checkpoint_path=path, checkpoint_every=0.0)
+    wid = ps.join("toy:50:abc", {})
+    ps.checkpoint()
+    first = ps.params.copy()
+    ps.push(wid, np.ones(N, np.float32), 0)
+
+    real_savez = np.savez
+
+    def dies_halfway(f, **arrays):  # write part of the file, then "crash"
+        real_savez(f, **arrays)
+        f.truncate(100)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        ps.checkpoint()
+    monkeypatch.undo()
+    ckpt = checkpoint.load(path, expect_fingerprint="toy:50:abc")
+    assert ckpt["params"].tobytes() == first.tobytes() and ckpt["meta"]["version"] == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["model.npz"]  # no temporary file left behind
+    ps.checkpoint()
+    assert checkpoint.load(path)["meta"]["version"] == 1
+
+
+def test_maybe_checkpoint_waits_for_its_interval(tmp_path):
+    ps = make_ps(checkpoint_path=tmp_path / "m.npz", checkpoint_every=3600)
+    assert ps.maybe_checkpoint() is None and not (tmp_path / "m.npz").exists()
+    ps.checkpoint_every = 1e-9
+    assert ps.maybe_checkpoint() == tmp_path / "m.npz"

@@ -1,0 +1,104 @@
+"""The worker's arithmetic, without any network: what it pushes is exactly the sum of its local
+gradients (weight decay included), on every backend, with nfetch and npush together or apart."""
+
+import numpy as np
+import pytest
+
+from minasgd import backends
+from minasgd.model import Model
+from minasgd.ps.server import ParameterServer
+from minasgd.ps.worker import Worker, add_into
+from minasgd.train import prepare_batch
+
+
+class DirectClient:
+    """A worker's client that calls a ParameterServer in this process: no transport at all
+    (the same calls an MPI transport would make), recording every push."""
+
+    def __init__(self, ps, fingerprint):
+        self.ps, self.pushes = ps, []
+        self.worker_id = ps.join(fingerprint, {"name": "direct"})
+
+    def fetch_into(self, out):
+        version, done = self.ps.fetch_into(self.worker_id, out)
+        return None if done else version
+
+    def push(self, grad, base_version, batches=1):
+        self.pushes.append((np.array(grad, copy=True), base_version, batches))
+        return self.ps.push(self.worker_id, grad, base_version, batches)
+
+    def stats(self, numbers=None):
+        self.ps.report(self.worker_id, numbers or {})
+        return self.ps.stats()
+
+    def close(self, reason="bye"):
+        self.ps.leave(self.worker_id, reason)
+
+
+def images(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n).astype(np.int32)
+
+
+def run_worker(be, npush, nfetch, total_steps, lr=0.05, wd=0.01, batch=8):
+    model = Model("micro", be, seed=0)
+    ps = ParameterServer(model.get_params(), model_name="micro", fingerprint=model.fingerprint(),
+                         total_steps=total_steps, lr=lr, warmup_steps=0, momentum=0.0)
+    client = DirectClient(ps, model.fingerprint())
+    x, y = images(32)
+    worker = Worker(client, model, x, y, batch_size=batch, npush=npush, nfetch=nfetch, lr=lr, weight_decay=wd, seed=3)
+    worker.run()
+    return ps, client, worker
+
+
+def replay_first_push(npush, lr=0.05, wd=0.01, batch=8):
+    """The first push, recomputed by hand: plain SGD steps from the initial parameters."""
+    be = backends.get("numpy")
+    model = Model("micro", be, seed=0)
+    x, y = images(32)
+    order = np.random.default_rng(3).permutation(32)
+    total = np.zeros(model.num_params, np.float32)
+    for step in range(npush):
+        idx = order[step * batch : (step + 1) * batch]
+        xb, yb = prepare_batch(be, model, x[idx], y[idx])
+        model.loss_and_grad(xb, yb, step)
+        g = model.grads + np.float32(wd) * model.params
+        total += g
+        model.params -= np.float32(lr) * g
+    return total
+
+
+def test_add_into_on_every_backend(be):
+    total, x = be.asarray(np.arange(5, dtype=np.float32)), be.asarray(np.full(5, 2.5, np.float32))
+    add_into(be, total, x, be.zeros(5))
+    np.testing.assert_array_equal(be.to_numpy(total), np.arange(5) + 2.5)
+
+
+def test_push_is_the_sum_of_the_local_gradients():
+    ps, client, worker = run_worker(backends.get("numpy"), npush=3, nfetch=3, total_steps=6)
+    grad, base, batches = client.pushes[0]
+    assert (base, batches) == (0, 3)
+    np.testing.assert_allclose(grad, replay_first_push(3), rtol=1e-4, atol=1e-6)
+    assert [p[1] for p in client.pushes] == [0, 1]  # the second sum starts from version 1
+    assert worker.steps == 6 and worker.fetches == 2 and ps.done
+
+
+def test_npush_and_nfetch_apart():
+    _, client, worker = run_worker(backends.get("numpy"), npush=1, nfetch=2, total_steps=4)
+    assert [p[1:] for p in client.pushes] == [(0, 1), (0, 1), (2, 1), (2, 1)]  # 2 pushes per fetch
+    assert worker.fetches == 2
+    _, client, worker = run_worker(backends.get("numpy"), npush=4, nfetch=1, total_steps=8)
+    assert [p[1:] for p in client.pushes] == [(0, 4), (1, 4)]  # a sum spans 4 fetches; v of its first
+    assert worker.fetches == 8
+
+
+@pytest.mark.gpu
+def test_cuda_worker_pushes_what_the_numpy_worker_pushes():
+    """The cuda worker accumulates on the device and pushes the same sum. (A simulated step takes
+    ~8 s, so this runs on a real GPU only; test_add_into covers the device sum on the simulator.)"""
+    try:
+        cuda = backends.get("cuda")
+    except ImportError as e:
+        pytest.skip(f"cuda backend not available: {e}")
+    _, client, _ = run_worker(cuda, npush=2, nfetch=2, total_steps=2, batch=2)
+    np.testing.assert_allclose(client.pushes[0][0], replay_first_push(2, batch=2), rtol=1e-3, atol=1e-5)
