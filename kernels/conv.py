@@ -46,6 +46,7 @@ def conv2d_forward_naive(x, w, b, y, stride, pad):
     n_, c_, h_, w_ = x.shape
     k_, _, r_, s_ = w.shape
     p_, q_ = y.shape[2], y.shape[3]
+    # BEGIN SOLUTION task 2.1: grid-stride loop over the flat output index idx < y.size; decode idx into (n, k, p, q) (q fastest); acc = b[k] + sum over c, r, s of w[k, c, r, s] * x[n, c, p*stride - pad + r, q*stride - pad + s], skipping rows/columns outside the image (padding zeros); y[n, k, p, q] = acc
     for idx in range(start, y.size, step):
         q = idx % q_
         p = (idx // q_) % p_
@@ -61,6 +62,7 @@ def conv2d_forward_naive(x, w, b, y, stride, pad):
                         if 0 <= col < w_:
                             acc += w[k, c, r, s] * x[n, c, h, col]
         y[n, k, p, q] = acc
+    # END SOLUTION
 
 
 @functools.cache

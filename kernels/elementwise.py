@@ -41,9 +41,11 @@ def relu_forward_kernel(x, y):
     """y[i] = max(x[i], 0) over flat views; grid-stride loop."""
     start = cuda.grid(1)
     stride = cuda.gridsize(1)
+    # BEGIN SOLUTION task 1.1: grid-stride loop over i = start, start + stride, ... < x.size: y[i] = x[i] if x[i] > 0, else 0 (write the constant as float32(0))
     for i in range(start, x.size, stride):
         v = x[i]
         y[i] = v if v > float32(0) else float32(0)
+    # END SOLUTION
 
 
 @cuda.jit(cache=True)
@@ -51,8 +53,10 @@ def relu_backward_kernel(dy, y, dx):
     """dx[i] = dy[i] if y[i] > 0 else 0 (the ReLU output decides); grid-stride loop."""
     start = cuda.grid(1)
     stride = cuda.gridsize(1)
+    # BEGIN SOLUTION task 1.1: grid-stride loop over i < dy.size: dx[i] = dy[i] where the forward output y[i] > 0, else float32(0)
     for i in range(start, dy.size, stride):
         dx[i] = dy[i] if y[i] > float32(0) else float32(0)
+    # END SOLUTION
 
 
 @cuda.jit(device=True, cache=True)
@@ -75,11 +79,13 @@ def dropout_kernel(x, y, seed, threshold, scale):
     """
     start = cuda.grid(1)
     stride = cuda.gridsize(1)
+    # BEGIN SOLUTION task 1.2: grid-stride loop over i < x.size: keep element i when hash32(seed, i) >= threshold (then y[i] = x[i] * scale), else y[i] = float32(0)
     for i in range(start, x.size, stride):
         if hash32(seed, i) >= threshold:
             y[i] = x[i] * scale
         else:
             y[i] = float32(0)
+    # END SOLUTION
 
 
 # ---------------------------------------------------------------- launchers

@@ -31,6 +31,7 @@ def maxpool2d_forward_kernel(x, y, argmax, size, stride):
     step = cuda.gridsize(1)
     n_, c_, h_, w_ = x.shape
     p_, q_ = y.shape[2], y.shape[3]
+    # BEGIN SOLUTION task 3.1: grid-stride loop over the flat output index idx < y.size; decode (n, c, p, q); scan the size x size window at (p*stride, q*stride) row by row, taking a new max only when STRICTLY greater (ties keep the first); write y = the max and argmax = h * W + w of where it was
     for idx in range(start, y.size, step):
         q = idx % q_
         p = (idx // q_) % p_
@@ -48,6 +49,7 @@ def maxpool2d_forward_kernel(x, y, argmax, size, stride):
                     best_at = (h0 + r) * w_ + w0 + s
         y[n, c, p, q] = best
         argmax[n, c, p, q] = best_at
+    # END SOLUTION
 
 
 @cuda.jit(cache=True)
@@ -57,6 +59,7 @@ def maxpool2d_backward_scatter_kernel(dy, argmax, dx):
     step = cuda.gridsize(1)
     c_, w_ = dx.shape[1], dx.shape[3]
     p_, q_ = dy.shape[2], dy.shape[3]
+    # BEGIN SOLUTION task 3.2: grid-stride loop over the flat index idx < dy.size; decode (n, c, p, q); add dy[n, c, p, q] into dx at the argmax pixel (row at // W, column at % W) with cuda.atomic.add, since overlapping windows can send two gradients to one pixel
     for idx in range(start, dy.size, step):
         q = idx % q_
         p = (idx // q_) % p_
@@ -64,6 +67,7 @@ def maxpool2d_backward_scatter_kernel(dy, argmax, dx):
         n = idx // (q_ * p_ * c_)
         at = argmax[n, c, p, q]
         cuda.atomic.add(dx, (n, c, at // w_, at % w_), dy[n, c, p, q])
+    # END SOLUTION
 
 
 @cuda.jit(cache=True)

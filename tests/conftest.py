@@ -30,6 +30,10 @@ os.environ.setdefault("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", "0")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a real NVIDIA GPU (run with `pytest -m gpu`)")
+    from minasgd.assignment import TASKS  # one marker per assignment task: its grading tests
+
+    for task in TASKS:
+        config.addinivalue_line("markers", f"{task.marker}: grading test of assignment task {task.id} ({task.title})")
 
 
 def pytest_collection_modifyitems(config, items):

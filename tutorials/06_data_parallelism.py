@@ -1,0 +1,147 @@
+# %% [markdown]
+# # Tutorial 6: data parallelism with a parameter server (async SGD, staleness, nsync)
+#
+# The paper trains one model with several GPU "clients". Each has its own shard of the data
+# and a copy of the parameters; a central **parameter server** holds the master copy. Every
+# `nsync` mini-batches a client **pushes** the sum of its gradients and **fetches** fresh
+# parameters. Pushes are applied the moment they arrive (**asynchronous** SGD), so a push may
+# have been computed from parameters that other pushes have since changed: its **staleness**
+# is the number of updates it missed.
+#
+# Files: `minasgd/ps/protocol.py` (the wire format), `server.py` (the rules, no sockets),
+# `tcp.py` (the transport), `worker.py` (the client loop), `launcher.py` (`--workers N`).
+# Run: `python tutorials/06_data_parallelism.py` (a minute or two; it starts worker processes).
+
+# %%
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+if shutil.which("nvidia-smi") is None:  # no GPU: any CUDA code would run on Numba's simulator
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
+import numpy as np  # noqa: E402
+
+import _common as C  # noqa: E402
+from minasgd.optim import learning_rate  # noqa: E402
+from minasgd.ps import protocol  # noqa: E402
+from minasgd.ps.server import ParameterServer, Refused  # noqa: E402
+
+# %% [markdown]
+# ## 1. The wire format
+#
+# Every message is a 32-byte header (magic, protocol version, message type, a count, the payload
+# length, a sequence number, a parameter version) followed by the payload: raw little-endian
+# float32 for parameters and gradients (sent straight from the NumPy buffer, received straight
+# into one: no pickling, no copies), small JSON for everything else. Here is a PUSH going
+# through a socket pair:
+
+# %%
+a, b = socket.socketpair()
+grad = np.arange(6, dtype=np.float32) / 10
+protocol.send_frame(a, protocol.Msg.PUSH, grad, seq=7, version=3, count=4)
+frame = protocol.Receiver(b, max_payload=grad.nbytes).recv()
+header = protocol.HEADER.pack(protocol.MAGIC, protocol.PROTOCOL, protocol.Msg.PUSH, 4, grad.nbytes, 7, 3)
+print(f"header ({protocol.HEADER.size} bytes): {header.hex(' ', 4)}")
+print(f"received {frame.type.name}: count {frame.count} mini-batches, computed from version {frame.version}, "
+      f"seq {frame.seq}, payload {frame.floats(6)}")
+a.close()
+b.close()
+
+# %% [markdown]
+# ## 2. The server's rules, with two pretend workers
+#
+# `ParameterServer` is plain Python with one lock: a transport calls `join`, `fetch_into` and
+# `push` from one thread per worker. Below, workers A and B both fetch version 0. A pushes
+# first (staleness 0); by the time B pushes, the server is at version 1, so B's gradient is 1
+# update stale. With `staleness_lr=True` the server divides the step of a stale push by its
+# staleness, a common fix (the paper's answer is a warm start, tutorial 7).
+
+# %%
+n = 5
+ps = ParameterServer(np.zeros(n, np.float32), model_name="toy", fingerprint="toy:5", total_steps=100,
+                     lr=0.1, momentum=0.0, staleness_lr=True)
+wa, wb = ps.join("toy:5", {"name": "A"}), ps.join("toy:5", {"name": "B"})
+buf = np.empty(n, np.float32)
+va, _ = ps.fetch_into(wa, buf)
+vb, _ = ps.fetch_into(wb, buf)
+ps.push(wa, np.ones(n, np.float32), base_version=va, batches=4)
+ps.push(wb, np.ones(n, np.float32), base_version=vb, batches=4)
+ps.push(wa, np.ones(n, np.float32), base_version=va, batches=4)  # A never re-fetched: 2 updates stale
+stats = ps.stats()
+print(f"after 3 pushes: version {stats['version']}, {stats['steps']} mini-batches, staleness histogram {stats['staleness']}")
+print(f"lr schedule at step 4: {learning_rate(4, 100, 0.1):.4f}; params now {ps.params}")
+try:
+    ps.push(wa, np.full(n, np.nan, np.float32), base_version=0)
+except Refused as e:
+    print(f"a bad push is refused and changes nothing: {e}")
+
+# %% [markdown]
+# ## 3. A real run: a server and 2 worker processes
+#
+# `minasgd train --workers 2` starts the server (threads in this process) and two worker
+# processes on this machine; each gets half the training images. A worker's loop
+# (`minasgd/ps/worker.py`): fetch, then nsync times {gradient of a batch, local SGD step, add it
+# to a running sum}, then push the sum. `nsync` trades communication for staleness: pushing
+# rarely sends less data but makes each push staler and lets workers drift apart.
+#
+# We run it as a command (what you would type), on the NumPy backend, small.
+# (Starting worker processes from a script needs an `if __name__ == "__main__":` guard,
+# because each process re-imports the script; running the command avoids that here.)
+
+# %%
+out = C.OUT / "06_ps_run"
+shutil.rmtree(out, ignore_errors=True)
+cmd = [sys.executable, "-m", "minasgd", "train", "--workers", "2", "--nsync", "4", "--model", "tiny",
+       "--backend", "numpy", "--batch-size", "32", "--epochs", str(C.pick(2, 3)),
+       "--dataset", f"shapes:{C.pick(640, 4000)},{C.pick(200, 1000)}",  # a small shapes set, drawn once
+       "--data-root", str(C.DATA_ROOT), "--out", str(out), "--quiet", "--checkpoint-every", "0"]
+print("$ minasgd " + " ".join(cmd[3:]))
+with C.Timer() as t:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+print(proc.stdout.strip()[-600:])
+if proc.returncode != 0:
+    print(proc.stderr[-2000:])
+    raise SystemExit(f"minasgd train --workers 2 failed (exit {proc.returncode})")
+summary = json.loads((out / "summary.json").read_text())
+hist = {int(k): v for k, v in summary["staleness"].items()}
+print(f"{summary['workers']} workers, {summary['pushes']} pushes, {summary['steps']} mini-batches in {t.seconds:.0f} s "
+      f"(including process start-up); test accuracy {summary['test_accuracy']:.1%}")
+for w in summary["worker_stats"]:
+    print(f"  worker {w['id']} ({w['name']}): {w['pushes']} pushes, {w['fetches']} fetches, "
+          f"last staleness {w['last_staleness']}")
+print(f"staleness of the pushes: {dict(sorted(hist.items()))}")
+
+# %% [markdown]
+# ## A picture: the staleness histogram
+#
+# With 2 workers pushing alternately, most pushes miss about one update (the other worker's).
+# With N workers, expect about N - 1.
+
+# %%
+plt = C.pyplot()
+ks = sorted(hist)
+if plt is not None:
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.bar(ks, [hist[k] for k in ks], color="tab:purple")
+    ax.set_xlabel("staleness (updates missed)")
+    ax.set_ylabel("pushes")
+    ax.set_xticks(ks)
+    ax.set_title(f"{summary['workers']} async workers, nsync {summary['nsync']}")
+    C.save(fig, "06_staleness.png")
+else:
+    C.text_bars(ks, [hist[k] for k in ks])
+    C.no_plot("06_staleness.png")
+
+# %% [markdown]
+# ## What to remember
+# - Data parallelism: same model, different data; a parameter server keeps the master copy.
+# - Async SGD applies pushes as they come: no waiting, but gradients are stale.
+# - nsync sets how often workers talk: less traffic versus staler, more divergent updates.
+# - On several machines: `minasgd serve` on one, `minasgd work --server HOST:PORT` on the others.
+#
+# Next: tutorial 7, the paper's experiments in miniature.
+print("\ntutorial 6 done")
