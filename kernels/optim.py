@@ -6,6 +6,8 @@
     v1 grid-stride loop, one element per iteration: read w, g, v, write v, w (20 bytes per
        parameter, memory bound). The model keeps every parameter in ONE flat float32 buffer, so a
        single launch updates the whole network.
+
+    axpy: y += a * x over a flat vector (a parameter-server worker sums its gradients with it).
 """
 
 import numpy as np
@@ -29,6 +31,15 @@ def sgd_momentum_kernel(w, g, v, lr, momentum, weight_decay):
         w[i] = w[i] - lr * vi
 
 
+@cuda.jit(cache=True)
+def axpy_kernel(y, a, x):
+    """Element i: y[i] += a * x[i]. Grid-stride."""
+    start = cuda.grid(1)
+    step = cuda.gridsize(1)
+    for i in range(start, y.size, step):
+        y[i] += a * x[i]
+
+
 # ---------------------------------------------------------------- launchers
 
 def launch_sgd(w, g, v, lr, momentum, weight_decay):
@@ -36,6 +47,11 @@ def launch_sgd(w, g, v, lr, momentum, weight_decay):
     blocks, threads = grid_1d(w.size)
     f32 = np.float32
     sgd_momentum_kernel[blocks, threads](flat(w), flat(g), flat(v), f32(lr), f32(momentum), f32(weight_decay))
+
+
+def launch_axpy(y, a, x):
+    blocks, threads = grid_1d(y.size)
+    axpy_kernel[blocks, threads](flat(y), np.float32(a), flat(x))
 
 
 # ---------------------------------------------------------------- public functions
@@ -46,3 +62,10 @@ def sgd_update(w, g, v, lr, momentum=0.0, weight_decay=0.0):
     shapes.check_same_shape("sgd_update", w.shape, v.shape)
     if w.size:
         launch_sgd(w, g, v, lr, momentum, weight_decay)
+
+
+def axpy(y, a, x):
+    """In place: y += a * x (same-shape float32 device arrays)."""
+    shapes.check_same_shape("axpy", y.shape, x.shape)
+    if y.size:
+        launch_axpy(y, a, x)

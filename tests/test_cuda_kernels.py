@@ -280,6 +280,21 @@ def test_sgd_update_matches_reference(rng):
     assert_close(host(dw), w, **TINY)
 
 
+def test_axpy_on_both_backends(be, rng):
+    y, x = randn(rng, 101), randn(rng, 101)
+    dy = be.asarray(y)
+    be.axpy(dy, -0.5, be.asarray(x))
+    assert_close(be.to_numpy(dy), y - 0.5 * x, **TINY)
+    with pytest.raises(ValueError, match="axpy"):
+        be.axpy(dy, 1.0, be.asarray(x[:5]))
+
+
+def test_every_backend_has_every_op(be):
+    from minasgd.backends import OPS
+
+    assert [op for op in OPS if not callable(getattr(be, op, None))] == []
+
+
 # ---------------------------------------------------------------- the backend contract (numpy and cuda)
 
 def test_memory_ops(be):

@@ -26,6 +26,7 @@ Every backend offers the same functions, all float32, images NCHW:
                   with float(be.to_numpy(loss)[0]) only when logging); dlogits is its gradient
   optimizer   sgd_update(w, g, v, lr, momentum, weight_decay)   in place, flat vectors:
                   v = momentum * v + (g + weight_decay * w);  w -= lr * v
+              axpy(y, a, x)   in place: y += a * x  (sums gradients, e.g. on a worker)
 
 Backward functions return fresh arrays; none accumulates into its inputs.
 """
@@ -39,7 +40,7 @@ OPS = (
     "relu_forward", "relu_backward",
     "dropout_forward", "dropout_backward",
     "linear_forward", "linear_backward",
-    "softmax_cross_entropy", "sgd_update",
+    "softmax_cross_entropy", "sgd_update", "axpy",
 )
 
 

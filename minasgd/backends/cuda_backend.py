@@ -158,3 +158,8 @@ def softmax_cross_entropy(logits, labels):
 def sgd_update(w, g, v, lr, momentum=0.0, weight_decay=0.0):
     """In place: v = momentum*v + g + weight_decay*w; w -= lr*v. All flat float32 device vectors."""
     optim.sgd_update(w, g, v, lr, momentum, weight_decay)
+
+
+def axpy(y, a, x):
+    """In place: y += a * x (e.g. summing gradients into an accumulator)."""
+    optim.axpy(y, a, x)

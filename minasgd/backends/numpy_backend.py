@@ -190,6 +190,12 @@ def sgd_update(w, g, v, lr, momentum=0.0, weight_decay=0.0):
     w -= F32(lr) * v
 
 
+def axpy(y, a, x):
+    """In place: y += a * x (e.g. summing gradients into an accumulator)."""
+    shapes.check_same_shape("axpy", y.shape, x.shape)
+    y += F32(a) * x
+
+
 # ---------------------------------------------------------------- memory
 
 def asarray(a):
