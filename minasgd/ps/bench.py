@@ -3,7 +3,9 @@
 1. Goodput, the way ps-lite reports it: push-only, fetch-only and push+fetch round trips per
    second and MB/s for a vector the size of `--model`, through our server (in its own process),
    against a raw loopback socket moving exactly the same bytes in the same run (a bare echo
-   process: no header, no checks, no optimizer). The ratio is ours / raw.
+   process: no header, no checks, no optimizer). The ratio is ours / raw. With `--transport mpi`
+   the same three operations also go through the MPI transport (`minasgd.ps.mpi`: two ranks of an
+   `mpiexec -n 2` started here) and through bare MPI Send/Recv, and the table adds MPI / socket.
 2. Speed-up: images/s and the time to reach `--target` test accuracy for `--workers-list`
    (default 1,2,4) on the shapes dataset, with single-process training as the first row.
 """
@@ -199,11 +201,22 @@ def speedup(args, console):
 def run(args, console):
     n = Model(args.model, backends.get("numpy")).num_params
     mb = 4 * n / 1e6
-    result = {"model": args.model, "num_params": n, "megabytes": mb, "goodput": goodput(n),
+    seconds = getattr(args, "seconds", 1.5)
+    result = {"model": args.model, "num_params": n, "megabytes": mb, "goodput": goodput(n, seconds),
               "server_seconds_per_push": server_work_per_push(n)}
+    if getattr(args, "transport", "tcp") == "mpi":
+        from .mpi import goodput_mpi
+
+        mpi = goodput_mpi(n, seconds)
+        result["mpi_library"] = mpi.pop("library", None)
+        for op, r in mpi.items():
+            result["goodput"][op].update(r)
     for op, r in result["goodput"].items():
         moved = 2 * mb if op == "push+fetch" else mb
         r.update(ours_mb_per_second=r["ours"] * moved, raw_mb_per_second=r["raw"] * moved, ratio=r["ours"] / r["raw"])
+        if "mpi" in r:
+            r.update(mpi_mb_per_second=r["mpi"] * moved, raw_mpi_mb_per_second=r["raw_mpi"] * moved,
+                     mpi_vs_socket=r["mpi"] / r["ours"])
     if not args.skip_training:
         result["speedup"] = speedup(args, console)
     if args.json:
@@ -218,12 +231,23 @@ def report(result, console):
 
     table = Table(title=f"parameter server goodput: {result['model']}, {result['num_params']:,} float32 "
                         f"({result['megabytes']:.2f} MB), loopback")
-    for col in ("operation", "ours round trips/s", "ours MB/s", "raw socket MB/s", "ours / raw"):
+    with_mpi = "mpi" in next(iter(result["goodput"].values()))
+    columns = ["operation", "ours round trips/s", "ours MB/s", "raw socket MB/s", "ours / raw"]
+    if with_mpi:
+        columns += ["MPI round trips/s", "MPI MB/s", "raw MPI MB/s", "MPI / socket"]
+    for col in columns:
         table.add_column(col, justify="left" if col == "operation" else "right")
     for op, r in result["goodput"].items():
-        table.add_row(op, f"{r['ours']:.0f}", f"{r['ours_mb_per_second']:.0f}", f"{r['raw_mb_per_second']:.0f}",
-                      f"{r['ratio']:.0%}")
+        row = [op, f"{r['ours']:.0f}", f"{r['ours_mb_per_second']:.0f}", f"{r['raw_mb_per_second']:.0f}",
+               f"{r['ratio']:.0%}"]
+        if with_mpi:
+            row += [f"{r['mpi']:.0f}", f"{r['mpi_mb_per_second']:.0f}", f"{r['raw_mpi_mb_per_second']:.0f}",
+                    f"{r['mpi_vs_socket']:.2f}x"]
+        table.add_row(*row)
     console.print(table)
+    if with_mpi:
+        console.print(f"MPI: {result['mpi_library']}; ours = the minasgd transport (socket: TcpServer, MPI: "
+                      f"MpiServer), both with the same ParameterServer behind it", highlight=False)
     console.print(f"server work per push (finite check + SGD momentum update, no network): "
                   f"{result['server_seconds_per_push'] * 1e3:.2f} ms")
     if "speedup" not in result:

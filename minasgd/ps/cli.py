@@ -3,6 +3,7 @@
     minasgd train --workers 2                      server + 2 worker processes on this machine
     minasgd serve --bind 0.0.0.0:5555 --token T    a server alone, for workers on other machines
     minasgd work --server HOST:5555 --token T      one worker (--gpu N picks its GPU)
+    mpiexec -n 3 minasgd train --transport mpi     the same over MPI: rank 0 serves, ranks 1..2 work
 
 The token may also come from the environment variable MINASGD_TOKEN, which keeps it out of the
 process list.
@@ -40,9 +41,13 @@ def _add_server_arguments(p, bind_default, bind_help):
 
 
 def add_train_arguments(p):
-    p.add_argument("--workers", type=int, default=D.workers,
-                   help="worker processes with a parameter server; 0 = one process, no server "
-                        "(default: %(default)s)")
+    p.add_argument("--workers", type=int, default=None,
+                   help=f"worker processes with a parameter server; 0 = one process, no server "
+                        f"(default: {D.workers}; with --transport mpi: the MPI job's size - 1)")
+    p.add_argument("--transport", default=D.transport, choices=["tcp", "mpi"],
+                   help="tcp: the server here and worker processes it starts, over sockets; mpi: run "
+                        "under `mpiexec -n N+1`, rank 0 the server and ranks 1..N the workers "
+                        "(pip install -e '.[mpi]') (default: %(default)s)")
     p.add_argument("--nfetch", type=int, help="mini-batches between fetches (default: --nsync)")
     p.add_argument("--npush", type=int, help="mini-batches between pushes (default: --nsync)")
     _add_server_arguments(p, None, "the server's address (default: a free loopback port, printed at start)")
@@ -82,6 +87,10 @@ def add_bench_arguments(p):
     p.add_argument("--train-limit", type=int, default=None, help="bench ps: use only the first N training images")
     p.add_argument("--nsync", type=int, default=D.nsync, help="bench ps: nfetch = npush for the training runs")
     p.add_argument("--skip-training", action="store_true", help="bench ps: only the goodput measurements")
+    p.add_argument("--transport", default="tcp", choices=["tcp", "mpi"],
+                   help="bench ps: mpi also measures the MPI transport (it starts `mpiexec -n 2` itself) "
+                        "next to the socket one (default: %(default)s)")
+    p.add_argument("--seconds", type=float, default=1.5, help="bench ps: seconds per goodput measurement")
 
 
 def serve(args, console):

@@ -52,6 +52,7 @@ class PsOptions:
     # accuracy with 0.5, 29-51% with 0.8 and 40-78% with 0.9.
     server_momentum: float = 0.5
     staleness_lr: bool = False  # divide the server's lr by each push's staleness
+    transport: str = "tcp"  # tcp: sockets, worker processes started here; mpi: ranks of `mpiexec` (minasgd.ps.mpi)
     bind: str | None = None  # HOST:PORT; default: a free loopback port
     token: str | None = None
     timeout: float = 120.0  # seconds of silence before a worker is dropped
@@ -69,8 +70,8 @@ class WorkersGone(ChildProcessError):
 
 # ------------------------------------------------------------------ the server
 
-def start_server(cfg, opts, model, train_size, run, listener):
-    """Create the ParameterServer for this config and serve it on `listener`; returns (ps, tcp)."""
+def create_server(cfg, opts, model, train_size, run):
+    """The ParameterServer for this config (no transport yet)."""
     steps_per_epoch = train_size // cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"batch size {cfg.batch_size} is larger than the training set ({train_size} images)")
@@ -85,6 +86,12 @@ def start_server(cfg, opts, model, train_size, run, listener):
         worker_config={"model": model.name, "dataset": cfg.dataset, "batch_size": cfg.batch_size,
                        "nsync": opts.nsync, "weight_decay": cfg.weight_decay, "seed": cfg.seed,
                        "train_limit": cfg.train_limit})
+    return ps
+
+
+def start_server(cfg, opts, model, train_size, run, listener):
+    """Create the ParameterServer for this config and serve it on `listener`; returns (ps, tcp)."""
+    ps = create_server(cfg, opts, model, train_size, run)
     return ps, TcpServer(ps, listener, token=opts.token, timeout=opts.timeout).start()
 
 
@@ -173,6 +180,14 @@ def train_distributed(cfg, args, console=None, dataset=None):
     loading `cfg.dataset` (tests build small ones in memory).
     """
     opts = args if isinstance(args, PsOptions) else PsOptions.from_args(args)
+    if opts.transport == "mpi":  # this process is one rank of `mpiexec -n N+1`
+        from .mpi import train_mpi
+
+        return train_mpi(cfg, opts, console, dataset)
+    if opts.transport != "tcp":
+        raise ValueError(f"unknown transport {opts.transport!r}; choose tcp or mpi")
+    if opts.workers is None:  # not given on the command line
+        opts.workers = PsOptions.workers
     if opts.workers < 1:
         raise ValueError(f"--workers must be >= 1 (0 trains in one process), got {opts.workers}")
     return run_server(cfg, opts, console, dataset, local_workers=opts.workers)
@@ -209,16 +224,7 @@ def run_server(cfg, opts, console=None, dataset=None, local_workers=0):
         if local_workers:
             shards = [ds.shard(i, local_workers) for i in range(local_workers)]
             processes = start_workers(tcp.address, opts.token, shards, backend, gpus, opts)
-        with monitor:
-            while not ps.done:
-                if any(p.exitcode is not None for p in processes):
-                    ps.begin()  # a worker died before everyone joined: start with the others
-                if processes and all(p.exitcode is not None for p in processes):
-                    codes = ", ".join(str(p.exitcode) for p in processes)
-                    raise WorkersGone(f"all {len(processes)} workers exited before training was over "
-                                      f"(exit codes {codes}; their errors are printed above)")
-                monitor.tick()
-                time.sleep(0.2)
+        watch(ps, monitor, lambda: [p.exitcode for p in processes], "exit codes")
         finished = True
     finally:  # also on Ctrl-C (KeyboardInterrupt) and errors: stop everything, keep a checkpoint
         ps.stop()  # from here on every request hears "done"
@@ -228,11 +234,36 @@ def run_server(cfg, opts, console=None, dataset=None, local_workers=0):
         if not finished:
             run.close()
 
+    return finish_run(cfg, opts, progress, monitor, run, eval_model, ds, backend=backend,
+                      device=f"{local_workers} local worker processes",
+                      workers=local_workers, address=tcp.address_text)
+
+
+def watch(ps, monitor, worker_exits, what="exit codes"):
+    """Tick the monitor (dashboard, evaluations, checkpoints) until the server says training is over.
+
+    `worker_exits()`: one entry per worker we are responsible for, None while it runs, else how it
+    ended (an exit code, a reason). Raises WorkersGone when they have all ended before the end.
+    """
+    with monitor:
+        while not ps.done:
+            exits = worker_exits()
+            if any(e is not None for e in exits):
+                ps.begin()  # a worker died before everyone joined: start with the others
+            if exits and all(e is not None for e in exits) and not ps.done:
+                raise WorkersGone(f"all {len(exits)} workers exited before training was over "
+                                  f"({what} {', '.join(str(e) for e in exits)}; their errors are printed above)")
+            monitor.tick()
+            time.sleep(0.2)
+
+
+def finish_run(cfg, opts, progress, monitor, run, eval_model, ds, *, backend, device, workers, address):
+    """The final evaluation, summary.json and the closing line; returns the summary."""
     numbers = monitor.finish()
-    summary = {**numbers, "backend": backend, "device": f"{local_workers} local worker processes",
+    summary = {**numbers, "backend": backend, "device": device,
                "model": eval_model.name, "num_params": eval_model.num_params, "dataset": ds.name,
-               "workers": local_workers or len(numbers["worker_stats"]), "nsync": opts.nsync,
-               "nfetch": opts.nfetch or opts.nsync, "npush": opts.npush or opts.nsync, "address": tcp.address_text,
+               "workers": workers or len(numbers["worker_stats"]), "nsync": opts.nsync,
+               "nfetch": opts.nfetch or opts.nsync, "npush": opts.npush or opts.nsync, "address": address,
                "config": {k: v for k, v in asdict(cfg).items() if k not in ("extra", "quiet")},
                "ps": asdict(opts) | {"token": bool(opts.token)}, **cfg.extra}
     run.write_summary(summary)

@@ -21,7 +21,9 @@ The local lr is the one the server sent with its last reply, so it follows the r
 
 `client` is the transport: anything with `fetch_into(out) -> version or None`,
 `push(grad, base_version, batches) -> {"version", "lr", "done"}`, `stats(numbers) -> dict` and
-`close(reason)`, like `minasgd.ps.tcp.TcpClient`.
+`close(reason)`, plus `server_hello` (a dict with "model") and `hello(fingerprint, info) -> config`
+for `connect_and_train`. Two transports provide them: `minasgd.ps.tcp.TcpClient` (sockets) and
+`minasgd.ps.mpi.MpiClient` (MPI ranks).
 """
 
 import os
