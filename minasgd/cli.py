@@ -59,7 +59,8 @@ def _train_config(args):
 
 
 def cmd_train(args, console):
-    if args.workers == 0:
+    # One process unless workers are asked for (or this is a rank of an MPI job).
+    if args.workers == 0 or (args.workers is None and args.transport == "tcp"):
         from .train import train
 
         train(_train_config(args), console=console)

@@ -1,6 +1,7 @@
 """The command-line side of the parameter server: `train --workers`, `serve`, `work`, `bench ps`.
 
     minasgd train --workers 2                      server + 2 worker processes on this machine
+    minasgd train                                  (no --workers: one process, no server)
     minasgd serve --bind 0.0.0.0:5555 --token T    a server alone, for workers on other machines
     minasgd work --server HOST:5555 --token T      one worker (--gpu N picks its GPU)
     mpiexec -n 3 minasgd train --transport mpi     the same over MPI: rank 0 serves, ranks 1..2 work
@@ -42,8 +43,8 @@ def _add_server_arguments(p, bind_default, bind_help):
 
 def add_train_arguments(p):
     p.add_argument("--workers", type=int, default=None,
-                   help=f"worker processes with a parameter server; 0 = one process, no server "
-                        f"(default: {D.workers}; with --transport mpi: the MPI job's size - 1)")
+                   help="worker processes with a parameter server; 0 = one process, no server "
+                        "(default: 0; with --transport mpi: the MPI job's size - 1)")
     p.add_argument("--transport", default=D.transport, choices=["tcp", "mpi"],
                    help="tcp: the server here and worker processes it starts, over sockets; mpi: run "
                         "under `mpiexec -n N+1`, rank 0 the server and ranks 1..N the workers "
