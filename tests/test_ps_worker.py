@@ -7,7 +7,7 @@ import pytest
 from minasgd import backends
 from minasgd.model import Model
 from minasgd.ps.server import ParameterServer
-from minasgd.ps.worker import Worker, add_into
+from minasgd.ps.worker import Worker
 from minasgd.train import prepare_batch
 
 
@@ -68,12 +68,6 @@ def replay_first_push(npush, lr=0.05, wd=0.01, batch=8):
     return total
 
 
-def test_add_into_on_every_backend(be):
-    total, x = be.asarray(np.arange(5, dtype=np.float32)), be.asarray(np.full(5, 2.5, np.float32))
-    add_into(be, total, x, be.zeros(5))
-    np.testing.assert_array_equal(be.to_numpy(total), np.arange(5) + 2.5)
-
-
 def test_push_is_the_sum_of_the_local_gradients():
     ps, client, worker = run_worker(backends.get("numpy"), npush=3, nfetch=3, total_steps=6)
     grad, base, batches = client.pushes[0]
@@ -95,7 +89,7 @@ def test_npush_and_nfetch_apart():
 @pytest.mark.gpu
 def test_cuda_worker_pushes_what_the_numpy_worker_pushes():
     """The cuda worker accumulates on the device and pushes the same sum. (A simulated step takes
-    ~8 s, so this runs on a real GPU only; test_add_into covers the device sum on the simulator.)"""
+    ~8 s, so this runs on a real GPU only; test_axpy_on_both_backends covers the device sum on the simulator.)"""
     try:
         cuda = backends.get("cuda")
     except ImportError as e:

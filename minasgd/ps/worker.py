@@ -37,12 +37,6 @@ from ..model import Model
 from ..train import TrainConfig, load_dataset, prepare_batch
 
 
-def add_into(be, total, x, scratch):
-    """total += x on any backend, using the update op every backend has:
-    sgd_update(w, g, v, lr=-1, momentum=0) sets v = g, then w -= -1 * v."""
-    be.sgd_update(total, x, scratch, -1.0, 0.0, 0.0)
-
-
 class Worker:
     def __init__(self, client, model, train_x, train_y, *, batch_size, npush, nfetch, lr,
                  weight_decay=0.0, seed=0, report_every=1.0):
@@ -61,7 +55,6 @@ class Worker:
         self.host_params = np.empty(n, dtype=np.float32)  # where fetched parameters land
         self.grad_sum = self.be.zeros(n)  # sum of the gradients not pushed yet (on the device)
         self.step_grad = self.be.zeros(n)  # this step's gradient + weight decay
-        self.scratch = self.be.zeros(n)
         self.batches_in_sum = 0
         self.fetched_version = self.base_version = 0
         self.steps = self.images = self.pushes = self.fetches = 0
@@ -97,7 +90,7 @@ class Worker:
         x, labels = prepare_batch(be, model, x_u8, y)
         self.last_loss = model.loss_and_grad(x, labels, self.steps)
         be.sgd_update(model.params, model.grads, self.step_grad, self.lr, 0.0, self.weight_decay)
-        add_into(be, self.grad_sum, self.step_grad, self.scratch)
+        be.axpy(self.grad_sum, 1.0, self.step_grad)
         self.steps += 1
         self.batches_in_sum += 1
         self.images += len(y)
