@@ -11,6 +11,7 @@ Read it in this order; each module does one job:
     server.py     ParameterServer: the parameters, the optimizer, staleness, the sync barrier,
                   checkpoints. No sockets: a transport calls join / fetch_into / push / leave
     tcp.py        TcpServer (one thread per worker) and TcpClient: frames <-> those calls
+    mpi.py        the same over MPI (mpiexec): rank 0 serves, ranks 1..N are the workers
     worker.py     Worker: fetch, nsync local steps accumulating the gradient, push, repeat
     monitor.py    test accuracy, metrics.jsonl, checkpoints and the live dashboard
     launcher.py   `minasgd train --workers N`: the server here, N spawned worker processes

@@ -6,7 +6,7 @@
     reply = ps.push(wid, grad_sum, base_version, batches=4)   # {"version", "lr", "done"}
     ps.leave(wid, "connection reset")
 
-A transport (`minasgd.ps.tcp`; an MPI one could be another) turns each worker's messages into
+A transport (`minasgd.ps.tcp` over sockets, `minasgd.ps.mpi` over MPI) turns each worker's messages into
 these calls, one thread per worker. One lock (a Condition) guards all the state below, so any
 number of threads may call in at once.
 
