@@ -233,11 +233,12 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     console = Console()
+    from .backends import BackendError
     from .data import DatasetError
 
     try:
         return args.func(args, console)
-    except (DatasetError, CheckpointError, ValueError, FloatingPointError, OSError) as e:
+    except (DatasetError, CheckpointError, BackendError, ValueError, FloatingPointError, OSError) as e:
         console.print(f"[red]minasgd {args.command}: {e}[/]", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:

@@ -93,6 +93,18 @@ def test_user_errors_are_one_line(args, message, data_root, tmp_path, capsys):
     assert message in err and len(err.splitlines()) == 1, err
 
 
+def test_cuda_without_a_gpu_is_one_line(monkeypatch, capsys):
+    from minasgd import backends
+    from minasgd.backends import cuda_backend
+
+    def no_gpu(device=None):
+        raise backends.BackendError("cuda backend: cannot use GPU 0 (no driver).")
+
+    monkeypatch.setattr(cuda_backend, "select_device", no_gpu)
+    assert run_cli("bench", "step", "--backend", "cuda") == 2
+    assert "cannot use GPU 0" in capsys.readouterr().out
+
+
 def test_warm_start_from_another_model_is_refused(tmp_path, data_root, capsys):
     from minasgd import backends
     from minasgd.model import Model

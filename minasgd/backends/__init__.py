@@ -44,6 +44,10 @@ OPS = (
 )
 
 
+class BackendError(RuntimeError):
+    """A backend that cannot run here (e.g. cuda without a GPU); the message is one line."""
+
+
 def cuda_available():
     """True when numba can see a real GPU (False under the simulator)."""
     from numba import config, cuda

@@ -17,7 +17,7 @@ from numba import cuda
 from minasgd.kernels import conv, elementwise, gemm, pool, softmax, optim, reduce
 from minasgd.kernels.common import SIM, is_device_array
 
-from . import shapes
+from . import BackendError, shapes
 
 NAME = "cuda"
 DEVICE = "CUDA simulator" if SIM else "CUDA GPU (not selected yet)"
@@ -37,8 +37,9 @@ def select_device(device=None):
     try:
         dev = cuda.select_device(int(device)) if device is not None else cuda.get_current_device()
     except Exception as e:  # CudaSupportError without a driver, or a bad device number
-        raise RuntimeError(
-            f"cuda backend: cannot use GPU {0 if device is None else device} ({e}). "
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise BackendError(
+            f"cuda backend: cannot use GPU {0 if device is None else device} ({reason}). "
             "Without a GPU, use the numpy backend, or set NUMBA_ENABLE_CUDASIM=1 before numba is "
             "imported to run the kernels on the (slow) CUDA simulator."
         ) from e
