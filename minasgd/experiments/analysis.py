@@ -1,0 +1,161 @@
+"""From run folders to tables: time / images / server updates to a target accuracy, and speed-ups.
+
+    curve = load_curve(run_dir)               # [{"time", "images", "updates", "accuracy"}, ...]
+    hit = reach(curve, 0.2)                    # {"seconds", "images", "updates"} or None
+    rows = [run_row(spec, run_dir, settings) for ...]
+    table = summarize(rows)                    # one row per (group, nsync, workers)
+
+Definitions (as in the paper, plus what one machine cannot measure):
+- time to target: the server's clock from the moment all workers joined (process start-up is
+  not counted) to the first test evaluation at or above the target accuracy, interpolated
+  linearly between that evaluation and the one before it. Images and server updates to target
+  are interpolated the same way.
+- measured speed-up of N workers = time to target of 1 worker / time to target of N workers,
+  paired by seed (same seed, same nsync, same group), then mean +- standard deviation over seeds.
+- projected speed-up = N x (images to target of 1 worker / images to target of N workers): the
+  speed-up N independent devices would give if each kept the single worker's throughput and
+  the server were free. It measures only the statistical cost of asynchrony and staleness.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+
+def load_records(run_dir):
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a run killed mid-line
+            pass
+    return records
+
+
+def load_curve(run_dir):
+    """The test evaluations of a run, in order: time (s), images seen, server updates, accuracy."""
+    curve = []
+    for r in load_records(run_dir):
+        if r.get("kind") == "epoch":
+            curve.append({"time": float(r["time"]), "images": int(r["images"]),
+                          "updates": int(r.get("version", r.get("step", 0))),
+                          "accuracy": float(r["test_accuracy"])})
+    return curve
+
+
+def reach(curve, target):
+    """When the curve first reaches `target` accuracy (interpolated), or None if it never does."""
+    previous = None
+    for point in curve:
+        if point["accuracy"] >= target:
+            if previous is None:  # already there at the first evaluation
+                return {k: point[k] for k in ("time", "images", "updates")}
+            f = (target - previous["accuracy"]) / (point["accuracy"] - previous["accuracy"])
+            return {k: previous[k] + f * (point[k] - previous[k]) for k in ("time", "images", "updates")}
+        previous = point
+    return None
+
+
+def staleness_stats(histogram):
+    """(mean, max, number of pushes) of a {"staleness": count} histogram."""
+    hist = {int(k): int(v) for k, v in (histogram or {}).items()}
+    total = sum(hist.values())
+    if not total:
+        return None, None, 0
+    return sum(k * v for k, v in hist.items()) / total, max(hist), total
+
+
+def run_row(spec, run_dir, target, summary=None):
+    """One results row for a finished run (spec fields + numbers)."""
+    if summary is None:
+        summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    curve = load_curve(run_dir)
+    hit = reach(curve, target)
+    mean_stale, max_stale, _ = staleness_stats(summary.get("staleness"))
+    return {
+        "name": spec["name"], "group": spec["group"], "mode": spec["mode"], "workers": spec["workers"],
+        "nsync": spec["nsync"], "staleness_lr": spec["staleness_lr"], "seed": spec["seed"],
+        "init": spec.get("init") or "", "target_accuracy": target, "target_error": 1 - target,
+        "final_accuracy": summary["test_accuracy"], "final_error": 1 - summary["test_accuracy"],
+        "best_accuracy": max((p["accuracy"] for p in curve), default=summary["test_accuracy"]),
+        "reached": hit is not None,
+        "seconds_to_target": hit["time"] if hit else None,
+        "images_to_target": hit["images"] if hit else None,
+        "updates_to_target": hit["updates"] if hit else None,
+        "wall_seconds": summary["wall_seconds"], "images": summary["images"],
+        "images_per_second": summary["images_per_second"],
+        "updates": summary.get("version", summary.get("steps")), "pushes": summary.get("pushes"),
+        "mean_staleness": mean_stale, "max_staleness": max_stale,
+        "run": str(run_dir),
+    }
+
+
+def mean_std(values):
+    """(mean, sample std) of the non-None values; (None, None) if there are none."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None, None
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def _baseline(rows, row):
+    """The 1-worker run with the same seed and nsync: from the same group, else any group (sync
+    uses async's: one worker is the same either way)."""
+    same = [r for r in rows if r["workers"] == 1 and r["seed"] == row["seed"] and r["nsync"] == row["nsync"]]
+    in_group = [r for r in same if r["group"] == row["group"]]
+    return (in_group or same or [None])[0]
+
+
+def add_speedups(rows):
+    """Per run: measured and projected speed-up against its 1-worker baseline (None if either
+    run missed the target, or there is no baseline)."""
+    for row in rows:
+        base = _baseline(rows, row)
+        row["measured_speedup"] = row["projected_speedup"] = None
+        if base is None or not (base["reached"] and row["reached"]):
+            continue
+        if row["seconds_to_target"] > 0:
+            row["measured_speedup"] = base["seconds_to_target"] / row["seconds_to_target"]
+        if row["images_to_target"] > 0:
+            row["projected_speedup"] = row["workers"] * base["images_to_target"] / row["images_to_target"]
+    return rows
+
+
+SUMMARY_FIELDS = ("seconds_to_target", "images_to_target", "updates_to_target", "measured_speedup",
+                  "projected_speedup", "final_accuracy", "images_per_second", "mean_staleness")
+
+
+def summarize(rows):
+    """One row per (group, mode, staleness_lr, nsync, workers): counts and mean/std over seeds."""
+    keys = []
+    for r in rows:
+        key = (r["group"], r["mode"], r["staleness_lr"], r["nsync"], r["workers"])
+        if key not in keys:
+            keys.append(key)
+    table = []
+    for key in keys:
+        runs = [r for r in rows if (r["group"], r["mode"], r["staleness_lr"], r["nsync"], r["workers"]) == key]
+        out = dict(zip(("group", "mode", "staleness_lr", "nsync", "workers"), key))
+        out.update(seeds=len(runs), reached=sum(r["reached"] for r in runs), target_accuracy=runs[0]["target_accuracy"])
+        for name in SUMMARY_FIELDS:
+            out[f"{name}_mean"], out[f"{name}_std"] = mean_std([r.get(name) for r in runs])
+        table.append(out)
+    return table
+
+
+def staleness_histograms(specs, summaries):
+    """{(group, nsync, workers): {staleness: pushes}} summed over seeds."""
+    hists = {}
+    for spec, summary in zip(specs, summaries):
+        if summary is None or not summary.get("staleness"):
+            continue
+        key = (spec["group"], spec["nsync"], spec["workers"])
+        h = hists.setdefault(key, {})
+        for k, v in summary["staleness"].items():
+            h[int(k)] = h.get(int(k), 0) + int(v)
+    return {key: dict(sorted(h.items())) for key, h in hists.items()}

@@ -1,0 +1,103 @@
+"""The experiment's report as markdown (report.md, and the generated parts of docs/paper.md)."""
+
+import re
+import shutil
+from pathlib import Path
+
+
+def pm(mean, std, fmt="{:.2f}"):
+    """'mean ± std' (or '-' when there is nothing)."""
+    if mean is None:
+        return "-"
+    return fmt.format(mean) + ("" if not std else " ± " + fmt.format(std))
+
+
+def _mode(row):
+    return row["mode"] + (" + staleness lr" if row["staleness_lr"] else "")
+
+
+SUMMARY_COLUMNS = [  # (markdown header, terminal header, cell)
+    ("group", "group", lambda r: r["group"]),
+    ("mode", "mode", _mode),
+    ("nsync", "k", lambda r: str(r["nsync"])),
+    ("workers", "N", lambda r: str(r["workers"])),
+    ("reached", "hit", lambda r: f"{r['reached']}/{r['seeds']}"),
+    ("seconds to target", "s→tgt", lambda r: pm(r["seconds_to_target_mean"], r["seconds_to_target_std"], "{:.1f}")),
+    ("images to target", "img→tgt", lambda r: pm(r["images_to_target_mean"], r["images_to_target_std"], "{:.0f}")),
+    ("server updates to target", "upd→tgt", lambda r: pm(r["updates_to_target_mean"], r["updates_to_target_std"], "{:.0f}")),
+    ("measured speed-up", "measured", lambda r: pm(r["measured_speedup_mean"], r["measured_speedup_std"])),
+    ("projected speed-up", "projected", lambda r: pm(r["projected_speedup_mean"], r["projected_speedup_std"])),
+    ("final test error", "error", lambda r: "-" if r["final_accuracy_mean"] is None else
+        pm(1 - r["final_accuracy_mean"], r["final_accuracy_std"], "{:.1%}")),
+    ("images/s", "img/s", lambda r: pm(r["images_per_second_mean"], None, "{:.0f}")),
+    ("mean staleness", "stale", lambda r: pm(r["mean_staleness_mean"], None, "{:.2f}")),
+]
+
+
+def summary_cells(summary):
+    return [[fn(row) for _, _, fn in SUMMARY_COLUMNS] for row in summary]
+
+
+def _table(headers, rows):
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join(" --- " for _ in headers) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _histogram_text(hist, limit=12):
+    items = sorted((int(k), v) for k, v in hist.items())
+    text = ", ".join(f"{k}: {v}" for k, v in items[:limit])
+    return text + (", ..." if len(items) > limit else "")
+
+
+def markdown(result, images, image_prefix=""):
+    """The report: settings, the summary table, staleness, pretraining, the plots."""
+    s, m = result["settings"], result["machine"]
+    seeds = s["seeds"]
+    out = [f"### `minasgd experiment {result['experiment']}`" + (" --quick" if s["quick"] else ""), "",
+           f"{s['model']} on {s['dataset']}, backend {s['backend']}, {s['epochs']} epochs per run (all workers "
+           f"together), batch {s['batch_size']}, server lr {s['lr']}, evaluation every {s['eval_every']} epochs; "
+           f"{seeds} seed{'s' if seeds > 1 else ''} per configuration; target test error "
+           f"**{1 - s['target']:.0%}** (accuracy {s['target']:.0%}). Machine: {m['cores']} cores "
+           f"({m['processor']}), workers and server share them. Report made at commit {m.get('commit') or 'unknown'}.", ""]
+    if result["pretrain"]:
+        p = result["pretrain"]
+        accs = ", ".join(f"{x['test_accuracy']:.1%}" for x in p)
+        out += [f"Warm start: each seed first trains one process for {s['pretrain_epochs']} epochs "
+                f"({p[0]['images']} images, about {sum(x['seconds'] for x in p) / len(p):.0f} s, not counted "
+                f"in the times below), reaching test accuracy {accs}.", ""]
+    out += [_table([c for c, _, _ in SUMMARY_COLUMNS], summary_cells(result["summary"])), "",
+            "Times are from the moment all workers joined to the first evaluation at the target, interpolated "
+            "between evaluations; speed-ups are against the 1-worker run with the same seed and nsync. "
+            "**Projected** speed-up = N x images-to-target(1 worker) / images-to-target(N workers): what N "
+            "independent devices would give at the single worker's throughput with a free server. The "
+            "**measured** one is capped by this machine, where all workers share the same cores.", ""]
+    if result["staleness"] and result["experiment"] in ("staleness", "workers"):
+        rows = [[h["group"], str(h["nsync"]), str(h["workers"]), _histogram_text(h["histogram"])]
+                for h in result["staleness"]]
+        out += ["Staleness histograms (server updates between a worker's fetch and its push: pushes "
+                "per staleness, all seeds):", "", _table(["group", "nsync", "workers", "staleness: pushes"], rows), ""]
+    for path in images:
+        out += [f"![{Path(path).stem}]({image_prefix}{Path(path).name})", ""]
+    return "\n".join(out)
+
+
+def update_docs(doc_path, result, exp_dir, images):
+    """Copy the plots next to `doc_path` (img/NAME-*.png) and put the report between the markers
+    <!-- experiment:NAME begin --> and <!-- experiment:NAME end --> (appended if they are missing)."""
+    doc = Path(doc_path)
+    img_dir = doc.parent / "img"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    name = result["experiment"]
+    copied = []
+    for path in images:
+        dest = img_dir / f"{name}-{Path(path).name}"
+        shutil.copyfile(path, dest)
+        copied.append(dest)
+    text = markdown(result, copied, image_prefix="img/")
+    begin, end = f"<!-- experiment:{name} begin -->", f"<!-- experiment:{name} end -->"
+    block = f"{begin}\n<!-- generated by `minasgd experiment {name} --docs {doc_path}`; do not edit by hand -->\n\n{text}\n{end}"
+    old = doc.read_text() if doc.exists() else ""
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block + "\n"
+    doc.write_text(new)

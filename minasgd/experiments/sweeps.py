@@ -1,0 +1,97 @@
+"""The four sweeps: which runs each experiment makes, and with which settings.
+
+A sweep is a plain list of run specs (dicts), executed one after the other by
+`minasgd.experiments.runner`. Each spec names its run folder and says everything that differs
+between runs: the worker count, nsync, async or sync, staleness-aware lr, the seed, and whether
+it starts from scratch ("cold") or from a pretrained model ("warm").
+
+    settings = default_settings("workers")        # plus command-line overrides
+    specs = plan(settings)                        # [{"name": "cold-ns4-w2-s0", ...}, ...]
+
+The defaults are sized for a 2-core laptop (the tiny model on 8,000 shapes images: each run
+takes 15-25 s); `--quick` shrinks everything to seconds for the tests; `--dataset cifar10
+--backend cuda --model alexnet-mini --epochs 20` scales up on a GPU machine.
+"""
+
+from dataclasses import asdict, dataclass, field
+
+NAMES = ("workers", "warmstart", "sync-vs-async", "staleness")
+
+
+@dataclass
+class Settings:
+    """One experiment's settings (everything that is the same for all its runs)."""
+
+    name: str
+    dataset: str = "shapes:8000,500"
+    model: str = "tiny"
+    backend: str = "numpy"
+    gpu: int | None = None
+    epochs: int = 8  # of the whole train split, summed over all workers
+    batch_size: int = 32
+    lr: float = 0.05  # the server's peak lr (warm-up + cosine over the run's mini-batches)
+    warmup_steps: int = 100
+    target: float = 0.3  # test ACCURACY that counts as "reached" (the paper talks of test error = 1 - this)
+    seeds: int = 3
+    workers: list = field(default_factory=lambda: [1, 2, 4, 8])
+    nsync: list = field(default_factory=lambda: [1, 4, 16])
+    eval_every: float = 0.25  # epochs' worth of mini-batches between test evaluations
+    pretrain_epochs: float = 3.0  # warmstart: single-process training before the sweep
+    pretrain_lr: float = 0.02  # warmstart: single-process lr (momentum 0.9)
+    data_root: str | None = None
+    max_steps: int | None = None  # cap every run (quick mode)
+    quick: bool = False
+
+    def as_dict(self):
+        return asdict(self)
+
+
+# What differs from the Settings defaults, per experiment.
+DEFAULTS = {
+    "workers": {},
+    "warmstart": {"workers": [1, 2, 4], "nsync": [4], "target": 0.35},  # above the pretrained models (25-30%)
+    "sync-vs-async": {"workers": [1, 2, 4], "nsync": [4]},
+    "staleness": {"workers": [4, 8], "nsync": [1]},
+}
+
+# --quick: seconds per run, for the tests and a first look. The `micro` net reads an 8x8 crop.
+QUICK = {"dataset": "shapes:256,64", "model": "micro", "epochs": 2, "batch_size": 16, "seeds": 1,
+         "warmup_steps": 0, "eval_every": 0.5, "target": 0.12, "pretrain_epochs": 0.5, "lr": 0.05}
+QUICK_SWEEP = {"workers": {"workers": [1, 2], "nsync": [1, 4]}, "warmstart": {"workers": [1, 2], "nsync": [2]},
+               "sync-vs-async": {"workers": [1, 2], "nsync": [2]}, "staleness": {"workers": [2], "nsync": [1]}}
+
+
+def default_settings(name, quick=False):
+    if name not in NAMES:
+        raise ValueError(f"unknown experiment {name!r}; choose one of: {', '.join(NAMES)}")
+    values = dict(DEFAULTS[name])
+    if quick:
+        values.update(QUICK, **QUICK_SWEEP[name], quick=True)
+    return Settings(name=name, **values)
+
+
+def _spec(group, workers, nsync, seed, **extra):
+    mode = "sync" if extra.get("sync") else "async"
+    return {"name": f"{group}-ns{nsync}-w{workers}-s{seed}", "group": group, "workers": workers, "nsync": nsync,
+            "mode": mode, "sync": False, "staleness_lr": False, "seed": seed, "init": None, **extra}
+
+
+def plan(s):
+    """The runs of experiment `s.name`, in the order they run (pretraining first)."""
+    seeds = range(s.seeds)
+    if s.name == "workers":
+        return [_spec("cold", w, k, seed) for seed in seeds for k in s.nsync for w in s.workers]
+    if s.name == "warmstart":
+        pre = [{"name": f"pretrain-s{seed}", "group": "pretrain", "workers": 0, "nsync": 0, "mode": "single",
+                "sync": False, "staleness_lr": False, "seed": seed, "init": None} for seed in seeds]
+        runs = [_spec(start, w, k, seed, init=f"pretrain-s{seed}" if start == "warm" else None)
+                for seed in seeds for start in ("cold", "warm") for k in s.nsync for w in s.workers]
+        return pre + runs
+    if s.name == "sync-vs-async":  # one worker is the same either way: only async runs it
+        return [_spec(mode, w, k, seed, sync=mode == "sync")
+                for seed in seeds for k in s.nsync for w in s.workers for mode in ("async", "sync")
+                if not (mode == "sync" and w == 1)]
+    if s.name == "staleness":
+        return [_spec("staleness-lr" if on else "plain", w, k, seed, staleness_lr=on)
+                for seed in seeds for k in s.nsync for w in s.workers for on in (False, True)]
+    raise ValueError(f"unknown experiment {s.name!r}")

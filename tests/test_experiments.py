@@ -1,0 +1,126 @@
+"""`minasgd experiment NAME`: each sweep in --quick mode (the `micro` net on 256 shapes images,
+one seed, seconds per run), the tables and plots it writes, resuming, and the numbers behind
+the speed-up table on hand-made curves."""
+
+import csv
+import json
+
+import pytest
+
+from minasgd.cli import main
+from minasgd.experiments import analysis, default_settings, plan, report
+
+RUN_COLUMNS = {"name", "group", "mode", "workers", "nsync", "seed", "final_accuracy", "final_error", "reached",
+               "seconds_to_target", "images_to_target", "updates_to_target", "measured_speedup",
+               "projected_speedup", "images_per_second", "mean_staleness", "max_staleness", "target_error"}
+SUMMARY_COLUMNS = {"group", "mode", "nsync", "workers", "seeds", "reached", "measured_speedup_mean",
+                   "measured_speedup_std", "projected_speedup_mean", "projected_speedup_std",
+                   "images_to_target_mean", "updates_to_target_mean", "seconds_to_target_mean", "final_accuracy_mean"}
+# Small enough for seconds per sweep; warmstart's pretraining also runs.
+QUICK_ARGS = {"workers": ["--workers", "1,2", "--nsync", "2"], "warmstart": ["--workers", "2"],
+              "sync-vs-async": ["--workers", "2"], "staleness": []}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data"))
+
+
+def _csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("name", list(QUICK_ARGS))
+def test_quick_sweep_writes_tables_plots_and_report(tmp_path, data_root, name):
+    out = tmp_path / name
+    assert main(["experiment", name, "--quick", "--out", str(out), "--data-root", data_root, *QUICK_ARGS[name]]) == 0
+    runs, summary = _csv(out / "results.csv"), _csv(out / "summary.csv")
+    assert RUN_COLUMNS <= set(runs[0]) and SUMMARY_COLUMNS <= set(summary[0])
+    expected = [s for s in plan(_settings(name, data_root)) if s["workers"] > 0]
+    assert sorted(r["name"] for r in runs) == sorted(s["name"] for s in expected)
+    result = json.loads((out / "results.json").read_text())
+    assert set(result) >= {"settings", "runs", "summary", "staleness", "curves", "machine", "pretrain"}
+    assert all(result["curves"][r["name"]] for r in runs)  # every run was evaluated at least once
+    assert "| measured speed-up | projected speed-up |" in (out / "report.md").read_text()
+    if name == "warmstart":
+        assert len(result["pretrain"]) == 1 and (out / "pretrain-s0" / "model.npz").exists()
+        assert {r["group"] for r in runs} == {"cold", "warm"}
+    if name == "staleness":
+        assert {r["staleness_lr"] for r in runs} == {"False", "True"} and result["staleness"]
+    if name == "sync-vs-async":
+        assert {(r["mode"], r["workers"]) for r in runs} == {("async", "2"), ("sync", "2")}
+    pytest.importorskip("matplotlib")
+    assert (out / "curves.png").stat().st_size > 1000
+
+
+def _settings(name, data_root):
+    s = default_settings(name, quick=True)
+    if name == "workers":
+        s.workers, s.nsync = [1, 2], [2]
+    elif name in ("warmstart", "sync-vs-async"):
+        s.workers = [2]
+    s.data_root = data_root
+    return s
+
+
+def test_a_finished_sweep_is_skipped_and_the_docs_get_the_report(tmp_path, data_root, capsys):
+    out, doc = tmp_path / "w", tmp_path / "docs" / "paper.md"
+    args = ["experiment", "workers", "--quick", "--out", str(out), "--data-root", data_root, "--workers", "2",
+            "--nsync", "1"]
+    assert main(args) == 0
+    first = (out / "cold-ns1-w2-s0" / "summary.json").stat().st_mtime_ns
+    doc.parent.mkdir()
+    doc.write_text("# Paper\n\n<!-- experiment:workers begin -->\nSTALE TEXT\n<!-- experiment:workers end -->\n\nafter\n")
+    capsys.readouterr()
+    assert main(args + ["--docs", str(doc)]) == 0
+    assert "done before, skipped" in capsys.readouterr().out
+    assert (out / "cold-ns1-w2-s0" / "summary.json").stat().st_mtime_ns == first
+    text = doc.read_text()
+    assert "STALE TEXT" not in text and text.count("<!-- experiment:workers begin -->") == 1 and text.endswith("after\n")
+    assert "minasgd experiment workers" in text
+    # A changed setting is a different run: it runs again.
+    assert main(args + ["--lr", "0.04"]) == 0
+    assert (out / "cold-ns1-w2-s0" / "summary.json").stat().st_mtime_ns != first
+
+
+def test_plans_match_the_issue():
+    workers = plan(default_settings("workers"))
+    assert len(workers) == 4 * 3 * 3 and len({s["name"] for s in workers}) == len(workers)
+    assert {(s["workers"], s["nsync"]) for s in workers} == {(w, k) for w in (1, 2, 4, 8) for k in (1, 4, 16)}
+    warm = plan(default_settings("warmstart"))
+    assert [s["name"] for s in warm[:3]] == ["pretrain-s0", "pretrain-s1", "pretrain-s2"]
+    assert all(s["init"] == f"pretrain-s{s['seed']}" for s in warm if s["group"] == "warm")
+    assert not any(s["sync"] and s["workers"] == 1 for s in plan(default_settings("sync-vs-async")))
+    assert {s["staleness_lr"] for s in plan(default_settings("staleness"))} == {False, True}
+
+
+def test_reach_interpolates_between_evaluations():
+    curve = [{"time": 10.0, "images": 1000, "updates": 10, "accuracy": 0.1},
+             {"time": 20.0, "images": 2000, "updates": 20, "accuracy": 0.3}]
+    hit = analysis.reach(curve, 0.2)
+    assert hit == pytest.approx({"time": 15.0, "images": 1500, "updates": 15})
+    assert analysis.reach(curve, 0.05) == {"time": 10.0, "images": 1000, "updates": 10}
+    assert analysis.reach(curve, 0.5) is None
+
+
+def _row(workers, seed, seconds, images, group="cold"):
+    reached = seconds is not None
+    return {"group": group, "mode": "async", "staleness_lr": False, "nsync": 4, "workers": workers, "seed": seed,
+            "reached": reached, "seconds_to_target": seconds, "images_to_target": images,
+            "updates_to_target": None if images is None else images / 32, "final_accuracy": 0.3,
+            "images_per_second": 100.0, "mean_staleness": 0.0, "target_accuracy": 0.2}
+
+
+def test_speedups_are_paired_by_seed_with_spread():
+    rows = [_row(1, 0, 100.0, 1000), _row(1, 1, 120.0, 1200), _row(4, 0, 50.0, 2000), _row(4, 1, 40.0, 1200),
+            _row(8, 0, None, None), _row(8, 1, 30.0, 2400)]
+    analysis.add_speedups(rows)
+    assert [r["measured_speedup"] for r in rows[2:4]] == [2.0, 3.0]
+    assert [r["projected_speedup"] for r in rows[2:4]] == [2.0, 4.0]  # N x images(1) / images(N)
+    assert rows[4]["measured_speedup"] is None and rows[5]["projected_speedup"] == 4.0
+    table = {r["workers"]: r for r in analysis.summarize(rows)}
+    assert table[4]["measured_speedup_mean"] == 2.5 and table[4]["measured_speedup_std"] == pytest.approx(0.7071, 1e-3)
+    assert table[8]["reached"] == 1 and table[8]["seeds"] == 2 and table[1]["measured_speedup_mean"] == 1.0
+    cells = report.summary_cells(analysis.summarize(rows))
+    assert cells[1][8] == "2.50 ± 0.71"
