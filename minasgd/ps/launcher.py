@@ -23,7 +23,9 @@ What happens:
 
 import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, fields
 
@@ -128,6 +130,25 @@ def assign_devices(backend, gpu, n):
 
 
 @contextlib.contextmanager
+def ctrl_c_sets(flag):
+    """While inside, Ctrl-C (SIGINT) only sets `flag` (a threading.Event) instead of raising.
+
+    A KeyboardInterrupt can strike anywhere, even between taking a lock and the `try` that would
+    release it, and the shutdown that follows then waits on that lock forever. So the watch loop
+    checks the flag and the run stops through the normal path: stop, checkpoint, clean exit.
+    (Outside the main thread signals cannot be caught; there this does nothing.)
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: flag.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
 def blas_threads(n):
     """Set the BLAS thread count for the processes started inside (they read it when NumPy loads)."""
     names = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -219,34 +240,38 @@ def run_server(cfg, opts, console=None, dataset=None, local_workers=0):
     monitor = Monitor(ps, run, eval_model, ds.test_x, ds.test_y, steps_per_epoch, cfg.batch_size,
                       address=tcp.address_text, console=progress.console, quiet=cfg.quiet,
                       eval_every=opts.eval_every)
-    processes, finished = [], False
+    processes, finished, interrupted = [], False, threading.Event()
     try:
-        if local_workers:
-            shards = [ds.shard(i, local_workers) for i in range(local_workers)]
-            processes = start_workers(tcp.address, opts.token, shards, backend, gpus, opts)
-        watch(ps, monitor, lambda: [p.exitcode for p in processes], "exit codes")
-        finished = True
-    finally:  # also on Ctrl-C (KeyboardInterrupt) and errors: stop everything, keep a checkpoint
+        with ctrl_c_sets(interrupted):
+            if local_workers:
+                shards = [ds.shard(i, local_workers) for i in range(local_workers)]
+                processes = start_workers(tcp.address, opts.token, shards, backend, gpus, opts)
+            watch(ps, monitor, lambda: [p.exitcode for p in processes], "exit codes", stop=interrupted)
+        finished = not interrupted.is_set()
+    finally:  # also on Ctrl-C and errors: stop everything, keep a checkpoint
         ps.stop()  # from here on every request hears "done"
         stop_workers(processes, grace=15.0 if finished else 2.0)
         tcp.close()
         ps.checkpoint()
         if not finished:
             run.close()
+    if interrupted.is_set():
+        raise KeyboardInterrupt  # the CLI says "interrupted" and exits with 130
 
     return finish_run(cfg, opts, progress, monitor, run, eval_model, ds, backend=backend,
                       device=f"{local_workers} local worker processes",
                       workers=local_workers, address=tcp.address_text)
 
 
-def watch(ps, monitor, worker_exits, what="exit codes"):
-    """Tick the monitor (dashboard, evaluations, checkpoints) until the server says training is over.
+def watch(ps, monitor, worker_exits, what="exit codes", stop=None):
+    """Tick the monitor (dashboard, evaluations, checkpoints) until the server says training is over
+    (or the `stop` event is set: Ctrl-C).
 
     `worker_exits()`: one entry per worker we are responsible for, None while it runs, else how it
     ended (an exit code, a reason). Raises WorkersGone when they have all ended before the end.
     """
     with monitor:
-        while not ps.done:
+        while not ps.done and not (stop and stop.is_set()):
             exits = worker_exits()
             if any(e is not None for e in exits):
                 ps.begin()  # a worker died before everyone joined: start with the others
