@@ -34,8 +34,10 @@ def _add_train_arguments(p):
     p.add_argument("--gpu", type=int, default=None, help="GPU index for the cuda backend")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (cosine schedule, default: %(default)s)")
-    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"peak learning rate of SGD (warm-up + cosine schedule; default: {d.lr})")
+    p.add_argument("--momentum", type=float, default=None,
+                   help=f"SGD momentum, in one process and in every worker alike (default: {d.momentum})")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--init", metavar="CKPT", help="start from a saved model.npz (warm start)")
@@ -51,8 +53,16 @@ def _add_train_arguments(p):
 def _train_config(args):
     from .train import TrainConfig
 
+    d = TrainConfig()
+    if getattr(args, "optimizer", "sgd") == "adagrad":
+        for flag, value in (("--lr", args.lr), ("--momentum", args.momentum)):
+            if value is not None:
+                raise ValueError(f"{flag} is SGD's and does not apply to --optimizer adagrad "
+                                 "(its rate is --adagrad-lr, and it has no momentum)")
+    lr = d.lr if args.lr is None else args.lr
+    momentum = d.momentum if args.momentum is None else args.momentum
     return TrainConfig(dataset=args.dataset, model=args.model, backend=args.backend, gpu=args.gpu,
-                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+                       epochs=args.epochs, batch_size=args.batch_size, lr=lr, momentum=momentum,
                        weight_decay=args.weight_decay, seed=args.seed, init=args.init, out=args.out,
                        data_root=args.data_root, max_steps=args.max_steps, train_limit=args.train_limit,
                        test_limit=args.test_limit, log_every=args.log_every, quiet=args.quiet)

@@ -40,6 +40,7 @@ class TrainConfig:
     train_limit: int | None = None  # use only the first images of each split (tests, quick looks)
     test_limit: int | None = None
     log_every: int = 20
+    eval_every: float = 1.0  # epochs between test evaluations (a fraction: at exact step counts)
     quiet: bool = False
     extra: dict = field(default_factory=dict)
 
@@ -107,9 +108,24 @@ def train(cfg: TrainConfig, console=None):
         total_steps = min(total_steps, cfg.max_steps)
     rng = np.random.default_rng(cfg.seed)
 
+    eval_steps = max(1, round(cfg.eval_every * steps_per_epoch))
     step, images, train_seconds = 0, 0, 0.0
     started = time.perf_counter()
     test_acc, test_loss, epoch = float("nan"), float("nan"), 0
+
+    def evaluate_now(t0):
+        """Test accuracy at this exact step; "time" is training time only (evaluations excluded)."""
+        nonlocal test_acc, test_loss
+        be.synchronize()
+        seconds = train_seconds + time.perf_counter() - t0
+        test_acc, test_loss = evaluate(model, ds.test_x, ds.test_y)
+        epoch_now = step // steps_per_epoch if step % steps_per_epoch == 0 else round(step / steps_per_epoch, 4)
+        record = {"kind": "epoch", "epoch": epoch_now, "step": step, "test_accuracy": test_acc,
+                  "test_loss": test_loss, "images": images, "images_per_second": images / max(seconds, 1e-9),
+                  "time": seconds}
+        run.log(record)
+        return record
+
     with progress:
         for epoch in range(1, cfg.epochs + 1):
             if step >= total_steps:
@@ -135,13 +151,12 @@ def train(cfg: TrainConfig, console=None):
                     run.log({"kind": "step", "step": step, "epoch": epoch, "loss": loss_value, "lr": lr,
                              "images": images, "images_per_second": images / elapsed, "time": time.perf_counter() - started})
                     progress.update(bar, b + 1, loss=loss_value, ips=images / elapsed)
-            be.synchronize()
-            train_seconds += time.perf_counter() - t0
-            test_acc, test_loss = evaluate(model, ds.test_x, ds.test_y)
-            record = {"kind": "epoch", "epoch": epoch, "step": step, "test_accuracy": test_acc, "test_loss": test_loss,
-                      "images": images, "images_per_second": images / max(train_seconds, 1e-9),
-                      "time": time.perf_counter() - started}
-            run.log(record)
+                if step % eval_steps == 0 and b + 1 < steps_per_epoch and step < total_steps:
+                    train_seconds += time.perf_counter() - t0  # a mid-epoch evaluation, off the clock
+                    evaluate_now(time.perf_counter())
+                    t0 = time.perf_counter()
+            record = evaluate_now(t0)
+            train_seconds = record["time"]
             progress.end_epoch(bar, record)
             run.save_model(model.name, model.fingerprint(), model.get_params(), {"steps": step, "epoch": epoch})
 

@@ -39,10 +39,33 @@ def test_staleness_is_recorded_and_can_scale_the_lr():
     for _ in range(3):
         ps.push(a, grad, base_version=ps.version)  # fresh: staleness 0
     before = ps.params.copy()
-    ps.push(b, grad, base_version=0)  # computed from version 0, now at 3
+    ps.push(b, grad, base_version=0)  # computed from version 0: 3 mini-batches applied since
     assert ps.stats()["staleness"] == {"0": 3, "3": 1}
-    np.testing.assert_allclose(before - ps.params, learning_rate(3, 1000, 0.1) / 3, rtol=1e-5)
+    # a push of k = 1 mini-batch, s = 3 stale, moves k / (k + s) = 1/4 as far
+    np.testing.assert_allclose(before - ps.params, learning_rate(3, 1000, 0.1) / 4, rtol=1e-5)
     assert ps.workers[b].last_staleness == 3
+
+
+def test_staleness_is_counted_in_mini_batches_not_updates():
+    ps = make_ps()
+    a, b = ps.join("toy:50:abc", {}), ps.join("toy:50:abc", {})
+    ps.push(a, np.ones(N, np.float32), base_version=0, batches=4)
+    ps.push(b, np.ones(N, np.float32), base_version=0, batches=4)  # one update, 4 mini-batches ago
+    assert ps.stats()["staleness"] == {"0": 1, "4": 1}
+
+
+def test_server_momentum_keeps_a_push_total_effect():
+    """With the server's own momentum m, its lr is scaled by 1 - m: a push's effect summed over
+    all later updates is still lr * push, so --lr means the same step with or without it."""
+    plain, heavy = make_ps(total_steps=10**9), make_ps(momentum=0.75, total_steps=10**9)  # a flat lr
+    for ps in (plain, heavy):
+        wid = ps.join("toy:50:abc", {})
+        ps.push(wid, np.ones(N, np.float32), base_version=ps.version)
+        for _ in range(200):  # zero pushes let the momentum play out
+            ps.push(wid, np.zeros(N, np.float32), base_version=ps.version)
+    np.testing.assert_allclose(heavy.params, plain.params, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="momentum"):
+        make_ps(momentum=1.0)
 
 
 @pytest.mark.parametrize("grad, version, message", [
@@ -96,13 +119,19 @@ def test_adagrad_on_the_server():
     np.testing.assert_allclose(before - ps.params, learning_rate(0, 1000, 0.1), rtol=1e-5)  # g/sqrt(g^2) = 1
 
 
+def _push_in_thread_with(ps, wid, grad, replies):
+    t = threading.Thread(target=lambda: replies.append(ps.push(wid, grad, ps.version)))
+    t.start()
+    return t
+
+
 def _push_in_thread(ps, wid, value, replies):
     t = threading.Thread(target=lambda: replies.append(ps.push(wid, np.full(N, value, np.float32), ps.version)))
     t.start()
     return t
 
 
-def test_sync_round_applies_the_mean_once_everyone_pushed():
+def test_sync_round_applies_the_sum_once_everyone_pushed():
     ps = make_ps(sync=True)
     a, b = ps.join("toy:50:abc", {}), ps.join("toy:50:abc", {})
     before, replies = ps.params.copy(), []
@@ -112,7 +141,24 @@ def test_sync_round_applies_the_mean_once_everyone_pushed():
     ps.push(b, np.full(N, 3.0, np.float32), 0, batches=1)
     t.join(timeout=5)
     assert not t.is_alive() and replies[0]["version"] == 1 and ps.version == 1 and ps.steps == 2
-    np.testing.assert_allclose(before - ps.params, learning_rate(0, 1000, 0.1) * 2.0, rtol=1e-5)
+    np.testing.assert_allclose(before - ps.params, learning_rate(0, 1000, 0.1) * 4.0, rtol=1e-5)
+
+
+def test_sync_and_async_take_the_same_step_per_image():
+    """A round of N fresh pushes moves the parameters exactly as N fresh async pushes would:
+    sync is not N times slower per image (it applied the round's mean before)."""
+    pushes = [np.linspace(0, 1, N, dtype=np.float32), np.linspace(1, -2, N, dtype=np.float32)]
+    sync, plain = make_ps(sync=True, warmup_steps=0), make_ps(warmup_steps=0, total_steps=10**9)
+    a, b = sync.join("toy:50:abc", {}), sync.join("toy:50:abc", {})
+    replies = []
+    t = _push_in_thread_with(sync, a, pushes[0], replies)
+    sync.push(b, pushes[1], 0)
+    t.join(timeout=5)
+    wid = plain.join("toy:50:abc", {})
+    plain.total_steps = sync.total_steps  # same schedule; lr(0) and lr(1) differ by 1e-6
+    plain.push(wid, pushes[0] + pushes[1], 0, batches=2)  # the same images in one push
+    np.testing.assert_allclose(sync.params, plain.params, rtol=1e-6, atol=1e-7)
+    assert sync.steps == plain.steps == 2
 
 
 def test_sync_round_completes_when_the_missing_worker_leaves():

@@ -15,8 +15,8 @@ class DirectClient:
     """A worker's client that calls a ParameterServer in this process: no transport at all
     (the same calls an MPI transport would make), recording every push."""
 
-    def __init__(self, ps, fingerprint):
-        self.ps, self.pushes = ps, []
+    def __init__(self, ps, fingerprint, stop_after=None):
+        self.ps, self.pushes, self.stop_after = ps, [], stop_after
         self.worker_id = ps.join(fingerprint, {"name": "direct"})
 
     def fetch_into(self, out):
@@ -25,7 +25,10 @@ class DirectClient:
 
     def push(self, grad, base_version, batches=1):
         self.pushes.append((np.array(grad, copy=True), base_version, batches))
-        return self.ps.push(self.worker_id, grad, base_version, batches)
+        reply = self.ps.push(self.worker_id, grad, base_version, batches)
+        if self.stop_after is not None and self.ps.steps >= self.stop_after:
+            reply["done"] = True  # stop early without changing the lr schedule
+        return reply
 
     def stats(self, numbers=None):
         self.ps.report(self.worker_id, numbers or {})
@@ -96,3 +99,48 @@ def test_cuda_worker_pushes_what_the_numpy_worker_pushes():
         pytest.skip(f"cuda backend not available: {e}")
     _, client, _ = run_worker(cuda, npush=2, nfetch=2, total_steps=2, batch=2)
     np.testing.assert_allclose(client.pushes[0][0], replay_first_push(2, batch=2), rtol=1e-3, atol=1e-5)
+
+
+def single_process_path(steps, lr, momentum, wd, batch=8, total_steps=None):
+    """Single-process training's parameters after `steps` steps (the loop of minasgd.train)."""
+    from minasgd.optim import SGD, learning_rate
+
+    be = backends.get("numpy")
+    model = Model("micro", be, seed=0)
+    opt = SGD(be, model.num_params, momentum, wd)
+    x, y = images(32)
+    rng, step = np.random.default_rng(3), 0
+    while step < steps:
+        order = rng.permutation(32)
+        for b in range(32 // batch):
+            if step == steps:
+                break
+            idx = order[b * batch : (b + 1) * batch]
+            xb, yb = prepare_batch(be, model, x[idx], y[idx])
+            model.loss_and_grad(xb, yb, step)
+            opt.step(model.params, model.grads, learning_rate(step, total_steps or steps, lr))
+            step += 1
+    return model.get_params()
+
+
+@pytest.mark.parametrize("nsync", [1, 3])
+def test_one_worker_follows_single_process_training(nsync):
+    """One meaning of --lr and --momentum: a server with one worker takes single-process
+    training's steps (momentum 0.9 in the worker, nothing extra on the server), to the last bit
+    with nsync 1. With nsync > 1 the worker's lr changes only at pushes, so the comparison uses a
+    flat lr (a cosine schedule over 10**9 steps, stopped after 12)."""
+    be = backends.get("numpy")
+    model = Model("micro", be, seed=0)
+    schedule = 12 if nsync == 1 else 10**9
+    ps = ParameterServer(model.get_params(), model_name="micro", fingerprint=model.fingerprint(),
+                         total_steps=schedule, lr=0.05, warmup_steps=0)
+    client = DirectClient(ps, model.fingerprint(), stop_after=12)
+    x, y = images(32)
+    Worker(client, model, x, y, batch_size=8, npush=nsync, nfetch=nsync, lr=ps.lr(), momentum=0.9,
+           weight_decay=0.01, seed=3).run()
+    expected = single_process_path(12, 0.05, 0.9, 0.01, total_steps=schedule)
+    assert ps.steps == 12
+    if nsync == 1:
+        assert np.array_equal(ps.params, expected), np.abs(ps.params - expected).max()
+    else:  # the server adds 3 steps at once: float32 rounding differs
+        np.testing.assert_allclose(ps.params, expected, rtol=0, atol=1e-6)

@@ -116,7 +116,8 @@ def _distributed(s, spec, run_dir, dataset, exp_dir):
     init = str(exp_dir / spec["init"] / "model.npz") if spec.get("init") else None
     cfg = _train_config(s, spec, run_dir, init=init)
     opts = PsOptions(workers=spec["workers"], nsync=spec["nsync"], sync=spec["sync"],
-                     staleness_lr=spec["staleness_lr"], checkpoint_every=1e9, eval_every=s.eval_every)
+                     lr_scaling="staleness" if spec["staleness_lr"] else "none", checkpoint_every=1e9,
+                     eval_every=s.eval_every)
     return train_distributed(cfg, opts, dataset=dataset)
 
 

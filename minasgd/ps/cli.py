@@ -23,12 +23,18 @@ def _add_server_arguments(p, bind_default, bind_help):
     p.add_argument("--sync", action="store_true",
                    help="bulk-synchronous baseline: average one push from every worker per update")
     p.add_argument("--optimizer", default=D.optimizer, choices=["sgd", "adagrad"],
-                   help="the server's optimizer: sgd (with --momentum) or adagrad as in Downpour SGD "
+                   help="sgd: the workers run --lr/--momentum SGD and the server adds their steps; "
+                        "adagrad: the server's Adagrad, as in Downpour SGD (--adagrad-lr; no momentum) "
                         "(default: %(default)s)")
+    p.add_argument("--adagrad-lr", type=float, default=D.adagrad_lr,
+                   help="the server's Adagrad learning rate (default: %(default)s)")
     p.add_argument("--server-momentum", type=float, default=D.server_momentum,
-                   help="momentum of the server's sgd, per push (default: %(default)s; --momentum is "
-                        "single-process training's)")
-    p.add_argument("--staleness-lr", action="store_true", help="divide the server's lr by each push's staleness")
+                   help="extra momentum on the server, per push, its lr scaled by 1 - m so a push's "
+                        "total effect stays the same (default: %(default)s)")
+    p.add_argument("--lr-scaling", default=D.lr_scaling, choices=["none", "workers", "staleness"],
+                   help="none: every mini-batch moves as far as in one process; workers: lr / N; "
+                        "staleness: a push of k mini-batches, s stale, moves k / (k + s) as far "
+                        "(default: %(default)s)")
     p.add_argument("--bind", metavar="HOST:PORT", default=bind_default, help=bind_help)
     p.add_argument("--token", default=os.environ.get("MINASGD_TOKEN"),
                    help="shared secret workers must prove (default: $MINASGD_TOKEN); needed to bind "

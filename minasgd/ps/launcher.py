@@ -47,13 +47,13 @@ class PsOptions:
     nfetch: int | None = None
     npush: int | None = None
     sync: bool = False  # the bulk-synchronous baseline instead of async
-    optimizer: str = "sgd"  # the server's: sgd (with momentum) or adagrad
-    # The server's momentum, per push. Lower than single-process training's 0.9 because a push
-    # already sums nsync gradients and asynchrony itself acts like extra momentum (Mitliagkas et
-    # al. 2016, "Asynchrony begets momentum"): on a toy task 2 async workers reached 86-89% test
-    # accuracy with 0.5, 29-51% with 0.8 and 40-78% with 0.9.
-    server_momentum: float = 0.5
-    staleness_lr: bool = False  # divide the server's lr by each push's staleness
+    optimizer: str = "sgd"  # the server's: sgd or adagrad (Downpour SGD's)
+    # Extra momentum on the server, per push, on top of the workers' --momentum. 0: asynchrony
+    # already acts like momentum (Mitliagkas et al. 2016, "Asynchrony begets momentum"); see
+    # docs/paper.md for the sweep that chose it.
+    server_momentum: float = 0.0
+    lr_scaling: str = "none"  # none | workers (lr / N) | staleness (each push's lr * k / (k + staleness))
+    adagrad_lr: float = 0.01  # the server's Adagrad lr (--lr is SGD's; Adagrad's steps have another scale)
     transport: str = "tcp"  # tcp: sockets, worker processes started here; mpi: ranks of `mpiexec` (minasgd.ps.mpi)
     bind: str | None = None  # HOST:PORT; default: a free loopback port
     token: str | None = None
@@ -64,6 +64,9 @@ class PsOptions:
     @classmethod
     def from_args(cls, args):
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+
+LR_SCALINGS = ("none", "workers", "staleness")
 
 
 class WorkersGone(ChildProcessError):
@@ -80,14 +83,21 @@ def create_server(cfg, opts, model, train_size, run):
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
+    if opts.lr_scaling not in LR_SCALINGS:
+        raise ValueError(f"unknown --lr-scaling {opts.lr_scaling!r}; choose one of {', '.join(LR_SCALINGS)}")
+    sgd = opts.optimizer == "sgd"
     ps = ParameterServer(
         model.get_params(), model_name=model.name, fingerprint=model.fingerprint(), total_steps=total_steps,
-        lr=cfg.lr, warmup_steps=cfg.warmup_steps, optimizer=opts.optimizer, momentum=opts.server_momentum,
-        sync=opts.sync, staleness_lr=opts.staleness_lr, expected_workers=opts.workers, checkpoint_path=run.model_path,
-        checkpoint_every=opts.checkpoint_every,
+        lr=cfg.lr if sgd else opts.adagrad_lr, warmup_steps=cfg.warmup_steps, optimizer=opts.optimizer,
+        momentum=opts.server_momentum, lr_scale=1.0 / opts.workers if opts.lr_scaling == "workers" else 1.0,
+        sync=opts.sync, staleness_lr=opts.lr_scaling == "staleness", expected_workers=opts.workers,
+        checkpoint_path=run.model_path, checkpoint_every=opts.checkpoint_every,
+        eval_every_steps=max(1, round(opts.eval_every * steps_per_epoch)),
+        # The workers run single-process training's SGD (--momentum, --weight-decay) locally and
+        # push the steps they took; with Adagrad they push plain gradient sums and take no steps.
         worker_config={"model": model.name, "dataset": cfg.dataset, "batch_size": cfg.batch_size,
-                       "nsync": opts.nsync, "weight_decay": cfg.weight_decay, "seed": cfg.seed,
-                       "train_limit": cfg.train_limit})
+                       "nsync": opts.nsync, "momentum": cfg.momentum if sgd else 0.0, "local_steps": sgd,
+                       "weight_decay": cfg.weight_decay, "seed": cfg.seed, "train_limit": cfg.train_limit})
     return ps
 
 

@@ -12,7 +12,9 @@ the server (`ps.stats()`, `ps.snapshot()`), so it never slows a push down beyond
 
 metrics.jsonl gets the same record kinds as single-process training, with the server's clock:
 "step" (every `log_every` seconds: mean worker loss, images/s, version, lr) and "epoch" (every
-`eval_every` epochs' worth of mini-batches: test accuracy and loss), plus "server" records with
+`eval_every` epochs' worth of mini-batches: test accuracy and loss of the copy of the parameters
+the server set aside at the first update that reached that step count, so evaluations land at
+exact step counts however late the monitor looks), plus "server" records with
 the staleness histogram and per-worker numbers next to each "epoch" record.
 """
 
@@ -49,16 +51,19 @@ class Monitor:
 
     def tick(self):
         """Evaluate, log and checkpoint if due. Cheap when nothing is."""
-        if self.ps.steps >= self.next_eval:
+        while (snapshot := self.ps.take_eval_snapshot()) is not None:
+            self.evaluate(snapshot)
+        if self.ps.eval_every_steps is None and self.ps.steps >= self.next_eval:
             self.evaluate()
         if time.monotonic() >= self.next_log:
             self.log_step()
             self.next_log = time.monotonic() + self.log_every
         self.ps.maybe_checkpoint()
 
-    def evaluate(self):
-        """Test accuracy of the server's current parameters; logs an "epoch" and a "server" record."""
-        params, version, steps = self.ps.snapshot()
+    def evaluate(self, snapshot=None):
+        """Test accuracy of `snapshot` (params, version, steps), by default the server's parameters
+        now; logs an "epoch" and a "server" record."""
+        params, version, steps = snapshot or self.ps.snapshot()
         self.eval_model.set_params(params)
         accuracy, loss = evaluate(self.eval_model, self.test_x, self.test_y)
         seconds = self.elapsed()
@@ -85,6 +90,8 @@ class Monitor:
 
     def finish(self):
         """A last evaluation (unless one was just made); returns the numbers for summary.json."""
+        while (snapshot := self.ps.take_eval_snapshot()) is not None:
+            self.evaluate(snapshot)
         if not self.evals or self.evals[-1]["step"] != self.ps.steps:
             self.evaluate()
         last = self.evals[-1]

@@ -15,14 +15,24 @@ The rules:
 - `version` counts the updates applied; `steps` counts the mini-batches behind them. The
   learning rate follows single-process training's warm-up + cosine schedule over `steps`, and
   training is over when `steps` reaches `total_steps`.
-- A push is the SUM of a worker's gradients over `batches` mini-batches, weight decay included
-  (see `minasgd.ps.worker`). The server applies it with its own optimizer: SGD with momentum
-  (default) or Adagrad, as Downpour SGD did. So a push of k mini-batches moves the parameters
-  about as far as k single-process steps would.
-- Async (the paper): each push is applied the moment it arrives. Its staleness is the server
-  version now minus the version the worker fetched; `staleness_lr` divides the step by it.
+- A push is the SUM of the steps a worker took over `batches` mini-batches, divided by its lr
+  (its momentum "velocities", weight decay included; see `minasgd.ps.worker`). The server
+  subtracts lr * push, where lr is the run's schedule at the server's step count: so with one
+  worker the server follows single-process training's path exactly, whatever nsync is, and with
+  N workers every mini-batch moves the parameters as far as in one process. That is the one
+  meaning of --lr and --momentum everywhere.
+- Optional extras on top: `momentum` (the server's own, per push; default 0, because asynchrony
+  already acts like momentum, Mitliagkas et al. 2016) with its lr scaled by (1 - momentum) so a
+  push's total effect stays lr * push; `lr_scale` (e.g. 1/N for N workers); and Adagrad, as
+  Downpour SGD had on its server (then pushes are plain gradient sums and lr is Adagrad's).
+- Staleness is counted in mini-batches: the server's step count now minus its step count when
+  the worker fetched the parameters it computed from. With `staleness_lr` a push of k
+  mini-batches that is s mini-batches stale moves k / (k + s) as far (1 with one worker; about
+  1/N with N workers that push in turn).
+- Async (the paper): each push is applied the moment it arrives.
 - Sync (the bulk-synchronous baseline): a push waits until every live worker has pushed once
-  in this round; the mean of the round's pushes is applied as ONE update, then all are released.
+  in this round; the SUM of the round's pushes is applied as ONE update (per image, the same
+  step as async), then all are released.
 - Everything about a push is checked BEFORE the parameters are touched: a wrong size, a
   non-finite value, a version from the future or an unknown worker raise `Refused`, and the
   parameters stay bit-identical.
@@ -37,6 +47,9 @@ import numpy as np
 from .. import checkpoint
 from ..backends import numpy_backend
 from ..optim import SGD, Adagrad, learning_rate
+
+
+STEPS_MEMORY = 100_000  # versions whose step count is kept for staleness (a worker older is capped)
 
 
 class Refused(Exception):
@@ -62,18 +75,25 @@ class WorkerState:
 
 class ParameterServer:
     def __init__(self, params, *, model_name, fingerprint, total_steps, lr=0.02, warmup_steps=0,
-                 optimizer="sgd", momentum=0.9, sync=False, staleness_lr=False, expected_workers=1,
-                 worker_config=None, checkpoint_path=None, checkpoint_every=60.0):
+                 optimizer="sgd", momentum=0.0, lr_scale=1.0, sync=False, staleness_lr=False,
+                 expected_workers=1, worker_config=None, checkpoint_path=None, checkpoint_every=60.0,
+                 eval_every_steps=None):
         if optimizer not in ("sgd", "adagrad"):
             raise ValueError(f"unknown server optimizer {optimizer!r}; choose sgd or adagrad")
         self.params = np.array(params, dtype=np.float32, copy=True)
         self.num_params = self.params.size
         self.model_name, self.fingerprint = model_name, fingerprint
         self.total_steps, self.base_lr, self.warmup_steps = total_steps, lr, warmup_steps
-        self.sync, self.staleness_lr = sync, staleness_lr
+        self.sync, self.staleness_lr, self.lr_scale = sync, staleness_lr, lr_scale
         self.optimizer_name = optimizer
-        # Weight decay is already in the pushed gradients, so the server adds none.
+        # Weight decay is already in the pushes, so the server adds none. The server's own
+        # momentum m multiplies a push's total effect by 1 / (1 - m); its lr is scaled by (1 - m)
+        # to undo that, so --lr means the same step with or without it.
+        self.momentum_scale = 1.0
         if optimizer == "sgd":
+            if not 0.0 <= momentum < 1.0:
+                raise ValueError(f"server momentum must be in [0, 1), got {momentum}")
+            self.momentum_scale = 1.0 - momentum
             self.optimizer = SGD(numpy_backend, self.num_params, momentum=momentum, weight_decay=0.0)
         else:
             self.optimizer = Adagrad(numpy_backend, self.num_params)
@@ -82,7 +102,8 @@ class ParameterServer:
         self.cond = threading.Condition()
         self.version = self.steps = 0
         self.pushes = self.fetches = self.rejected = self.discarded = 0
-        self.staleness = collections.Counter()  # staleness -> number of pushes
+        self.staleness = collections.Counter()  # staleness in mini-batches -> number of pushes
+        self.steps_at_version = {0: 0}  # version -> steps then (the last STEPS_MEMORY versions)
         self.workers = {}  # id -> WorkerState, including those that left
         self.events = collections.deque(maxlen=100)  # (time, text): joins, leaves, rejections
         self.stopped = False
@@ -95,6 +116,12 @@ class ParameterServer:
         # Sync mode: the round being gathered.
         self.round_sum = np.zeros(self.num_params, dtype=np.float32) if sync else None
         self.round_members, self.round_batches = set(), 0
+
+        # Test evaluations at exact step counts: when an update crosses a multiple of
+        # eval_every_steps, a copy of the parameters waits here for the monitor.
+        self.eval_every_steps = eval_every_steps
+        self.next_eval_step = eval_every_steps
+        self.eval_snapshots = collections.deque()  # (params copy, version, steps)
 
         self.checkpoint_path, self.checkpoint_every = checkpoint_path, checkpoint_every
         self.checkpoint_lock = threading.Lock()  # one writer at a time; never held with `cond`
@@ -112,7 +139,22 @@ class ParameterServer:
         return "sync" if self.sync else "async"
 
     def lr(self):
+        """The run's learning rate now: single-process training's schedule at the server's step count."""
         return learning_rate(self.steps, self.total_steps, self.base_lr, self.warmup_steps)
+
+    def staleness_of(self, base_version):
+        """Mini-batches applied since the worker fetched version `base_version`."""
+        steps_then = self.steps_at_version.get(base_version)
+        if steps_then is None:  # older than we remember: count from the oldest version kept
+            steps_then = self.steps_at_version[max(0, self.version - STEPS_MEMORY + 1)]
+        return self.steps - steps_then
+
+    def step_lr(self, batches, staleness):
+        """The lr this update is applied with (the caller holds the lock)."""
+        lr = self.lr() * self.lr_scale * self.momentum_scale
+        if self.staleness_lr:
+            lr *= batches / (batches + staleness)
+        return lr
 
     def live_ids(self):
         return {wid for wid, w in self.workers.items() if w.left is None}
@@ -155,7 +197,7 @@ class ParameterServer:
     def welcome(self, worker_id):
         """What a worker needs to know to start: its id, the current lr and the run's settings."""
         with self.cond:
-            return {"worker_id": worker_id, "lr": self.lr(), "mode": self.mode, **self.worker_config}
+            return {"worker_id": worker_id, "lr": self.lr() * self.lr_scale, "mode": self.mode, **self.worker_config}
 
     def leave(self, worker_id, reason):
         """A worker is gone (said BYE, hung up, timed out). Training goes on with the others."""
@@ -212,15 +254,14 @@ class ParameterServer:
             if self.done:
                 self.discarded += 1
                 return self._reply()
-            # BEGIN SOLUTION task 6.1: staleness = server version now - base_version; count it in self.staleness (a Counter), worker.pushes, worker.last_staleness and self.pushes; in async mode (not self.sync) apply it at once with self._apply(grad, lr, batches), lr = self.lr(), divided by max(1, staleness) if self.staleness_lr, and return self._reply()
-            staleness = self.version - base_version
+            # BEGIN SOLUTION task 6.1: staleness = mini-batches applied since the worker fetched (self.staleness_of(base_version)); count it in self.staleness (a Counter), worker.pushes, worker.last_staleness and self.pushes; in async mode (not self.sync) apply it at once with self._apply(grad, self.step_lr(batches, staleness), batches) and return self._reply()
+            staleness = self.staleness_of(base_version)
             self.staleness[staleness] += 1
             worker.pushes += 1
             worker.last_staleness = staleness
             self.pushes += 1
             if not self.sync:
-                lr = self.lr() / max(1, staleness) if self.staleness_lr else self.lr()
-                self._apply(grad, lr, batches)
+                self._apply(grad, self.step_lr(batches, staleness), batches)
                 return self._reply()
             # END SOLUTION
             # Sync: add to this round, then wait until the round has been applied.
@@ -240,21 +281,31 @@ class ParameterServer:
         self.version += 1
         self.steps += batches
         # END SOLUTION
+        self.steps_at_version[self.version] = self.steps
+        self.steps_at_version.pop(self.version - STEPS_MEMORY, None)
+        if self.eval_every_steps and self.steps >= self.next_eval_step:
+            self.eval_snapshots.append((self.params.copy(), self.version, self.steps))
+            self.next_eval_step = (self.steps // self.eval_every_steps + 1) * self.eval_every_steps
 
     def _maybe_finish_round(self):
-        """Sync mode: once every live worker has pushed, apply the round's mean (caller holds the lock)."""
+        """Sync mode: once every live worker has pushed, apply the round's sum (caller holds the lock)."""
         if not self.round_members or not self.live_ids() <= self.round_members:
             return
-        self.round_sum /= np.float32(len(self.round_members))
-        self._apply(self.round_sum, self.lr(), self.round_batches)
+        self._apply(self.round_sum, self.step_lr(self.round_batches, 0), self.round_batches)
         self.round_sum[...] = 0
         self.round_members, self.round_batches = set(), 0
         self.cond.notify_all()
 
     def _reply(self):
-        return {"version": self.version, "lr": self.lr(), "done": self.done}
+        # The lr a worker uses for its local steps until its next push.
+        return {"version": self.version, "lr": self.lr() * self.lr_scale, "done": self.done}
 
     # ------------------------------------------------------------------ checkpoints and shutdown
+
+    def take_eval_snapshot(self):
+        """The oldest waiting (params, version, steps) to evaluate, or None."""
+        with self.cond:
+            return self.eval_snapshots.popleft() if self.eval_snapshots else None
 
     def snapshot(self):
         """(params copy, version, steps), consistent."""

@@ -8,13 +8,22 @@ One round of the loop, on any backend (the model and the gradient sum stay on th
     fetch the parameters (server version v)
     for each of nsync mini-batches:
         g = gradient of the batch + weight_decay * w
-        w -= lr * g              local plain SGD, so the worker keeps learning between syncs
-        grad_sum += g
-    push grad_sum, "computed from version v"      one device -> host copy per push
-    grad_sum = 0
+        v = momentum * v + g     the single-process trainer's SGD with momentum, run locally;
+        w -= lr * v              v is kept across fetches, so momentum sees every gradient
+        step_sum += v
+    push step_sum, "computed from version v"      one device -> host copy per push
+    step_sum = 0
 
-The push is the SUM of the gradients (weight decay included), with the number of mini-batches
-in it; the server applies it with its own optimizer and learning rate (`minasgd.ps.server`).
+The push is the SUM of the steps the worker took (each step is lr * v), divided by lr, with the
+number of mini-batches in it. The server subtracts lr * step_sum (`minasgd.ps.server`), so with
+one worker the server's parameters follow exactly the path of single-process training with the
+same --lr and --momentum, whatever nsync is: one meaning of the learning rate everywhere. With
+N workers every mini-batch still moves the parameters as far as it would in one process; what
+differs is that it was computed from parameters a few mini-batches old (staleness).
+
+With the server's Adagrad (Downpour SGD), momentum is 0: the push is the plain gradient sum,
+which Adagrad scales per parameter, and the worker takes no local steps (its parameters change
+only when it fetches), as Downpour's model replicas did.
 `npush` and `nfetch` (both `nsync` by default, as in the paper) may differ: with nfetch > npush
 a worker pushes several times between fetches; with nfetch < npush it fetches more often.
 The local lr is the one the server sent with its last reply, so it follows the run's schedule.
@@ -39,7 +48,7 @@ from ..train import TrainConfig, load_dataset, prepare_batch
 
 class Worker:
     def __init__(self, client, model, train_x, train_y, *, batch_size, npush, nfetch, lr,
-                 weight_decay=0.0, seed=0, report_every=1.0):
+                 momentum=0.0, weight_decay=0.0, local_steps=True, seed=0, report_every=1.0):
         if len(train_y) < batch_size:
             raise ValueError(f"a worker's shard has {len(train_y)} images, fewer than one batch of {batch_size}")
         if npush < 1 or nfetch < 1:
@@ -47,14 +56,15 @@ class Worker:
         self.client, self.model, self.be = client, model, model.be
         self.train_x, self.train_y = train_x, train_y
         self.batch_size, self.npush, self.nfetch = batch_size, npush, nfetch
-        self.lr, self.weight_decay = lr, weight_decay
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.local_steps = local_steps  # False with the server's Adagrad: only fetches move w
         self.rng = np.random.default_rng(seed)
         self.report_every = report_every
 
         n = model.num_params
         self.host_params = np.empty(n, dtype=np.float32)  # where fetched parameters land
-        self.grad_sum = self.be.zeros(n)  # sum of the gradients not pushed yet (on the device)
-        self.step_grad = self.be.zeros(n)  # this step's gradient + weight decay
+        self.grad_sum = self.be.zeros(n)  # sum of the steps (velocities) not pushed yet, on the device
+        self.velocity = self.be.zeros(n)  # v = momentum * v + g + weight_decay * w, kept across syncs
         self.batches_in_sum = 0
         self.fetched_version = self.base_version = 0
         self.steps = self.images = self.pushes = self.fetches = 0
@@ -89,8 +99,9 @@ class Worker:
         be, model = self.be, self.model
         x, labels = prepare_batch(be, model, x_u8, y)
         self.last_loss = model.loss_and_grad(x, labels, self.steps)
-        be.sgd_update(model.params, model.grads, self.step_grad, self.lr, 0.0, self.weight_decay)
-        be.axpy(self.grad_sum, 1.0, self.step_grad)
+        lr = self.lr if self.local_steps else 0.0
+        be.sgd_update(model.params, model.grads, self.velocity, lr, self.momentum, self.weight_decay)
+        be.axpy(self.grad_sum, 1.0, self.velocity)
         self.steps += 1
         self.batches_in_sum += 1
         self.images += len(y)
@@ -157,7 +168,8 @@ def connect_and_train(client, *, backend="numpy", gpu=None, model_name=None, sha
     nsync = nsync or config["nsync"]
     worker = Worker(client, model, shard[0], shard[1], batch_size=config["batch_size"],
                     npush=npush or nsync, nfetch=nfetch or nsync, lr=config["lr"],
-                    weight_decay=config.get("weight_decay", 0.0), seed=model.seed)
+                    momentum=config.get("momentum", 0.0), weight_decay=config.get("weight_decay", 0.0),
+                    local_steps=config.get("local_steps", True), seed=model.seed)
     try:
         numbers = worker.run()
     except KeyboardInterrupt:
