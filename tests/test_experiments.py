@@ -10,12 +10,15 @@ import pytest
 from minasgd.cli import main
 from minasgd.experiments import analysis, default_settings, plan, report
 
-RUN_COLUMNS = {"name", "group", "mode", "workers", "nsync", "seed", "final_accuracy", "final_error", "reached",
-               "seconds_to_target", "images_to_target", "updates_to_target", "measured_speedup",
-               "projected_speedup", "images_per_second", "mean_staleness", "max_staleness", "target_error"}
+RUN_COLUMNS = {"name", "group", "mode", "workers", "nsync", "lr_scaling", "seed", "final_accuracy", "final_error",
+               "reached", "seconds_to_target", "images_to_target", "updates_to_target", "measured_speedup",
+               "hardware_efficiency", "statistical_efficiency", "projected_speedup", "speedup_vs_single",
+               "images_vs_single", "images_per_second", "mean_staleness", "max_staleness", "target_error"}
 SUMMARY_COLUMNS = {"group", "mode", "nsync", "workers", "seeds", "reached", "measured_speedup_mean",
                    "measured_speedup_std", "projected_speedup_mean", "projected_speedup_std",
-                   "images_to_target_mean", "updates_to_target_mean", "seconds_to_target_mean", "final_accuracy_mean"}
+                   "hardware_efficiency_mean", "statistical_efficiency_mean", "speedup_vs_single_mean",
+                   "images_to_target_mean", "images_to_target_censored", "updates_to_target_mean",
+                   "seconds_to_target_mean", "final_accuracy_mean"}
 # Small enough for seconds per sweep; warmstart's pretraining also runs.
 QUICK_ARGS = {"workers": ["--workers", "1,2", "--nsync", "2"], "warmstart": ["--workers", "2"],
               "sync-vs-async": ["--workers", "2"], "staleness": []}
@@ -37,19 +40,20 @@ def test_quick_sweep_writes_tables_plots_and_report(tmp_path, data_root, name):
     assert main(["experiment", name, "--quick", "--out", str(out), "--data-root", data_root, *QUICK_ARGS[name]]) == 0
     runs, summary = _csv(out / "results.csv"), _csv(out / "summary.csv")
     assert RUN_COLUMNS <= set(runs[0]) and SUMMARY_COLUMNS <= set(summary[0])
-    expected = [s for s in plan(_settings(name, data_root)) if s["workers"] > 0]
+    expected = [s for s in plan(_settings(name, data_root)) if s["mode"] != "pretrain"]
     assert sorted(r["name"] for r in runs) == sorted(s["name"] for s in expected)
+    assert {r["name"] for r in runs if r["workers"] == "0"} >= {"single-s0"}  # the one-process baseline
     result = json.loads((out / "results.json").read_text())
     assert set(result) >= {"settings", "runs", "summary", "staleness", "curves", "machine", "pretrain"}
     assert all(result["curves"][r["name"]] for r in runs)  # every run was evaluated at least once
-    assert "| measured speed-up | projected speed-up |" in (out / "report.md").read_text()
+    assert "| speed-up (vs 1 worker) | = N x hardware eff. | x statistical eff. |" in (out / "report.md").read_text()
     if name == "warmstart":
         assert len(result["pretrain"]) == 1 and (out / "pretrain-s0" / "model.npz").exists()
-        assert {r["group"] for r in runs} == {"cold", "warm"}
+        assert {r["group"] for r in runs} == {"single", "single-warm", "cold", "warm"}
     if name == "staleness":
-        assert {r["staleness_lr"] for r in runs} == {"False", "True"} and result["staleness"]
+        assert {r["lr_scaling"] for r in runs if r["workers"] != "0"} == {"none", "staleness"} and result["staleness"]
     if name == "sync-vs-async":
-        assert {(r["mode"], r["workers"]) for r in runs} == {("async", "2"), ("sync", "2")}
+        assert {(r["mode"], r["workers"]) for r in runs} == {("single", "0"), ("async", "2"), ("sync", "2")}
     pytest.importorskip("matplotlib")
     assert (out / "curves.png").stat().st_size > 1000
 
@@ -86,13 +90,16 @@ def test_a_finished_sweep_is_skipped_and_the_docs_get_the_report(tmp_path, data_
 
 def test_plans_match_the_issue():
     workers = plan(default_settings("workers"))
-    assert len(workers) == 4 * 3 * 3 and len({s["name"] for s in workers}) == len(workers)
-    assert {(s["workers"], s["nsync"]) for s in workers} == {(w, k) for w in (1, 2, 4, 8) for k in (1, 4, 16)}
+    assert len(workers) == 3 + 4 * 4 * 3 and len({s["name"] for s in workers}) == len(workers)
+    assert {(s["workers"], s["nsync"]) for s in workers if s["workers"]} == {
+        (w, k) for w in (1, 2, 4, 8) for k in (1, 4, 16, 300)}  # up to the paper's nsync
+    for name in ("workers", "warmstart", "sync-vs-async", "staleness"):  # every sweep has the baseline
+        assert {s["name"] for s in plan(default_settings(name))} >= {"single-s0", "single-s1", "single-s2"}
     warm = plan(default_settings("warmstart"))
     assert [s["name"] for s in warm[:3]] == ["pretrain-s0", "pretrain-s1", "pretrain-s2"]
-    assert all(s["init"] == f"pretrain-s{s['seed']}" for s in warm if s["group"] == "warm")
+    assert all(s["init"] == f"pretrain-s{s['seed']}" for s in warm if s["group"] in ("warm", "single-warm"))
     assert not any(s["sync"] and s["workers"] == 1 for s in plan(default_settings("sync-vs-async")))
-    assert {s["staleness_lr"] for s in plan(default_settings("staleness"))} == {False, True}
+    assert {s["lr_scaling"] for s in plan(default_settings("staleness")) if s["workers"]} == {"none", "staleness"}
 
 
 def test_reach_interpolates_between_evaluations():
@@ -104,23 +111,32 @@ def test_reach_interpolates_between_evaluations():
     assert analysis.reach(curve, 0.5) is None
 
 
-def _row(workers, seed, seconds, images, group="cold"):
+def _row(workers, seed, seconds, images, group="cold", ips=100.0):
     reached = seconds is not None
-    return {"group": group, "mode": "async", "staleness_lr": False, "nsync": 4, "workers": workers, "seed": seed,
-            "reached": reached, "seconds_to_target": seconds, "images_to_target": images,
-            "updates_to_target": None if images is None else images / 32, "final_accuracy": 0.3,
-            "images_per_second": 100.0, "mean_staleness": 0.0, "target_accuracy": 0.2}
+    return {"group": group, "mode": "single" if workers == 0 else "async", "lr_scaling": "none", "nsync": 4,
+            "workers": workers, "seed": seed, "init": "", "reached": reached, "seconds_to_target": seconds,
+            "images_to_target": images, "updates_to_target": None if images is None else images / 32,
+            "final_accuracy": 0.3, "images_per_second": ips, "mean_staleness": 0.0, "target_accuracy": 0.2,
+            "wall_seconds": 500.0, "images": 5000, "updates": 5000 / 32}
 
 
-def test_speedups_are_paired_by_seed_with_spread():
-    rows = [_row(1, 0, 100.0, 1000), _row(1, 1, 120.0, 1200), _row(4, 0, 50.0, 2000), _row(4, 1, 40.0, 1200),
-            _row(8, 0, None, None), _row(8, 1, 30.0, 2400)]
+def test_speedups_are_paired_by_seed_factorised_and_censored():
+    rows = [_row(1, 0, 100.0, 1000, ips=10.0), _row(1, 1, 120.0, 1200, ips=10.0), _row(4, 0, 50.0, 2000, ips=40.0),
+            _row(4, 1, 40.0, 1200, ips=30.0), _row(8, 0, None, None), _row(8, 1, 30.0, 2400),
+            _row(0, 0, 80.0, 800, group="single"), _row(0, 1, 90.0, 900, group="single")]
     analysis.add_speedups(rows)
     assert [r["measured_speedup"] for r in rows[2:4]] == [2.0, 3.0]
+    assert [r["statistical_efficiency"] for r in rows[2:4]] == [0.5, 1.0]  # images(1) / images(N)
+    assert [r["hardware_efficiency"] for r in rows[2:4]] == [1.0, 0.75]  # ips(N) / (N x ips(1))
+    for r in rows[2:4]:  # speed-up = N x hardware x statistical efficiency
+        assert r["measured_speedup"] == pytest.approx(r["workers"] * r["hardware_efficiency"] * r["statistical_efficiency"])
     assert [r["projected_speedup"] for r in rows[2:4]] == [2.0, 4.0]  # N x images(1) / images(N)
+    assert rows[2]["speedup_vs_single"] == 80.0 / 50.0 and rows[2]["images_vs_single"] == 800 / 2000
     assert rows[4]["measured_speedup"] is None and rows[5]["projected_speedup"] == 4.0
     table = {r["workers"]: r for r in analysis.summarize(rows)}
     assert table[4]["measured_speedup_mean"] == 2.5 and table[4]["measured_speedup_std"] == pytest.approx(0.7071, 1e-3)
     assert table[8]["reached"] == 1 and table[8]["seeds"] == 2 and table[1]["measured_speedup_mean"] == 1.0
+    # the seed that missed the target is not dropped: it counts with its whole length, marked "≥"
+    assert table[8]["seconds_to_target_censored"] == 1 and table[8]["seconds_to_target_mean"] == (500.0 + 30.0) / 2
     cells = report.summary_cells(analysis.summarize(rows))
-    assert cells[1][8] == "2.50 ± 0.71"
+    assert cells[1][8] == "2.50 ± 0.71" and cells[2][5].startswith("≥ 265.0") and cells[3][3] == "1 process"

@@ -6,15 +6,25 @@
     table = summarize(rows)                    # one row per (group, nsync, workers)
 
 Definitions (as in the paper, plus what one machine cannot measure):
-- time to target: the server's clock from the moment all workers joined (process start-up is
-  not counted) to the first test evaluation at or above the target accuracy, interpolated
-  linearly between that evaluation and the one before it. Images and server updates to target
-  are interpolated the same way.
-- measured speed-up of N workers = time to target of 1 worker / time to target of N workers,
-  paired by seed (same seed, same nsync, same group), then mean +- standard deviation over seeds.
-- projected speed-up = N x (images to target of 1 worker / images to target of N workers): the
-  speed-up N independent devices would give if each kept the single worker's throughput and
-  the server were free. It measures only the statistical cost of asynchrony and staleness.
+- time to target: the run's clock (the server's from the moment all workers joined, process
+  start-up not counted; the single-process trainer's training time, evaluations not counted)
+  to the first test evaluation at or above the target accuracy, interpolated linearly between
+  that evaluation and the one before it. Images and server updates to target are interpolated
+  the same way. Evaluations happen at exact step counts (every `eval_every` epochs).
+- A run that never reaches the target is CENSORED, not dropped: in the means it counts with its
+  whole length (a lower bound, shown as "≥"), and speed-ups are paired only where both runs
+  reached it (the table says how many pairs that left).
+- speed-up of N workers = time to target of 1 worker / time to target of N workers, paired by
+  seed (same seed, nsync and group), factorised as
+      speed-up = N x hardware efficiency x statistical efficiency
+      hardware efficiency    = images/s with N / (N x images/s with 1)       (the machine, the server)
+      statistical efficiency = images to target with 1 / images with N      (asynchrony, staleness)
+  so a reader sees which part failed. On one shared CPU the hardware part cannot scale; the
+  statistical part is what N real devices would keep.
+- projected speed-up = N x statistical efficiency: hardware efficiency assumed 1 (N devices, a
+  free server). An assumption, not a measurement.
+- against one process: the same two numbers against the single-process trainer ("single", or
+  "single-warm" for warm starts) with the same seed: speed-up and images-to-target ratio.
 """
 
 import json
@@ -79,7 +89,7 @@ def run_row(spec, run_dir, target, summary=None):
     mean_stale, max_stale, _ = staleness_stats(summary.get("staleness"))
     return {
         "name": spec["name"], "group": spec["group"], "mode": spec["mode"], "workers": spec["workers"],
-        "nsync": spec["nsync"], "staleness_lr": spec["staleness_lr"], "seed": spec["seed"],
+        "nsync": spec["nsync"], "lr_scaling": spec.get("lr_scaling", "none"), "seed": spec["seed"],
         "init": spec.get("init") or "", "target_accuracy": target, "target_error": 1 - target,
         "final_accuracy": summary["test_accuracy"], "final_error": 1 - summary["test_accuracy"],
         "best_accuracy": max((p["accuracy"] for p in curve), default=summary["test_accuracy"]),
@@ -107,43 +117,72 @@ def _baseline(rows, row):
     """The 1-worker run with the same seed and nsync: from the same group, else any group (sync
     uses async's: one worker is the same either way)."""
     same = [r for r in rows if r["workers"] == 1 and r["seed"] == row["seed"] and r["nsync"] == row["nsync"]]
-    in_group = [r for r in same if r["group"] == row["group"]]
+    in_group = [r for r in same if r["group"] == row["group"] and r["lr_scaling"] == row["lr_scaling"]]
     return (in_group or same or [None])[0]
 
 
+def _single(rows, row):
+    """The single-process run with the same seed and start (cold or warm), or None."""
+    group = "single-warm" if row.get("init") else "single"
+    return next((r for r in rows if r["group"] == group and r["seed"] == row["seed"]), None)
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
 def add_speedups(rows):
-    """Per run: measured and projected speed-up against its 1-worker baseline (None if either
-    run missed the target, or there is no baseline)."""
+    """Per run: speed-up, hardware and statistical efficiency against its 1-worker baseline, the
+    projection, and speed-up and images ratio against one process (None where a run missed the
+    target, or there is no baseline)."""
     for row in rows:
-        base = _baseline(rows, row)
-        row["measured_speedup"] = row["projected_speedup"] = None
-        if base is None or not (base["reached"] and row["reached"]):
+        for key in ("measured_speedup", "hardware_efficiency", "statistical_efficiency", "projected_speedup",
+                    "speedup_vs_single", "images_vs_single"):
+            row[key] = None
+        if row["workers"] == 0:
             continue
-        if row["seconds_to_target"] > 0:
-            row["measured_speedup"] = base["seconds_to_target"] / row["seconds_to_target"]
-        if row["images_to_target"] > 0:
-            row["projected_speedup"] = row["workers"] * base["images_to_target"] / row["images_to_target"]
+        base, single = _baseline(rows, row), _single(rows, row)
+        if base is not None:
+            row["hardware_efficiency"] = _ratio(row["images_per_second"], row["workers"] * base["images_per_second"])
+            if base["reached"] and row["reached"]:
+                row["measured_speedup"] = _ratio(base["seconds_to_target"], row["seconds_to_target"])
+                row["statistical_efficiency"] = _ratio(base["images_to_target"], row["images_to_target"])
+                if row["statistical_efficiency"] is not None:
+                    row["projected_speedup"] = row["workers"] * row["statistical_efficiency"]
+        if single is not None and single["reached"] and row["reached"]:
+            row["speedup_vs_single"] = _ratio(single["seconds_to_target"], row["seconds_to_target"])
+            row["images_vs_single"] = _ratio(single["images_to_target"], row["images_to_target"])
     return rows
 
 
-SUMMARY_FIELDS = ("seconds_to_target", "images_to_target", "updates_to_target", "measured_speedup",
-                  "projected_speedup", "final_accuracy", "images_per_second", "mean_staleness")
+SPEEDUP_FIELDS = ("measured_speedup", "hardware_efficiency", "statistical_efficiency", "projected_speedup",
+                  "speedup_vs_single", "images_vs_single", "final_accuracy", "images_per_second", "mean_staleness")
+# to-target numbers, and the whole-run number a censored run (target missed) counts with instead
+TARGET_FIELDS = {"seconds_to_target": "wall_seconds", "images_to_target": "images", "updates_to_target": "updates"}
+SUMMARY_FIELDS = tuple(TARGET_FIELDS) + SPEEDUP_FIELDS
+GROUP_KEY = ("group", "mode", "lr_scaling", "nsync", "workers")
 
 
 def summarize(rows):
-    """One row per (group, mode, staleness_lr, nsync, workers): counts and mean/std over seeds."""
+    """One row per (group, mode, lr_scaling, nsync, workers): counts and mean/std over seeds. For
+    the to-target numbers a censored run counts with its whole length (`*_censored` says how many)."""
     keys = []
     for r in rows:
-        key = (r["group"], r["mode"], r["staleness_lr"], r["nsync"], r["workers"])
+        key = tuple(r[k] for k in GROUP_KEY)
         if key not in keys:
             keys.append(key)
     table = []
     for key in keys:
-        runs = [r for r in rows if (r["group"], r["mode"], r["staleness_lr"], r["nsync"], r["workers"]) == key]
-        out = dict(zip(("group", "mode", "staleness_lr", "nsync", "workers"), key))
+        runs = [r for r in rows if tuple(r[k] for k in GROUP_KEY) == key]
+        out = dict(zip(GROUP_KEY, key))
         out.update(seeds=len(runs), reached=sum(r["reached"] for r in runs), target_accuracy=runs[0]["target_accuracy"])
-        for name in SUMMARY_FIELDS:
+        for name, whole in TARGET_FIELDS.items():
+            values = [r[name] if r["reached"] else r.get(whole) for r in runs]
+            out[f"{name}_mean"], out[f"{name}_std"] = mean_std(values)
+            out[f"{name}_censored"] = sum(not r["reached"] for r in runs)
+        for name in SPEEDUP_FIELDS:
             out[f"{name}_mean"], out[f"{name}_std"] = mean_std([r.get(name) for r in runs])
+        out["speedup_pairs"] = sum(r.get("measured_speedup") is not None for r in runs)
         table.append(out)
     return table
 

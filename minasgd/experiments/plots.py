@@ -38,17 +38,23 @@ def curves(result, path):
     runs = result["runs"]
     panels = []
     for r in runs:
-        if (r["group"], r["nsync"]) not in panels:
+        if r["workers"] and (r["group"], r["nsync"]) not in panels:
             panels.append((r["group"], r["nsync"]))
-    workers = [r["workers"] for r in runs]
+    workers = [r["workers"] for r in runs if r["workers"]]
     target = 1 - result["settings"]["target"]
     fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 6.4), squeeze=False, sharey=True)
     for col, (group, k) in enumerate(panels):
         for row, x in enumerate(("time", "images")):
             ax = axes[row][col]
             labelled = set()
+            baseline = "single-warm" if group == "warm" else "single"
             for r in runs:
-                if (r["group"], r["nsync"]) != (group, k):
+                if r["group"] == baseline:  # the single-process trainer, in every panel
+                    curve = result["curves"].get(r["name"], [])
+                    ax.plot([p[x] for p in curve], [1 - p["accuracy"] for p in curve], ":", color="black",
+                            linewidth=1.2, label="1 process" if "1 process" not in labelled else None)
+                    labelled.add("1 process")
+                if (r["group"], r["nsync"]) != (group, k) or not r["workers"]:
                     continue
                 curve = result["curves"].get(r["name"], [])
                 label = f"{r['workers']} worker{'s' if r['workers'] > 1 else ''}"
@@ -74,15 +80,15 @@ def curves(result, path):
 
 def speedups(result, path):
     """Measured and projected speed-up vs workers (mean ± std over seeds), per group and nsync."""
-    rows = [r for r in result["summary"] if r["measured_speedup_mean"] is not None or r["workers"] == 1]
+    rows = [r for r in result["summary"] if r["workers"] and (r["measured_speedup_mean"] is not None or r["workers"] == 1)]
     if not any(r["workers"] > 1 and r["projected_speedup_mean"] is not None for r in rows):
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     top = 1
     for ax, kind in zip(axes, ("measured", "projected")):
-        keys = sorted({(r["group"], r["mode"], r["staleness_lr"], r["nsync"]) for r in rows})
+        keys = sorted({(r["group"], r["mode"], r["lr_scaling"], r["nsync"]) for r in rows if r["workers"]})
         for i, key in enumerate(keys):
-            pts = sorted((r for r in rows if (r["group"], r["mode"], r["staleness_lr"], r["nsync"]) == key),
+            pts = sorted((r for r in rows if (r["group"], r["mode"], r["lr_scaling"], r["nsync"]) == key),
                          key=lambda r: r["workers"])
             pts = [r for r in pts if r[f"{kind}_speedup_mean"] is not None]
             if not pts:
@@ -109,7 +115,7 @@ def speedups(result, path):
 
 def staleness(result, path):
     """Staleness histograms (pushes per staleness, all seeds), one panel per (nsync, workers)."""
-    hists = result["staleness"]
+    hists = [h for h in result["staleness"] if h["workers"]]
     if not hists:
         return None
     panels = sorted({(h["nsync"], h["workers"]) for h in hists})
@@ -124,7 +130,7 @@ def staleness(result, path):
             ax.bar([x + (i - (len(groups) - 1) / 2) * width for x in xs], [hist[x] / total for x in xs], width=width,
                    label=h["group"], color=plt.get_cmap("tab10")(i))
         ax.set_title(f"{w} workers, nsync {k}", fontsize=10)
-        ax.set_xlabel("staleness (server updates)")
+        ax.set_xlabel("staleness (mini-batches)")
         ax.set_ylabel("fraction of pushes")
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -13,24 +13,40 @@ def pm(mean, std, fmt="{:.2f}"):
 
 
 def _mode(row):
-    return row["mode"] + (" + staleness lr" if row["staleness_lr"] else "")
+    scaling = row.get("lr_scaling", "none")
+    return row["mode"] + ("" if scaling == "none" else f" + lr/{'N' if scaling == 'workers' else 'staleness'}")
+
+
+def _workers(row):
+    return "1 process" if row["workers"] == 0 else str(row["workers"])
+
+
+def censored(row, name, fmt):
+    """'mean ± std', with '≥' in front when runs that missed the target count with their length."""
+    text = pm(row[f"{name}_mean"], row[f"{name}_std"], fmt)
+    return ("≥ " + text) if row.get(f"{name}_censored") and text != "-" else text
 
 
 SUMMARY_COLUMNS = [  # (markdown header, terminal header, cell)
     ("group", "group", lambda r: r["group"]),
     ("mode", "mode", _mode),
     ("nsync", "k", lambda r: str(r["nsync"])),
-    ("workers", "N", lambda r: str(r["workers"])),
+    ("workers", "N", _workers),
     ("reached", "hit", lambda r: f"{r['reached']}/{r['seeds']}"),
-    ("seconds to target", "s→tgt", lambda r: pm(r["seconds_to_target_mean"], r["seconds_to_target_std"], "{:.1f}")),
-    ("images to target", "img→tgt", lambda r: pm(r["images_to_target_mean"], r["images_to_target_std"], "{:.0f}")),
-    ("server updates to target", "upd→tgt", lambda r: pm(r["updates_to_target_mean"], r["updates_to_target_std"], "{:.0f}")),
-    ("measured speed-up", "measured", lambda r: pm(r["measured_speedup_mean"], r["measured_speedup_std"])),
-    ("projected speed-up", "projected", lambda r: pm(r["projected_speedup_mean"], r["projected_speedup_std"])),
+    ("seconds to target", "s→tgt", lambda r: censored(r, "seconds_to_target", "{:.1f}")),
+    ("images to target", "img→tgt", lambda r: censored(r, "images_to_target", "{:.0f}")),
+    ("server updates to target", "upd→tgt", lambda r: censored(r, "updates_to_target", "{:.0f}")),
+    ("speed-up (vs 1 worker)", "speed-up", lambda r: pm(r["measured_speedup_mean"], r["measured_speedup_std"])),
+    ("= N x hardware eff.", "hw eff", lambda r: pm(r["hardware_efficiency_mean"], r["hardware_efficiency_std"])),
+    ("x statistical eff.", "stat eff", lambda r: pm(r["statistical_efficiency_mean"], r["statistical_efficiency_std"])),
+    ("projected speed-up (hw eff. 1)", "projected", lambda r: pm(r["projected_speedup_mean"], r["projected_speedup_std"])),
+    ("speed-up vs 1 process", "vs 1 proc", lambda r: pm(r["speedup_vs_single_mean"], r["speedup_vs_single_std"])),
+    ("images-to-target ratio vs 1 process", "img vs 1 proc",
+     lambda r: pm(r["images_vs_single_mean"], r["images_vs_single_std"])),
     ("final test error", "error", lambda r: "-" if r["final_accuracy_mean"] is None else
         pm(1 - r["final_accuracy_mean"], r["final_accuracy_std"], "{:.1%}")),
     ("images/s", "img/s", lambda r: pm(r["images_per_second_mean"], None, "{:.0f}")),
-    ("mean staleness", "stale", lambda r: pm(r["mean_staleness_mean"], None, "{:.2f}")),
+    ("mean staleness (mini-batches)", "stale", lambda r: pm(r["mean_staleness_mean"], None, "{:.2f}")),
 ]
 
 
@@ -67,15 +83,19 @@ def markdown(result, images, image_prefix=""):
                 f"({p[0]['images']} images, about {sum(x['seconds'] for x in p) / len(p):.0f} s, not counted "
                 f"in the times below), reaching test accuracy {accs}.", ""]
     out += [_table([c for c, _, _ in SUMMARY_COLUMNS], summary_cells(result["summary"])), "",
-            "Times are from the moment all workers joined to the first evaluation at the target, interpolated "
-            "between evaluations; speed-ups are against the 1-worker run with the same seed and nsync. "
-            "**Projected** speed-up = N x images-to-target(1 worker) / images-to-target(N workers): what N "
-            "independent devices would give at the single worker's throughput with a free server. The "
-            "**measured** one is capped by this machine, where all workers share the same cores.", ""]
+            "Times are from the moment all workers joined (one process: training time, evaluations "
+            "excluded) to the first evaluation at the target, interpolated between evaluations. A run that "
+            "missed the target counts with its whole length (**≥**). Speed-ups are paired by seed against the "
+            "1-worker run with the same nsync and factorised: **speed-up = N x hardware efficiency x "
+            "statistical efficiency**, hardware efficiency = images/s(N) / (N x images/s(1)) (this machine "
+            "and the server), statistical efficiency = images-to-target(1) / images-to-target(N) (the cost "
+            "of asynchrony and staleness). **Projected** = N x statistical efficiency: an assumption of N "
+            "independent devices and a free server, not a measurement. The last two columns compare with "
+            "the single-process trainer with the same seed (from the same pretrained model for warm runs).", ""]
     if result["staleness"] and result["experiment"] in ("staleness", "workers"):
         rows = [[h["group"], str(h["nsync"]), str(h["workers"]), _histogram_text(h["histogram"])]
                 for h in result["staleness"]]
-        out += ["Staleness histograms (server updates between a worker's fetch and its push: pushes "
+        out += ["Staleness histograms (mini-batches applied between a worker's fetch and its push: pushes "
                 "per staleness, all seeds):", "", _table(["group", "nsync", "workers", "staleness: pushes"], rows), ""]
     for path in images:
         out += [f"![{Path(path).stem}]({image_prefix}{Path(path).name})", ""]

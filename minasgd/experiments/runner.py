@@ -42,7 +42,9 @@ def add_arguments(p):
     p.add_argument("--gpu", type=int, help="GPU index for the cuda backend (default: round-robin over GPUs)")
     p.add_argument("--epochs", type=int, help="epochs of the train split per run, all workers together (default: 8)")
     p.add_argument("--batch-size", type=int, help="(default: 32)")
-    p.add_argument("--lr", type=float, help="the server's peak learning rate (default: 0.05)")
+    p.add_argument("--lr", type=float, help="peak learning rate, as `minasgd train --lr` (default: 0.02)")
+    p.add_argument("--lr-scaling", choices=["none", "workers", "staleness"],
+                   help="the server's lr scaling, as `minasgd train --lr-scaling` (default: none)")
     p.add_argument("--target", type=float, metavar="ACC",
                    help="test accuracy to reach, i.e. target test error 1 - ACC (default: per experiment)")
     p.add_argument("--eval-every", type=float, metavar="EPOCHS", help="epochs between test evaluations (default: 0.25)")
@@ -55,7 +57,7 @@ def add_arguments(p):
                         "and the plots next to it in img/")
 
 
-OVERRIDES = ("seeds", "workers", "nsync", "dataset", "model", "backend", "gpu", "epochs", "batch_size", "lr",
+OVERRIDES = ("seeds", "workers", "nsync", "dataset", "model", "backend", "gpu", "epochs", "batch_size", "lr", "lr_scaling",
              "target", "eval_every", "pretrain_epochs", "max_steps", "data_root")
 
 
@@ -78,8 +80,9 @@ def _train_config(s, spec, run_dir, init=None):
     from ..train import TrainConfig
 
     return TrainConfig(dataset=s.dataset, model=s.model, backend=s.backend, gpu=s.gpu, epochs=s.epochs,
-                       batch_size=s.batch_size, lr=s.lr, warmup_steps=s.warmup_steps, seed=spec["seed"],
-                       init=init, out=str(run_dir), data_root=s.data_root, max_steps=s.max_steps, quiet=True,
+                       batch_size=s.batch_size, lr=s.lr, momentum=s.momentum, warmup_steps=s.warmup_steps,
+                       seed=spec["seed"], init=init, out=str(run_dir), data_root=s.data_root, max_steps=s.max_steps,
+                       eval_every=s.eval_every, quiet=True,
                        extra={"experiment": s.name, "spec": spec, "settings": _comparable(s)})
 
 
@@ -94,20 +97,31 @@ def _single_process(cfg):
     return train(cfg)
 
 
-def _pretrain(s, spec, run_dir, train_size):
-    """Warm start's first phase: plain single-process SGD (momentum 0.9) for `pretrain_epochs`,
-    in a spawned process with one BLAS thread per spare core (as `bench ps` does)."""
+def _in_own_process(cfg):
+    """Single-process training in a spawned process with ONE BLAS thread, like each worker: on a
+    busy machine default BLAS threads made single-process training up to 8x slower, which would
+    fake a speed-up of the distributed runs."""
     import multiprocess
 
     from ..ps.launcher import blas_threads
 
+    with blas_threads(1), multiprocess.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_single_process, (cfg,))
+
+
+def _pretrain(s, spec, run_dir, train_size):
+    """Warm start's first phase: the single-process trainer for `pretrain_epochs` at `pretrain_lr`."""
     cfg = _train_config(s, spec, run_dir)
     steps = max(1, round(s.pretrain_epochs * (train_size // s.batch_size)))
-    cfg.epochs, cfg.max_steps, cfg.lr, cfg.momentum = math.ceil(s.pretrain_epochs), steps, s.pretrain_lr, 0.9
+    cfg.epochs, cfg.max_steps, cfg.lr = math.ceil(s.pretrain_epochs), steps, s.pretrain_lr
     cfg.extra["settings"]["pretrain_steps"] = steps
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    with blas_threads(max(1, cores - 1)), multiprocess.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_single_process, (cfg,))
+    return _in_own_process(cfg)
+
+
+def _baseline(s, spec, run_dir, exp_dir):
+    """The single-process trainer with the sweep's settings (from the pretrained model if warm)."""
+    init = str(exp_dir / spec["init"] / "model.npz") if spec.get("init") else None
+    return _in_own_process(_train_config(s, spec, run_dir, init=init))
 
 
 def _distributed(s, spec, run_dir, dataset, exp_dir):
@@ -116,8 +130,7 @@ def _distributed(s, spec, run_dir, dataset, exp_dir):
     init = str(exp_dir / spec["init"] / "model.npz") if spec.get("init") else None
     cfg = _train_config(s, spec, run_dir, init=init)
     opts = PsOptions(workers=spec["workers"], nsync=spec["nsync"], sync=spec["sync"],
-                     lr_scaling="staleness" if spec["staleness_lr"] else "none", checkpoint_every=1e9,
-                     eval_every=s.eval_every)
+                     lr_scaling=spec["lr_scaling"], checkpoint_every=1e9, eval_every=s.eval_every)
     return train_distributed(cfg, opts, dataset=dataset)
 
 
@@ -165,8 +178,10 @@ def run(args, console):
                 try:
                     if dataset is None:
                         dataset = _load_dataset(s)
-                    if spec["workers"] == 0:
+                    if spec["mode"] == "pretrain":
                         summary = _pretrain(s, spec, run_dir, len(dataset.train_y))
+                    elif spec["mode"] == "single":
+                        summary = _baseline(s, spec, run_dir, exp_dir)
                     else:
                         summary = _distributed(s, spec, run_dir, dataset, exp_dir)
                 except Exception as e:  # one broken run should not cost the sweep
@@ -217,7 +232,7 @@ def collect(s, specs, summaries, exp_dir):
         if summary is None:
             continue
         run_dir = exp_dir / spec["name"]
-        if spec["workers"] == 0:
+        if spec["mode"] == "pretrain":
             pretrain.append({"name": spec["name"], "seed": spec["seed"], "test_accuracy": summary["test_accuracy"],
                              "images": summary["images"], "steps": summary["steps"],
                              "seconds": summary["wall_seconds"]})
@@ -280,7 +295,7 @@ def show(result, console):
     """The summary table on the terminal."""
     s = result["settings"]
     table = Table(title=f"{result['experiment']}: target test error {1 - s['target']:.0%} "
-                        f"(mean ± std over seeds; projected = N independent devices)")
+                        f"(mean ± std over seeds; ≥: runs that missed the target count with their whole length)")
     for _, short, _ in report.SUMMARY_COLUMNS:
         table.add_column(short, justify="left" if short in ("group", "mode") else "right")
     for row in report.summary_cells(result["summary"]):

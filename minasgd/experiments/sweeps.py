@@ -2,8 +2,10 @@
 
 A sweep is a plain list of run specs (dicts), executed one after the other by
 `minasgd.experiments.runner`. Each spec names its run folder and says everything that differs
-between runs: the worker count, nsync, async or sync, staleness-aware lr, the seed, and whether
-it starts from scratch ("cold") or from a pretrained model ("warm").
+between runs: the worker count, nsync, async or sync, the lr scaling, the seed, and whether
+it starts from scratch ("cold") or from a pretrained model ("warm"). Every sweep also runs the
+single-process trainer with the same settings and seeds (group "single", or "single-warm" from
+the pretrained model): the baseline that asynchronous training has to beat.
 
     settings = default_settings("workers")        # plus command-line overrides
     specs = plan(settings)                        # [{"name": "cold-ns4-w2-s0", ...}, ...]
@@ -29,12 +31,14 @@ class Settings:
     gpu: int | None = None
     epochs: int = 8  # of the whole train split, summed over all workers
     batch_size: int = 32
-    lr: float = 0.05  # the server's peak lr (warm-up + cosine over the run's mini-batches)
+    lr: float = 0.02  # peak lr (warm-up + cosine over the run's mini-batches), as `minasgd train`
+    momentum: float = 0.9  # the trainer's and every worker's SGD momentum
+    lr_scaling: str = "none"  # the server's (see `minasgd train --help`), for runs that don't sweep it
     warmup_steps: int = 100
     target: float = 0.3  # test ACCURACY that counts as "reached" (the paper talks of test error = 1 - this)
     seeds: int = 3
     workers: list = field(default_factory=lambda: [1, 2, 4, 8])
-    nsync: list = field(default_factory=lambda: [1, 4, 16])
+    nsync: list = field(default_factory=lambda: [1, 4, 16, 300])  # the paper used nsync >= 300
     eval_every: float = 0.25  # epochs' worth of mini-batches between test evaluations
     pretrain_epochs: float = 3.0  # warmstart: single-process training before the sweep
     pretrain_lr: float = 0.02  # warmstart: single-process lr (momentum 0.9)
@@ -50,13 +54,13 @@ class Settings:
 DEFAULTS = {
     "workers": {},
     "warmstart": {"workers": [1, 2, 4], "nsync": [4], "target": 0.35},  # above the pretrained models (25-30%)
-    "sync-vs-async": {"workers": [1, 2, 4], "nsync": [4]},
+    "sync-vs-async": {"workers": [1, 2, 4], "nsync": [4]},  # the same per-image step (sync sums a round)
     "staleness": {"workers": [4, 8], "nsync": [1]},
 }
 
 # --quick: seconds per run, for the tests and a first look. The `micro` net reads an 8x8 crop.
 QUICK = {"dataset": "shapes:256,64", "model": "micro", "epochs": 2, "batch_size": 16, "seeds": 1,
-         "warmup_steps": 0, "eval_every": 0.5, "target": 0.12, "pretrain_epochs": 0.5, "lr": 0.05}
+         "warmup_steps": 0, "eval_every": 0.5, "target": 0.12, "pretrain_epochs": 0.5, "lr": 0.02}
 QUICK_SWEEP = {"workers": {"workers": [1, 2], "nsync": [1, 4]}, "warmstart": {"workers": [1, 2], "nsync": [2]},
                "sync-vs-async": {"workers": [1, 2], "nsync": [2]}, "staleness": {"workers": [2], "nsync": [1]}}
 
@@ -70,28 +74,36 @@ def default_settings(name, quick=False):
     return Settings(name=name, **values)
 
 
-def _spec(group, workers, nsync, seed, **extra):
+def _spec(group, workers, nsync, seed, lr_scaling="none", **extra):
     mode = "sync" if extra.get("sync") else "async"
     return {"name": f"{group}-ns{nsync}-w{workers}-s{seed}", "group": group, "workers": workers, "nsync": nsync,
-            "mode": mode, "sync": False, "staleness_lr": False, "seed": seed, "init": None, **extra}
+            "mode": mode, "sync": False, "lr_scaling": lr_scaling, "seed": seed, "init": None, **extra}
+
+
+def _one_process(group, seed, mode="single", init=None):
+    """A single-process run: the baseline ("single"), or warm start's pretraining ("pretrain")."""
+    return {"name": f"{group}-s{seed}", "group": group, "workers": 0, "nsync": 0, "mode": mode, "sync": False,
+            "lr_scaling": "none", "seed": seed, "init": init}
 
 
 def plan(s):
-    """The runs of experiment `s.name`, in the order they run (pretraining first)."""
+    """The runs of experiment `s.name`, in the order they run (pretraining and baselines first)."""
     seeds = range(s.seeds)
+    scaling = s.lr_scaling
+    single = [_one_process("single", seed) for seed in seeds]
     if s.name == "workers":
-        return [_spec("cold", w, k, seed) for seed in seeds for k in s.nsync for w in s.workers]
+        return single + [_spec("cold", w, k, seed, scaling) for seed in seeds for k in s.nsync for w in s.workers]
     if s.name == "warmstart":
-        pre = [{"name": f"pretrain-s{seed}", "group": "pretrain", "workers": 0, "nsync": 0, "mode": "single",
-                "sync": False, "staleness_lr": False, "seed": seed, "init": None} for seed in seeds]
-        runs = [_spec(start, w, k, seed, init=f"pretrain-s{seed}" if start == "warm" else None)
+        pre = [_one_process("pretrain", seed, mode="pretrain") for seed in seeds]
+        warm_single = [_one_process("single-warm", seed, init=f"pretrain-s{seed}") for seed in seeds]
+        runs = [_spec(start, w, k, seed, scaling, init=f"pretrain-s{seed}" if start == "warm" else None)
                 for seed in seeds for start in ("cold", "warm") for k in s.nsync for w in s.workers]
-        return pre + runs
+        return pre + single + warm_single + runs
     if s.name == "sync-vs-async":  # one worker is the same either way: only async runs it
-        return [_spec(mode, w, k, seed, sync=mode == "sync")
-                for seed in seeds for k in s.nsync for w in s.workers for mode in ("async", "sync")
-                if not (mode == "sync" and w == 1)]
+        return single + [_spec(mode, w, k, seed, scaling, sync=mode == "sync")
+                         for seed in seeds for k in s.nsync for w in s.workers for mode in ("async", "sync")
+                         if not (mode == "sync" and w == 1)]
     if s.name == "staleness":
-        return [_spec("staleness-lr" if on else "plain", w, k, seed, staleness_lr=on)
-                for seed in seeds for k in s.nsync for w in s.workers for on in (False, True)]
+        return single + [_spec("staleness-lr" if on else "plain", w, k, seed, "staleness" if on else "none")
+                         for seed in seeds for k in s.nsync for w in s.workers for on in (False, True)]
     raise ValueError(f"unknown experiment {s.name!r}")

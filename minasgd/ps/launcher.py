@@ -53,6 +53,10 @@ class PsOptions:
     # docs/paper.md for the sweep that chose it.
     server_momentum: float = 0.0
     lr_scaling: str = "none"  # none | workers (lr / N) | staleness (each push's lr * k / (k + staleness))
+    # workers: each of N workers runs momentum m**N with lr * (1 - m**N) / (1 - m), so momentum's
+    # time constant, counted in the run's mini-batches, and each gradient's total step are those of
+    # one process with momentum m (N workers step N times as often as one); none: m as given.
+    momentum_scaling: str = "workers"
     adagrad_lr: float = 0.01  # the server's Adagrad lr (--lr is SGD's; Adagrad's steps have another scale)
     transport: str = "tcp"  # tcp: sockets, worker processes started here; mpi: ranks of `mpiexec` (minasgd.ps.mpi)
     bind: str | None = None  # HOST:PORT; default: a free loopback port
@@ -85,20 +89,34 @@ def create_server(cfg, opts, model, train_size, run):
         total_steps = min(total_steps, cfg.max_steps)
     if opts.lr_scaling not in LR_SCALINGS:
         raise ValueError(f"unknown --lr-scaling {opts.lr_scaling!r}; choose one of {', '.join(LR_SCALINGS)}")
+    if opts.momentum_scaling not in ("none", "workers"):
+        raise ValueError(f"unknown --momentum-scaling {opts.momentum_scaling!r}; choose none or workers")
     sgd = opts.optimizer == "sgd"
+    momentum, lr_scale = worker_momentum(cfg.momentum, opts.workers if opts.momentum_scaling == "workers" else 1)
+    if opts.lr_scaling == "workers":
+        lr_scale /= opts.workers
     ps = ParameterServer(
         model.get_params(), model_name=model.name, fingerprint=model.fingerprint(), total_steps=total_steps,
         lr=cfg.lr if sgd else opts.adagrad_lr, warmup_steps=cfg.warmup_steps, optimizer=opts.optimizer,
-        momentum=opts.server_momentum, lr_scale=1.0 / opts.workers if opts.lr_scaling == "workers" else 1.0,
+        momentum=opts.server_momentum, lr_scale=lr_scale if sgd else 1.0,
         sync=opts.sync, staleness_lr=opts.lr_scaling == "staleness", expected_workers=opts.workers,
         checkpoint_path=run.model_path, checkpoint_every=opts.checkpoint_every,
         eval_every_steps=max(1, round(opts.eval_every * steps_per_epoch)),
         # The workers run single-process training's SGD (--momentum, --weight-decay) locally and
         # push the steps they took; with Adagrad they push plain gradient sums and take no steps.
         worker_config={"model": model.name, "dataset": cfg.dataset, "batch_size": cfg.batch_size,
-                       "nsync": opts.nsync, "momentum": cfg.momentum if sgd else 0.0, "local_steps": sgd,
+                       "nsync": opts.nsync, "momentum": momentum if sgd else 0.0, "local_steps": sgd,
                        "weight_decay": cfg.weight_decay, "seed": cfg.seed, "train_limit": cfg.train_limit})
     return ps
+
+
+def worker_momentum(momentum, workers):
+    """(each worker's momentum, lr factor) so that `workers` workers together keep one process's
+    momentum time constant (in mini-batches) and each gradient's total step lr / (1 - momentum)."""
+    if workers == 1 or momentum == 0:
+        return momentum, 1.0
+    per_worker = momentum**workers
+    return per_worker, (1.0 - per_worker) / (1.0 - momentum)
 
 
 def start_server(cfg, opts, model, train_size, run, listener):
