@@ -27,9 +27,7 @@ import functools
 
 from numba import cuda, float32
 
-from minasgd.backends import shapes
-
-from . import reduce
+from . import reduce, shapes
 from .common import MAX_BLOCKS, SIM, ceil_div, grid_1d, output
 from .elementwise import fill
 

@@ -13,7 +13,7 @@
 import numpy as np
 from numba import cuda
 
-from minasgd.backends import shapes
+from . import shapes
 
 from .common import flat, grid_1d
 

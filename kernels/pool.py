@@ -16,7 +16,7 @@
 
 from numba import cuda, float32
 
-from minasgd.backends import shapes
+from . import shapes
 
 from .common import grid_1d, output
 from .elementwise import fill

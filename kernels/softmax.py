@@ -19,9 +19,7 @@ import math
 import numpy as np
 from numba import cuda, float32
 
-from minasgd.backends import shapes
-
-from . import reduce
+from . import reduce, shapes
 from .common import grid_1d, is_device_array, output
 
 

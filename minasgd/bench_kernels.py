@@ -84,9 +84,8 @@ def build_cases(net=ALEXNET_MINI, batch=BATCH, torch_device=None, tile=None):
     """
     from numba import cuda
 
-    from minasgd.backends import shapes
     from minasgd.backends import cuda_backend as be
-    from minasgd.kernels import conv, elementwise, gemm, optim, pool, reduce, softmax
+    from minasgd.kernels import conv, elementwise, gemm, optim, pool, reduce, shapes, softmax
 
     torch = F = None
     if torch_device is not None:

@@ -18,9 +18,8 @@ import numpy as np
 import pytest
 from numba import cuda
 
-from minasgd import dropout_hash
 from minasgd.backends import numpy_backend as ref
-from minasgd.kernels import conv, elementwise, gemm, optim, pool, reduce, softmax
+from minasgd.kernels import conv, dropout_hash, elementwise, gemm, optim, pool, reduce, softmax
 
 from gradcheck import assert_close
 

@@ -18,7 +18,7 @@ Every backend offers the same functions, all float32, images NCHW:
               maxpool2d_backward(dy, argmax, x_shape) -> dx   (overlapping windows accumulate)
   relu        relu_forward(x) -> y           relu_backward(dy, y) -> dx
   dropout     dropout_forward(x, p, seed) -> y    dropout_backward(dy, p, seed) -> dx
-                  inverted dropout; the mask is `minasgd.dropout_hash.keep_mask(seed, x.size, p)`
+                  inverted dropout; the mask is `minasgd.kernels.dropout_hash.keep_mask(seed, x.size, p)`
   linear      linear_forward(x[N,D], w[M,D], b[M]) -> y[N,M]     (y = x w^T + b)
               linear_backward(dy, x, w) -> (dx, dw, db)
   loss        softmax_cross_entropy(logits[N,M], labels[N] int32) -> (loss[1], dlogits[N,M])

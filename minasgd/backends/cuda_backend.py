@@ -2,7 +2,7 @@
 
 Arrays are numba device arrays and stay on the GPU: parameters, gradients, activations, even
 the loss (a 1-element array). Only `asarray` and `to_numpy` cross the bus. Every function
-checks shapes with `minasgd.backends.shapes` first, so mistakes fail exactly as on NumPy.
+checks shapes with `minasgd.kernels.shapes` first, so mistakes fail exactly as on NumPy.
 The kernels live in `minasgd.kernels` (one module per op family); this module is the glue.
 
 Ops accept views of one flat parameter buffer, e.g. `flat[a:b].reshape(K, C, R, S)`: slicing
@@ -14,10 +14,10 @@ Under `NUMBA_ENABLE_CUDASIM=1` everything runs on Numba's CUDA simulator (correc
 import numpy as np
 from numba import cuda
 
-from minasgd.kernels import conv, elementwise, gemm, pool, softmax, optim, reduce
+from minasgd.kernels import conv, elementwise, gemm, optim, pool, reduce, shapes, softmax
 from minasgd.kernels.common import SIM, is_device_array
 
-from . import BackendError, shapes
+from . import BackendError
 
 NAME = "cuda"
 DEVICE = "CUDA simulator" if SIM else "CUDA GPU (not selected yet)"

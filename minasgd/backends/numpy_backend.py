@@ -9,8 +9,7 @@ the op contract.
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .. import dropout_hash
-from . import shapes
+from ..kernels import dropout_hash, shapes
 
 NAME = "numpy"
 DEVICE = "CPU (NumPy)"
