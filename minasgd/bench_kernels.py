@@ -11,17 +11,17 @@ For each op at the sizes one training step of alexnet-mini uses (batch 128):
 It also reports the first call of one kernel (JIT compile, or loading numba's on-disk cache)
 against its steady state.
 
-Timings need a real NVIDIA GPU. Under the CUDA simulator, or without a GPU, `run` prints one
+Timings need a real NVIDIA GPU. Under the CUDA simulator, or without a GPU, `run` returns one
 line saying so and times nothing: simulator timings are meaningless.
 """
 
-import json
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
+
+from .timer import median_seconds
 
 BATCH = 128
 
@@ -252,17 +252,7 @@ def _sync(torch_fn=None):
 
 def time_call(fn, samples=7, calls=5, is_torch=False):
     """Median seconds per call: one warm-up call, then `samples` timings of `calls` back-to-back calls."""
-    sync = (lambda: _sync(True)) if is_torch else _sync
-    fn()
-    sync()
-    times = []
-    for _ in range(samples):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        sync()
-        times.append((time.perf_counter() - start) / calls)
-    return statistics.median(times)
+    return median_seconds(fn, repeats=samples, calls=calls, sync=(lambda: _sync(True)) if is_torch else _sync)
 
 
 def first_call_vs_steady(cases):
@@ -314,13 +304,12 @@ def no_gpu_reason():
     return None
 
 
-def run(as_json=False, backend_device=None):
-    """Time every kernel (see the module docstring); print a table, or JSON; return the results."""
+def run(backend_device=None):
+    """Time every kernel (see the module docstring); returns the results as a JSON-able dict
+    ({"skipped": why} where nothing can be timed). `minasgd.dashboard.show_bench_kernels` draws them."""
     reason = no_gpu_reason()
     if reason:
-        result = {"skipped": reason}
-        print(json.dumps(result) if as_json else reason)
-        return result
+        return {"skipped": reason}
 
     from minasgd.backends import cuda_backend
 
@@ -342,40 +331,4 @@ def run(as_json=False, backend_device=None):
         rows.append(row)
     result = {"device": device, "batch": BATCH, "torch": torch_device is not None,
               "first_call": compile_info, "kernels": rows, "tile_sweep": tile_sweep()}
-    if as_json:
-        print(json.dumps(result, indent=2))
-    else:
-        _print_table(result)
     return result
-
-
-def _print_table(result):
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"minasgd kernels on {result['device']}, alexnet-mini, batch {result['batch']}")
-    for col, just in (("kernel", "left"), ("shape", "left"), ("ours ms", "right"), ("rate", "right"),
-                      ("other version", "right"), ("ours faster by", "right"), ("torch ms", "right"), ("ours / torch", "right")):
-        table.add_column(col, justify=just)
-    for r in result["kernels"]:
-        alt = f"{r['alt_version']} {r['alt_ms']:.3f} ms" if "alt_ms" in r else ""
-        speedup = f"{r['speedup_vs_alt']:.1f}x" if "alt_ms" in r else ""
-        torch_ms = f"{r['torch_ms']:.3f}" if "torch_ms" in r else ""
-        ratio = f"{r['ours_over_torch']:.2f}" if "torch_ms" in r else ""
-        table.add_row(r["kernel"], r["shape"], f"{r['ours_ms']:.3f}", f"{r['rate']:.1f} {r['unit']}",
-                      alt, speedup, torch_ms, ratio)
-    console = Console()
-    console.print(table)
-    sweep = Table(title="tile size sweep (GFLOP/s)")
-    sweep.add_column("tile", justify="right")
-    names = [k for k in result["tile_sweep"][0] if k != "tile"]
-    for name in names:
-        sweep.add_column(name, justify="right")
-    for row in result["tile_sweep"]:
-        sweep.add_row(f"{row['tile']}x{row['tile']}", *(f"{row[n]['rate']:.1f}" for n in names))
-    console.print(sweep)
-    fc = result["first_call"]
-    console.print(f"first call of {fc['kernel']}: {fc['first_call_s'] * 1e3:.1f} ms (JIT compile, or numba's on-disk "
-                  f"cache) vs {fc['steady_s'] * 1e3:.3f} ms steady state")
-    if not result["torch"]:
-        console.print("PyTorch with CUDA not found: no cuDNN/cuBLAS comparison (pip install torch).")

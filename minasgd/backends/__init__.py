@@ -44,8 +44,7 @@ OPS = (
 )
 
 
-class BackendError(RuntimeError):
-    """A backend that cannot run here (e.g. cuda without a GPU); the message is one line."""
+from .errors import BackendError  # noqa: E402,F401  (re-exported: `backends.BackendError`)
 
 
 def cuda_available():

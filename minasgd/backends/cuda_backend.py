@@ -17,7 +17,7 @@ from numba import cuda
 from minasgd.kernels import conv, elementwise, gemm, optim, pool, reduce, shapes, softmax
 from minasgd.kernels.common import SIM, is_device_array
 
-from . import BackendError
+from .errors import BackendError
 
 NAME = "cuda"
 DEVICE = "CUDA simulator" if SIM else "CUDA GPU (not selected yet)"
