@@ -93,7 +93,7 @@ class MaxPool2d(Layer):
         return y
 
     def backward(self, dy):
-        return self.be.maxpool2d_backward(dy, self.argmax, self.x_shape)
+        return self.be.maxpool2d_backward(dy, self.argmax, self.x_shape, self.size, self.stride)
 
     def describe(self):
         return {**super().describe(), "kernel": self.size, "stride": self.stride, "params": 0, "flops": 0}

@@ -12,6 +12,12 @@ Rules, read from the source with `ast` (lazy imports inside functions count too)
   * no import cycle between modules;
   * no private name (`_x`) imported from a module on another floor.
 A new module must be given a floor in FLOORS, or the test fails.
+
+One exception, narrow on purpose: a module's `if __name__ == "__main__":` block runs only when
+the file is executed, never on import, so it may import the workbench (`minasgd.workbench`):
+that is how `python -m minasgd.kernels.conv` runs the llm.c-style validate-and-time loop while
+importing kernels/ still pulls in nothing above it. Any other import in such a block is checked
+like the rest, and entry-point imports never count towards cycles.
 """
 
 import ast
@@ -32,6 +38,7 @@ FLOORS = {
     "minasgd.cli": 4, "minasgd.dashboard": 4, "minasgd.progress": 4, "minasgd.__main__": 4,
 }
 TOP = 4
+ENTRY_POINT_IMPORTS = ("minasgd.workbench",)  # what a __main__ block may import from any floor
 ARGPARSE_HOMES = ("minasgd.cli",)
 RICH_HOMES = ("minasgd.cli", "minasgd.dashboard")
 
@@ -84,13 +91,27 @@ def home(module, homes):
     return any(module == h or module.startswith(h + ".") for h in homes)
 
 
-def imports(module, path, modules):
+def _is_main_block(node):
+    """`if __name__ == "__main__":` at the top of a module."""
+    t = node.test if isinstance(node, ast.If) else None
+    return (isinstance(t, ast.Compare) and isinstance(t.left, ast.Name) and t.left.id == "__name__"
+            and len(t.comparators) == 1 and isinstance(t.comparators[0], ast.Constant)
+            and t.comparators[0].value == "__main__")
+
+
+def imports(module, path, modules, entry_points=False):
     """[(what, lineno)]: imported package modules ("minasgd.x", or "minasgd.x._name" for a
-    private name), and the top-level names of outside packages ("rich", "numpy", ...)."""
+    private name), and the top-level names of outside packages ("rich", "numpy", ...).
+    Imports inside the module's `if __name__ == "__main__":` block are left out, unless
+    entry_points, which returns only those."""
     is_package = path.name == "__init__.py"
     package = module if is_package else module.rpartition(".")[0]
+    tree = ast.parse(path.read_text(), str(path))
+    mains = [n for n in tree.body if _is_main_block(n)]
+    roots = mains if entry_points else [ast.Module(body=[n for n in tree.body if not _is_main_block(n)], type_ignores=[])]
+    nodes = [node for root in roots for node in ast.walk(root)]
     found = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in nodes:
         if isinstance(node, ast.Import):
             for alias in node.names:
                 found.append((_known(alias.name, modules), node.lineno))
@@ -125,6 +146,12 @@ def _known(name, modules):
 def graph():
     modules = module_files()
     return modules, {m: imports(m, p, modules) for m, p in modules.items()}
+
+
+def entry_point_imports():
+    """{module: [(what, lineno)]} of the imports inside `if __name__ == "__main__":` blocks."""
+    modules = module_files()
+    return modules, {m: imports(m, p, modules, entry_points=True) for m, p in modules.items()}
 
 
 def breaches(modules, edges):
@@ -198,6 +225,19 @@ def test_imports_point_down():
     modules, edges = graph()
     found = breaches(modules, edges)
     assert sorted(msg for key, msg in found.items() if key not in ALLOWED) == []
+
+
+def test_entry_points_import_only_the_workbench_from_above():
+    modules, entries = entry_point_imports()
+    above = {}
+    for m, targets in entries.items():
+        for what, line in targets:
+            if what in modules and what not in ENTRY_POINT_IMPORTS and floor_of(what) > floor_of(m):
+                above[(m, what)] = line
+    assert above == {}
+    kernels_with_main = sorted(m for m, ts in entries.items() if m.startswith("minasgd.kernels") and ts)
+    assert kernels_with_main == [f"minasgd.kernels.{op}" for op in
+                                 ("conv", "elementwise", "gemm", "optim", "pool", "reduce", "softmax")]
 
 
 def test_no_import_cycles():

@@ -15,7 +15,9 @@ Every backend offers the same functions, all float32, images NCHW:
                   need_dx=False skips the input gradient and returns dx = None
   pooling     maxpool2d_forward(x, size, stride) -> (y, argmax)
                   floor output size; argmax int32, the index within the (n, c) input plane
-              maxpool2d_backward(dy, argmax, x_shape) -> dx   (overlapping windows accumulate)
+              maxpool2d_backward(dy, argmax, x_shape, size=None, stride=None) -> dx
+                  overlapping windows accumulate; with the window size and stride a backend
+                  may use a deterministic gather (cuda: POOL_BACKWARD_VERSION = "gather")
   relu        relu_forward(x) -> y           relu_backward(dy, y) -> dx
   dropout     dropout_forward(x, p, seed) -> y    dropout_backward(dy, p, seed) -> dx
                   inverted dropout; the mask is `minasgd.kernels.dropout_hash.keep_mask(seed, x.size, p)`

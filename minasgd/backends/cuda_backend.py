@@ -26,6 +26,7 @@ F32 = np.float32
 # Which kernel version the backend uses where a module offers several (see `minasgd.kernels`).
 CONV_VERSION = "tiled"
 GEMM_VERSION = "tiled"
+POOL_BACKWARD_VERSION = "scatter"  # "gather": deterministic (no atomics), needs size and stride
 
 
 def select_device(device=None):
@@ -105,8 +106,11 @@ def maxpool2d_forward(x, size=3, stride=2):
     return pool.maxpool2d_forward(x, size, stride)
 
 
-def maxpool2d_backward(dy, argmax, x_shape):
-    # dy, argmax: (N, C, P, Q) -> dx: (N, C, H, W); windows that overlap add their gradients
+def maxpool2d_backward(dy, argmax, x_shape, size=None, stride=None):
+    # dy, argmax: (N, C, P, Q) -> dx: (N, C, H, W); windows that overlap add their gradients.
+    # With the window size and stride, POOL_BACKWARD_VERSION = "gather" picks the deterministic kernel.
+    if POOL_BACKWARD_VERSION == "gather" and size is not None and stride is not None:
+        return pool.maxpool2d_backward_gather(dy, argmax, tuple(x_shape), size, stride)
     return pool.maxpool2d_backward(dy, argmax, tuple(x_shape))
 
 
