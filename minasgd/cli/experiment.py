@@ -49,7 +49,8 @@ def add_arguments(p):
 
 def cmd_experiment(args, console):
     from ..dashboard import SweepView, experiment_table
-    from ..experiments import report, run_sweep, settings_from
+    from ..experiments import report
+    from ..experiments.runner import run_sweep, settings_from
 
     s = settings_from(args.name, quick=args.quick, **{k: getattr(args, k, None) for k in OVERRIDES})
     exp_dir = Path(args.out or Path("runs") / f"experiment-{s.name}")

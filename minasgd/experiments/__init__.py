@@ -21,7 +21,6 @@ commit it ran on, but finished runs are reused whatever the code). How a sweep i
 computed (time to target, measured and projected speed-up): `analysis.py`.
 """
 
-from .runner import run_sweep, settings_from
-from .sweeps import NAMES, Settings, default_settings, plan
+from .sweeps import NAMES, Settings, default_settings, plan  # the runs themselves: runner.run_sweep
 
-__all__ = ["run_sweep", "settings_from", "NAMES", "Settings", "default_settings", "plan"]
+__all__ = ["NAMES", "Settings", "default_settings", "plan"]
