@@ -564,5 +564,5 @@ def test_bench_cases_all_run_at_tiny_sizes():
 def test_gpu_bench_runs():
     from minasgd import bench_kernels
 
-    result = bench_kernels.run(as_json=True)
+    result = bench_kernels.run()
     assert result["kernels"] and all(r["ours_ms"] > 0 for r in result["kernels"])
