@@ -62,3 +62,9 @@ def sum_over_batch(x, scale=1.0, out=None):
     s = output((k,), x.dtype, out, "sum_over_batch out")
     launch_sum_over_batch(x3, s, scale)
     return s
+
+
+if __name__ == "__main__":  # the workbench: every version vs the NumPy reference, then timed (minasgd/workbench.py)
+    from minasgd.workbench import main
+
+    raise SystemExit(main("reduce"))
