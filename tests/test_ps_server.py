@@ -54,16 +54,20 @@ def test_staleness_is_counted_in_mini_batches_not_updates():
     assert ps.stats()["staleness"] == {"0": 1, "4": 1}
 
 
-def test_server_momentum_keeps_a_push_total_effect():
-    """With the server's own momentum m, its lr is scaled by 1 - m: a push's effect summed over
-    all later updates is still lr * push, so --lr means the same step with or without it."""
-    plain, heavy = make_ps(total_steps=10**9), make_ps(momentum=0.75, total_steps=10**9)  # a flat lr
-    for ps in (plain, heavy):
+def test_server_momentum_is_per_mini_batch():
+    """The server's momentum m decays by m**k for a push of k mini-batches, at lr (1 - m**k) / (1 - m):
+    a gradient's total effect is lr / (1 - m) whatever k is, as in single-process training."""
+    runs = []
+    for k in (1, 4):
+        ps = make_ps(momentum=0.75, total_steps=10**9)  # a flat lr
         wid = ps.join("toy:50:abc", {})
-        ps.push(wid, np.ones(N, np.float32), base_version=ps.version)
-        for _ in range(200):  # zero pushes let the momentum play out
-            ps.push(wid, np.zeros(N, np.float32), base_version=ps.version)
-    np.testing.assert_allclose(heavy.params, plain.params, rtol=1e-5, atol=1e-6)
+        before = ps.params.copy()
+        ps.push(wid, np.ones(N, np.float32), base_version=ps.version, batches=k)
+        for _ in range(400 // k):  # zero pushes let the momentum play out
+            ps.push(wid, np.zeros(N, np.float32), base_version=ps.version, batches=k)
+        runs.append(before - ps.params)
+    np.testing.assert_allclose(runs[0], 0.1 / (1 - 0.75), rtol=1e-4)
+    np.testing.assert_allclose(runs[1], runs[0], rtol=1e-4)
     with pytest.raises(ValueError, match="momentum"):
         make_ps(momentum=1.0)
 

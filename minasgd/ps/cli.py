@@ -28,9 +28,10 @@ def _add_server_arguments(p, bind_default, bind_help):
                         "(default: %(default)s)")
     p.add_argument("--adagrad-lr", type=float, default=D.adagrad_lr,
                    help="the server's Adagrad learning rate (default: %(default)s)")
-    p.add_argument("--server-momentum", type=float, default=D.server_momentum,
-                   help="extra momentum on the server, per push, its lr scaled by 1 - m so a push's "
-                        "total effect stays the same (default: %(default)s)")
+    p.add_argument("--momentum-at", default=D.momentum_at, choices=["worker", "server"],
+                   help="where --momentum lives: each worker's SGD (they push their steps) or one velocity "
+                        "on the server (they push gradients); a gradient's total step is the same "
+                        "(default: %(default)s)")
     p.add_argument("--lr-scaling", default=D.lr_scaling, choices=["none", "workers", "staleness"],
                    help="none: every mini-batch moves as far as in one process; workers: lr / N; "
                         "staleness: a push of k mini-batches, s stale, moves k / (k + s) as far "

@@ -48,15 +48,16 @@ class PsOptions:
     npush: int | None = None
     sync: bool = False  # the bulk-synchronous baseline instead of async
     optimizer: str = "sgd"  # the server's: sgd or adagrad (Downpour SGD's)
-    # Extra momentum on the server, per push, on top of the workers' --momentum. 0: asynchrony
-    # already acts like momentum (Mitliagkas et al. 2016, "Asynchrony begets momentum"); see
-    # docs/paper.md for the sweep that chose it.
-    server_momentum: float = 0.0
-    lr_scaling: str = "none"  # none | workers (lr / N) | staleness (each push's lr * k / (k + staleness))
-    # workers: each of N workers runs momentum m**N with lr * (1 - m**N) / (1 - m), so momentum's
+    # Where --momentum lives: "worker" (each worker's local SGD; they push their steps) or "server"
+    # (one velocity on the server, decaying per mini-batch; workers push gradients). Either way a
+    # gradient moves the parameters lr / (1 - m) in total, as in one process. See docs/paper.md
+    # for the sweep that chose the default.
+    momentum_at: str = "worker"
+    # worker: each of N workers runs momentum m**N with lr * (1 - m**N) / (1 - m), so momentum's
     # time constant, counted in the run's mini-batches, and each gradient's total step are those of
     # one process with momentum m (N workers step N times as often as one); none: m as given.
     momentum_scaling: str = "workers"
+    lr_scaling: str = "none"  # none | workers (lr / N) | staleness (each push's lr * k / (k + staleness))
     adagrad_lr: float = 0.01  # the server's Adagrad lr (--lr is SGD's; Adagrad's steps have another scale)
     transport: str = "tcp"  # tcp: sockets, worker processes started here; mpi: ranks of `mpiexec` (minasgd.ps.mpi)
     bind: str | None = None  # HOST:PORT; default: a free loopback port
@@ -86,14 +87,18 @@ def create_server(cfg, opts, model, train_size, run):
         raise ValueError(f"unknown --lr-scaling {opts.lr_scaling!r}; choose one of {', '.join(LR_SCALINGS)}")
     if opts.momentum_scaling not in ("none", "workers"):
         raise ValueError(f"unknown --momentum-scaling {opts.momentum_scaling!r}; choose none or workers")
-    sgd = opts.optimizer == "sgd"
+    if opts.momentum_at not in ("worker", "server"):
+        raise ValueError(f"unknown --momentum-at {opts.momentum_at!r}; choose worker or server")
+    sgd, on_server = opts.optimizer == "sgd", opts.momentum_at == "server"
     momentum, lr_scale = worker_momentum(cfg.momentum, opts.workers if opts.momentum_scaling == "workers" else 1)
+    if on_server:
+        momentum, lr_scale = 0.0, 1.0
     if opts.lr_scaling == "workers":
         lr_scale /= opts.workers
     ps = ParameterServer(
         model.get_params(), model_name=model.name, fingerprint=model.fingerprint(), total_steps=total_steps,
         lr=cfg.lr if sgd else opts.adagrad_lr, warmup_steps=cfg.warmup_steps, optimizer=opts.optimizer,
-        momentum=opts.server_momentum, lr_scale=lr_scale if sgd else 1.0,
+        momentum=cfg.momentum if sgd and on_server else 0.0, lr_scale=lr_scale if sgd else 1.0,
         sync=opts.sync, staleness_lr=opts.lr_scaling == "staleness", expected_workers=opts.workers,
         checkpoint_path=run.model_path, checkpoint_every=opts.checkpoint_every,
         eval_every_steps=max(1, round(opts.eval_every * steps_per_epoch)),

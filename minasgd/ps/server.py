@@ -15,16 +15,19 @@ The rules:
 - `version` counts the updates applied; `steps` counts the mini-batches behind them. The
   learning rate follows single-process training's warm-up + cosine schedule over `steps`, and
   training is over when `steps` reaches `total_steps`.
-- A push is the SUM of the steps a worker took over `batches` mini-batches, divided by its lr
-  (its momentum "velocities", weight decay included; see `minasgd.ps.worker`). The server
-  subtracts lr * push, where lr is the run's schedule at the server's step count: so with one
-  worker the server follows single-process training's path exactly, whatever nsync is, and with
-  N workers every mini-batch moves the parameters as far as in one process. That is the one
-  meaning of --lr and --momentum everywhere.
-- Optional extras on top: `momentum` (the server's own, per push; default 0, because asynchrony
-  already acts like momentum, Mitliagkas et al. 2016) with its lr scaled by (1 - momentum) so a
-  push's total effect stays lr * push; `lr_scale` (e.g. 1/N for N workers); and Adagrad, as
-  Downpour SGD had on its server (then pushes are plain gradient sums and lr is Adagrad's).
+- Where the momentum lives (`--momentum-at`), with one meaning of --lr and --momentum m either
+  way: every mini-batch's gradient moves the parameters lr / (1 - m) in total, spread over the
+  following mini-batches exactly as in single-process training.
+  - worker: each worker runs the trainer's SGD with momentum locally and pushes the SUM of the
+    steps it took, divided by its lr (its "velocities", weight decay included; see
+    `minasgd.ps.worker`). The server subtracts lr * push: with one worker it follows
+    single-process training's path exactly, whatever nsync is.
+  - server: workers push plain gradient sums; the server keeps ONE velocity for everyone, which
+    decays by m per mini-batch (m**k for a push of k): v = m**k v + push, w -= lr_k v, with
+    lr_k = lr (1 - m**k) / (1 - m). With nsync 1 that is single-process momentum SGD, fed by
+    several workers.
+  Extra scalings on top: `lr_scale` (e.g. 1/N for N workers), and Adagrad, as Downpour SGD had
+  on its server (then pushes are plain gradient sums and lr is Adagrad's).
 - Staleness is counted in mini-batches: the server's step count now minus its step count when
   the worker fetched the parameters it computed from. With `staleness_lr` a push of k
   mini-batches that is s mini-batches stale moves k / (k + s) as far (1 with one worker; about
@@ -86,14 +89,12 @@ class ParameterServer:
         self.total_steps, self.base_lr, self.warmup_steps = total_steps, lr, warmup_steps
         self.sync, self.staleness_lr, self.lr_scale = sync, staleness_lr, lr_scale
         self.optimizer_name = optimizer
-        # Weight decay is already in the pushes, so the server adds none. The server's own
-        # momentum m multiplies a push's total effect by 1 / (1 - m); its lr is scaled by (1 - m)
-        # to undo that, so --lr means the same step with or without it.
-        self.momentum_scale = 1.0
+        # Weight decay is already in the pushes, so the server adds none. `momentum` is per
+        # mini-batch: a push of k mini-batches decays the velocity by momentum**k.
+        self.momentum = momentum
         if optimizer == "sgd":
             if not 0.0 <= momentum < 1.0:
                 raise ValueError(f"server momentum must be in [0, 1), got {momentum}")
-            self.momentum_scale = 1.0 - momentum
             self.optimizer = SGD(numpy_backend, self.num_params, momentum=momentum, weight_decay=0.0)
         else:
             self.optimizer = Adagrad(numpy_backend, self.num_params)
@@ -151,7 +152,10 @@ class ParameterServer:
 
     def step_lr(self, batches, staleness):
         """The lr this update is applied with (the caller holds the lock)."""
-        lr = self.lr() * self.lr_scale * self.momentum_scale
+        lr = self.lr() * self.lr_scale
+        if self.optimizer_name == "sgd" and self.momentum and batches > 1:
+            # velocity decays m**k per push of k: lr_k = lr (1 - m**k) / (1 - m) keeps a gradient's total
+            lr *= (1.0 - self.momentum**batches) / (1.0 - self.momentum)
         if self.staleness_lr:
             lr *= batches / (batches + staleness)
         return lr
@@ -277,6 +281,8 @@ class ParameterServer:
     def _apply(self, grad, lr, batches):
         """One optimizer update (the caller holds the lock)."""
         # BEGIN SOLUTION task 6.1: one optimizer step of self.params with grad at this lr (self.optimizer.step), then count it: version + 1, steps + batches (mini-batches in the push)
+        if self.optimizer_name == "sgd":
+            self.optimizer.momentum = self.momentum**batches  # per mini-batch, m**k for a push of k
         self.optimizer.step(self.params, grad, lr)
         self.version += 1
         self.steps += batches
