@@ -144,3 +144,18 @@ def test_one_worker_follows_single_process_training(nsync):
         assert np.array_equal(ps.params, expected), np.abs(ps.params - expected).max()
     else:  # the server adds 3 steps at once: float32 rounding differs
         np.testing.assert_allclose(ps.params, expected, rtol=0, atol=1e-6)
+
+
+def test_worker_momentum_keeps_the_step_per_gradient_and_the_delay():
+    from minasgd.ps.launcher import worker_momentum
+
+    assert worker_momentum(0.9, 1, 4) == (0.9, 1.0)  # one worker: exactly the trainer's SGD
+    for scaling in ("staleness", "workers", "none"):
+        for workers, nsync in [(2, 1), (2, 4), (4, 1), (8, 16)]:
+            m_w, factor = worker_momentum(0.9, workers, nsync, scaling)
+            assert 0.0 <= m_w <= 0.9
+            assert 0.02 * factor / (1 - m_w) == pytest.approx(0.02 / (1 - 0.9))  # total step per gradient
+    assert worker_momentum(0.9, 2, 4, "workers")[0] == pytest.approx(0.81)  # decays once per N mini-batches
+    # staleness (N - 1) x nsync = 4 mini-batches leaves 10 - 4 = 6 for momentum: (1 - 1/6)**2
+    assert worker_momentum(0.9, 2, 4, "staleness")[0] == pytest.approx((5 / 6) ** 2)
+    assert worker_momentum(0.9, 2, 16, "staleness")[0] == 0.0  # staleness alone is longer than the delay

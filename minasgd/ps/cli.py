@@ -36,10 +36,10 @@ def _add_server_arguments(p, bind_default, bind_help):
                    help="none: every mini-batch moves as far as in one process; workers: lr / N; "
                         "staleness: a push of k mini-batches, s stale, moves k / (k + s) as far "
                         "(default: %(default)s)")
-    p.add_argument("--momentum-scaling", default=D.momentum_scaling, choices=["none", "workers"],
-                   help="workers: N workers each run momentum m**N at lr * (1 - m**N) / (1 - m), keeping one "
-                        "process's momentum time constant and step per gradient; none: each runs --momentum "
-                        "(default: %(default)s)")
+    p.add_argument("--momentum-scaling", default=D.momentum_scaling, choices=["staleness", "workers", "none"],
+                   help="each worker's momentum from --momentum m, keeping a gradient's total step: staleness: "
+                        "momentum delay plus staleness equal one process's delay; workers: m**N (staleness "
+                        "aside); none: m (default: %(default)s)")
     p.add_argument("--bind", metavar="HOST:PORT", default=bind_default, help=bind_help)
     p.add_argument("--token", default=os.environ.get("MINASGD_TOKEN"),
                    help="shared secret workers must prove (default: $MINASGD_TOKEN); needed to bind "

@@ -53,10 +53,11 @@ class PsOptions:
     # gradient moves the parameters lr / (1 - m) in total, as in one process. See docs/paper.md
     # for the sweep that chose the default.
     momentum_at: str = "worker"
-    # worker: each of N workers runs momentum m**N with lr * (1 - m**N) / (1 - m), so momentum's
-    # time constant, counted in the run's mini-batches, and each gradient's total step are those of
-    # one process with momentum m (N workers step N times as often as one); none: m as given.
-    momentum_scaling: str = "workers"
+    # How each worker's momentum is set from --momentum m (the run keeps a gradient's total step
+    # lr / (1 - m) either way; `worker_momentum`): "staleness" (default, chosen by the sweep in
+    # docs/paper.md) also subtracts the delay that staleness adds; "workers" keeps one process's
+    # time constant only; "none" runs m as given in every worker.
+    momentum_scaling: str = "staleness"
     lr_scaling: str = "none"  # none | workers (lr / N) | staleness (each push's lr * k / (k + staleness))
     adagrad_lr: float = 0.01  # the server's Adagrad lr (--lr is SGD's; Adagrad's steps have another scale)
     transport: str = "tcp"  # tcp: sockets, worker processes started here; mpi: ranks of `mpiexec` (minasgd.ps.mpi)
@@ -72,6 +73,7 @@ class PsOptions:
 
 
 LR_SCALINGS = ("none", "workers", "staleness")
+MOMENTUM_SCALINGS = ("staleness", "workers", "none")
 
 
 class WorkersGone(ChildProcessError):
@@ -85,12 +87,13 @@ def create_server(cfg, opts, model, train_size, run):
     steps_per_epoch, total_steps = count_steps(cfg, train_size)
     if opts.lr_scaling not in LR_SCALINGS:
         raise ValueError(f"unknown --lr-scaling {opts.lr_scaling!r}; choose one of {', '.join(LR_SCALINGS)}")
-    if opts.momentum_scaling not in ("none", "workers"):
-        raise ValueError(f"unknown --momentum-scaling {opts.momentum_scaling!r}; choose none or workers")
+    if opts.momentum_scaling not in MOMENTUM_SCALINGS:
+        raise ValueError(f"unknown --momentum-scaling {opts.momentum_scaling!r}; "
+                         f"choose one of {', '.join(MOMENTUM_SCALINGS)}")
     if opts.momentum_at not in ("worker", "server"):
         raise ValueError(f"unknown --momentum-at {opts.momentum_at!r}; choose worker or server")
     sgd, on_server = opts.optimizer == "sgd", opts.momentum_at == "server"
-    momentum, lr_scale = worker_momentum(cfg.momentum, opts.workers if opts.momentum_scaling == "workers" else 1)
+    momentum, lr_scale = worker_momentum(cfg.momentum, opts.workers, opts.nsync, opts.momentum_scaling)
     if on_server:
         momentum, lr_scale = 0.0, 1.0
     if opts.lr_scaling == "workers":
@@ -110,12 +113,26 @@ def create_server(cfg, opts, model, train_size, run):
     return ps
 
 
-def worker_momentum(momentum, workers):
-    """(each worker's momentum, lr factor) so that `workers` workers together keep one process's
-    momentum time constant (in mini-batches) and each gradient's total step lr / (1 - momentum)."""
-    if workers == 1 or momentum == 0:
+def worker_momentum(momentum, workers, nsync=1, scaling="staleness"):
+    """(each worker's momentum, lr factor) for N = `workers` workers and momentum m.
+
+    One process with momentum m delays a gradient's effect by T = 1 / (1 - m) mini-batches on
+    average (10 for m = 0.9). N workers each run their own momentum and step in turn, so a worker's
+    velocity decays once every N of the run's mini-batches: momentum m_w in each worker delays by
+    about N / (1 - m_w) mini-batches. Staleness adds its own delay ("asynchrony begets momentum",
+    Mitliagkas et al. 2016): a push is s = (N - 1) x nsync mini-batches stale. So:
+      "workers":   m_w = m**N                          the same delay as one process, staleness aside
+      "staleness": m_w = (1 - 1 / (T - s))**N, 0 when s >= T - 1: momentum delay + staleness = T
+      "none":      m_w = m
+    The lr factor (1 - m_w) / (1 - m) keeps every gradient's total step lr / (1 - m).
+    """
+    if scaling == "none" or workers == 1 or momentum == 0:
         return momentum, 1.0
-    per_worker = momentum**workers
+    if scaling == "workers":
+        per_worker = momentum**workers
+    else:
+        delay, stale = 1.0 / (1.0 - momentum), (workers - 1) * nsync
+        per_worker = (1.0 - 1.0 / (delay - stale)) ** workers if delay - stale > 1.0 else 0.0
     return per_worker, (1.0 - per_worker) / (1.0 - momentum)
 
 
