@@ -9,6 +9,7 @@
     reduce       sums over batch (and pixels): bias gradients, the mean loss
     softmax      softmax + cross-entropy: one thread per row, max-subtracted
     optim        SGD with momentum and weight decay over the flat parameter vector
+    racecheck    a race checker for the CUDA simulator (missing atomics, missing syncthreads)
 
 Each module has the same layout: the kernels (naive first, then optimized), then the host
 launchers that pick the grid and block, then the public functions that `minasgd.backends.cuda_backend`
