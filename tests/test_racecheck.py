@@ -16,17 +16,9 @@ import numpy as np
 import pytest
 from numba import cuda, float32
 
-from minasgd.kernels import conv, elementwise, gemm, optim, pool, racecheck, reduce, softmax
+from kernel_workload import KERNEL_MODULES, dev, every_kernel, kernel_names
 from minasgd.backends import cuda_backend as be
-
-KERNEL_MODULES = (conv, elementwise, gemm, optim, pool, reduce, softmax)
-
-
-def kernel_names(module):
-    """Every `@cuda.jit` kernel (not device function) defined in a module's source."""
-    src = inspect.getsource(module)
-    return {name for args, name in re.findall(r"@cuda\.jit\(([^)]*)\)\s*\n\s*def (\w+)", src)
-            if "device=True" not in args}
+from minasgd.kernels import conv, gemm, pool, racecheck
 
 
 def planted(module, old, new):
@@ -45,10 +37,6 @@ def planted(module, old, new):
     return mod
 
 
-def dev(rng, *shape):
-    return be.asarray(rng.standard_normal(shape).astype(np.float32))
-
-
 def race_message(fn):
     with racecheck.checking() as races:
         fn()
@@ -61,36 +49,10 @@ def race_message(fn):
 
 def test_every_kernel_runs_clean(rng):
     """A tiny training step through the backend, plus every other kernel version, under the checker."""
-    x = dev(rng, 2, 2, 5, 5)
-    w, b = dev(rng, 3, 2, 3, 3), dev(rng, 3)
-    w2, b2 = dev(rng, 4, 12), dev(rng, 4)
-    labels = np.array([1, 3], dtype=np.int32)
     with racecheck.checking() as races:
-        y = be.conv2d_forward(x, w, b, 1, 1)  # (2, 3, 5, 5)
-        r = be.relu_forward(y)
-        p, am = be.maxpool2d_forward(r, 3, 2)  # (2, 3, 2, 2)
-        h = be.dropout_forward(p.reshape(2, 12), 0.5, 7)
-        logits = be.linear_forward(h, w2, b2)
-        loss, dlogits = be.softmax_cross_entropy(logits, labels)
-        dh, dw2, db2 = be.linear_backward(dlogits, h, w2)
-        dp = be.dropout_backward(dh, 0.5, 7).reshape(2, 3, 2, 2)
-        dr = be.maxpool2d_backward(dp, am, r.shape)
-        dy = be.relu_backward(dr, r)
-        dx, dw, db = be.conv2d_backward(dy, x, w, 1, 1)
-        be.sgd_update(w2.reshape(48), dw2.reshape(48), be.zeros(48), 0.1, 0.9, 1e-4)
-        be.axpy(b2, 0.5, db2)
-        # the other versions and tile sizes
-        conv.conv2d_forward(x, w, b, 2, 1, version="naive")
-        conv.conv2d_forward(x, w, b, 1, 0, version="tiled", tile=4)
-        conv.conv2d_backward_filter(dy, x, w.shape, 1, 1, tile=4, splits=3)
-        pool.maxpool2d_backward_gather(dp, am, r.shape, 3, 2)
-        for version in gemm.VERSIONS:
-            for ta, tb in [(False, False), (True, False), (False, True), (True, True)]:
-                a = dev(rng, 7, 5) if ta else dev(rng, 5, 7)
-                bb = dev(rng, 6, 7) if tb else dev(rng, 7, 6)
-                gemm.gemm(a, bb, ta, tb, bias=dev(rng, 6), version=version, tile=4)
+        every_kernel(rng, tile=4)
     races.assert_clean()
-    missing = set().union(*map(kernel_names, KERNEL_MODULES)) - set(races.launched)
+    missing = kernel_names(KERNEL_MODULES) - set(races.launched)
     assert not missing, f"kernels never run under the race checker: {sorted(missing)}"
 
 
