@@ -13,6 +13,11 @@ against its steady state.
 
 Timings need a real NVIDIA GPU. Under the CUDA simulator, or without a GPU, `run` prints one
 line saying so and times nothing: simulator timings are meaningless.
+
+`minasgd bench kernels --static` needs no GPU: every kernel and version, compiled offline for
+sm_80 (A100) and sm_90 (H100) (see `minasgd.kernels.resources`): registers per thread, static
+shared memory, spills, the block size its launcher uses, and the theoretical occupancy those
+allow. docs/gpu.md explains the numbers and which kernel is limited by what.
 """
 
 import json
@@ -281,10 +286,12 @@ def first_call_vs_steady(cases):
 SWEPT = ("conv2 forward", "fc1 forward y = x w^T + b")
 
 
-def tile_sweep(tiles=(8, 16, 32), net=ALEXNET_MINI, batch=BATCH):
+def tile_sweep(tiles=None, net=ALEXNET_MINI, batch=BATCH):
     """The SWEPT kernels with tile x tile thread blocks, for each tile size."""
+    from minasgd.kernels.common import TILES
+
     rows = []
-    for tile in tiles:
+    for tile in tiles or TILES:  # the compile check covers exactly these tile sizes
         row = {"tile": tile}
         for case in build_cases(net, batch, tile=tile):
             if case.name in SWEPT:
@@ -315,8 +322,95 @@ def no_gpu_reason():
     return None
 
 
-def run(as_json=False, backend_device=None):
-    """Time every kernel (see the module docstring); print a table, or JSON; return the results."""
+# ---------------------------------------------------------------- static: what the hardware sees
+
+STATIC_ARCHS = ("sm_80", "sm_90")
+PER_ARCH = ("registers", "smem", "spill_stores", "spill_loads", "f64", "blocks_per_sm", "active_warps",
+            "max_warps", "occupancy", "limit", "error")
+
+
+def static_rows(archs=STATIC_ARCHS):
+    """One row per kernel and version (and tile size): threads per block, and per arch the
+    registers, static shared memory, spills, float64 instructions and theoretical occupancy.
+    Compiles offline (no GPU needed; NVVM and ptxas are: raises `resources.ToolchainMissing`)."""
+    from minasgd.kernels import resources
+
+    rows = {}
+    for r in resources.report(archs):
+        row = rows.setdefault(r["name"], {"kernel": r["name"], "version": r["version"], "threads": r["threads"],
+                                          "argtypes": r["argtypes"], "archs": {}})
+        row["archs"][r["arch"]] = {k: r[k] for k in PER_ARCH if k in r}
+    return list(rows.values())
+
+
+def run_static(as_json=False):
+    """`--static`: print the table (or JSON); return the result ({"skipped": why} without the compiler)."""
+    from minasgd.kernels import resources
+
+    try:
+        result = {"archs": list(STATIC_ARCHS), "kernels": static_rows()}
+    except resources.ToolchainMissing as e:
+        result = {"skipped": str(e)}
+        print(json.dumps(result) if as_json else str(e))
+        return result
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        _print_static(result)
+    return result
+
+
+SHORT_LIMIT = {"blocks": "blocks", "warps": "warps", "registers": "regs", "smem": "smem"}
+
+
+def _print_static(result):
+    from rich.console import Console
+    from rich.table import Table
+
+    archs = result["archs"]
+    table = Table(title="minasgd kernels as the hardware sees them (compiled offline, no GPU needed)")
+    for col in ("kernel", "version", "threads"):
+        table.add_column(col, justify="right" if col == "threads" else "left", overflow="fold")
+    for arch in archs:
+        table.add_column(f"regs {arch}", justify="right")
+    for col in ("smem", "spills", "f64"):
+        table.add_column(col, justify="right")
+    for arch in archs:
+        table.add_column(f"occupancy {arch}", justify="right")
+    for row in result["kernels"]:
+        per = [row["archs"][a] for a in archs]
+        if any("error" in p for p in per):
+            table.add_row(row["kernel"], row["version"], str(row["threads"]),
+                          *["[red]error[/]"] * (2 * len(archs) + 3))
+            continue
+        spills = max(p["spill_stores"] + p["spill_loads"] for p in per)
+        f64 = max(p["f64"] for p in per)
+        table.add_row(
+            row["kernel"], row["version"], str(row["threads"]),
+            *(str(p["registers"]) for p in per),
+            f"{per[0]['smem'] / 1024:.1f} KB" if per[0]["smem"] else "0",
+            f"[red]{spills} B[/]" if spills else "0",
+            f"[red]{f64}[/]" if f64 else "0",
+            *(f"{p['occupancy']:.0%} {SHORT_LIMIT[p['limit']]}" for p in per))
+    console = Console()
+    console.print(table)
+    console.print("occupancy: resident warps per SM / the maximum 64, limited by: blocks (32 blocks per SM), "
+                  "warps (64 per SM), regs (the 65,536-register file) or smem (shared memory). See docs/gpu.md.")
+    for row in result["kernels"]:
+        for arch, p in row["archs"].items():
+            if "error" in p:
+                console.print(f"[red]{row['kernel']} on {arch}: {p['error']}[/]")
+
+
+# ---------------------------------------------------------------- run
+
+def run(as_json=False, backend_device=None, static=False):
+    """Time every kernel (see the module docstring); print a table, or JSON; return the results.
+
+    static=True reports the offline-compile numbers instead (`run_static`): no GPU needed.
+    """
+    if static:
+        return run_static(as_json)
     reason = no_gpu_reason()
     if reason:
         result = {"skipped": reason}

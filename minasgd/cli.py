@@ -161,10 +161,8 @@ def cmd_bench(args, console):
     if args.what == "kernels":
         from . import bench_kernels
 
-        result = bench_kernels.run(as_json=args.json, backend_device=args.gpu)
-        if args.json:
-            print(json.dumps(result, indent=2))
-        return 0
+        result = bench_kernels.run(as_json=args.json, backend_device=args.gpu, static=args.static)
+        return 2 if args.static and "skipped" in result else 0
     raise AssertionError(args.what)
 
 
@@ -215,6 +213,8 @@ def build_parser():
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--gpu", type=int, default=None)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--static", action="store_true",
+                   help="kernels: registers, shared memory, spills and occupancy from an offline compile (no GPU needed)")
     ps_cli.add_bench_arguments(p)
     p.set_defaults(func=cmd_bench)
 

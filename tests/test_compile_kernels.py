@@ -128,3 +128,37 @@ def test_occupancy_limits():
     # tiny blocks hit the 32-blocks-per-SM limit: 32 blocks of one warp = 50%.
     assert resources.occupancy(16, 0, 32, "sm_80") == dict(
         blocks_per_sm=32, active_warps=32, max_warps=64, occupancy=0.5, limit="blocks")
+
+
+# ---------------------------------------------------------------- minasgd bench kernels --static
+
+def test_static_table_has_every_kernel(compiled, monkeypatch, capsys):
+    """The table and JSON from the rows compiled above (no second compile)."""
+    from minasgd import cli
+
+    archs = bench_kernels.STATIC_ARCHS
+    monkeypatch.setattr(resources, "report", lambda a: [r for r in compiled if r["arch"] in a])
+    assert cli.main(["bench", "kernels", "--static", "--json"]) == 0
+    import json
+
+    result = json.loads(capsys.readouterr().out)
+    assert [r["kernel"] for r in result["kernels"]] == [s.name for s in resources.all_signatures()]
+    for row in result["kernels"]:
+        for arch in archs:
+            p = row["archs"][arch]
+            assert 0 < p["occupancy"] <= 1 and p["limit"] in ("blocks", "warps", "registers", "smem")
+    assert cli.main(["bench", "kernels", "--static"]) == 0
+    out = capsys.readouterr().out
+    assert "sm_90" in out and "gemm_naive" in out
+
+
+def test_static_without_the_compiler_says_so_in_one_line(monkeypatch, capsys):
+    from minasgd import cli
+
+    def missing(archs):
+        raise resources.ToolchainMissing(resources.MISSING)
+
+    monkeypatch.setattr(resources, "report", missing)
+    assert cli.main(["bench", "kernels", "--static"]) == 2
+    out = capsys.readouterr().out.strip()
+    assert out.count("\n") == 0 and "gpu-compile" in out
