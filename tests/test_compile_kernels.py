@@ -147,9 +147,12 @@ def test_static_table_has_every_kernel(compiled, monkeypatch, capsys):
         for arch in archs:
             p = row["archs"][arch]
             assert 0 < p["occupancy"] <= 1 and p["limit"] in ("blocks", "warps", "registers", "smem")
+    monkeypatch.setenv("COLUMNS", "200")  # one line per row
     assert cli.main(["bench", "kernels", "--static"]) == 0
     out = capsys.readouterr().out
-    assert "sm_90" in out and "gemm_naive" in out
+    assert "occupancy sm_90" in out
+    for s in resources.all_signatures():
+        assert s.name in out
 
 
 def test_static_without_the_compiler_says_so_in_one_line(monkeypatch, capsys):
