@@ -61,6 +61,8 @@ def _train_config(args):
 def cmd_train(args, console):
     # One process unless workers are asked for (or this is a rank of an MPI job).
     if args.workers == 0 or (args.workers is None and args.transport == "tcp"):
+        if getattr(args, "resume", None):
+            raise ValueError("--resume continues a parameter-server run: give --workers N too")
         from .train import train
 
         train(_train_config(args), console=console)

@@ -148,7 +148,7 @@ CONVERSATION = textwrap.dedent("""
     else:
         client = MpiClient(comm, timeout=20)
         assert client.server_hello["num_params"] == N and client.shard is None
-        config = client.hello(FP, {"name": f"hand {rank}"})
+        config = client.hello(FP, {"name": f"hand {rank}", "npush": 3})
         params = np.zeros(N, np.float32)
         version = client.fetch_into(params)
         assert np.allclose(params, np.arange(N) / N), "fetched parameters differ"

@@ -28,8 +28,9 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
-from .. import backends
+from .. import backends, checkpoint
 from ..progress import TrainProgress
 from ..rundir import RunDir, default_run_dir
 from ..train import build_model, load_dataset
@@ -60,6 +61,11 @@ class PsOptions:
     timeout: float = 120.0  # seconds of silence before a worker is dropped
     checkpoint_every: float = 60.0  # seconds
     eval_every: float = 1.0  # epochs' worth of mini-batches between test evaluations
+    max_connections: int = 256  # connections at once; more are refused with ERROR
+    handshake_timeout: float = 10.0  # seconds, in total, a new connection has to finish HELLO
+    round_timeout: float | None = None  # sync: seconds a round waits for a worker (default: timeout)
+    reconnect: float = 60.0  # seconds a worker keeps trying to reach a server that went away
+    resume: str | None = None  # RUN_DIR: continue the run whose full-state model.npz is there
 
     @classmethod
     def from_args(cls, args):
@@ -85,27 +91,41 @@ def create_server(cfg, opts, model, train_size, run):
         lr=cfg.lr, warmup_steps=cfg.warmup_steps, optimizer=opts.optimizer, momentum=opts.server_momentum,
         sync=opts.sync, staleness_lr=opts.staleness_lr, expected_workers=opts.workers, checkpoint_path=run.model_path,
         checkpoint_every=opts.checkpoint_every,
+        round_timeout=opts.round_timeout if opts.round_timeout is not None else opts.timeout,
         worker_config={"model": model.name, "dataset": cfg.dataset, "batch_size": cfg.batch_size,
                        "nsync": opts.nsync, "weight_decay": cfg.weight_decay, "seed": cfg.seed,
                        "train_limit": cfg.train_limit})
+    if opts.resume:
+        resume_server(ps, opts.resume)
     return ps
+
+
+def resume_server(ps, run_dir):
+    """Load RUN_DIR/model.npz (a full-state checkpoint) into `ps`; one clear line if it cannot."""
+    path = RunDir.model_path_in(run_dir)
+    try:
+        ps.resume(checkpoint.load(path, expect_fingerprint=ps.fingerprint))
+    except (checkpoint.CheckpointError, ValueError) as e:
+        raise ValueError(f"--resume {run_dir}: {e}") from None
 
 
 def start_server(cfg, opts, model, train_size, run, listener):
     """Create the ParameterServer for this config and serve it on `listener`; returns (ps, tcp)."""
     ps = create_server(cfg, opts, model, train_size, run)
-    return ps, TcpServer(ps, listener, token=opts.token, timeout=opts.timeout).start()
+    return ps, TcpServer(ps, listener, token=opts.token, timeout=opts.timeout, max_connections=opts.max_connections,
+                         handshake_timeout=opts.handshake_timeout).start()
 
 
 # ------------------------------------------------------------------ the workers
 
-def worker_process(index, address, token, shard_x, shard_y, backend, gpu, nsync, nfetch, npush):
+def worker_process(index, address, token, shard_x, shard_y, backend, gpu, nsync, nfetch, npush, reconnect=0.0):
     """The body of one worker process: connect, train, exit 0 (or 1 with a one-line error)."""
     from .tcp import ServerError, TcpClient
     from .worker import connect_and_train
 
     try:
-        client = TcpClient(address, token)
+        client = TcpClient(address, token, reconnect=reconnect,
+                           say=lambda text: print(f"minasgd worker {index + 1}: {text}", file=sys.stderr, flush=True))
         connect_and_train(client, backend=backend, gpu=gpu, shard=(shard_x, shard_y), nsync=nsync,
                           nfetch=nfetch, npush=npush, name=f"pid {os.getpid()}")
     except KeyboardInterrupt:
@@ -175,7 +195,7 @@ def start_workers(address, token, shards, backend, gpus, opts):
         for i, (shard, gpu) in enumerate(zip(shards, gpus)):
             p = ctx.Process(target=worker_process, name=f"minasgd-worker-{i + 1}", daemon=True,
                             args=(i, address, token, shard.train_x, shard.train_y, backend, gpu,
-                                  opts.nsync, opts.nfetch, opts.npush))
+                                  opts.nsync, opts.nfetch, opts.npush, opts.reconnect))
             p.start()
             processes.append(p)
     return processes
@@ -226,7 +246,13 @@ def run_server(cfg, opts, console=None, dataset=None, local_workers=0):
         backend, gpus = assign_devices(cfg.backend, cfg.gpu, local_workers)
         ds = dataset or load_dataset(cfg)
         eval_model = build_model(cfg, backends.get("numpy"), progress.console)  # the server's side is NumPy
-        run = RunDir(cfg.out or default_run_dir("train" if local_workers else "serve"))
+        if opts.resume and cfg.out and Path(cfg.out) != Path(opts.resume):
+            raise ValueError("--resume continues the run in RUN_DIR: leave out --out")
+        if opts.resume and cfg.init:
+            raise ValueError("--resume and --init exclude each other (--init: parameters only, a new run)")
+        if opts.resume and not RunDir.model_path_in(opts.resume).is_file():
+            raise ValueError(f"--resume {opts.resume}: no model.npz there to resume from")
+        run = RunDir(opts.resume or cfg.out or default_run_dir("train" if local_workers else "serve"))
         ps, tcp = start_server(cfg, opts, eval_model, len(ds.train_y), run, listener)
     except BaseException:
         listener.close()
@@ -235,6 +261,8 @@ def run_server(cfg, opts, console=None, dataset=None, local_workers=0):
     progress.say(f"parameter server on {tcp.address_text} ({ps.mode}, {opts.optimizer}, nsync {opts.nsync}); "
                  f"{who}; model {eval_model.name}: {eval_model.num_params:,} parameters; "
                  f"dataset {ds.name}: {len(ds.train_y):,} train / {len(ds.test_y):,} test; run dir {run.path}")
+    if ps.resumed_from:
+        progress.say(f"resumed from {run.model_path}: version {ps.version}, step {ps.steps}/{ps.total_steps}")
 
     steps_per_epoch = len(ds.train_y) // cfg.batch_size
     monitor = Monitor(ps, run, eval_model, ds.test_x, ds.test_y, steps_per_epoch, cfg.batch_size,
