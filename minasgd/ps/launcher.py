@@ -279,6 +279,7 @@ def run_server(cfg, opts, console=None, dataset=None, local_workers=0):
     finally:  # also on Ctrl-C and errors: stop everything, keep a checkpoint
         ps.stop()  # from here on every request hears "done"
         stop_workers(processes, grace=15.0 if finished else 2.0)
+        wait_for_goodbyes(ps, grace=5.0 if finished else 0.5)
         tcp.close()
         ps.checkpoint()
         if not finished:
@@ -289,6 +290,14 @@ def run_server(cfg, opts, console=None, dataset=None, local_workers=0):
     return finish_run(cfg, opts, progress, monitor, run, eval_model, ds, backend=backend,
                       device=f"{local_workers} local worker processes",
                       workers=local_workers, address=tcp.address_text)
+
+
+def wait_for_goodbyes(ps, grace):
+    """Give connected workers (ours or `minasgd work` elsewhere) up to `grace` seconds to hear
+    "done" and say BYE, so none mistakes the end of the run for a server that went away."""
+    deadline = time.monotonic() + grace
+    while ps.live_ids() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def watch(ps, monitor, worker_exits, what="exit codes", stop=None):
