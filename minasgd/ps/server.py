@@ -61,6 +61,7 @@ MAX_INT = 2**53  # reported integers and floats stay below this (exact in a floa
 # The numbers a worker may report in STATS (anything else is refused), and their types.
 STATS_FIELDS = {"loss": float, "steps": int, "images": int, "pushes": int, "fetches": int,
                 "images_per_second": float, "lr": float, "seconds": float, "reconnects": int}
+FINISHED = "training is already finished"  # the refusal a (re)joining worker gets at the end
 CHECKPOINT_FORMAT = 2  # meta["format"] of a full-state checkpoint (docs/checkpoint.md)
 
 
@@ -240,7 +241,7 @@ class ParameterServer:
         npush = self._allowed_npush(info)
         with self.cond:
             if self.done:
-                raise Refused("training is already finished")
+                raise Refused(FINISHED)
             wid, self.next_id = self.next_id, self.next_id + 1
             self.workers[wid] = WorkerState(wid, clean_name(info.get("name", ""), f"worker {wid}"), npush)
             self.log(f"worker {wid} ({self.workers[wid].name}) joined")

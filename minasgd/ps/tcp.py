@@ -46,7 +46,7 @@ import numpy as np
 
 from .protocol import (ConnectionClosed, FrameTooLarge, Msg, ProtocolError, Receiver, clip, send_frame,
                        send_json)
-from .server import Refused
+from .server import FINISHED, Refused
 
 MAX_PARAMS = 2**31  # the most parameters a worker believes a server's HELLO about
 ACCEPT_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)  # accept() failures that pass
@@ -316,6 +316,7 @@ class TcpClient:
         self.reconnects = 0
         self.introduction = None  # (fingerprint, info, num_params) from hello(), replayed on reconnect
         self.need_fetch = False  # after a reconnect: no push until fresh parameters were fetched
+        self.finished = False  # a reconnect found the run over
         self.last_reply = {"version": 0, "lr": 0.0, "done": False}
         self._open(connect_timeout)
 
@@ -390,6 +391,8 @@ class TcpClient:
         """Receive the current parameters straight into `out` (float32, contiguous); returns the
         server version, or None when training is over."""
         while True:
+            if self.finished:
+                return None
             try:
                 frame = self._request(Msg.FETCH, into=memoryview(out).cast("B"))
                 break
@@ -407,20 +410,22 @@ class TcpClient:
         After a reconnect, until the next fetch: not sent (it was computed from the old server's
         parameters); the reply is the last one seen, with "dropped": True.
         """
-        if not self.need_fetch:
+        if not self.need_fetch and not self.finished:
             try:
                 reply = self._request(Msg.PUSH, grad, version=base_version, count=batches).json()
                 self.last_reply = reply
                 return reply
             except ConnectionLost as e:
                 self._reconnect(e)
-        return {**self.last_reply, "done": False, "dropped": True}
+        return {**self.last_reply, "done": self.finished, "dropped": True}
 
     def stats(self, numbers=None):
         """Tell the server our numbers (loss, images/s...); returns the server's statistics.
 
         A reply we cannot read (too big, not JSON) is skipped with a one-line notice: it is
         only information, and the connection stays usable."""
+        if self.finished:
+            return {}
         try:
             frame = self._request(Msg.STATS, {**(numbers or {}), "reconnects": self.reconnects}
                                   if numbers is not None else {})
@@ -459,6 +464,10 @@ class TcpClient:
                 config = self.hello(fingerprint, info, num_params)
                 break
             except (ConnectionLost, OSError) as e:
+                if isinstance(e, ServerError) and FINISHED in str(e):
+                    self.finished = True  # the run ended while we were away: nothing lost
+                    self.say(f"{self.host}:{self.port} says {FINISHED}")
+                    return
                 if isinstance(e, ServerError) and not isinstance(e, ConnectionLost):
                     raise  # the server refused us: do not insist
                 if time.monotonic() + pause > deadline:
