@@ -544,3 +544,53 @@ def test_wrong_token_and_replayed_proof_are_refused(serve):
     assert "token" in error_of(rx.recv())
     assert_serves_a_real_worker(ps, tcp, token=TOKEN)
     assert math.isfinite(ps.params.sum())
+
+
+# ------------------------------------------------------------------ 2, for real; and the bench
+
+SERVER_UNDER_ULIMIT = """
+import resource, sys, numpy as np
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+from minasgd.ps.server import ParameterServer
+from minasgd.ps.tcp import TcpServer, listen
+ps = ParameterServer(np.arange(1000, dtype=np.float32) / 1000, model_name="toy", fingerprint="toy:1000:abc",
+                     total_steps=10**6, lr=0.1, worker_config={"nsync": 2})
+tcp = TcpServer(ps, listen("127.0.0.1", 0)).start()
+print(tcp.address[1], flush=True)
+sys.stdin.readline()
+print("accepting" if tcp.thread.is_alive() else "accept loop died", flush=True)
+tcp.close()
+"""
+
+
+def test_2b_accept_loop_survives_a_real_file_descriptor_limit():
+    import subprocess
+    import sys
+
+    server = subprocess.Popen([sys.executable, "-c", SERVER_UNDER_ULIMIT], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(server.stdout.readline())
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=3) for _ in range(80)]  # > 64 files
+        time.sleep(0.3)
+        for sock in idle:
+            sock.close()
+        client = TcpClient(("127.0.0.1", port), timeout=3, connect_timeout=3)  # after the EMFILE storm
+        client.hello(FP, {"name": "real"})
+        params = np.empty(N, np.float32)
+        assert client.fetch_into(params) == 0 and client.push(np.zeros(N, np.float32), 0, 1)["version"] == 1
+        client.close()
+        server.stdin.write("\n")
+        server.stdin.flush()
+        assert server.stdout.readline().strip() == "accepting"
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_bench_hostile_measures_both_rates():
+    from minasgd.ps.bench import hostile
+
+    result = hostile(1000, workers=1, idle=20, malformed=6, seconds=0.3, rounds=1)
+    assert result["held"] == 20 and result["malformed_answered"] >= 4
+    assert result["rate_undisturbed"] > 0 and result["rate_under_attack"] > 0 and result["ratio"] > 0

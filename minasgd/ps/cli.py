@@ -109,6 +109,13 @@ def add_bench_arguments(p):
                    help="bench ps: mpi also measures the MPI transport (it starts `mpiexec -n 2` itself) "
                         "next to the socket one (default: %(default)s)")
     p.add_argument("--seconds", type=float, default=1.5, help="bench ps: seconds per goodput measurement")
+    p.add_argument("--hostile", action="store_true",
+                   help="bench ps: the workers' push+fetch rate while another process holds --idle connections "
+                        "and sends --malformed bad frames, against the undisturbed rate")
+    p.add_argument("--hostile-workers", type=int, default=2, help="bench ps --hostile: real workers (default: %(default)s)")
+    p.add_argument("--idle", type=int, default=500, help="bench ps --hostile: idle connections (default: %(default)s)")
+    p.add_argument("--malformed", type=int, default=200,
+                   help="bench ps --hostile: malformed frames sent during the attack (default: %(default)s)")
 
 
 def serve(args, console):
