@@ -594,3 +594,13 @@ def test_bench_hostile_measures_both_rates():
     result = hostile(1000, workers=1, idle=20, malformed=6, seconds=0.3, rounds=1)
     assert result["held"] == 20 and result["malformed_answered"] >= 4
     assert result["rate_undisturbed"] > 0 and result["rate_under_attack"] > 0 and result["ratio"] > 0
+
+
+def test_8b_a_servers_error_text_is_plain_text_on_the_command_line(capsys):
+    from minasgd.cli import main
+
+    address = fake_server(lambda sock: send_json(sock, Msg.ERROR, {"error": "[/evil] [link=https://x.example]y"}))
+    host, port = address
+    assert main(["work", "--server", f"{host}:{port}", "--backend", "numpy", "--connect-timeout", "2"]) == 2
+    out = capsys.readouterr().out
+    assert "[/evil] [link=https://x.example]y" in out.replace("\n", "")

@@ -135,7 +135,7 @@ def work(args, console):
         raise ValueError(f"--shard wants I/N with 1 <= I <= N, got {args.shard!r}")
     client = TcpClient(args.server, args.token, timeout=args.timeout, connect_timeout=args.connect_timeout,
                        reconnect=args.reconnect)
-    console.print(f"connected to {args.server}: model {client.server_hello.get('model')}")
+    console.print(f"connected to {args.server}: model {client.server_hello.get('model')}", markup=False)
     numbers = connect_and_train(client, backend=args.backend, gpu=args.gpu, model_name=args.model,
                                 shard_index=int(index) - 1, shard_count=int(count), data_root=args.data_root,
                                 nsync=args.nsync, nfetch=args.nfetch, npush=args.npush)
