@@ -195,3 +195,28 @@ def test_sigkill_the_server_mid_run_and_resume_it(tmp_path, folder):
         4 * (resumed["version"] - at_kill["version"])  # nsync 4 mini-batches per applied push
     assert resumed["test_accuracy"] >= undisturbed["test_accuracy"] - 0.15, (resumed, undisturbed)
     assert undisturbed["test_accuracy"] > 0.5
+
+
+def test_train_with_workers_resumes_a_run(tmp_path):
+    from minasgd.data import Dataset
+    from minasgd.ps.launcher import PsOptions, train_distributed
+    from minasgd.train import TrainConfig
+
+    x, y = colour_images(160, 1)
+    tx, ty = colour_images(40, 2)
+    ds = Dataset("colours", [f"c{i}" for i in range(10)], x, y, tx, ty)
+    out = tmp_path / "run"
+
+    def cfg(epochs, **kw):
+        return TrainConfig(model="micro", backend="numpy", epochs=epochs, batch_size=16, lr=0.02, quiet=True, **kw)
+
+    first = train_distributed(cfg(2, out=str(out)), PsOptions(workers=1), dataset=ds)
+    meta = checkpoint.load(out / "model.npz")["meta"]
+    assert first["steps"] == meta["steps"] == 20 and meta["format"] == 2
+    second = train_distributed(cfg(4), PsOptions(workers=1, resume=str(out)), dataset=ds)  # 2 more epochs
+    assert second["steps"] == 40 and second["version"] == first["version"] + 5  # nsync 4: 5 more pushes
+    assert second["pushes"] == first["pushes"] + 5
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "epoch"][-1] == 40  # one metrics file, appended
+    with pytest.raises(ValueError, match="no model.npz"):
+        train_distributed(cfg(4), PsOptions(workers=1, resume=str(tmp_path / "nothing")), dataset=ds)
