@@ -604,3 +604,21 @@ def test_8b_a_servers_error_text_is_plain_text_on_the_command_line(capsys):
     assert main(["work", "--server", f"{host}:{port}", "--backend", "numpy", "--connect-timeout", "2"]) == 2
     out = capsys.readouterr().out
     assert "[/evil] [link=https://x.example]y" in out.replace("\n", "")
+
+
+@pytest.mark.parametrize("ack", [b"not json", b'{"version": 1}', b'{"version": 1, "lr": 1e999, "done": false}'])
+def test_4c_a_bad_ack_is_one_clear_line(ack):
+    def script(sock):
+        server_hello(sock)
+        rx = Receiver(sock)
+        frame = rx.recv()
+        send_json(sock, Msg.WELCOME, {"worker_id": 1, "lr": 0.1}, seq=frame.seq)
+        frame = rx.recv()
+        send_frame(sock, Msg.ACK, ack, seq=frame.seq)
+        rx.recv()
+
+    client = TcpClient(fake_server(script), timeout=3)
+    client.hello(FP, {}, num_params=N)
+    with pytest.raises(ServerError, match="bad"):
+        client.push(np.zeros(N, np.float32), 0)
+    client.close()

@@ -36,6 +36,7 @@ import errno
 import hashlib
 import hmac
 import ipaddress
+import math
 import os
 import socket
 import sys
@@ -378,7 +379,7 @@ class TcpClient:
             body["nonce"] = my_nonce.hex()
         elif self.server_hello.get("auth"):
             raise ServerError(f"{self.host}:{self.port} needs a token: pass --token")
-        config = self._request(Msg.HELLO, body).json()
+        config = self._json(self._request(Msg.HELLO, body))
         if self.token and not same_digest(config.get("proof"), server_proof(
                 self.token, bytes.fromhex(self.server_hello["nonce"]), my_nonce)):
             self.sock.close()
@@ -400,7 +401,9 @@ class TcpClient:
                 self._reconnect(e)
         if frame.type == Msg.BYE:
             return None
-        frame.floats(out.size)  # checks the size: anything else did not land in `out`
+        if frame.type != Msg.PARAMS or len(frame.payload) != out.nbytes:  # else it did not land in `out`
+            raise ServerError(f"{self.host}:{self.port} answered FETCH with {frame.type.name} of "
+                              f"{len(frame.payload)} bytes, not {out.nbytes}")
         self.need_fetch = False
         return frame.version
 
@@ -412,7 +415,11 @@ class TcpClient:
         """
         if not self.need_fetch and not self.finished:
             try:
-                reply = self._request(Msg.PUSH, grad, version=base_version, count=batches).json()
+                reply = self._json(self._request(Msg.PUSH, grad, version=base_version, count=batches))
+                lr, version = reply.get("lr"), reply.get("version")
+                if (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr)
+                        or not isinstance(version, int) or not isinstance(reply.get("done"), bool)):
+                    raise ServerError(f"{self.host}:{self.port} sent a bad ACK (lr, version, done): {clip(reply, 120)}")
                 self.last_reply = reply
                 return reply
             except ConnectionLost as e:
@@ -494,11 +501,22 @@ class TcpClient:
             raise ConnectionLost(f"{self.host}:{self.port} reset the connection") from None
         except TimeoutError:
             raise ConnectionLost(f"{self.host}:{self.port} did not answer {msg.name} in time") from None
+        except ProtocolError as e:
+            if msg == Msg.STATS:
+                raise  # stats() skips what it can
+            raise ServerError(f"{self.host}:{self.port} sent a bad reply to {msg.name}: {e}") from None
         if frame.type == Msg.ERROR:
             raise ServerError(f"the server refused {msg.name}: {clip(_error_of(frame))}")
         if frame.seq != self.seq:
-            raise ProtocolError(f"reply to message {frame.seq}, expected {self.seq}")
+            raise ServerError(f"{self.host}:{self.port} answered message {frame.seq}, expected {self.seq}")
         return frame
+
+    def _json(self, frame):
+        """A reply's JSON body; ServerError (one line) if it is not a JSON object."""
+        try:
+            return frame.json()
+        except ProtocolError as e:
+            raise ServerError(f"{self.host}:{self.port} sent a bad {frame.type.name}: {e}") from None
 
 
 def _error_of(frame):
