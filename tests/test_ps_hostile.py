@@ -618,7 +618,7 @@ def test_4c_a_bad_ack_is_one_clear_line(ack):
         rx.recv()
 
     client = TcpClient(fake_server(script), timeout=3)
-    client.hello(FP, {}, num_params=N)
+    client.hello(FP, {})
     with pytest.raises(ServerError, match="bad"):
         client.push(np.zeros(N, np.float32), 0)
     client.close()
