@@ -280,8 +280,10 @@ def run_server(cfg, opts, console=None, dataset=None, local_workers=0):
         ps.stop()  # from here on every request hears "done"
         stop_workers(processes, grace=15.0 if finished else 2.0)
         wait_for_goodbyes(ps, grace=5.0 if finished else 0.5)
-        tcp.close()
-        ps.checkpoint()
+        try:
+            tcp.close()
+        finally:
+            ps.checkpoint()  # whatever happened above
         if not finished:
             run.close()
     if interrupted.is_set():

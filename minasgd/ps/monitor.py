@@ -100,6 +100,7 @@ class Monitor:
                 "images_per_second": stats["steps"] * self.batch_size / max(seconds, 1e-9),
                 "version": stats["version"], "pushes": stats["pushes"], "fetches": stats["fetches"],
                 "rejected": stats["rejected"], "discarded": stats["discarded"], "staleness": stats["staleness"],
+                "checkpoint_failures": stats["checkpoint_failures"],
                 "mode": stats["mode"], "optimizer": stats["optimizer"], "worker_stats": stats["workers"],
                 "evaluations": [{k: e[k] for k in ("step", "time", "test_accuracy")} for e in self.evals]}
 

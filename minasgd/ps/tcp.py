@@ -274,7 +274,11 @@ class TcpServer:
         welcome = self.ps.welcome(worker_id)
         if proof:
             welcome["proof"] = proof
-        send_json(sock, Msg.WELCOME, welcome, seq=frame.seq)
+        try:
+            send_json(sock, Msg.WELCOME, welcome, seq=frame.seq)
+        except OSError as e:
+            self.ps.leave(worker_id, f"gone before WELCOME ({e.strerror or e})")
+            raise
         return worker_id
 
     def _serve_requests(self, sock, rx, worker_id):
