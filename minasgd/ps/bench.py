@@ -429,7 +429,7 @@ def hostile(n, workers=2, idle=500, malformed=200, seconds=3.0, rounds=3):
 def run_hostile(args, console):
     n = Model(args.model, backends.get("numpy")).num_params
     result = {"model": args.model, "num_params": n,
-              **hostile(n, args.hostile_workers, args.idle, args.malformed, getattr(args, "seconds", 3.0))}
+              **hostile(n, args.hostile_workers, args.idle, args.malformed, args.seconds, args.rounds)}
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

@@ -115,7 +115,9 @@ def add_bench_arguments(p):
     p.add_argument("--hostile-workers", type=int, default=2, help="bench ps --hostile: real workers (default: %(default)s)")
     p.add_argument("--idle", type=int, default=500, help="bench ps --hostile: idle connections (default: %(default)s)")
     p.add_argument("--malformed", type=int, default=200,
-                   help="bench ps --hostile: malformed frames sent during the attack (default: %(default)s)")
+                   help="bench ps --hostile: malformed frames sent during each attack phase (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="bench ps --hostile: undisturbed/attack phase pairs, alternating (default: %(default)s)")
 
 
 def serve(args, console):
