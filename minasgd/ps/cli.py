@@ -112,7 +112,8 @@ def add_bench_arguments(p):
     p.add_argument("--hostile", action="store_true",
                    help="bench ps: the workers' push+fetch rate while another process holds --idle connections "
                         "and sends --malformed bad frames, against the undisturbed rate")
-    p.add_argument("--hostile-workers", type=int, default=2, help="bench ps --hostile: real workers (default: %(default)s)")
+    p.add_argument("--hostile-workers", type=int, default=2,
+                   help="bench ps --hostile: real workers (default: %(default)s)")
     p.add_argument("--idle", type=int, default=500, help="bench ps --hostile: idle connections (default: %(default)s)")
     p.add_argument("--malformed", type=int, default=200,
                    help="bench ps --hostile: malformed frames sent during each attack phase (default: %(default)s)")

@@ -47,6 +47,7 @@ import numpy as np
 from .. import checkpoint
 from ..backends import numpy_backend
 from ..optim import SGD, Adagrad, learning_rate
+from .protocol import clip
 
 
 class Refused(Exception):
@@ -69,12 +70,6 @@ def clean_name(name, default):
     """A peer-supplied name as printable text of at most MAX_NAME characters."""
     text = "".join(c if c.isprintable() else "?" for c in str(name)[:MAX_NAME])
     return text or default
-
-
-def clip(text, limit=200):
-    """A peer-supplied string, cut to `limit` characters (for logs and echoed reasons)."""
-    text = str(text)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_stats(numbers):
@@ -443,7 +438,8 @@ class ParameterServer:
             except OSError as e:
                 with self.cond:
                     self.checkpoint_failures += 1
-                    self.checkpoint_error = f"checkpoint failed: {e.strerror or e}; training goes on, keeping the last good one"
+                    self.checkpoint_error = (f"checkpoint failed: {e.strerror or e}; training goes on, "
+                                             f"keeping the last good one")
                     self.log(self.checkpoint_error)
                 return None
             with self.cond:
