@@ -99,7 +99,8 @@ class FiniteUpdate:
     Each gradient is checked before it is applied, but two huge finite pushes can still overflow
     the parameters (or the optimizer's state) to Inf. So `step` keeps a copy of both, applies the
     update, and puts the copies back if anything came out NaN/Inf. Cost: two vector copies and
-    two sums per update (about 1 ms for alexnet-mini's 425k parameters on one CPU core).
+    two finite checks per update (about 0.4 ms for alexnet-mini's 425k parameters, measured on
+    one core: the update itself takes about 0.6 ms).
     """
 
     def __init__(self, optimizer, num_params):
@@ -116,14 +117,13 @@ class FiniteUpdate:
                 np.copyto(self.saved[k], v)
         np.copyto(self.backup, params)
         self.optimizer.step(params, grads, lr)
-        # A sum is NaN/Inf if any element is (and one pass, no temporary): the cheap check first.
-        if np.isfinite(params.sum()) and all(np.isfinite(v.sum()) for v in self.optimizer.state().values()):
+        if np.isfinite(params).all() and all(np.isfinite(v).all() for v in self.optimizer.state().values()):
             return
         bad = np.count_nonzero(~np.isfinite(params))
         np.copyto(params, self.backup)
         self.optimizer.load_state({k: v.copy() for k, v in self.saved.items()})
-        raise Refused(f"the update would make {bad or 'the optimizer state'} of the parameters NaN/Inf; "
-                      f"not applied")
+        what = f"{bad} parameters" if bad else "the optimizer's state"
+        raise Refused(f"the update would make {what} NaN/Inf; not applied")
 
     def state(self):
         return self.optimizer.state()
