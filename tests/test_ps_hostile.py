@@ -622,3 +622,12 @@ def test_4c_a_bad_ack_is_one_clear_line(ack):
     with pytest.raises(ServerError, match="bad"):
         client.push(np.zeros(N, np.float32), 0)
     client.close()
+
+
+def test_1b_a_real_worker_sends_only_known_stats(serve):
+    ps, tcp = serve()
+    client = TcpClient(tcp.address, timeout=3)
+    client.hello(FP, {"name": "newer worker"})
+    assert client.stats({"loss": 0.5, "a_number_this_server_does_not_know": 1})["rejected"] == 0
+    assert ps.workers[1].report == {"loss": 0.5, "reconnects": 0}
+    client.close()

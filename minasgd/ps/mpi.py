@@ -66,7 +66,7 @@ import time
 import numpy as np
 
 from .protocol import MAX_JSON, Frame, Msg, ProtocolError, clip
-from .server import Refused
+from .server import STATS_FIELDS, Refused
 from .tcp import ServerError
 
 FLOAT_MESSAGES = (Msg.PARAMS, Msg.PUSH)  # their payload is float32[num_params]; everything else JSON
@@ -416,7 +416,8 @@ class MpiClient:
         return self._request(Msg.PUSH, grad, version=base_version, count=batches).json()
 
     def stats(self, numbers=None):
-        return self._request(Msg.STATS, numbers or {}).json()
+        """Our numbers (those the server accepts, STATS_FIELDS) -> the server's statistics."""
+        return self._request(Msg.STATS, {k: v for k, v in (numbers or {}).items() if k in STATS_FIELDS}).json()
 
     def close(self, reason="bye"):
         self.seq += 1

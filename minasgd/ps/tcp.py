@@ -47,7 +47,7 @@ import numpy as np
 
 from .protocol import (ConnectionClosed, FrameTooLarge, Msg, ProtocolError, Receiver, clip, send_frame,
                        send_json)
-from .server import FINISHED, Refused
+from .server import FINISHED, STATS_FIELDS, Refused
 
 MAX_PARAMS = 2**31  # the most parameters a worker believes a server's HELLO about
 ACCEPT_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)  # accept() failures that pass
@@ -438,8 +438,9 @@ class TcpClient:
         if self.finished:
             return {}
         try:
-            frame = self._request(Msg.STATS, {**(numbers or {}), "reconnects": self.reconnects}
-                                  if numbers is not None else {})
+            # Only the fields the server accepts (it refuses the whole message for one unknown).
+            body = {k: v for k, v in {**(numbers or {}), "reconnects": self.reconnects}.items() if k in STATS_FIELDS}
+            frame = self._request(Msg.STATS, body if numbers is not None else {})
             return frame.json()
         except ConnectionLost as e:
             self._reconnect(e)
