@@ -353,7 +353,7 @@ def test_5c_a_declared_npush_is_bounded(serve):
 def test_6_a_silent_peer_is_dropped_from_the_sync_round(serve):
     ps, tcp = serve(ps_options={"sync": True, "round_timeout": 0.5}, timeout=30.0)
     ps.expected_workers = 2
-    silent, _ = hostile(tcp, name="silent")  # joins, never pushes
+    silent, silent_rx = hostile(tcp, name="silent")  # joins, never pushes (until the end)
     client = TcpClient(tcp.address, timeout=4.0)
     client.hello(FP, {"name": "real"})
     params = np.empty(N, np.float32)
@@ -361,7 +361,15 @@ def test_6_a_silent_peer_is_dropped_from_the_sync_round(serve):
     t0 = time.monotonic()
     reply = client.push(np.full(N, 1e-3, np.float32), 0, batches=1)
     assert reply["version"] == 1 and time.monotonic() - t0 < 3.0
-    assert "sync round" in ps.workers[1].left  # shown on the dashboard as the worker's status
+    assert ps.workers[1].missed_rounds == 1 and ps.workers[1].left is None  # dropped from the round only
+    t0 = time.monotonic()
+    assert client.push(np.full(N, 1e-3, np.float32), 1, batches=1)["version"] == 2
+    assert time.monotonic() - t0 < 0.4  # later rounds do not wait for it
+    console = Console(record=True, width=200)
+    console.print(monitor_for(ps).render())
+    assert "missed 1 sync round" in console.export_text()  # said so on the dashboard
+    answer(silent, silent_rx, Msg.PUSH, np.zeros(N, np.float32), count=1, version=2)  # pushes: waited for again
+    assert 1 not in ps.round_excused
     client.close()
     silent.close()
 

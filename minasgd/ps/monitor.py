@@ -133,6 +133,8 @@ class Monitor:
             table.add_column(col, justify="left" if col in ("worker", "status") else "right")
         for w in s["workers"]:
             status = Text("training", style="green") if w["alive"] else Text(str(w["left"]), style="yellow")
+            if w["alive"] and w.get("missed_rounds"):
+                status.append(f", missed {w['missed_rounds']} sync round(s)", style="yellow")
             table.add_row(Text(f"{w['id']} {w['name']}"), status, f"{w.get('images_per_second', 0):.0f}",
                           str(w["pushes"]), str(w["fetches"]), str(w["last_staleness"]),
                           f"{w.get('loss', math.nan):.3f}")

@@ -28,7 +28,8 @@ The rules:
   unknown worker raise `Refused`, and the parameters stay bit-identical. An update whose RESULT
   is not finite (two huge but finite pushes) is undone and refused the same way.
 - Sync rounds have a deadline (`round_timeout`): a live worker that has not pushed by then is
-  dropped (it may join again), so one silent peer cannot stall the run.
+  dropped from the round, which is applied without it, and from every later round until it
+  pushes again (counted in its `missed_rounds`), so one silent peer cannot stall the run.
 - No peer can grow the server's memory without bound: names are cut to MAX_NAME characters,
   STATS must match STATS_FIELDS, and only the last MAX_DEPARTED workers that left are kept.
 - The checkpoint holds the whole state (parameters, optimizer state, version, steps, counters,
@@ -142,14 +143,15 @@ class WorkerState:
         self.id, self.name, self.npush = worker_id, name, npush
         self.joined = time.time()
         self.left = None  # None while connected, else why it left
-        self.fetches = self.pushes = 0
+        self.fetches = self.pushes = self.missed_rounds = 0
         self.last_staleness = 0
         self.report = {}  # the worker's own numbers: loss, images, images_per_second, ...
 
     def as_dict(self):
         # The server's own fields come last: a worker's report cannot overwrite them.
         return {**self.report, "id": self.id, "name": self.name, "alive": self.left is None, "left": self.left,
-                "fetches": self.fetches, "pushes": self.pushes, "last_staleness": self.last_staleness}
+                "fetches": self.fetches, "pushes": self.pushes, "last_staleness": self.last_staleness,
+                "missed_rounds": self.missed_rounds}
 
 
 class ParameterServer:
@@ -192,6 +194,7 @@ class ParameterServer:
         self.round_members, self.round_batches = set(), 0
         self.round_timeout = round_timeout  # seconds a sync round waits for its last push
         self.round_deadline = None  # (version of the round, time.monotonic() it expires)
+        self.round_excused = set()  # missed a round's deadline and not pushed since: not waited for
 
         self.checkpoint_path, self.checkpoint_every = checkpoint_path, checkpoint_every
         self.checkpoint_lock = threading.Lock()  # one writer at a time; never held with `cond`
@@ -356,11 +359,15 @@ class ParameterServer:
             return self._reply()
 
     def _check_batches(self, worker_id, batches):
-        """A push may sum from 1 to the worker's npush mini-batches (a forged count could end the run)."""
+        """A push may sum from 1 to the worker's npush mini-batches (a forged count could end the run).
+        A worker excused from sync rounds (it missed a deadline) is waited for again once it pushes."""
         worker = self.workers.get(worker_id)
         limit = worker.npush if worker is not None else MAX_NPUSH
         if batches > limit:
             raise Refused(f"a push may sum at most {limit} mini-batches (this worker's npush), got {batches}")
+        if self.round_excused:
+            with self.cond:
+                self.round_excused.discard(worker_id)
 
     def _enforce_round_deadline(self, my_round):
         """Sync mode, waiting for round `my_round` (caller holds the lock): once the round is
@@ -369,8 +376,13 @@ class ParameterServer:
         if self.round_deadline is None or self.round_deadline[0] != my_round:
             self.round_deadline = (my_round, now + self.round_timeout)
         elif now >= self.round_deadline[1] and self.version == my_round:
-            for wid in sorted(self.live_ids() - self.round_members):
-                self.leave(wid, f"dropped: no push in the sync round for {self.round_timeout:g} s")
+            missing = self.live_ids() - self.round_members - self.round_excused
+            for wid in sorted(missing):
+                self.workers[wid].missed_rounds += 1
+                self.log(f"worker {wid} missed the sync round's {self.round_timeout:g} s deadline: "
+                         f"rounds go on without it until it pushes")
+            self.round_excused |= missing
+            self._maybe_finish_round()
 
     def _apply(self, grad, lr, batches):
         """One optimizer update (the caller holds the lock)."""
@@ -382,7 +394,7 @@ class ParameterServer:
 
     def _maybe_finish_round(self):
         """Sync mode: once every live worker has pushed, apply the round's mean (caller holds the lock)."""
-        if not self.round_members or not self.live_ids() <= self.round_members:
+        if not self.round_members or not self.live_ids() - self.round_excused <= self.round_members:
             return
         self.round_sum /= np.float32(len(self.round_members))
         try:
