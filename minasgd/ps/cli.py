@@ -49,7 +49,7 @@ def _add_server_arguments(p, bind_default, bind_help):
     p.add_argument("--handshake-timeout", type=float, default=D.handshake_timeout, metavar="SECONDS",
                    help="a new connection must finish its HELLO within this (default: %(default)s)")
     p.add_argument("--round-timeout", type=float, default=None, metavar="SECONDS",
-                   help="--sync: drop a worker that has not pushed in a round after this long "
+                   help="--sync: apply a round without the workers that have not pushed after this long "
                         "(default: --timeout)")
 
 
