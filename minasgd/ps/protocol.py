@@ -19,8 +19,10 @@ a small UTF-8 JSON object (everything else). Nothing received is ever unpickled 
 A conversation (worker on the left):
 
     <- HELLO   {"model", "num_params", "nonce", "auth"}          server speaks first
-    -> HELLO   {"fingerprint", "name", "hmac"}                   hmac of the nonce with the token
-    <- WELCOME {"worker_id", "config"}    or   ERROR {"error"}, then the server hangs up
+    -> HELLO   {"fingerprint", "name", "npush", "hmac", "nonce"} hmac of the server's nonce with the
+                                                                  token, and our own nonce
+    <- WELCOME {"worker_id", "version", "proof", config...}      proof: the server's hmac of both
+               or ERROR {"error"}, then the server hangs up      nonces (with a token)
     -> FETCH                          <- PARAMS  float32[num_params], version
     -> PUSH    float32[num_params]    <- ACK     {"lr", "done"}, version
     -> STATS   {"loss", ...}          <- STATS   the server's statistics
