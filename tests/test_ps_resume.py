@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -220,3 +221,22 @@ def test_train_with_workers_resumes_a_run(tmp_path):
     assert [r["step"] for r in records if r["kind"] == "epoch"][-1] == 40  # one metrics file, appended
     with pytest.raises(ValueError, match="no model.npz"):
         train_distributed(cfg(4), PsOptions(workers=1, resume=str(tmp_path / "nothing")), dataset=ds)
+
+
+def test_a_reconnecting_worker_waits_out_a_full_server():
+    server = TcpServer(make_ps(), listen("127.0.0.1", 0), timeout=5).start()
+    address = server.address
+    client = TcpClient(address, timeout=3, reconnect=10, say=lambda text: None)
+    client.hello(FP, {}, num_params=N)
+    server.close()
+    server = TcpServer(make_ps(), listen(*address), timeout=5, max_connections=1).start()
+    try:
+        squatter = socket.create_connection(address, timeout=3)  # takes the only slot
+        time.sleep(0.1)
+        threading.Timer(0.8, squatter.close).start()
+        t0 = time.monotonic()
+        assert client.fetch_into(np.empty(N, np.float32)) == 0  # refused "server full" until then
+        assert 0.7 < time.monotonic() - t0 < 5 and server.refused >= 1 and client.reconnects == 1
+        client.close()
+    finally:
+        server.close()

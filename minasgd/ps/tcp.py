@@ -50,6 +50,7 @@ from .protocol import (ConnectionClosed, FrameTooLarge, Msg, ProtocolError, Rece
 from .server import FINISHED, STATS_FIELDS, Refused
 
 MAX_PARAMS = 2**31  # the most parameters a worker believes a server's HELLO about
+SERVER_FULL = "server full"  # the start of the refusal beyond max_connections
 ACCEPT_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)  # accept() failures that pass
 
 
@@ -179,7 +180,7 @@ class TcpServer:
             self.ps.reject(f"{peer[0]}:{peer[1]}", f"server full ({self.max_connections} connections)")
             try:
                 sock.settimeout(0.1)
-                send_json(sock, Msg.ERROR, {"error": f"server full: {self.max_connections} connections; try later"})
+                send_json(sock, Msg.ERROR, {"error": f"{SERVER_FULL}: {self.max_connections} connections; try later"})
             except OSError:
                 pass
             sock.close()
@@ -336,7 +337,10 @@ class TcpClient:
         except TimeoutError:
             raise ConnectionLost(f"{self.host}:{self.port} did not greet us in {self.timeout:g} s") from None
         if frame.type == Msg.ERROR:
-            raise ServerError(f"{self.host}:{self.port} refused us: {clip(_error_of(frame))}")
+            error = clip(_error_of(frame))
+            # "server full" passes: worth trying again (a reconnect does), unlike other refusals
+            raise (ConnectionLost if error.startswith(SERVER_FULL) else ServerError)(
+                f"{self.host}:{self.port} refused us: {error}")
         if frame.type != Msg.HELLO:
             raise ServerError(f"{self.host}:{self.port} did not greet us with HELLO (got {frame.type.name})")
         hello = frame.json()
