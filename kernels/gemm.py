@@ -23,7 +23,7 @@ import functools
 
 from numba import cuda, float32
 
-from .common import grid_1d, output
+from .common import BOOL, F1, F2, THREADS, TILES, Signature, grid_1d, output
 
 TILE = 16  # 16 x 16 = 256 threads per block
 
@@ -119,6 +119,14 @@ def launch_tiled(a, b, c, trans_a, trans_b, bias, tile=TILE):
 def _bias_arg(bias, c):
     # Kernels always take a 1-D bias array; without a bias, pass a row of C itself (never read).
     return bias if bias is not None else c[0]
+
+
+def signatures():
+    """What the launchers above pass (see `common.Signature`), for every tile size in use."""
+    args = (F2, F2, F2, BOOL, BOOL, F1, BOOL)
+    return [Signature("gemm_naive", "v1 naive", gemm_naive, args, THREADS)] + [
+        Signature(f"gemm_tiled {t}x{t}", "v2 tiled", tiled_kernel(t), args, t * t) for t in TILES
+    ]
 
 
 # ---------------------------------------------------------------- public functions
