@@ -21,7 +21,9 @@ The rules:
   - worker: each worker runs the trainer's SGD with momentum locally and pushes the SUM of the
     steps it took, divided by its lr (its "velocities", weight decay included; see
     `minasgd.ps.worker`). The server subtracts lr * push: with one worker it follows
-    single-process training's path exactly, whatever nsync is.
+    single-process training's path exactly, whatever nsync is. With N workers the launcher lowers
+    each worker's momentum and raises its lr (`lr_scale`) so that momentum's delay plus the
+    staleness match one process's delay (`minasgd.ps.launcher.worker_momentum`).
   - server: workers push plain gradient sums; the server keeps ONE velocity for everyone, which
     decays by m per mini-batch (m**k for a push of k): v = m**k v + push, w -= lr_k v, with
     lr_k = lr (1 - m**k) / (1 - m). With nsync 1 that is single-process momentum SGD, fed by
