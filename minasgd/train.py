@@ -18,6 +18,7 @@ from .model import Model
 from .optim import SGD, learning_rate
 from .progress import TrainProgress
 from .rundir import RunDir, default_run_dir
+from .threads import blas_threads_for_training
 
 
 @dataclass
@@ -89,9 +90,15 @@ def build_model(cfg, be, console=None):
 
 def train(cfg: TrainConfig, console=None):
     """Train in this process; returns the summary dict (also written to summary.json)."""
-    be = backends.get(cfg.backend, cfg.gpu)
-    progress = TrainProgress(quiet=cfg.quiet, console=console)
-    progress.say(f"backend: {be.NAME} on {be.DEVICE}")
+    with blas_threads_for_training() as threads_line:
+        be = backends.get(cfg.backend, cfg.gpu)
+        progress = TrainProgress(quiet=cfg.quiet, console=console)
+        progress.say(f"backend: {be.NAME} on {be.DEVICE}")
+        progress.say(threads_line)
+        return _train(cfg, be, progress)
+
+
+def _train(cfg, be, progress):
     ds = load_dataset(cfg)
     model = build_model(cfg, be, progress.console)
     run = RunDir(cfg.out or default_run_dir())
