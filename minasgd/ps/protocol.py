@@ -96,9 +96,20 @@ def send_frame(sock, msg, payload=b"", seq=0, version=0, count=0):
         if payload.dtype != np.dtype("<f4") or not payload.flags.c_contiguous:
             raise ValueError("send_frame: a vector payload must be contiguous little-endian float32")
         payload = memoryview(payload).cast("B")
-    sock.sendall(HEADER.pack(MAGIC, PROTOCOL, msg, count, len(payload), seq, version))
-    if len(payload):
-        sock.sendall(payload)
+    send_parts(sock, [HEADER.pack(MAGIC, PROTOCOL, msg, count, len(payload), seq, version), payload])
+
+
+def send_parts(sock, parts):
+    """Send byte buffers back to back with sendmsg: one system call in the common case, and no
+    concatenated copy of a multi-megabyte payload. Loops until every byte is out."""
+    views = [memoryview(part).cast("B") for part in parts if len(part)]
+    while views:
+        sent = sock.sendmsg(views)
+        while views and sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        if views:
+            views[0] = views[0][sent:]
 
 
 def send_json(sock, msg, body, seq=0, version=0):
