@@ -116,3 +116,14 @@ def test_threads_do_not_share_buffers():
     for t in threads:
         t.join()
     assert not errors
+
+
+def test_kept_buffers_stay_under_the_byte_cap(monkeypatch):
+    monkeypatch.setattr(fast, "_MAX_BYTES", 64 * 1024)
+    rng = np.random.default_rng(6)
+    wt = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    for n in range(1, 40):  # a new batch size every call: new buffers every call
+        x = rng.standard_normal((n, 3, 8, 8)).astype(np.float32)
+        assert_close(fast.conv2d_forward(x, wt, np.zeros(4, np.float32), 1, 1),
+                     ref.conv2d_forward(x, wt, np.zeros(4, np.float32), 1, 1))
+        assert sum(b.nbytes for b in fast._caches()[0].values()) <= 64 * 1024 or len(fast._caches()[0]) <= 2

@@ -5,7 +5,8 @@ convolution and max-pooling, so this module redoes only those three ops and take
 op from the reference unchanged. `minasgd.backends.get("numpy")` returns this module;
 `get("numpy-reference")` returns the reference. Tests compare the two and gradcheck both.
 
-What is different, and why (measured with `minasgd bench step`, see docs):
+What is different, and why (each kept because it paid, measured against the reference in the
+same run: `minasgd bench step`, and op by op at alexnet-mini's sizes):
 
   * Buffers kept across calls. A training run calls every op with the same shapes every step,
     so the padded input, the im2col matrix and the col2im scratch are allocated once (per
@@ -16,7 +17,14 @@ What is different, and why (measured with `minasgd bench step`, see docs):
   * The forward writes NCHW output directly: the product W (K, C*R*S) @ cols (C*R*S, N, P*Q)
     runs as N matrix products whose right operand is a strided view of cols (BLAS takes the
     row stride, nothing is copied) and whose output is image n's (K, P*Q) block.
+    The backward keeps the reference's layout: dW = dY (K, N*P*Q) @ cols^T is one product.
   * Max-pooling forward records the argmax with np.where instead of np.copyto(where=).
+
+The price is memory: each thread keeps its buffers, about 260 MB for alexnet-mini at batch 128
+(the three im2col matrices and two col2im scratch arrays). Tried and dropped (no gain here):
+max-pooling by separable row/column maxima, on flat shifted views, or in an (H, W, N, C)
+layout; the max-pool backward as nine strided adds instead of one bincount; the input
+gradient as R*S small products added in place instead of one product and col2im.
 """
 
 import threading
@@ -33,7 +41,7 @@ from .numpy_backend import (  # noqa: F401  (the ops this module does not redo)
 NAME = "numpy"
 DEVICE = "CPU (NumPy, fast path)"
 
-_MAX_CACHED = 64  # buffers kept per thread; past this the cache starts over (e.g. many batch sizes)
+_MAX_BYTES = 1 << 30  # kept per thread; past this the buffers start over (e.g. many batch sizes)
 _local = threading.local()  # each thread its own buffers: threads training side by side never share one
 
 
@@ -51,10 +59,11 @@ def _buffer(role, shape, dtype):
     key = (role, tuple(shape), np.dtype(dtype))
     a = buffers.get(key)
     if a is None:
-        if len(buffers) >= _MAX_CACHED:
+        a = np.empty(shape, dtype=dtype)
+        if sum(b.nbytes for b in buffers.values()) + a.nbytes > _MAX_BYTES:
             buffers.clear()
             conv.clear()
-        a = buffers[key] = np.empty(shape, dtype=dtype)
+        buffers[key] = a
     return a
 
 
