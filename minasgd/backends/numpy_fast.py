@@ -21,7 +21,8 @@ same run: `minasgd bench step`, and op by op at alexnet-mini's sizes):
   * Max-pooling forward records the argmax with np.where instead of np.copyto(where=).
 
 The price is memory: each thread keeps its buffers, about 260 MB for alexnet-mini at batch 128
-(the three im2col matrices and two col2im scratch arrays). Tried and dropped (no gain here):
+(the three im2col matrices and two col2im scratch arrays), never more than 1 GiB: past that
+they are all dropped and made anew. Tried and dropped (no gain here):
 max-pooling by separable row/column maxima, on flat shifted views, or in an (H, W, N, C)
 layout; the max-pool backward as nine strided adds instead of one bincount; the input
 gradient as R*S small products added in place instead of one product and col2im.
