@@ -35,3 +35,25 @@ def test_bench_step_gives_a_row_per_thread_setting():
     assert [row["threads"] for row in result["rows"]] == ["1 each", "default"]
     assert result["rows"][0]["blas_threads"] == 1
     assert all(row["ours_seconds"] > 0 and np.isfinite(row["ours_gflops"]) for row in result["rows"])
+
+
+def test_single_process_training_runs_on_one_blas_thread_and_says_so(tmp_path, monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from minasgd import train as train_module
+
+    for name in threads.ENV_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    seen = []
+    real_lr = train_module.learning_rate
+    monkeypatch.setattr(train_module, "learning_rate", lambda *a: (seen.append(threads.blas_threads()), real_lr(*a))[1])
+    before = threads.blas_threads()
+    console = Console(file=io.StringIO(), width=200)
+    cfg = train_module.TrainConfig(dataset="shapes:64,16", data_root=str(tmp_path), model="micro", epochs=1,
+                                   batch_size=16, out=str(tmp_path / "run"))
+    train_module.train(cfg, console=console)
+    assert seen and set(seen) == {1}
+    assert "BLAS threads: 1 (one per training process" in console.file.getvalue()
+    assert threads.blas_threads() == before
