@@ -5,7 +5,7 @@ import threading
 
 import numpy as np
 
-from minasgd.ps.protocol import HEADER, Msg, Receiver, send_frame, send_parts
+from minasgd.ps.protocol import Msg, Receiver, send_frame, send_parts
 from minasgd.ps.server import ParameterServer
 
 
