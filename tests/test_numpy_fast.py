@@ -84,13 +84,14 @@ def test_fast_conv_gradcheck(case):
     assert_close(db, cw.sum(axis=(0, 2, 3)), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("size, stride", [(3, 2), (2, 2), (3, 1)])
 @pytest.mark.parametrize("shape", POOL_SHAPES)
-def test_maxpool_matches_reference_including_ties(shape):
+def test_maxpool_matches_reference_including_ties(shape, size, stride):
     rng = np.random.default_rng(4)
     x = np.maximum(rng.standard_normal(shape).astype(np.float32), 0)  # ReLU output: many tied zeros
     x[..., :2, :] = 1.0  # and whole tied rows
-    y, argmax = fast.maxpool2d_forward(x)
-    want_y, want_argmax = ref.maxpool2d_forward(x)
+    y, argmax = fast.maxpool2d_forward(x, size, stride)
+    want_y, want_argmax = ref.maxpool2d_forward(x, size, stride)
     np.testing.assert_array_equal(y, want_y)
     np.testing.assert_array_equal(argmax, want_argmax)
     assert argmax.dtype == np.int32

@@ -18,14 +18,16 @@ same run: `minasgd bench step`, and op by op at alexnet-mini's sizes):
     runs as N matrix products whose right operand is a strided view of cols (BLAS takes the
     row stride, nothing is copied) and whose output is image n's (K, P*Q) block.
     The backward keeps the reference's layout: dW = dY (K, N*P*Q) @ cols^T is one product.
-  * Max-pooling forward records the argmax with np.where instead of np.copyto(where=).
+  * Max-pooling forward first copies the nine window offsets into contiguous slabs, then
+    scans them (compare, max, and the winning offset as max(which, k * better)); the
+    reference's nine strided passes with np.copyto(where=) are several times slower.
 
-The price is memory: each thread keeps its buffers, about 260 MB for alexnet-mini at batch 128
-(the three im2col matrices and two col2im scratch arrays), never more than 1 GiB: past that
-they are all dropped and made anew. Tried and dropped (no gain here):
-max-pooling by separable row/column maxima, on flat shifted views, or in an (H, W, N, C)
-layout; the max-pool backward as nine strided adds instead of one bincount; the input
-gradient as R*S small products added in place instead of one product and col2im.
+The price is memory: each thread keeps its buffers, about 300 MB for alexnet-mini at batch 128
+(im2col matrices, col2im scratch, pooling windows), never more than 1 GiB: past that they are
+all dropped and made anew. Tried and dropped (no gain here): max-pooling by separable
+row/column maxima, on flat shifted views, or in an (H, W, N, C) layout; the max-pool backward
+as nine strided adds, or by phases of the stride, instead of the reference's one bincount;
+the input gradient as R*S small products added in place instead of one product and col2im.
 """
 
 import threading
@@ -139,15 +141,23 @@ def maxpool2d_forward(x, size=3, stride=2):
     # x: (N, C, H, W) -> y: (N, C, P, Q), argmax: (N, C, P, Q) int32 index into the H*W plane
     n, c, p, q = shapes.pool2d_output_shape(x.shape, size, stride)
     w_in = x.shape[3]
-    # The reference's scan (row-major; a strictly larger value takes over, so ties keep the first
-    # maximum), with np.where for the argmax: np.copyto(..., where=) is several times slower.
-    y = x[:, :, 0 : stride * p : stride, 0 : stride * q : stride].copy()
-    argmax = np.zeros((n, c, p, q), dtype=np.int32)
-    for i in range(size):
-        for j in range(size):
-            if i or j:
-                candidate = x[:, :, i : i + stride * p : stride, j : j + stride * q : stride]
-                argmax = np.where(candidate > y, np.int32(i * w_in + j), argmax)
-                np.maximum(y, candidate, out=y)
+    # One copy lays the size*size window offsets out as contiguous (N, C, P, Q) slabs; on strided
+    # views every pass below would run ~10x slower (NumPy loops over rows of only Q elements).
+    windows = _buffer("pool.windows", (size, size, n, c, p, q), x.dtype)
+    np.copyto(windows, sliding_window_view(x, (size, size), axis=(2, 3))[:, :, ::stride, ::stride]
+              .transpose(4, 5, 0, 1, 2, 3))
+    windows = windows.reshape(size * size, n, c, p, q)
+    # The reference's scan: offsets in row-major order, a strictly larger value takes over, so
+    # ties keep the first maximum. `which` is the winning offset; k only grows, so "set it to k
+    # where better" is max(which, k * better), a plain arithmetic pass.
+    y = windows[0].copy()
+    which = np.zeros((n, c, p, q), dtype=np.int8 if size * size < 128 else np.int32)
+    better = np.empty((n, c, p, q), dtype=bool)
+    for k in range(1, size * size):
+        np.greater(windows[k], y, out=better)
+        np.maximum(which, better.astype(which.dtype) * which.dtype.type(k), out=which)
+        np.maximum(y, windows[k], out=y)
+    offsets = np.array([i * w_in + j for i in range(size) for j in range(size)], dtype=np.int32)
+    argmax = offsets.take(which)
     argmax += (np.arange(p, dtype=np.int32)[:, None] * w_in + np.arange(q, dtype=np.int32)[None, :]) * stride
     return y, argmax
