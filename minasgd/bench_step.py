@@ -29,16 +29,18 @@ def step_flops(model, batch_size):
 
 
 def _median_times(steps, repeats):
-    """{name: median seconds}; every step runs once to warm up, then they alternate `repeats` times."""
+    """{name: (median wall seconds, median CPU seconds)}; every step runs once to warm up, then
+    they alternate `repeats` times. CPU time is this process's, all threads together: with one
+    thread each it is the work itself, which a busy machine disturbs much less than wall time."""
     for step in steps.values():
         step()
     times = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step()
-            times[name].append(time.perf_counter() - t0)
-    return {name: float(np.median(t)) for name, t in times.items()}
+            times[name].append((time.perf_counter() - t0, time.process_time() - c0))
+    return {name: tuple(float(v) for v in np.median(np.array(t), axis=0)) for name, t in times.items()}
 
 
 def _ours(be, model_name, x_np, y_np):
@@ -77,8 +79,9 @@ def _theirs(model, device, x_np, y_np):
 def measure(backend="numpy", model_name="alexnet-mini", batch_size=128, repeats=10, device=None):
     """{"backend", "device", "model", "batch_size", "step_gflop", "first_step_seconds", "rows": [...]}.
 
-    Each row: "threads" ("1 each" or "default"), "ours_seconds", "ours_gflops", "blas_threads",
-    and with PyTorch: "torch_seconds", "torch_gflops", "torch_threads", "ratio_ours_over_torch".
+    Each row: "threads" ("1 each" or "default"), "ours_seconds", "ours_cpu_seconds", "ours_gflops",
+    "blas_threads", and with PyTorch: "torch_seconds", "torch_cpu_seconds", "torch_gflops",
+    "torch_threads", "ratio_ours_over_torch", "cpu_ratio_ours_over_torch" (medians; GFLOP/s from wall time).
     """
     be = backends.get(backend, device)
     rng = np.random.default_rng(0)
@@ -108,11 +111,13 @@ def measure(backend="numpy", model_name="alexnet-mini", batch_size=128, repeats=
             steps["torch"] = _theirs(model, tdev, x_np, y_np)
         with limit_blas_threads(n):
             t = _median_times(steps, repeats)
-            row = {"threads": label, "blas_threads": blas_threads(), "ours_seconds": t["ours"],
-                   "ours_gflops": flops / t["ours"] / 1e9}
+            row = {"threads": label, "blas_threads": blas_threads(), "ours_seconds": t["ours"][0],
+                   "ours_cpu_seconds": t["ours"][1], "ours_gflops": flops / t["ours"][0] / 1e9}
         if torch is not None:
-            row.update(torch_seconds=t["torch"], torch_gflops=flops / t["torch"] / 1e9, torch_device=tdev,
-                       torch_threads=torch.get_num_threads(), ratio_ours_over_torch=t["ours"] / t["torch"])
+            row.update(torch_seconds=t["torch"][0], torch_cpu_seconds=t["torch"][1],
+                       torch_gflops=flops / t["torch"][0] / 1e9, torch_device=tdev,
+                       torch_threads=torch.get_num_threads(), ratio_ours_over_torch=t["ours"][0] / t["torch"][0],
+                       cpu_ratio_ours_over_torch=t["ours"][1] / t["torch"][1])
         result["rows"].append(row)
     if torch is not None:
         torch.set_num_threads(default_torch_threads)
@@ -125,23 +130,27 @@ def report(result, console):
     table = Table(title=f"training step: {result['model']}, batch {result['batch_size']}, "
                         f"{result['step_gflop']:.1f} GFLOP")
     for col, just in (("threads", "left"), ("implementation", "left"), ("ms / step", "right"),
-                      ("images / s", "right"), ("GFLOP/s", "right"), ("minasgd / PyTorch", "right")):
+                      ("images / s", "right"), ("GFLOP/s", "right"), ("CPU ms", "right"),
+                      ("minasgd / PyTorch", "right"), ("in CPU time", "right")):
         table.add_column(col, justify=just)
     for row in result["rows"]:
+        torch = "torch_seconds" in row
         table.add_row(row["threads"], f"minasgd {result['backend']} ({row['blas_threads'] or '?'} BLAS)",
                       f"{row['ours_seconds'] * 1e3:.1f}", f"{result['batch_size'] / row['ours_seconds']:.0f}",
-                      f"{row['ours_gflops']:.0f}",
-                      f"[bold]{row['ratio_ours_over_torch']:.2f}x[/]" if "torch_seconds" in row else "")
-        if "torch_seconds" in row:
+                      f"{row['ours_gflops']:.0f}", f"{row['ours_cpu_seconds'] * 1e3:.0f}",
+                      f"[bold]{row['ratio_ours_over_torch']:.2f}x[/]" if torch else "",
+                      f"{row['cpu_ratio_ours_over_torch']:.2f}x" if torch else "")
+        if torch:
             table.add_row("", f"PyTorch {row['torch_device']} ({row['torch_threads']} threads)",
                           f"{row['torch_seconds'] * 1e3:.1f}", f"{result['batch_size'] / row['torch_seconds']:.0f}",
-                          f"{row['torch_gflops']:.0f}", "")
+                          f"{row['torch_gflops']:.0f}", f"{row['torch_cpu_seconds'] * 1e3:.0f}", "", "")
     console.print(table)
     console.print(f"minasgd: {result['device']}")
     if not any("torch_seconds" in row for row in result["rows"]):
         console.print("PyTorch not installed (pip install torch): no baseline in this run")
     else:
-        console.print("minasgd / PyTorch: the time per step, above 1 means ours is slower (medians, same run)")
+        console.print("minasgd / PyTorch: the time per step, above 1 means ours is slower (medians, same run); "
+                      "CPU time counts every thread of the process")
     console.print(f"first step (includes compilation): {result['first_step_seconds'] * 1e3:.0f} ms")
 
 
