@@ -14,10 +14,9 @@ same run: `minasgd bench step`, and op by op at alexnet-mini's sizes):
   * The forward's im2col matrix is kept for the backward, which then skips rebuilding it. It
     is reused only if backward gets the same array object *and* its values still equal the
     copy the forward padded (checked exactly, a cheap pass over x), else it is rebuilt.
-  * The forward writes NCHW output directly: the product W (K, C*R*S) @ cols (C*R*S, N, P*Q)
-    runs as N matrix products whose right operand is a strided view of cols (BLAS takes the
-    row stride, nothing is copied) and whose output is image n's (K, P*Q) block.
-    The backward keeps the reference's layout: dW = dY (K, N*P*Q) @ cols^T is one product.
+  * The forward's product goes into a kept buffer, and one pass both moves it to NCHW and adds
+    the bias. (N per-image products writing NCHW directly cost the same on one thread, but a
+    multi-threaded BLAS synchronises its threads once per product: 2-15x slower on 2 threads.)
   * Max-pooling forward first copies the nine window offsets into contiguous slabs, then
     scans them (compare, max, and the winning offset as max(which, k * better)); the
     reference's nine strided passes with np.copyto(where=) are several times slower.
@@ -104,9 +103,11 @@ def conv2d_forward(x, w, b, stride=1, pad=0):
     # x: (N, C, H, W), w: (K, C, R, S), b: (K,) -> y: (N, K, P, Q)
     n, k, p, q = shapes.conv2d_output_shape(x.shape, w.shape, stride, pad, b.shape)
     cols = _cols_for(x, w.shape, stride, pad, p, q)
-    y = np.empty((n, k, p * q), dtype=np.result_type(x, w))
-    np.matmul(w.reshape(k, -1), cols.reshape(-1, n, p * q).transpose(1, 0, 2), out=y)  # N products, no copy
-    y += b[:, None]
+    dtype = np.result_type(x, w)
+    y_k = _buffer("conv.y_k", (k, n * p * q), dtype)
+    np.matmul(w.reshape(k, -1), cols, out=y_k)  # (K, N*P*Q), one product
+    y = np.empty((n, k, p * q), dtype=dtype)
+    np.add(y_k.reshape(k, n, p * q).transpose(1, 0, 2), b[:, None], out=y)  # to NCHW and the bias, one pass
     return y.reshape(n, k, p, q)
 
 
