@@ -25,6 +25,11 @@ class TrickleSocket:
                 break
         return self.chunk - budget
 
+    def sendall(self, data):
+        data = memoryview(data)
+        while len(data):
+            data = data[self.sendmsg([data]):]
+
 
 def test_send_parts_survives_partial_sends():
     parts = [b"head", np.arange(1000, dtype=np.float32), b"", b"tail"]

@@ -100,16 +100,16 @@ def send_frame(sock, msg, payload=b"", seq=0, version=0, count=0):
 
 
 def send_parts(sock, parts):
-    """Send byte buffers back to back with sendmsg: one system call in the common case, and no
-    concatenated copy of a multi-megabyte payload. Loops until every byte is out."""
+    """Send byte buffers back to back, with no concatenated copy of a multi-megabyte payload.
+
+    One sendmsg puts the header and as much payload as the socket takes in one system call (all
+    of a small frame); whatever is left goes out through sendall, whose loop runs in C."""
     views = [memoryview(part).cast("B") for part in parts if len(part)]
-    while views:
-        sent = sock.sendmsg(views)
-        while views and sent >= len(views[0]):
-            sent -= len(views[0])
-            views.pop(0)
-        if views:
-            views[0] = views[0][sent:]
+    sent = sock.sendmsg(views) if views else 0
+    for view in views:
+        if sent < len(view):
+            sock.sendall(view[sent:])
+        sent = max(0, sent - len(view))
 
 
 def send_json(sock, msg, body, seq=0, version=0):
