@@ -21,12 +21,15 @@ same run: `minasgd bench step`, and op by op at alexnet-mini's sizes):
     scans them (compare, max, and the winning offset as max(which, k * better)); the
     reference's nine strided passes with np.copyto(where=) are several times slower.
 
-The price is memory: each thread keeps its buffers, about 300 MB for alexnet-mini at batch 128
-(im2col matrices, col2im scratch, pooling windows), never more than 1 GiB: past that they are
-all dropped and made anew. Tried and dropped (no gain here): max-pooling by separable
-row/column maxima, on flat shifted views, or in an (H, W, N, C) layout; the max-pool backward
-as nine strided adds, or by phases of the stride, instead of the reference's one bincount;
-the input gradient as R*S small products added in place instead of one product and col2im.
+The price is memory: each thread keeps its buffers, about 380 MB for alexnet-mini at batch
+128 (im2col matrices, products, col2im scratch, pooling windows), never more than 1 GiB: past
+that they are all dropped and made anew.
+
+Tried and dropped (no gain here): max-pooling by separable row/column maxima, on flat shifted
+views, or in an (H, W, N, C) layout; the max-pool backward as nine strided adds, or by phases
+of the stride, instead of the reference's one bincount; the input gradient as R*S small
+products added in place, or col2im over rows padded to the full width, instead of one product
+and the reference's col2im.
 """
 
 import threading
