@@ -91,7 +91,8 @@ def measure(backend="numpy", model_name="alexnet-mini", batch_size=128, repeats=
     flops = step_flops(probe, batch_size)
     model, ours = _ours(be, model_name, x_np, y_np)
     t0 = time.perf_counter()
-    ours()
+    with limit_blas_threads(1 if be.NAME != "cuda" else None):  # default threads may thrash: see the rows
+        ours()
     result = {"backend": be.NAME, "device": be.DEVICE, "model": model_name, "batch_size": batch_size,
               "step_gflop": flops / 1e9, "first_step_seconds": time.perf_counter() - t0, "rows": []}
 
