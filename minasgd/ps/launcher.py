@@ -8,9 +8,9 @@ What happens:
    process) on a loopback port (`--bind` to choose it).
 3. It starts N worker processes with multiprocess's "spawn" start method (each imports NumPy
    afresh, so the BLAS thread count set for it takes effect). Each gets its shard and, with the
-   cuda backend, a GPU (round-robin when there are several); numpy workers get (cores - 1)/N
-   BLAS threads each (at least one; one core stays with the server, evaluation and dashboard),
-   so the processes share the CPU instead of fighting over it. Oversubscribed BLAS threads spin
+   cuda backend, a GPU (round-robin when there are several); every worker gets ONE BLAS thread
+   (the rule of `minasgd.threads`, unless OPENBLAS_NUM_THREADS or the like says otherwise), so
+   the processes share the CPU instead of fighting over it. Oversubscribed BLAS threads spin
    and wait for each other: on a 2-core machine one worker with 2 threads next to the server ran
    5x slower than with 1.
 4. It watches the server (`Monitor`): the dashboard, test accuracy every epoch's worth of
@@ -233,10 +233,11 @@ def start_workers(address, token, shards, backend, gpus, opts):
     """Start one spawned process per shard; returns them."""
     import multiprocess
 
+    from ..threads import chosen_blas_threads
+
     ctx = multiprocess.get_context("spawn")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     processes = []
-    with blas_threads(max(1, (cores - 1) // len(shards))):
+    with blas_threads(chosen_blas_threads()[0]):
         for i, (shard, gpu) in enumerate(zip(shards, gpus)):
             p = ctx.Process(target=worker_process, name=f"minasgd-worker-{i + 1}", daemon=True,
                             args=(i, address, token, shard.train_x, shard.train_y, backend, gpu,
