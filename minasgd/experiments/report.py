@@ -72,7 +72,8 @@ def markdown(result, images, image_prefix=""):
     seeds = s["seeds"]
     out = [f"### `minasgd experiment {result['experiment']}`" + (" --quick" if s["quick"] else ""), "",
            f"{s['model']} on {s['dataset']}, backend {s['backend']}, {s['epochs']} epochs per run (all workers "
-           f"together), batch {s['batch_size']}, server lr {s['lr']}, evaluation every {s['eval_every']} epochs; "
+           f"together), batch {s['batch_size']}, lr {s['lr']} and momentum {s.get('momentum', 0.9)} (as one process; "
+           f"workers: lr scaling {s.get('lr_scaling', 'none')}), evaluation every {s['eval_every']} epochs; "
            f"{seeds} seed{'s' if seeds > 1 else ''} per configuration; target test error "
            f"**{1 - s['target']:.0%}** (accuracy {s['target']:.0%}). Machine: {m['cores']} cores "
            f"({m['processor']}), workers and server share them. Report made at commit {m.get('commit') or 'unknown'}.", ""]
