@@ -14,6 +14,12 @@ linear layer without copying a transpose:
        shared memory, the block synchronises, and every thread does TILE multiply-adds out of
        shared memory. Each element of A and B is read from global memory TILE times less often
        than in v1. Loads of a transposed operand read along its rows, so they stay coalesced.
+    v3 tiled_padded: v2 with each shared tile one column wider (TILE x (TILE + 1)). A transposed
+       operand is STORED down a column of its tile (sa[tx, ty]): in v2 the 32 threads of a warp
+       then write addresses TILE floats apart, which fall in the same few of shared memory's 32
+       banks and are served one after another (an 8-way conflict at TILE 16, 32-way at 32). The
+       unused extra column shifts each row by one bank, so the same stores hit distinct banks.
+       Same code, same arithmetic: only the shared arrays' row length differs (tutorial 10).
 
 Shapes: op(A) is (M, K), op(B) is (K, N), C is (M, N). The tile size is a compile-time
 constant, so `tiled_kernel(tile)` builds (and caches) one kernel per size.
@@ -51,8 +57,9 @@ def gemm_naive(a, b, c, trans_a, trans_b, bias, has_bias):
 
 
 @functools.cache
-def tiled_kernel(tile):
-    """Build the shared-memory tiled GEMM for a tile x tile thread block."""
+def tiled_kernel(tile, pad=0):
+    """Build the shared-memory tiled GEMM for a tile x tile thread block (v2; pad=1: v3, rows tile + 1 long)."""
+    width = tile + pad  # row length of the shared tiles; columns tile .. width-1 are never used
 
     @cuda.jit(cache=True)
     def gemm_tiled(a, b, c, trans_a, trans_b, bias, has_bias):
@@ -68,8 +75,8 @@ def tiled_kernel(tile):
         m, n = c.shape
         k_dim = a.shape[0] if trans_a else a.shape[1]
 
-        sa = cuda.shared.array((tile, tile), float32)  # sa[i, kk] = op(A)[row0 + i, k0 + kk]
-        sb = cuda.shared.array((tile, tile), float32)  # sb[kk, j] = op(B)[k0 + kk, col0 + j]
+        sa = cuda.shared.array((tile, width), float32)  # sa[i, kk] = op(A)[row0 + i, k0 + kk]
+        sb = cuda.shared.array((tile, width), float32)  # sb[kk, j] = op(B)[k0 + kk, col0 + j]
 
         # BEGIN SOLUTION task 5.1: for each K-slab k0 = 0, tile, 2*tile, ...: each thread stages one element of op(A) into sa and one of op(B) into sb (0 outside the matrices; a transposed operand is read as A[k, i] / B[j, k]), cuda.syncthreads(), acc += sum over kk of sa[ty, kk] * sb[kk, tx], cuda.syncthreads(); finally, inside the bounds, c[row, col] = acc (+ bias[col] if has_bias)
         acc = float32(0)
@@ -110,10 +117,10 @@ def launch_naive(a, b, c, trans_a, trans_b, bias):
     gemm_naive[blocks, threads](a, b, c, trans_a, trans_b, _bias_arg(bias, c), bias is not None)
 
 
-def launch_tiled(a, b, c, trans_a, trans_b, bias, tile=TILE):
+def launch_tiled(a, b, c, trans_a, trans_b, bias, tile=TILE, pad=0):
     m, n = c.shape
     grid = ((n + tile - 1) // tile, (m + tile - 1) // tile)
-    tiled_kernel(tile)[grid, (tile, tile)](a, b, c, trans_a, trans_b, _bias_arg(bias, c), bias is not None)
+    tiled_kernel(tile, pad)[grid, (tile, tile)](a, b, c, trans_a, trans_b, _bias_arg(bias, c), bias is not None)
 
 
 def _bias_arg(bias, c):
@@ -123,7 +130,7 @@ def _bias_arg(bias, c):
 
 # ---------------------------------------------------------------- public functions
 
-VERSIONS = ("naive", "tiled")
+VERSIONS = ("naive", "tiled", "tiled_padded")
 
 
 def gemm(a, b, trans_a=False, trans_b=False, bias=None, out=None, version="tiled", tile=TILE):
@@ -141,6 +148,8 @@ def gemm(a, b, trans_a=False, trans_b=False, bias=None, out=None, version="tiled
         launch_naive(a, b, c, trans_a, trans_b, bias)
     elif version == "tiled":
         launch_tiled(a, b, c, trans_a, trans_b, bias, tile)
+    elif version == "tiled_padded":
+        launch_tiled(a, b, c, trans_a, trans_b, bias, tile, pad=1)
     else:
         raise ValueError(f"gemm: unknown version {version!r}; choose one of {VERSIONS}")
     return c

@@ -90,9 +90,25 @@ def cmd_experiment(args, console):
 
 
 def cmd_assignment(args, console):
-    from . import assignment
+    from .assignment import cli as assignment_cli
 
-    return assignment.run(args, console)
+    return assignment_cli.run(args, console)
+
+
+def _add_assignment_arguments(p):
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sub.add_parser("list", help="the tasks, their files and grading tests")
+    m = sub.add_parser("make", help="write a student tree with the chosen tasks stubbed out")
+    m.add_argument("outdir", help="the folder to create")
+    m.add_argument("--tasks", default="all", help="comma-separated task ids (1.1,2.1), a family number (3) or all (default)")
+    m.add_argument("--force", action="store_true", help="replace OUTDIR if it exists")
+    g = sub.add_parser("grade", help="run the grading tests of each task of a student tree")
+    g.add_argument("tree", help="the student tree")
+    g.add_argument("--tasks", help="default: the tasks the tree was made with")
+    g.add_argument("--gpu", action="store_true", help="run the kernels on a real GPU instead of the simulator")
+    r = sub.add_parser("restore", help="put the reference solutions back into a student tree")
+    r.add_argument("tree", help="the student tree")
+    r.add_argument("--tasks", help="default: every task the tree was made with")
 
 
 def cmd_eval(args, console):
@@ -218,14 +234,14 @@ def build_parser():
     ps_cli.add_bench_arguments(p)
     p.set_defaults(func=cmd_bench)
 
-    from . import assignment, experiments
+    from . import experiments
 
     p = sub.add_parser("experiment", help="run one of the paper's experiments at laptop scale")
     experiments.add_arguments(p)
     p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("assignment", help="make a student version of the code, or grade one")
-    assignment.add_arguments(p)
+    _add_assignment_arguments(p)
     p.set_defaults(func=cmd_assignment)
     return parser
 
