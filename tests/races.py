@@ -13,7 +13,6 @@ nothing.
 """
 
 import contextlib
-import importlib.util
 import threading
 
 from numba import config
@@ -21,8 +20,16 @@ from numba import config
 SIM = bool(config.ENABLE_CUDASIM)
 
 
-class RaceError(AssertionError):
-    """Two threads wrote one element in one launch, at least one without an atomic."""
+try:  # the fuller checker (shared memory, missing barriers), when this checkout has it
+    from minasgd.kernels import racecheck as _rc
+except ImportError:
+    _rc = None
+
+if _rc is not None:
+    RaceError = _rc.RaceError
+else:
+    class RaceError(AssertionError):
+        """Two threads wrote one element in one launch, at least one without an atomic."""
 
 
 def _thread_name():
@@ -57,9 +64,9 @@ def _write_recorder():
         with lock:
             first = owners.setdefault(key, (me, atomic))
         if first[0] != me and not (atomic and first[1]):
-            shape = tuple(self._item.shape)
-            raise RaceError(f"race: {first[0]} and {me} both write element {key[1]} of a {shape} array, "
-                            "not both with an atomic (use cuda.atomic.add)")
+            element = ", ".join(str(i) for i in key[1])
+            raise RaceError(f"write-write race on global element [{element}] of a {tuple(self._item.shape)} array: "
+                            f"{first[0]} and {me} both write it, not both with an atomic (use cuda.atomic.add)")
         setitem(self, idx, val)
 
     def fresh_launch(self, *args):
@@ -76,12 +83,15 @@ def _write_recorder():
         sim_kernel.FakeCUDAKernel.__call__ = call
 
 
+@contextlib.contextmanager
+def _fuller_checker():
+    with _rc.checking() as races:
+        yield races
+    races.assert_clean()
+
+
 def racecheck():
     """A context manager: the race checker around the kernel launches inside it (simulator only)."""
     if not SIM:
         return contextlib.nullcontext()
-    if importlib.util.find_spec("minasgd.kernels.racecheck") is not None:  # the fuller checker
-        from minasgd.kernels import racecheck as rc
-
-        return rc.racecheck()
-    return _write_recorder()
+    return _fuller_checker() if _rc is not None else _write_recorder()

@@ -13,7 +13,7 @@
 # 3. **Backends are interchangeable**: the same model runs on NumPy or on the CUDA kernels.
 #
 # Files: `minasgd/model.py`, `minasgd/layers.py`, `minasgd/optim.py`, `minasgd/train.py`.
-# Run: `python tutorials/05_the_whole_net.py` (two or three minutes; the training is on NumPy).
+# Run: `python tutorials/05_the_whole_net.py` (about 30 s on 2 CPU cores; the training is on NumPy).
 
 # %%
 import os
@@ -22,6 +22,11 @@ import shutil
 if shutil.which("nvidia-smi") is None:  # no GPU: run the kernels on Numba's CUDA simulator
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 os.environ.setdefault("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", "0")
+# One BLAS thread: this tutorial's matrices are small, and a BLAS that starts a thread per core
+# on a machine that is busy with other work thrashes (measured 5-10x slower on 2 shared cores).
+# Must be set before NumPy is imported; set it yourself to override.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
@@ -29,7 +34,7 @@ import _common as C  # noqa: E402
 from minasgd import backends  # noqa: E402
 from minasgd.model import Model  # noqa: E402
 from minasgd.optim import SGD, learning_rate  # noqa: E402
-from minasgd.train import evaluate, prepare_batch  # noqa: E402
+from minasgd.train import TrainConfig, evaluate, prepare_batch  # noqa: E402
 
 be = backends.get("numpy")
 
@@ -129,8 +134,8 @@ with C.Timer() as t:
                   f"test loss {test_loss:.3f}, test accuracy {acc:.1%}")
 print(f"{steps} steps of batch {batch} on {len(ds.train_y)} images in {t.seconds:.1f} s on NumPy "
       f"({steps * batch / t.seconds:.0f} images/s)")
-print("(shapes is hard on purpose: a small net needs a few thousand steps to do well; "
-      "`minasgd train --model tiny` runs 8 epochs of 20,000 images)")
+print(f"(shapes is hard on purpose: a small net needs a few thousand steps to do well; "
+      f"`minasgd train --model tiny` runs {TrainConfig().epochs} epochs of the 20,000 training images)")
 
 # %% [markdown]
 # ## Pictures: the learning curve and some predictions
