@@ -215,14 +215,12 @@ def solve_with(path, task, body, which=0):
 
 
 @pytest.mark.slow
-def test_fooled_reference_and_missing_atomic_grade_fail_and_3_1_grades_alone(tmp_path):
-    """Three holes, one grading run (tasks 1.1, 3.1, 3.2 of one tree):
+def test_fooled_reference_grades_fail_and_3_1_grades_alone(tmp_path):
+    """Two holes, one grading run (tasks 1.1, 3.1, 3.2 of one tree):
     - 1.1: a ReLU kernel that writes zeros plus an edited NumPy relu_forward in the student tree
       (which graded PASS when grading used the student's whole minasgd/) must FAIL, and the
       failure must show the first mismatching element;
-    - 3.2: `+=` instead of cuda.atomic.add (which passed: the simulator hides races) must FAIL
-      with a message naming the two threads and the element;
-    - 3.1: solved while 3.2 is not must PASS (a test carried both markers before).
+    - 3.1 solved while 3.2 is still a stub must PASS (one test carried both markers before).
     """
     tree = tmp_path / "student"
     assignment.make(tree, ["1.1", "3.1", "3.2"])
@@ -232,6 +230,20 @@ def test_fooled_reference_and_missing_atomic_grade_fail_and_3_1_grades_alone(tmp
     backend = tree / "minasgd" / "backends" / "numpy_backend.py"
     backend.write_text(backend.read_text() + FOOLED_REFERENCE)
     assignment.restore(tree, ["3.1"])
+    grades = {g.task: g for g in assignment.grade(tree, ["1.1", "3.1", "3.2"])}
+    assert not grades["1.1"].ok and grades["1.1"].failed, grades["1.1"]
+    assert re.search(r"first at \(\d+(, \d+)*\): got 0\.0, expected \d", grades["1.1"].first_failure), grades["1.1"].first_failure
+    assert grades["3.1"].ok and grades["3.1"].passed >= 5, grades["3.1"]
+    assert not grades["3.2"].ok and "NotImplementedError: task 3.2" in grades["3.2"].first_failure, grades["3.2"]
+
+
+@pytest.mark.slow
+def test_missing_atomic_grades_fail_naming_the_two_threads(tmp_path):
+    """`+=` instead of cuda.atomic.add gives the right numbers on the simulator (it passed before);
+    under the race checker task 3.2 (and the block sum's atomic finish, task 7.1) must FAIL with a
+    message naming the two threads and the element."""
+    tree = tmp_path / "student"
+    assignment.make(tree, ["3.2", "7.1"])
     solve_with(tree / "kernels" / "pool.py", "3.2", """    for idx in range(start, dy.size, step):
         q = idx % q_
         p = (idx // q_) % p_
@@ -239,14 +251,21 @@ def test_fooled_reference_and_missing_atomic_grade_fail_and_3_1_grades_alone(tmp
         n = idx // (q_ * p_ * c_)
         at = argmax[n, c, p, q]
 """ + PLAIN_ADD)
-    grades = {g.task: g for g in assignment.grade(tree, ["1.1", "3.1", "3.2"])}
-    assert not grades["1.1"].ok and grades["1.1"].failed, grades["1.1"]
-    assert re.search(r"first at \(\d+(, \d+)*\): got 0\.0, expected \d", grades["1.1"].first_failure), grades["1.1"].first_failure
-    assert grades["3.1"].ok and grades["3.1"].passed >= 5, grades["3.1"]
-    g = grades["3.2"]
-    assert not g.ok and g.failed >= 4, g  # every case with overlapping windows sees the race
-    assert "race" in g.first_failure and re.search(r"\[\d+, \d+, \d+, \d+\]", g.first_failure), g.first_failure
-    assert len(re.findall(r"thread \(\d+, 0, 0\)", g.first_failure)) == 2, g.first_failure  # names both threads
+    solve_with(tree / "kernels" / "reduce.py", "7.1", """    half = BLOCK // 2
+    while half > 0:
+        if tid < half:
+            partial[tid] += partial[tid + half]
+        cuda.syncthreads()
+        half //= 2
+    if tid == 0:
+        out[0] += partial[0]
+""")
+    grades = {g.task: g for g in assignment.grade(tree, ["3.2", "7.1"])}
+    for task, least in (("3.2", 4), ("7.1", 2)):  # every case with overlapping windows / several blocks
+        g = grades[task]
+        assert not g.ok and g.failed >= least, g
+        assert "race" in g.first_failure and re.search(r"\[\d+(, \d+)*\]", g.first_failure), g.first_failure
+        assert len(re.findall(r"thread \(\d+, 0, 0\)", g.first_failure)) == 2, g.first_failure  # names both threads
 
 
 @pytest.mark.slow
