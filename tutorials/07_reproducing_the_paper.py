@@ -19,7 +19,7 @@
 #
 # The budgets are tiny, so the numbers are noisy and accuracies low: read them as a demo of
 # the method, not as a result. `minasgd experiment workers|warmstart` runs the real versions.
-# Run: `python tutorials/07_reproducing_the_paper.py` (about 5 minutes on 2 CPU cores; 1 in FAST mode).
+# Run: `python tutorials/07_reproducing_the_paper.py` (about a minute on 2 CPU cores).
 
 # %%
 import json
@@ -104,8 +104,10 @@ for (start, workers), s in runs.items():
 # nothing. On a GPU cluster each worker has its own GPU and the throughput ratio approaches
 # the number of workers until the server or the network saturates. On a laptop CPU two NumPy
 # workers share the same few cores, so expect little or no speed-up here (and noisy numbers
-# at these budgets): the point is the method. `minasgd experiment workers|warmstart` runs it
-# with several seeds; docs/paper.md has our numbers next to the paper's.
+# at these budgets: one seed, a few hundred mini-batches, a target near the end of the curves.
+# A run can even come out the other way round from the paper). The point is the method.
+# `minasgd experiment workers|warmstart` runs it with several seeds and reports the spread;
+# docs/paper.md has our numbers next to the paper's.
 
 # %%
 speedups = {}
