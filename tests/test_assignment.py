@@ -12,7 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from numba import config, cuda
 
 from minasgd import assignment, cli
 from minasgd.assignment import AssignmentError
@@ -183,6 +185,30 @@ def test_cli_list_and_errors(capsys, tmp_path):
     assert cli.main(["assignment", "make", str(tmp_path / "x"), "--tasks", "7.7"]) == 2
     assert cli.main(["assignment", "restore", str(tmp_path)]) == 2
     assert "unknown task" in capsys.readouterr().out
+
+
+def test_race_checker_catches_a_scatter_without_atomics():
+    """The planted bug of task 3.2 (`+=` instead of cuda.atomic.add) must fail even on the
+    simulator, naming both threads and the element. (Here, not in the shipped kernel tests: the
+    planted kernel is most of the answer to 3.2.)"""
+    if not config.ENABLE_CUDASIM:
+        pytest.skip("the race checker runs on the CUDA simulator")
+    sys.path.insert(0, str(ROOT / "tests"))
+    from races import RaceError, racecheck
+
+    @cuda.jit
+    def scatter_plain(dy, argmax, dx):
+        for idx in range(cuda.grid(1), dy.size, cuda.gridsize(1)):
+            at = argmax[0, 0, idx // 2, idx % 2]
+            dx[0, 0, at // 5, at % 5] += dy[0, 0, idx // 2, idx % 2]  # no atomic: threads collide
+
+    dx = cuda.to_device(np.zeros((1, 1, 5, 5), np.float32))
+    with pytest.raises(RaceError) as caught:
+        with racecheck():
+            scatter_plain[1, 4](cuda.to_device(np.ones((1, 1, 2, 2), np.float32)),
+                                cuda.to_device(np.full((1, 1, 2, 2), 12, np.int32)), dx)
+    message = str(caught.value)
+    assert "[0, 0, 2, 2]" in message and len(re.findall(r"thread \(\d+, 0, 0\)", message)) == 2, message
 
 
 # ------------------------------------------------------------------ grading, end to end (pytest subprocesses)
