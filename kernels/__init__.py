@@ -9,6 +9,17 @@
     reduce       sums over batch (and pixels): bias gradients, the mean loss
     softmax      softmax + cross-entropy: one thread per row, max-subtracted
     optim        SGD with momentum and weight decay over the flat parameter vector
+    shapes       output shapes and input checks (pure Python; the backends and layers use them too)
+    dropout_hash the dropout mask's uint32 hash in NumPy (the kernel's twin; the reference uses it)
+
+This package is the bottom floor: it imports nothing from `minasgd`, so it can be read (and
+copied) alone. Everything above it imports from here, never the other way round.
+
+Each op family is a workbench, as in llm.c's dev/cuda: `python -m minasgd.kernels.conv` (or
+pool, gemm, softmax, elementwise, reduce, optim) validates every version and tile size against
+the NumPy reference at the layer shapes of Model("alexnet-mini"), then times them (on the CUDA
+simulator: Model("micro")'s shapes, validate only). The loop itself is `minasgd/workbench.py`;
+each module's `if __name__ == "__main__":` block only calls it.
 
 Each module has the same layout: the kernels (naive first, then optimized), then the host
 launchers that pick the grid and block, then the public functions that `minasgd.backends.cuda_backend`

@@ -13,23 +13,30 @@ Forward
        shared memory, each thread computes which input pixel (or padding zero) that entry is.
        Otherwise it is the tiled GEMM of `gemm.py`: a TILE x TILE block owns a tile of Y.
 Backward
-    data   gather: one thread per input pixel dx[n, c, h, w]; it sums w * dy over every
-           (k, r, s) whose output position (h + pad - r) / stride lands on the grid. No atomics.
-    filter tiled implicit GEMM with split-K: dW[k, t] = sum_j dY[k, j] * X[t, j]. The sum runs
-           over all N*P*Q output positions, far longer than dW is wide, so the j range is split
-           into chunks (grid z); each block reduces its chunk in shared-memory tiles and adds its
-           partial result into dW with cuda.atomic.add (dW is zeroed first).
+    data   v1 naive: one thread per input pixel dx[n, c, h, w]; it walks EVERY output (k, p, q)
+              and adds w[k, c, r, s] * dy where the filter tap r = h + pad - p*stride (and s
+              likewise) falls inside the filter. Straight from the definition; K*P*Q steps each.
+           v2 gather: the same thread visits only the taps (r, s) whose output position
+              (h + pad - r) / stride lands on the grid: R*S*K steps instead. No atomics.
+    filter v1 naive: one thread per weight dw[k, c, r, s]; it sums dy * x over all N*P*Q output
+              positions, reading both from global memory.
+           v2 tiled implicit GEMM with split-K: dW[k, t] = sum_j dY[k, j] * X[t, j]. The sum runs
+              over all N*P*Q output positions, far longer than dW is wide, so the j range is split
+              into chunks (grid z); each block reduces its chunk in shared-memory tiles and adds its
+              partial result into dW with cuda.atomic.add (dW is zeroed first).
     bias   `reduce.sum_over_batch` (db[k] = sum over n, p, q of dy).
 All backward functions overwrite their output (never accumulate into it).
+
+Deterministic (the same bits every run): forward v1 and v2, backward data v1 and v2, backward
+filter v1. Backward filter v2 is not when a weight's sum is split (splits > 1): the partial sums
+arrive through atomics in whatever order the blocks finish (the result differs in the last bits).
 """
 
 import functools
 
 from numba import cuda, float32
 
-from minasgd.backends import shapes
-
-from . import reduce
+from . import reduce, shapes
 from .common import MAX_BLOCKS, SIM, ceil_div, grid_1d, output
 from .elementwise import fill
 
@@ -119,6 +126,60 @@ def forward_tiled_kernel(tile):
             y[n, k, p, q] = acc + b[k]
 
     return conv2d_forward_tiled
+
+
+@cuda.jit(cache=True)
+def conv2d_backward_data_naive(dy, w, dx, stride, pad):
+    """One thread per input element dx[n, c, h, col] (grid-stride): every output (k, p, q) it could feed.
+
+    Output (p, q) read input (h, col) through tap r = h + pad - p*stride, s = col + pad - q*stride,
+    when both lie inside the R x S filter.
+    """
+    start = cuda.grid(1)
+    step = cuda.gridsize(1)
+    n_, c_, h_, w_ = dx.shape
+    k_, _, r_, s_ = w.shape
+    p_, q_ = dy.shape[2], dy.shape[3]
+    for idx in range(start, dx.size, step):
+        col = idx % w_
+        h = (idx // w_) % h_
+        c = (idx // (w_ * h_)) % c_
+        n = idx // (w_ * h_ * c_)
+        acc = float32(0)
+        for k in range(k_):
+            for p in range(p_):
+                r = h + pad - p * stride
+                if 0 <= r < r_:
+                    for q in range(q_):
+                        s = col + pad - q * stride
+                        if 0 <= s < s_:
+                            acc += w[k, c, r, s] * dy[n, k, p, q]
+        dx[n, c, h, col] = acc
+
+
+@cuda.jit(cache=True)
+def conv2d_backward_filter_naive(x, dy, dw, stride, pad):
+    """One thread per weight dw[k, c, r, s] (grid-stride): sum over n, p, q of dy * the input it saw."""
+    start = cuda.grid(1)
+    step = cuda.gridsize(1)
+    n_, c_, h_, w_ = x.shape
+    k_, _, r_, s_ = dw.shape
+    p_, q_ = dy.shape[2], dy.shape[3]
+    for idx in range(start, dw.size, step):
+        s = idx % s_
+        r = (idx // s_) % r_
+        c = (idx // (s_ * r_)) % c_
+        k = idx // (s_ * r_ * c_)
+        acc = float32(0)
+        for n in range(n_):
+            for p in range(p_):
+                h = p * stride - pad + r
+                if 0 <= h < h_:
+                    for q in range(q_):
+                        col = q * stride - pad + s
+                        if 0 <= col < w_:
+                            acc += dy[n, k, p, q] * x[n, c, h, col]
+        dw[k, c, r, s] = acc
 
 
 @cuda.jit(cache=True)
@@ -224,9 +285,19 @@ def launch_forward_tiled(x, w, b, y, stride, pad, tile=TILE):
     forward_tiled_kernel(tile)[grid, (tile, tile)](x, w2, b, y, stride, pad, r, s)
 
 
+def launch_backward_data_naive(dy, w, dx, stride, pad):
+    blocks, threads = grid_1d(dx.size)
+    conv2d_backward_data_naive[blocks, threads](dy, w, dx, stride, pad)
+
+
 def launch_backward_data(dy, w, dx, stride, pad):
     blocks, threads = grid_1d(dx.size)
     conv2d_backward_data_gather[blocks, threads](dy, w, dx, stride, pad)
+
+
+def launch_backward_filter_naive(x, dy, dw, stride, pad):
+    blocks, threads = grid_1d(dw.size)
+    conv2d_backward_filter_naive[blocks, threads](x, dy, dw, stride, pad)
 
 
 def launch_backward_filter(x, dy, dw, stride, pad, tile=TILE, splits=None):
@@ -247,7 +318,9 @@ def launch_backward_filter(x, dy, dw, stride, pad, tile=TILE, splits=None):
 
 # ---------------------------------------------------------------- public functions
 
-VERSIONS = ("naive", "tiled")
+VERSIONS = ("naive", "tiled")  # forward
+DATA_VERSIONS = ("naive", "gather")  # backward data
+FILTER_VERSIONS = ("naive", "tiled")  # backward filter
 
 
 def conv2d_forward(x, w, b, stride=1, pad=0, out=None, version="tiled", tile=TILE):
@@ -265,19 +338,28 @@ def conv2d_forward(x, w, b, stride=1, pad=0, out=None, version="tiled", tile=TIL
     return y
 
 
-def conv2d_backward_data(dy, w, x_shape, stride=1, pad=0, out=None):
-    # dy: (N, K, P, Q), w: (K, C, R, S) -> dx: (N, C, H, W) (fresh unless out is given)
+def conv2d_backward_data(dy, w, x_shape, stride=1, pad=0, out=None, version="gather"):
+    # dy: (N, K, P, Q), w: (K, C, R, S) -> dx: (N, C, H, W) (fresh unless out is given); deterministic
     shapes.check_same_shape("conv2d_backward dy", dy.shape, shapes.conv2d_output_shape(x_shape, w.shape, stride, pad))
     dx = output(x_shape, dy.dtype, out, "conv2d_backward_data out")
+    if version not in DATA_VERSIONS:
+        raise ValueError(f"conv2d_backward_data: unknown version {version!r}; choose one of {DATA_VERSIONS}")
     if dx.size:
-        launch_backward_data(dy, w, dx, stride, pad)
+        (launch_backward_data_naive if version == "naive" else launch_backward_data)(dy, w, dx, stride, pad)
     return dx
 
 
-def conv2d_backward_filter(dy, x, w_shape, stride=1, pad=0, out=None, tile=TILE, splits=None):
+def conv2d_backward_filter(dy, x, w_shape, stride=1, pad=0, out=None, tile=TILE, splits=None, version="tiled"):
     # dy: (N, K, P, Q), x: (N, C, H, W) -> dw: (K, C, R, S) (overwritten, fresh unless out is given)
+    # naive: deterministic; tiled: deterministic only with splits=1 (atomics add the split sums)
     shapes.check_same_shape("conv2d_backward dy", dy.shape, shapes.conv2d_output_shape(x.shape, w_shape, stride, pad))
     dw = output(w_shape, dy.dtype, out, "conv2d_backward_filter out")
+    if version == "naive":
+        if dw.size:
+            launch_backward_filter_naive(x, dy, dw, stride, pad)
+        return dw
+    if version != "tiled":
+        raise ValueError(f"conv2d_backward_filter: unknown version {version!r}; choose one of {FILTER_VERSIONS}")
     fill(dw, 0)
     if dy.size:
         launch_backward_filter(x, dy, dw, stride, pad, tile, splits)
@@ -295,3 +377,9 @@ def conv2d_backward(dy, x, w, stride=1, pad=0, tile=TILE, need_dx=True):
     dw = conv2d_backward_filter(dy, x, w.shape, stride, pad, tile=tile)
     db = reduce.sum_over_batch(dy)
     return dx, dw, db
+
+
+if __name__ == "__main__":  # the workbench: every version vs the NumPy reference, then timed (minasgd/workbench.py)
+    from minasgd.workbench import main
+
+    raise SystemExit(main("conv"))

@@ -7,7 +7,7 @@
                    so the mask is recomputed in backward instead of stored
 
 All kernels see tensors as flat 1-D views (every activation is C-contiguous), so one loop serves
-any shape. The dropout hash is the same uint32 mixer as `minasgd.dropout_hash.hash32`, written as
+any shape. The dropout hash is the same uint32 mixer as `dropout_hash.hash32` (the NumPy version, in this package), written as
 a device function; every step is wrapped in uint32(...) so the GPU, the simulator and NumPy agree
 bit for bit (without it, compiled Numba widens `uint32 * uint32` to 64 bits).
 """
@@ -15,8 +15,7 @@ bit for bit (without it, compiled Numba widens `uint32 * uint32` to 64 bits).
 import numpy as np
 from numba import cuda, float32, uint32
 
-from minasgd import dropout_hash
-from minasgd.backends import shapes
+from . import dropout_hash, shapes
 
 from .common import flat, grid_1d, output
 
@@ -146,3 +145,9 @@ def dropout(x, p, seed, out=None):
     if x.size:
         launch_dropout(x, y, p, seed)
     return y
+
+
+if __name__ == "__main__":  # the workbench: every version vs the NumPy reference, then timed (minasgd/workbench.py)
+    from minasgd.workbench import main
+
+    raise SystemExit(main("elementwise"))

@@ -153,3 +153,9 @@ def gemm(a, b, trans_a=False, trans_b=False, bias=None, out=None, version="tiled
     else:
         raise ValueError(f"gemm: unknown version {version!r}; choose one of {VERSIONS}")
     return c
+
+
+if __name__ == "__main__":  # the workbench: every version vs the NumPy reference, then timed (minasgd/workbench.py)
+    from minasgd.workbench import main
+
+    raise SystemExit(main("gemm"))

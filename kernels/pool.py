@@ -10,13 +10,17 @@
               threads may hit the same pixel. Needs only argmax, as the op contract gives.
               v2 gather: one thread per input pixel dx[n, c, h, w]. It visits the few windows
               that contain (h, w) and adds dy wherever that window's argmax is this pixel. No
-              atomics, no zeroing, a fixed summation order; but it needs the window size and
-              stride, which the backend contract `maxpool2d_backward(dy, argmax, x_shape)` lacks.
+              atomics, no zeroing, a fixed summation order; it needs the window size and stride,
+              which the backend contract passes: `maxpool2d_backward(dy, argmax, x_shape, size,
+              stride)` (the cuda backend's POOL_BACKWARD_VERSION picks which one it calls).
+
+Deterministic: forward, and backward v2 gather. Backward v1 scatter is not when windows overlap
+(size > stride): two atomic adds into one pixel land in either order, which can change its last bit.
 """
 
 from numba import cuda, float32
 
-from minasgd.backends import shapes
+from . import shapes
 
 from .common import grid_1d, output
 from .elementwise import fill
@@ -153,3 +157,9 @@ def maxpool2d_backward_gather(dy, argmax, x_shape, size, stride, out=None):
 def _check_batch_channels(dy_shape, x_shape):
     if len(x_shape) != 4 or len(dy_shape) != 4 or tuple(dy_shape[:2]) != tuple(x_shape[:2]):
         raise ValueError(f"maxpool2d_backward: dy {tuple(dy_shape)} does not pool x {tuple(x_shape)}")
+
+
+if __name__ == "__main__":  # the workbench: every version vs the NumPy reference, then timed (minasgd/workbench.py)
+    from minasgd.workbench import main
+
+    raise SystemExit(main("pool"))

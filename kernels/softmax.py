@@ -19,9 +19,7 @@ import math
 import numpy as np
 from numba import cuda, float32
 
-from minasgd.backends import shapes
-
-from . import reduce
+from . import reduce, shapes
 from .common import grid_1d, is_device_array, output
 
 
@@ -80,3 +78,9 @@ def softmax_cross_entropy(logits, labels, out=None):
     launch_softmax_xent(logits, labels, dlogits, row_loss)
     loss = reduce.sum_over_batch(row_loss, scale=1.0 / n)
     return loss, dlogits
+
+
+if __name__ == "__main__":  # the workbench: every version vs the NumPy reference, then timed (minasgd/workbench.py)
+    from minasgd.workbench import main
+
+    raise SystemExit(main("softmax"))

@@ -5,40 +5,28 @@ For each op at the sizes one training step of alexnet-mini uses (batch 128):
     each a few calls between `cuda.synchronize()`s, after a warm-up call that compiles),
   * its rate: GFLOP/s for convolutions and matrix multiplies, GB/s for memory-bound ops,
   * the other version where there is one (the naive conv and GEMM, the gather pool backward)
+    (every version is validated against the reference by `python -m minasgd.kernels.<op>`)
     and the speed-up of ours over it,
   * with PyTorch on a GPU: the cuDNN / cuBLAS / ATen equivalent timed in the same run, and
     ours / torch (above 1 means ours is slower).
 It also reports the first call of one kernel (JIT compile, or loading numba's on-disk cache)
 against its steady state.
 
-Timings need a real NVIDIA GPU. Under the CUDA simulator, or without a GPU, `run` prints one
+Timings need a real NVIDIA GPU. Under the CUDA simulator, or without a GPU, `run` returns one
 line saying so and times nothing: simulator timings are meaningless.
 """
 
-import json
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
 
+from .timer import median_seconds
+
 BATCH = 128
 
-# alexnet-mini: three conv -> relu -> max-pool(3, 2) stages, then fc 1152 -> 256 -> 10.
-ALEXNET_MINI = dict(
-    image=(3, 32, 32),
-    convs=[  # (name, out channels, filter size, pad); stride 1
-        ("conv1", 32, 5, 2),
-        ("conv2", 64, 5, 2),
-        ("conv3", 128, 3, 1),
-    ],
-    pool=(3, 2),
-    fcs=[("fc1", 256), ("fc2", 10)],
-)
-
-# The same structure, small enough for the CUDA simulator (used by the tests to run every case once).
-TINY = dict(image=(2, 7, 7), convs=[("conv1", 3, 3, 1), ("conv2", 4, 3, 1)], pool=(3, 2), fcs=[("fc1", 6), ("fc2", 3)])
+MODEL = "alexnet-mini"  # the shapes come from Model(MODEL) (minasgd.workbench.layer_shapes), not a copy
 
 
 @dataclass
@@ -60,33 +48,20 @@ def _shape(*dims):
     return "x".join(str(d) for d in dims)
 
 
-def param_count(net=ALEXNET_MINI):
-    c, h, w = net["image"]
-    total = 0
-    for _, k, r, pad in net["convs"]:
-        total += k * c * r * r + k
-        c = k
-        h, w = h + 2 * pad - r + 1, w + 2 * pad - r + 1
-        size, stride = net["pool"]
-        h, w = (h - size) // stride + 1, (w - size) // stride + 1
-    d = c * h * w
-    for _, m in net["fcs"]:
-        total += m * d + m
-        d = m
-    return total
-
-
-def build_cases(net=ALEXNET_MINI, batch=BATCH, torch_device=None, tile=None):
-    """Every benchmark case, with device inputs and preallocated outputs ready.
+def build_cases(model=MODEL, batch=BATCH, torch_device=None, tile=None):
+    """Every benchmark case at the shapes one training step of `model` uses, with device inputs
+    and preallocated outputs ready.
 
     `torch_device` ("cuda", or "cpu" to check the calls without a GPU) adds the PyTorch
     equivalents; None leaves them out. `tile` overrides the tile size of the tiled kernels.
     """
     from numba import cuda
 
-    from minasgd.backends import shapes
     from minasgd.backends import cuda_backend as be
-    from minasgd.kernels import conv, elementwise, gemm, optim, pool, reduce, softmax
+    from minasgd.kernels import conv, elementwise, gemm, optim, pool, reduce, shapes, softmax
+    from minasgd.workbench import layer_shapes
+
+    net = layer_shapes(model, batch)
 
     torch = F = None
     if torch_device is not None:
@@ -105,45 +80,46 @@ def build_cases(net=ALEXNET_MINI, batch=BATCH, torch_device=None, tile=None):
         return torch.randn(*shape, device=torch_device)
 
     cases = []
-    c, h, w = net["image"]
-    size, stride = net["pool"]
-    largest = 0
-    for name, k, r, pad in net["convs"]:
+    for layer in net["conv"]:
+        name, (_, c, h, w), (k, _, r, _), cs, pad = layer["name"], layer["x"], layer["w"], layer["stride"], layer["pad"]
         x, wt, b = dev(batch, c, h, w), dev(k, c, r, r), dev(k)
-        y_shape = shapes.conv2d_output_shape(x.shape, wt.shape, 1, pad)
+        y_shape = shapes.conv2d_output_shape(x.shape, wt.shape, cs, pad)
         y, dx, dw, db = (cuda.device_array(s, np.float32) for s in (y_shape, x.shape, wt.shape, (k,)))
         dy = dev(*y_shape)
         flops = 2.0 * np.prod(y_shape) * c * r * r
-        label = f"{_shape(batch, c, h, w)} * {_shape(k, c, r, r)} pad {pad}"
+        label = f"{_shape(batch, c, h, w)} * {_shape(k, c, r, r)} pad {pad}" + (f" stride {cs}" if cs != 1 else "")
         t = {}
         if torch is not None:
             tx, tw, tb, tdy = tdev(batch, c, h, w), tdev(k, c, r, r), tdev(k), tdev(*y_shape)
 
-            def t_backward(mask, tx=tx, tw=tw, tdy=tdy, pad=pad, k=k):
-                return torch.ops.aten.convolution_backward(tdy, tx, tw, [k], [1, 1], [pad, pad], [1, 1], False, [0, 0], 1, mask)
+            def t_backward(mask, tx=tx, tw=tw, tdy=tdy, pad=pad, k=k, cs=cs):
+                return torch.ops.aten.convolution_backward(tdy, tx, tw, [k], [cs, cs], [pad, pad], [1, 1], False, [0, 0], 1, mask)
 
             t = dict(
-                fwd=lambda tx=tx, tw=tw, tb=tb, pad=pad: F.conv2d(tx, tw, tb, 1, pad),
+                fwd=lambda tx=tx, tw=tw, tb=tb, pad=pad, cs=cs: F.conv2d(tx, tw, tb, cs, pad),
                 data=lambda f=t_backward: f([True, False, False]),
                 filt=lambda f=t_backward: f([False, True, True]),
             )
         cases += [
             Case(f"{name} forward", label, flops, "GFLOP/s",
-                 lambda x=x, wt=wt, b=b, y=y, pad=pad: conv.conv2d_forward(x, wt, b, 1, pad, out=y, version="tiled", **ct),
-                 lambda x=x, wt=wt, b=b, y=y, pad=pad: conv.conv2d_forward(x, wt, b, 1, pad, out=y, version="naive"),
+                 lambda x=x, wt=wt, b=b, y=y, pad=pad, cs=cs: conv.conv2d_forward(x, wt, b, cs, pad, out=y, version="tiled", **ct),
+                 lambda x=x, wt=wt, b=b, y=y, pad=pad, cs=cs: conv.conv2d_forward(x, wt, b, cs, pad, out=y, version="naive"),
                  "naive", t.get("fwd")),
             Case(f"{name} backward data", label, flops, "GFLOP/s",
-                 lambda dy=dy, wt=wt, dx=dx, pad=pad: conv.conv2d_backward_data(dy, wt, dx.shape, 1, pad, out=dx),
-                 torch=t.get("data")),
+                 lambda dy=dy, wt=wt, dx=dx, pad=pad, cs=cs: conv.conv2d_backward_data(dy, wt, dx.shape, cs, pad, out=dx),
+                 lambda dy=dy, wt=wt, dx=dx, pad=pad, cs=cs: conv.conv2d_backward_data(dy, wt, dx.shape, cs, pad, out=dx, version="naive"),
+                 "naive", t.get("data")),
             Case(f"{name} backward filter+bias", label, flops + 4.0 * np.prod(y_shape), "GFLOP/s",
-                 lambda dy=dy, x=x, dw=dw, db=db, pad=pad: (conv.conv2d_backward_filter(dy, x, dw.shape, 1, pad, out=dw, **ct),
-                                                            reduce.sum_over_batch(dy, out=db)),
-                 torch=t.get("filt")),
+                 lambda dy=dy, x=x, dw=dw, db=db, pad=pad, cs=cs: (conv.conv2d_backward_filter(dy, x, dw.shape, cs, pad, out=dw, **ct),
+                                                                   reduce.sum_over_batch(dy, out=db)),
+                 lambda dy=dy, x=x, dw=dw, db=db, pad=pad, cs=cs: (conv.conv2d_backward_filter(dy, x, dw.shape, cs, pad, out=dw, version="naive"),
+                                                                   reduce.sum_over_batch(dy, out=db)),
+                 "naive", t.get("filt")),
         ]
-        largest = max(largest, int(np.prod(y_shape)))
 
-        # max-pool(size, stride) of the conv output
-        _, k, h, w = y_shape
+    for layer in net["pool"]:
+        name, y_shape, size, stride = layer["name"], layer["x"], layer["size"], layer["stride"]
+        y = dev(*y_shape)  # the pool's input: a conv layer's (ReLU'd) output
         p_shape = shapes.pool2d_output_shape(y_shape, size, stride)
         py, parg, pdy, pdx = (cuda.device_array(p_shape, np.float32), cuda.device_array(p_shape, np.int32),
                               dev(*p_shape), cuda.device_array(y_shape, np.float32))
@@ -155,25 +131,24 @@ def build_cases(net=ALEXNET_MINI, batch=BATCH, torch_device=None, tile=None):
             _, tidx = F.max_pool2d(ty, size, stride, return_indices=True)
             tpdy = tdev(*p_shape)
             tp = dict(
-                fwd=lambda ty=ty: F.max_pool2d(ty, size, stride, return_indices=True),
-                bwd=lambda ty=ty, tidx=tidx, tpdy=tpdy: torch.ops.aten.max_pool2d_with_indices_backward(
+                fwd=lambda ty=ty, size=size, stride=stride: F.max_pool2d(ty, size, stride, return_indices=True),
+                bwd=lambda ty=ty, tidx=tidx, tpdy=tpdy, size=size, stride=stride: torch.ops.aten.max_pool2d_with_indices_backward(
                     tpdy, ty, [size, size], [stride, stride], [0, 0], [1, 1], False, tidx),
             )
-        pool_name = "pool" + name[-1]
+        pool_name = name
         plabel = f"{_shape(*y_shape)} window {size} stride {stride}"
         cases += [
             Case(f"{pool_name} forward", plabel, pool_bytes, "GB/s",
-                 lambda y=y, py=py, parg=parg: pool.maxpool2d_forward(y, size, stride, out=py, out_argmax=parg),
+                 lambda y=y, py=py, parg=parg, size=size, stride=stride: pool.maxpool2d_forward(y, size, stride, out=py, out_argmax=parg),
                  torch=tp.get("fwd")),
             Case(f"{pool_name} backward", plabel, pool_bytes + 4.0 * np.prod(y_shape), "GB/s",
                  lambda pdy=pdy, parg=parg, pdx=pdx: pool.maxpool2d_backward(pdy, parg, pdx.shape, out=pdx),
-                 lambda pdy=pdy, parg=parg, pdx=pdx: pool.maxpool2d_backward_gather(pdy, parg, pdx.shape, size, stride, out=pdx),
+                 lambda pdy=pdy, parg=parg, pdx=pdx, size=size, stride=stride: pool.maxpool2d_backward_gather(pdy, parg, pdx.shape, size, stride, out=pdx),
                  "gather", tp.get("bwd")),
         ]
-        c, h, w = p_shape[1:]
 
-    d = c * h * w
-    for name, m in net["fcs"]:
+    for layer in net["fc"]:
+        name, (_, d), (m, _) = layer["name"], layer["x"], layer["w"]
         x, wt, b, dy = dev(batch, d), dev(m, d), dev(m), dev(batch, m)
         y, dx, dw = (cuda.device_array(s, np.float32) for s in ((batch, m), (batch, d), (m, d)))
         flops = 2.0 * batch * d * m
@@ -193,14 +168,14 @@ def build_cases(net=ALEXNET_MINI, batch=BATCH, torch_device=None, tile=None):
                 lambda args=args, out=out: gemm.gemm(*args[:2], args[2], args[3], bias=args[4], out=out, version="tiled", **ct),
                 lambda args=args, out=out: gemm.gemm(*args[:2], args[2], args[3], bias=args[4], out=out, version="naive"),
                 "naive", tl.get(tkey)))
-        d = m
 
     # Elementwise ops over the largest activation, the loss, and one optimizer step.
+    largest = net["largest"]
     a, a_out, a_dy = dev(largest), cuda.device_array(largest, np.float32), dev(largest)
-    classes = net["fcs"][-1][1]
+    classes = net["classes"]
     logits, dlogits = dev(batch, classes), cuda.device_array((batch, classes), np.float32)
     labels = cuda.to_device(rng.integers(0, classes, batch).astype(np.int32))
-    n_params = param_count(net)
+    n_params = net["num_params"]
     pw, pg, pv = dev(n_params), dev(n_params), be.zeros((n_params,))
     te = {}
     if torch is not None:
@@ -253,17 +228,7 @@ def _sync(torch_fn=None):
 
 def time_call(fn, samples=7, calls=5, is_torch=False):
     """Median seconds per call: one warm-up call, then `samples` timings of `calls` back-to-back calls."""
-    sync = (lambda: _sync(True)) if is_torch else _sync
-    fn()
-    sync()
-    times = []
-    for _ in range(samples):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        sync()
-        times.append((time.perf_counter() - start) / calls)
-    return statistics.median(times)
+    return median_seconds(fn, repeats=samples, calls=calls, sync=(lambda: _sync(True)) if is_torch else _sync)
 
 
 def first_call_vs_steady(cases):
@@ -281,12 +246,12 @@ def first_call_vs_steady(cases):
 SWEPT = ("conv2 forward", "fc1 forward y = x w^T + b")
 
 
-def tile_sweep(tiles=(8, 16, 32), net=ALEXNET_MINI, batch=BATCH):
+def tile_sweep(tiles=(8, 16, 32), model=MODEL, batch=BATCH):
     """The SWEPT kernels with tile x tile thread blocks, for each tile size."""
     rows = []
     for tile in tiles:
         row = {"tile": tile}
-        for case in build_cases(net, batch, tile=tile):
+        for case in build_cases(model, batch, tile=tile):
             if case.name in SWEPT:
                 seconds = time_call(case.ours)
                 row[case.name] = {"ms": seconds * 1e3, "rate": case.work / seconds / 1e9}
@@ -315,13 +280,12 @@ def no_gpu_reason():
     return None
 
 
-def run(as_json=False, backend_device=None):
-    """Time every kernel (see the module docstring); print a table, or JSON; return the results."""
+def run(backend_device=None):
+    """Time every kernel (see the module docstring); returns the results as a JSON-able dict
+    ({"skipped": why} where nothing can be timed). `minasgd.dashboard.show_bench_kernels` draws them."""
     reason = no_gpu_reason()
     if reason:
-        result = {"skipped": reason}
-        print(json.dumps(result) if as_json else reason)
-        return result
+        return {"skipped": reason}
 
     from minasgd.backends import cuda_backend
 
@@ -343,40 +307,4 @@ def run(as_json=False, backend_device=None):
         rows.append(row)
     result = {"device": device, "batch": BATCH, "torch": torch_device is not None,
               "first_call": compile_info, "kernels": rows, "tile_sweep": tile_sweep()}
-    if as_json:
-        print(json.dumps(result, indent=2))
-    else:
-        _print_table(result)
     return result
-
-
-def _print_table(result):
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"minasgd kernels on {result['device']}, alexnet-mini, batch {result['batch']}")
-    for col, just in (("kernel", "left"), ("shape", "left"), ("ours ms", "right"), ("rate", "right"),
-                      ("other version", "right"), ("ours faster by", "right"), ("torch ms", "right"), ("ours / torch", "right")):
-        table.add_column(col, justify=just)
-    for r in result["kernels"]:
-        alt = f"{r['alt_version']} {r['alt_ms']:.3f} ms" if "alt_ms" in r else ""
-        speedup = f"{r['speedup_vs_alt']:.1f}x" if "alt_ms" in r else ""
-        torch_ms = f"{r['torch_ms']:.3f}" if "torch_ms" in r else ""
-        ratio = f"{r['ours_over_torch']:.2f}" if "torch_ms" in r else ""
-        table.add_row(r["kernel"], r["shape"], f"{r['ours_ms']:.3f}", f"{r['rate']:.1f} {r['unit']}",
-                      alt, speedup, torch_ms, ratio)
-    console = Console()
-    console.print(table)
-    sweep = Table(title="tile size sweep (GFLOP/s)")
-    sweep.add_column("tile", justify="right")
-    names = [k for k in result["tile_sweep"][0] if k != "tile"]
-    for name in names:
-        sweep.add_column(name, justify="right")
-    for row in result["tile_sweep"]:
-        sweep.add_row(f"{row['tile']}x{row['tile']}", *(f"{row[n]['rate']:.1f}" for n in names))
-    console.print(sweep)
-    fc = result["first_call"]
-    console.print(f"first call of {fc['kernel']}: {fc['first_call_s'] * 1e3:.1f} ms (JIT compile, or numba's on-disk "
-                  f"cache) vs {fc['steady_s'] * 1e3:.3f} ms steady state")
-    if not result["torch"]:
-        console.print("PyTorch with CUDA not found: no cuDNN/cuBLAS comparison (pip install torch).")

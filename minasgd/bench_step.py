@@ -2,10 +2,10 @@
 
 Our step on the chosen backend vs the identical PyTorch net (when PyTorch is
 installed) measured in the same run, on the same inputs, so the ratio means
-something even on a shared, noisy machine.
+something even on a shared, noisy machine. `measure` returns the numbers; the command line
+shows them (`minasgd.dashboard.show_bench_step`).
 """
 
-import json
 import time
 
 import numpy as np
@@ -13,18 +13,12 @@ import numpy as np
 from . import backends, torch_reference
 from .model import Model
 from .optim import SGD
+from .timer import median_seconds
 
 
 def _median_time(step, repeats, sync):
-    step()  # warm-up (JIT compilation, allocator)
-    sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    # one warm-up call (JIT compilation, allocator), then the median of single steps
+    return float(median_seconds(step, repeats=repeats, sync=sync))
 
 
 def measure(backend="numpy", model_name="alexnet-mini", batch_size=128, repeats=10, device=None):
@@ -72,32 +66,3 @@ def measure(backend="numpy", model_name="alexnet-mini", batch_size=128, repeats=
         result["torch_threads"] = torch.get_num_threads()
         result["ratio_ours_over_torch"] = result["ours_seconds"] / result["torch_seconds"]
     return result
-
-
-def report(result, console):
-    from rich.table import Table
-
-    table = Table(title=f"training step: {result['model']}, batch {result['batch_size']}")
-    table.add_column("implementation")
-    table.add_column("ms / step", justify="right")
-    table.add_column("images / s", justify="right")
-    table.add_row(f"minasgd ({result['backend']}: {result['device']})", f"{result['ours_seconds'] * 1e3:.1f}",
-                  f"{result['ours_images_per_second']:.0f}")
-    if "torch_seconds" in result:
-        table.add_row(f"PyTorch ({result['torch_device']}, {result['torch_threads']} threads)",
-                      f"{result['torch_seconds'] * 1e3:.1f}", f"{result['batch_size'] / result['torch_seconds']:.0f}")
-    console.print(table)
-    if "ratio_ours_over_torch" in result:
-        console.print(f"ratio minasgd / PyTorch: [bold]{result['ratio_ours_over_torch']:.2f}x[/] the time per step")
-    else:
-        console.print("PyTorch not installed (pip install torch): no baseline in this run")
-    console.print(f"first step (includes compilation): {result['first_step_seconds'] * 1e3:.0f} ms")
-
-
-def run(args, console):
-    result = measure(args.backend, args.model, args.batch_size, args.repeats, args.gpu)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        report(result, console)
-    return 0

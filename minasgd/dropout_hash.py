@@ -1,43 +1,6 @@
-"""The counter-based hash behind dropout masks.
-
-Dropout needs one random bit per element. Instead of drawing and storing a
-mask, we *compute* it: element `i` of a tensor is kept when
-
-    hash32(seed, i) >= threshold(p)
-
-`hash32` is a small integer mixer (the "lowbias32" finaliser by Chris
-Wellons) applied to the flat element index mixed with the seed. All arithmetic
-is uint32 and wraps mod 2**32, so this NumPy version, the Numba CUDA kernel
-(`minasgd.kernels.elementwise`) and the Numba CUDA simulator produce the
-bit-identical mask. Backward regenerates the mask from (seed, i): no storage.
+"""Moved to `minasgd.kernels.dropout_hash` (kernels/dropout_hash.py), the bottom floor, so that
+`kernels/` needs nothing above it. This alias keeps `from minasgd import dropout_hash` working
+for the tutorials; new code imports `minasgd.kernels.dropout_hash`.
 """
 
-import numpy as np
-
-GOLDEN = np.uint32(0x9E3779B9)
-MUL1 = np.uint32(0x7FEB352D)
-MUL2 = np.uint32(0x846CA68B)
-
-
-def hash32(seed, index):
-    """uint32 hash of (seed, flat index). `index` may be an array of uint32."""
-    with np.errstate(over="ignore"):
-        x = np.asarray(index, dtype=np.uint32) ^ (np.uint32(seed & 0xFFFFFFFF) * GOLDEN)
-        x = x ^ (x >> np.uint32(16))
-        x = x * MUL1
-        x = x ^ (x >> np.uint32(15))
-        x = x * MUL2
-        x = x ^ (x >> np.uint32(16))
-    return x
-
-
-def keep_threshold(p):
-    """Elements whose hash is >= this uint32 are kept (probability 1 - p)."""
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-    return np.uint32(min(int(round(p * 2.0**32)), 2**32 - 1))
-
-
-def keep_mask(seed, size, p):
-    """Boolean keep-mask for `size` elements (flat order)."""
-    return hash32(seed, np.arange(size, dtype=np.uint32)) >= keep_threshold(p)
+from .kernels.dropout_hash import GOLDEN, MUL1, MUL2, hash32, keep_mask, keep_threshold  # noqa: F401

@@ -10,6 +10,8 @@ respect to the layer's input.
 
 import numpy as np
 
+from .kernels import shapes
+
 
 class Layer:
     kind = "layer"
@@ -48,11 +50,8 @@ class Conv2d(Layer):
         self.param_shapes = {"w": (out_channels, in_channels, kernel, kernel), "b": (out_channels,)}
 
     def output_shape(self, in_shape):
-        c, h, w = in_shape
-        assert c == self.c, f"{self.name}: expects {self.c} channels, got {c}"
-        p = (h + 2 * self.pad - self.r) // self.stride + 1
-        q = (w + 2 * self.pad - self.r) // self.stride + 1
-        return (self.k, p, q)
+        # one image (C, H, W) -> (K, P, Q): the backends' own formula and checks
+        return shapes.conv2d_output_shape((1, *in_shape), self.param_shapes["w"], self.stride, self.pad)[1:]
 
     def forward(self, x, train):
         # x: (N, C, H, W) -> (N, K, P, Q)
@@ -85,8 +84,7 @@ class MaxPool2d(Layer):
         self.size, self.stride = size, stride
 
     def output_shape(self, in_shape):
-        c, h, w = in_shape
-        return (c, (h - self.size) // self.stride + 1, (w - self.size) // self.stride + 1)
+        return shapes.pool2d_output_shape((1, *in_shape), self.size, self.stride)[1:]
 
     def forward(self, x, train):
         # x: (N, C, H, W) -> (N, C, P, Q); keeps the argmax for backward
@@ -95,7 +93,7 @@ class MaxPool2d(Layer):
         return y
 
     def backward(self, dy):
-        return self.be.maxpool2d_backward(dy, self.argmax, self.x_shape)
+        return self.be.maxpool2d_backward(dy, self.argmax, self.x_shape, self.size, self.stride)
 
     def describe(self):
         return {**super().describe(), "kernel": self.size, "stride": self.stride, "params": 0, "flops": 0}
@@ -162,8 +160,7 @@ class Linear(Layer):
         self.param_shapes = {"w": (out_features, in_features), "b": (out_features,)}
 
     def output_shape(self, in_shape):
-        assert in_shape == (self.d,), f"{self.name}: expects {self.d} features, got {in_shape}"
-        return (self.m,)
+        return shapes.linear_output_shape((1, *in_shape), self.param_shapes["w"])[1:]
 
     def forward(self, x, train):
         # x: (N, D) -> (N, M)

@@ -14,7 +14,7 @@ import json
 
 import numpy as np
 
-from . import dropout_hash
+from .kernels import dropout_hash
 from .layers import Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
 
 

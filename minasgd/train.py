@@ -4,48 +4,37 @@
 
 Each step: take a mini-batch, normalise it, forward + backward on the model
 (`Model.loss_and_grad`), and one SGD update of the flat parameter vector.
-After every epoch the test split is evaluated. Progress is shown live with
-rich; everything worth keeping goes to the run directory (`minasgd.rundir`).
+After every epoch the test split is evaluated. Everything worth keeping goes to
+the run directory (`minasgd.rundir`); nothing is drawn on a screen here. Pass
+`on_event` to hear how it goes: it is called with one dict per event,
+
+    {"kind": "backend", "name", "device"}                  before the data is loaded
+    {"kind": "progress", "what", "done", "total"}          while the dataset is drawn or read
+    {"kind": "warm_start", "init", "steps"}                parameters loaded from --init
+    {"kind": "start", "model", "num_params", "dataset", "train_images", "test_images", "run_dir"}
+    {"kind": "epoch_start", "epoch", "epochs", "steps"}
+    {"kind": "step", "batch", ...}                         each logged step (the metrics.jsonl record)
+    {"kind": "epoch", ...}                                 each epoch's record, with test accuracy
+    {"kind": "done", "summary", "run_dir"}
+
+`minasgd.dashboard.TrainProgress` turns them into the live view of `minasgd train`.
 """
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import numpy as np
 
 from . import backends, checkpoint, data
+from .config import TrainConfig, total_steps  # noqa: F401  (TrainConfig is imported from here too)
 from .model import Model
 from .optim import SGD, learning_rate
-from .progress import TrainProgress
 from .rundir import RunDir, default_run_dir
 
 
-@dataclass
-class TrainConfig:
-    dataset: str = "shapes"
-    model: str = "alexnet-mini"
-    backend: str = "auto"
-    gpu: int | None = None
-    epochs: int = 6
-    batch_size: int = 64
-    lr: float = 0.02
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_steps: int = 100
-    seed: int = 0
-    init: str | None = None
-    out: str | None = None
-    data_root: str | None = None
-    max_steps: int | None = None  # stop early (tests, quick looks)
-    train_limit: int | None = None  # use only the first images of each split (tests, quick looks)
-    test_limit: int | None = None
-    log_every: int = 20
-    quiet: bool = False
-    extra: dict = field(default_factory=dict)
-
-
-def load_dataset(cfg):
-    ds = data.load(cfg.dataset, root=cfg.data_root or data.default_root(), seed=0, progress=not cfg.quiet)
+def load_dataset(cfg, progress=None):
+    """The configured dataset, cut to train_limit / test_limit; `progress` as in `minasgd.data.load`."""
+    ds = data.load(cfg.dataset, root=cfg.data_root or data.default_root(), seed=0, progress=progress)
     if cfg.train_limit:
         ds.train_x, ds.train_y = ds.train_x[: cfg.train_limit], ds.train_y[: cfg.train_limit]
     if cfg.test_limit:
@@ -77,73 +66,85 @@ def evaluate(model, x_u8, y, batch_size=256):
     return correct / n, loss_sum / n
 
 
+def warm_start(model, path):
+    """Load the saved parameters at `path` into the model; returns how many steps they were trained."""
+    ckpt = checkpoint.load(path, expect_fingerprint=model.fingerprint())
+    model.set_params(ckpt["params"])
+    return ckpt["meta"].get("steps", "?")
+
+
 def build_model(cfg, be, console=None):
+    """The configured model, warm-started from cfg.init if set. `console` (anything with a
+    `print(str)` method, or None) is told about a warm start."""
     model = Model(cfg.model, be, seed=cfg.seed)
     if cfg.init:
-        ckpt = checkpoint.load(cfg.init, expect_fingerprint=model.fingerprint())
-        model.set_params(ckpt["params"])
-        if console:
-            console.print(f"warm start from {cfg.init} ({ckpt['meta'].get('steps', '?')} steps trained)")
+        steps = warm_start(model, cfg.init)
+        if console is not None:
+            console.print(f"warm start from {cfg.init} ({steps} steps trained)")
     return model
 
 
-def train(cfg: TrainConfig, console=None):
-    """Train in this process; returns the summary dict (also written to summary.json)."""
+def _ignore(event):
+    pass
+
+
+def train(cfg: TrainConfig, on_event=None):
+    """Train in this process; returns the summary dict (also written to summary.json).
+
+    `on_event(dict)` hears how it goes (see the module docstring); None: nothing is reported.
+    """
+    emit = on_event or _ignore
     be = backends.get(cfg.backend, cfg.gpu)
-    progress = TrainProgress(quiet=cfg.quiet, console=console)
-    progress.say(f"backend: {be.NAME} on {be.DEVICE}")
-    ds = load_dataset(cfg)
-    model = build_model(cfg, be, progress.console)
+    emit({"kind": "backend", "name": be.NAME, "device": be.DEVICE})
+    ds = load_dataset(cfg, progress=lambda what, done, total: emit(
+        {"kind": "progress", "what": what, "done": done, "total": total}))
+    model = Model(cfg.model, be, seed=cfg.seed)
+    if cfg.init:
+        emit({"kind": "warm_start", "init": cfg.init, "steps": warm_start(model, cfg.init)})
     run = RunDir(cfg.out or default_run_dir())
-    progress.say(f"model {model.name}: {model.num_params:,} parameters; dataset {ds.name}: "
-                 f"{len(ds.train_y):,} train / {len(ds.test_y):,} test; run dir {run.path}")
+    emit({"kind": "start", "model": model.name, "num_params": model.num_params, "dataset": ds.name,
+          "train_images": len(ds.train_y), "test_images": len(ds.test_y), "run_dir": str(run.path)})
 
     opt = SGD(be, model.num_params, cfg.momentum, cfg.weight_decay)
-    steps_per_epoch = len(ds.train_y) // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"batch size {cfg.batch_size} is larger than the training set ({len(ds.train_y)} images)")
-    total_steps = steps_per_epoch * cfg.epochs
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
+    steps_per_epoch, last_step = total_steps(cfg, len(ds.train_y))
     rng = np.random.default_rng(cfg.seed)
 
     step, images, train_seconds = 0, 0, 0.0
     started = time.perf_counter()
     test_acc, test_loss, epoch = float("nan"), float("nan"), 0
-    with progress:
-        for epoch in range(1, cfg.epochs + 1):
-            if step >= total_steps:
+    for epoch in range(1, cfg.epochs + 1):
+        if step >= last_step:
+            break
+        emit({"kind": "epoch_start", "epoch": epoch, "epochs": cfg.epochs,
+              "steps": min(steps_per_epoch, last_step - step)})
+        t0 = time.perf_counter()
+        for b, (x_u8, y_np) in enumerate(data.batches(ds.train_x, ds.train_y, cfg.batch_size, rng, drop_last=True)):
+            if step >= last_step:
                 break
-            bar = progress.start_epoch(epoch, cfg.epochs, min(steps_per_epoch, total_steps - step))
-            order = rng.permutation(len(ds.train_y))
-            t0 = time.perf_counter()
-            for b in range(steps_per_epoch):
-                if step >= total_steps:
-                    break
-                idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-                x, y = prepare_batch(be, model, ds.train_x[idx], ds.train_y[idx])
-                lr = learning_rate(step, total_steps, cfg.lr, cfg.warmup_steps)
-                loss = model.loss_and_grad(x, y, step)
-                opt.step(model.params, model.grads, lr)
-                step += 1
-                images += len(idx)
-                if step % cfg.log_every == 0 or step == total_steps:
-                    loss_value = float(be.to_numpy(loss)[0])  # the only device->host copy of a step
-                    if not np.isfinite(loss_value):
-                        raise FloatingPointError(f"loss became {loss_value} at step {step}; try a smaller --lr")
-                    elapsed = train_seconds + time.perf_counter() - t0
-                    run.log({"kind": "step", "step": step, "epoch": epoch, "loss": loss_value, "lr": lr,
-                             "images": images, "images_per_second": images / elapsed, "time": time.perf_counter() - started})
-                    progress.update(bar, b + 1, loss=loss_value, ips=images / elapsed)
-            be.synchronize()
-            train_seconds += time.perf_counter() - t0
-            test_acc, test_loss = evaluate(model, ds.test_x, ds.test_y)
-            record = {"kind": "epoch", "epoch": epoch, "step": step, "test_accuracy": test_acc, "test_loss": test_loss,
-                      "images": images, "images_per_second": images / max(train_seconds, 1e-9),
-                      "time": time.perf_counter() - started}
-            run.log(record)
-            progress.end_epoch(bar, record)
-            run.save_model(model.name, model.fingerprint(), model.get_params(), {"steps": step, "epoch": epoch})
+            x, y = prepare_batch(be, model, x_u8, y_np)
+            lr = learning_rate(step, last_step, cfg.lr, cfg.warmup_steps)
+            loss = model.loss_and_grad(x, y, step)
+            opt.step(model.params, model.grads, lr)
+            step += 1
+            images += len(y_np)
+            if step % cfg.log_every == 0 or step == last_step:
+                loss_value = float(be.to_numpy(loss)[0])  # the only device->host copy of a step
+                if not np.isfinite(loss_value):
+                    raise FloatingPointError(f"loss became {loss_value} at step {step}; try a smaller --lr")
+                elapsed = train_seconds + time.perf_counter() - t0
+                record = {"kind": "step", "step": step, "epoch": epoch, "loss": loss_value, "lr": lr,
+                          "images": images, "images_per_second": images / elapsed, "time": time.perf_counter() - started}
+                run.log(record)
+                emit({**record, "batch": b + 1})
+        be.synchronize()
+        train_seconds += time.perf_counter() - t0
+        test_acc, test_loss = evaluate(model, ds.test_x, ds.test_y)
+        record = {"kind": "epoch", "epoch": epoch, "step": step, "test_accuracy": test_acc, "test_loss": test_loss,
+                  "images": images, "images_per_second": images / max(train_seconds, 1e-9),
+                  "time": time.perf_counter() - started}
+        run.log(record)
+        emit(record)
+        run.save_model(model.name, model.fingerprint(), model.get_params(), {"steps": step, "epoch": epoch})
 
     wall = time.perf_counter() - started
     summary = {"test_accuracy": test_acc, "test_loss": test_loss, "epochs": epoch, "steps": step,
@@ -153,6 +154,5 @@ def train(cfg: TrainConfig, console=None):
                "config": {k: v for k, v in asdict(cfg).items() if k not in ("extra", "quiet")}, **cfg.extra}
     run.write_summary(summary)
     run.close()
-    progress.say(f"done: test accuracy {test_acc:.2%}, {wall:.0f} s, {summary['images_per_second']:.0f} images/s "
-                 f"-> {run.path}")
+    emit({"kind": "done", "summary": summary, "run_dir": str(run.path)})
     return summary

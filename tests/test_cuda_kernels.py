@@ -18,9 +18,8 @@ import numpy as np
 import pytest
 from numba import cuda
 
-from minasgd import dropout_hash
 from minasgd.backends import numpy_backend as ref
-from minasgd.kernels import conv, elementwise, gemm, optim, pool, reduce, softmax
+from minasgd.kernels import conv, dropout_hash, elementwise, gemm, optim, pool, reduce, softmax
 
 from gradcheck import assert_close, assert_equal
 from races import racecheck
@@ -122,18 +121,6 @@ def test_conv2d_forward(rng, case, version):
     assert_close(host(y), expect, **TINY)
 
 
-def test_conv2d_tiled_with_the_gpu_tile_size(rng):
-    # the GPU default, 16 x 16 threads per block (the simulator's default tile is 4)
-    x, w, b, stride, pad = _conv_case(rng, CONV_CASES[1])
-    expect = ref.conv2d_forward(x, w, b, stride, pad)
-    y = conv.conv2d_forward(dev(x), dev(w), dev(b), stride, pad, out=nan_out(expect.shape), version="tiled", tile=16)
-    assert_close(host(y), expect, **TINY)
-    dy = randn(rng, *expect.shape)
-    _, dw_ref, _ = ref.conv2d_backward(dy, x, w, stride, pad)
-    dw = conv.conv2d_backward_filter(dev(dy), dev(x), w.shape, stride, pad, out=nan_out(w.shape), tile=16)
-    assert_close(host(dw), dw_ref, **TINY)
-
-
 def test_conv2d_forward_tiled_spans_several_tiles_in_every_direction(rng):
     # tile 4: K = 6 output channels (2 tiles), C*R*S = 18 (5 slabs), N*P*Q = 2*3*4 (6 tiles)
     x, w, b = randn(rng, 2, 2, 5, 7), randn(rng, 6, 2, 3, 3), randn(rng, 6)
@@ -142,13 +129,15 @@ def test_conv2d_forward_tiled_spans_several_tiles_in_every_direction(rng):
     assert_close(host(y), expect, **TINY)
 
 
+@pytest.mark.parametrize("data_version,filter_version", list(zip(conv.DATA_VERSIONS, conv.FILTER_VERSIONS)))
 @pytest.mark.parametrize("case", CONV_CASES)
-def test_conv2d_backward_data_and_filter(rng, case):
+def test_conv2d_backward_data_and_filter(rng, case, data_version, filter_version):
+    # v1 naive (both) and the optimized pair (gather, tiled split-K at the default 16 x 16 tile)
     x, w, _, stride, pad = _conv_case(rng, case)
     dy = randn(rng, *ref.conv2d_forward(x, w, np.zeros(w.shape[0], np.float32), stride, pad).shape)
     dx_ref, dw_ref, db_ref = ref.conv2d_backward(dy, x, w, stride, pad)
-    dx = conv.conv2d_backward_data(dev(dy), dev(w), x.shape, stride, pad, out=nan_out(x.shape))
-    dw = conv.conv2d_backward_filter(dev(dy), dev(x), w.shape, stride, pad, out=nan_out(w.shape))
+    dx = conv.conv2d_backward_data(dev(dy), dev(w), x.shape, stride, pad, out=nan_out(x.shape), version=data_version)
+    dw = conv.conv2d_backward_filter(dev(dy), dev(x), w.shape, stride, pad, out=nan_out(w.shape), version=filter_version)
     db = reduce.sum_over_batch(dev(dy), out=nan_out(db_ref.shape))
     assert_close(host(dx), dx_ref, **TINY)
     assert_close(host(dw), dw_ref, **TINY)
@@ -162,6 +151,14 @@ def test_conv2d_backward_filter_split_k_and_small_tile(rng):
     _, dw_ref, _ = ref.conv2d_backward(dy, x, w, 1, 1)
     dw = conv.conv2d_backward_filter(dev(dy), dev(x), w.shape, 1, 1, out=nan_out(w.shape), tile=4, splits=4)
     assert_close(host(dw), dw_ref, **TINY)
+
+
+def test_conv2d_backward_unknown_versions_are_refused(rng):
+    dy, w, x = dev(randn(rng, 1, 1, 3, 3)), dev(randn(rng, 1, 1, 3, 3)), dev(randn(rng, 1, 1, 5, 5))
+    with pytest.raises(ValueError, match="unknown version"):
+        conv.conv2d_backward_data(dy, w, (1, 1, 5, 5), version="fast")
+    with pytest.raises(ValueError, match="unknown version"):
+        conv.conv2d_backward_filter(dy, x, (1, 1, 3, 3), version="fast")
 
 
 def test_conv2d_backward_returns_fresh_arrays(rng):
@@ -221,6 +218,26 @@ def test_maxpool2d_ties_pick_the_first_maximum():
     y, arg = pool.maxpool2d_forward(dev(x), 3, 2)
     assert_equal(host(y), y_ref, "max-pool output")
     assert_equal(host(arg), arg_ref, "argmax (ties must keep the first maximum)")
+
+
+def test_maxpool2d_backward_gather_is_reachable_through_the_backend(rng, monkeypatch):
+    """The contract passes the window and stride, so the deterministic gather can be chosen."""
+    from minasgd.backends import cuda_backend
+
+    x = randn(rng, 1, 2, 7, 6)
+    y_ref, arg_ref = ref.maxpool2d_forward(x, 3, 2)
+    dy = randn(rng, *y_ref.shape)
+    calls, real = [], pool.maxpool2d_backward_gather
+
+    def spy(dy, argmax, x_shape, size, stride, out=None):
+        calls.append((size, stride))
+        return real(dy, argmax, x_shape, size, stride, out=out)
+
+    monkeypatch.setattr(pool, "maxpool2d_backward_gather", spy)
+    monkeypatch.setattr(cuda_backend, "POOL_BACKWARD_VERSION", "gather")
+    dx = cuda_backend.maxpool2d_backward(dev(dy), dev(arg_ref), x.shape, 3, 2)
+    assert_close(host(dx), ref.maxpool2d_backward(dy, arg_ref, x.shape), **TINY)
+    assert calls == [(3, 2)]
 
 
 @pytest.mark.task_3_2
@@ -391,8 +408,13 @@ def test_views_of_one_flat_parameter_vector(be, rng):
     assert_equal(be.to_numpy(grads)[o[2]:o[3]], wl.ravel(), "gradient view")
 
 
+@pytest.mark.parametrize("be", ["cuda"], indirect=True)
 def test_every_op_matches_the_reference(be, rng):
-    """One small forward and backward pass through every op: values, dtypes and shapes."""
+    """One small forward and backward pass through every op: values, dtypes and shapes.
+
+    Only for backends other than the reference: the numpy backend is checked against finite
+    differences and direct loops in test_reference_ops.py, and for the contract just below.
+    """
     x, w, b = randn(rng, 2, 3, 7, 6), randn(rng, 4, 3, 3, 3), randn(rng, 4)
     y = be.conv2d_forward(be.asarray(x), be.asarray(w), be.asarray(b), 2, 1)
     assert_close(be.to_numpy(y), ref.conv2d_forward(x, w, b, 2, 1), **TINY)
@@ -427,6 +449,25 @@ def test_every_op_matches_the_reference(be, rng):
     assert loss.shape == (1,) and be.to_numpy(loss).dtype == np.float32
     assert_close(be.to_numpy(loss), loss_ref, **TINY)
     assert_close(be.to_numpy(dl), dl_ref, **TINY)
+
+
+def test_every_op_keeps_the_contract(be, rng):
+    """Dtypes, shapes and fresh outputs of every op, on every backend (the reference included)."""
+    x, w, b = randn(rng, 2, 3, 7, 6), randn(rng, 4, 3, 3, 3), randn(rng, 4)
+    y = be.conv2d_forward(be.asarray(x), be.asarray(w), be.asarray(b), 2, 1)
+    assert tuple(y.shape) == (2, 4, 4, 3) and be.to_numpy(y).dtype == np.float32
+    dx, dw, db = be.conv2d_backward(be.asarray(randn(rng, 2, 4, 4, 3)), be.asarray(x), be.asarray(w), 2, 1)
+    assert (tuple(dx.shape), tuple(dw.shape), tuple(db.shape)) == (x.shape, w.shape, b.shape)
+    p, arg = be.maxpool2d_forward(be.asarray(x), 3, 2)
+    assert tuple(p.shape) == (2, 3, 3, 2) and be.to_numpy(arg).dtype == np.int32
+    for size_stride in ((), (3, 2)):
+        dx = be.maxpool2d_backward(be.asarray(randn(rng, 2, 3, 3, 2)), arg, x.shape, *size_stride)
+        assert tuple(dx.shape) == x.shape and be.to_numpy(dx).dtype == np.float32
+    loss, dl = be.softmax_cross_entropy(be.asarray(randn(rng, 3, 13)), np.array([3, 0, 12], np.int32))
+    assert loss.shape == (1,) and be.to_numpy(loss).dtype == np.float32 and tuple(dl.shape) == (3, 13)
+    h = be.asarray(randn(rng, 3, 17))
+    assert all(be.to_numpy(a).dtype == np.float32
+               for a in be.linear_backward(be.asarray(randn(rng, 3, 13)), h, be.asarray(randn(rng, 13, 17))))
 
 
 @pytest.mark.parametrize(
@@ -464,12 +505,14 @@ def test_backend_exposes_every_op():
 
 # ---------------------------------------------------------------- real sizes on a real GPU
 
-ALEXNET_MINI_CONVS = [
-    # (N, C, H, W, K, R, S, stride, pad): conv1, conv2, conv3 at batch 128
-    (128, 3, 32, 32, 32, 5, 5, 1, 2),
-    (128, 32, 15, 15, 64, 5, 5, 1, 2),
-    (128, 64, 7, 7, 128, 3, 3, 1, 1),
-]
+def _alexnet_mini_convs(batch=128):
+    """(N, C, H, W, K, R, S, stride, pad) of each conv layer, read off Model("alexnet-mini")."""
+    from minasgd.workbench import layer_shapes
+
+    return [(*L["x"], L["w"][0], *L["w"][2:], L["stride"], L["pad"]) for L in layer_shapes("alexnet-mini", batch)["conv"]]
+
+
+ALEXNET_MINI_CONVS = _alexnet_mini_convs()
 
 
 @pytest.mark.gpu
@@ -481,9 +524,15 @@ def test_gpu_conv_real_sizes(rng, case):
         y = conv.conv2d_forward(dev(x), dev(w), dev(b), stride, pad, out=nan_out(y_ref.shape), version=version)
         assert_close(host(y), y_ref, **REAL)
     dy = randn(rng, *y_ref.shape)
-    for got, expect in zip(conv.conv2d_backward(dev(dy), dev(x), dev(w), stride, pad), ref.conv2d_backward(dy, x, w, stride, pad)):
+    dx_ref, dw_ref, db_ref = ref.conv2d_backward(dy, x, w, stride, pad)
+    for got, expect in zip(conv.conv2d_backward(dev(dy), dev(x), dev(w), stride, pad), (dx_ref, dw_ref, db_ref)):
         scale = max(1.0, float(np.abs(expect).max()))
         assert_close(host(got) / scale, expect / scale, **REAL)
+    scale_dx, scale_dw = max(1.0, float(np.abs(dx_ref).max())), max(1.0, float(np.abs(dw_ref).max()))
+    dx = conv.conv2d_backward_data(dev(dy), dev(w), x.shape, stride, pad, out=nan_out(x.shape), version="naive")
+    assert_close(host(dx) / scale_dx, dx_ref / scale_dx, **REAL)
+    dw = conv.conv2d_backward_filter(dev(dy), dev(x), w.shape, stride, pad, out=nan_out(w.shape), version="naive")
+    assert_close(host(dw) / scale_dw, dw_ref / scale_dw, **REAL)
 
 
 @pytest.mark.gpu
@@ -533,11 +582,14 @@ def test_gpu_softmax_and_sgd_real_sizes(rng):
 
 def test_bench_refuses_to_time_the_simulator(capsys):
     from minasgd import bench_kernels
+    from minasgd.cli import main
 
     if bench_kernels.no_gpu_reason() is None:
         pytest.skip("a real GPU is present")
-    result = bench_kernels.run(as_json=False)
+    result = bench_kernels.run()
     assert set(result) == {"skipped"} and "real" in result["skipped"]
+    assert capsys.readouterr().out == ""  # the library prints nothing; the command line says why
+    assert main(["bench", "kernels"]) == 0
     assert capsys.readouterr().out.strip().count("\n") == 0  # one line
 
 
@@ -548,19 +600,22 @@ def test_bench_cases_all_run_at_tiny_sizes():
     from minasgd import bench_kernels
 
     torch_device = "cpu" if importlib.util.find_spec("torch") else None
-    cases = bench_kernels.build_cases(bench_kernels.TINY, batch=1, torch_device=torch_device, tile=4)
-    assert len(cases) == 4 * 5 // 2 + 6 + 5  # 2 convs x (3 conv + 2 pool) + 2 fcs x 3 + 5 others
+    from minasgd.workbench import layer_shapes
+
+    cases = bench_kernels.build_cases("micro", batch=1, torch_device=torch_device, tile=4)
+    net = layer_shapes("micro", 1)
+    assert len(cases) == 3 * len(net["conv"]) + 2 * len(net["pool"]) + 3 * len(net["fc"]) + 5
     for case in cases:
         for fn in (case.ours, case.alt, case.torch):
             if fn is not None:
                 fn()
         assert case.work > 0 and case.unit in ("GFLOP/s", "GB/s")
-    assert bench_kernels.param_count() == 425_290
+    assert any(case.name.startswith("sgd") and f"{net['num_params']:,} params" in case.shape for case in cases)
 
 
 @pytest.mark.gpu
 def test_gpu_bench_runs():
     from minasgd import bench_kernels
 
-    result = bench_kernels.run(as_json=True)
+    result = bench_kernels.run()
     assert result["kernels"] and all(r["ours_ms"] > 0 for r in result["kernels"])

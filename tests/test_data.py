@@ -383,7 +383,7 @@ def test_folder_errors(image_tree, breakage, message):
 
 
 def parse(argv):
-    from minasgd.data import cli
+    from minasgd.cli import datasets as cli
 
     parser = argparse.ArgumentParser(prog="minasgd data")
     cli.add_arguments(parser)

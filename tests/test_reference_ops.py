@@ -7,7 +7,7 @@ are accurate; the float32 behaviour is covered by the cross-backend tests.
 import numpy as np
 import pytest
 
-from minasgd import dropout_hash
+from minasgd.kernels import dropout_hash
 from minasgd.backends import numpy_backend as ref
 
 from gradcheck import assert_close, numeric_grad

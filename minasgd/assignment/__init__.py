@@ -5,8 +5,8 @@
     minasgd assignment grade OUTDIR [--tasks ...]        run each task's grading tests: a table
     minasgd assignment restore OUTDIR [--tasks ...]      put the reference solutions back (answer key)
 
-The package, one job per module (the command line itself is `minasgd/cli.py`, which builds the
-parser, and `cli.py` here, which prints tables with rich):
+The package, one job per module, all plain functions that return values (the command line,
+flags and tables, is `minasgd/cli/assignment.py`):
 
     tasks.py      the tasks, their grading markers and their dependencies (the one place)
     markers.py    solution regions in source text: find, cut into stubs, restore

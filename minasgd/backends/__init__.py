@@ -15,10 +15,12 @@ Every backend offers the same functions, all float32, images NCHW:
                   need_dx=False skips the input gradient and returns dx = None
   pooling     maxpool2d_forward(x, size, stride) -> (y, argmax)
                   floor output size; argmax int32, the index within the (n, c) input plane
-              maxpool2d_backward(dy, argmax, x_shape) -> dx   (overlapping windows accumulate)
+              maxpool2d_backward(dy, argmax, x_shape, size=None, stride=None) -> dx
+                  overlapping windows accumulate; with the window size and stride a backend
+                  may use a deterministic gather (cuda: POOL_BACKWARD_VERSION = "gather")
   relu        relu_forward(x) -> y           relu_backward(dy, y) -> dx
   dropout     dropout_forward(x, p, seed) -> y    dropout_backward(dy, p, seed) -> dx
-                  inverted dropout; the mask is `minasgd.dropout_hash.keep_mask(seed, x.size, p)`
+                  inverted dropout; the mask is `minasgd.kernels.dropout_hash.keep_mask(seed, x.size, p)`
   linear      linear_forward(x[N,D], w[M,D], b[M]) -> y[N,M]     (y = x w^T + b)
               linear_backward(dy, x, w) -> (dx, dw, db)
   loss        softmax_cross_entropy(logits[N,M], labels[N] int32) -> (loss[1], dlogits[N,M])
@@ -44,8 +46,7 @@ OPS = (
 )
 
 
-class BackendError(RuntimeError):
-    """A backend that cannot run here (e.g. cuda without a GPU); the message is one line."""
+from .errors import BackendError  # noqa: E402,F401  (re-exported: `backends.BackendError`)
 
 
 def cuda_available():

@@ -2,7 +2,7 @@
 
 Arrays are numba device arrays and stay on the GPU: parameters, gradients, activations, even
 the loss (a 1-element array). Only `asarray` and `to_numpy` cross the bus. Every function
-checks shapes with `minasgd.backends.shapes` first, so mistakes fail exactly as on NumPy.
+checks shapes with `minasgd.kernels.shapes` first, so mistakes fail exactly as on NumPy.
 The kernels live in `minasgd.kernels` (one module per op family); this module is the glue.
 
 Ops accept views of one flat parameter buffer, e.g. `flat[a:b].reshape(K, C, R, S)`: slicing
@@ -14,10 +14,10 @@ Under `NUMBA_ENABLE_CUDASIM=1` everything runs on Numba's CUDA simulator (correc
 import numpy as np
 from numba import cuda
 
-from minasgd.kernels import conv, elementwise, gemm, pool, softmax, optim, reduce
+from minasgd.kernels import conv, elementwise, gemm, optim, pool, reduce, shapes, softmax
 from minasgd.kernels.common import SIM, is_device_array
 
-from . import BackendError, shapes
+from .errors import BackendError
 
 NAME = "cuda"
 DEVICE = "CUDA simulator" if SIM else "CUDA GPU (not selected yet)"
@@ -26,6 +26,7 @@ F32 = np.float32
 # Which kernel version the backend uses where a module offers several (see `minasgd.kernels`).
 CONV_VERSION = "tiled"
 GEMM_VERSION = "tiled"
+POOL_BACKWARD_VERSION = "scatter"  # "gather": deterministic (no atomics), needs size and stride
 
 
 def select_device(device=None):
@@ -105,8 +106,11 @@ def maxpool2d_forward(x, size=3, stride=2):
     return pool.maxpool2d_forward(x, size, stride)
 
 
-def maxpool2d_backward(dy, argmax, x_shape):
-    # dy, argmax: (N, C, P, Q) -> dx: (N, C, H, W); windows that overlap add their gradients
+def maxpool2d_backward(dy, argmax, x_shape, size=None, stride=None):
+    # dy, argmax: (N, C, P, Q) -> dx: (N, C, H, W); windows that overlap add their gradients.
+    # With the window size and stride, POOL_BACKWARD_VERSION = "gather" picks the deterministic kernel.
+    if POOL_BACKWARD_VERSION == "gather" and size is not None and stride is not None:
+        return pool.maxpool2d_backward_gather(dy, argmax, tuple(x_shape), size, stride)
     return pool.maxpool2d_backward(dy, argmax, tuple(x_shape))
 
 

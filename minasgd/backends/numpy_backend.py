@@ -9,8 +9,7 @@ the op contract.
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .. import dropout_hash
-from . import shapes
+from ..kernels import dropout_hash, shapes
 
 NAME = "numpy"
 DEVICE = "CPU (NumPy)"
@@ -101,8 +100,9 @@ def maxpool2d_forward(x, size=3, stride=2):
     return y, corner + offset
 
 
-def maxpool2d_backward(dy, argmax, x_shape):
+def maxpool2d_backward(dy, argmax, x_shape, size=None, stride=None):
     # dy, argmax: (N, C, P, Q) -> dx: (N, C, H, W); windows that overlap add their gradients
+    # (size and stride are part of the contract for the cuda gather kernel; argmax suffices here)
     n, c, h, w = x_shape
     shapes.check_same_shape("maxpool2d_backward argmax", argmax.shape, dy.shape)
     plane = np.arange(n * c, dtype=np.int64).reshape(n, c, 1, 1) * (h * w)

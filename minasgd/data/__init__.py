@@ -16,56 +16,16 @@ message that names the file or folder.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-IMAGE_SHAPE = (32, 32, 3)  # every dataset's images: height, width, RGB channels
+from .dataset import IMAGE_SHAPE, Dataset, DatasetError, Progress, progress_counter  # noqa: F401
+
 MEAN = (0.5, 0.5, 0.5)  # per-channel mean and std used by `normalize`, the same for all datasets
 STD = (0.25, 0.25, 0.25)
 SPECS = ("shapes", "shapes:TRAIN,TEST", "cifar10", "folder:PATH")
-
-
-class DatasetError(ValueError):
-    """A dataset could not be found or read; the one-line message names the file or folder."""
-
-
-@dataclass
-class Dataset:
-    """Train and test images (uint8, N x 32 x 32 x 3, NHWC) with int32 labels and class names."""
-
-    name: str
-    classes: list[str]
-    train_x: np.ndarray
-    train_y: np.ndarray
-    test_x: np.ndarray
-    test_y: np.ndarray
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def shard(self, index: int, count: int) -> Dataset:
-        """The index-th of `count` disjoint, nearly equal shards of the train split.
-
-        Shard i takes train images i, i + count, i + 2*count, ... so the shards cover the train
-        split exactly once and differ in size by at most one image. The test split is shared.
-        """
-        n = len(self.train_y)
-        if count < 1 or not 0 <= index < count:
-            raise ValueError(f"shard: need 0 <= index < count, got index={index} count={count}")
-        if count > n:
-            raise ValueError(f"shard: cannot split {n} training images of {self.name} into {count} shards")
-        return Dataset(
-            name=f"{self.name}[shard {index + 1}/{count}]",
-            classes=list(self.classes),
-            train_x=np.ascontiguousarray(self.train_x[index::count]),
-            train_y=np.ascontiguousarray(self.train_y[index::count]),
-            test_x=self.test_x,
-            test_y=self.test_y,
-        )
 
 
 def default_root() -> Path:
@@ -73,11 +33,12 @@ def default_root() -> Path:
     return Path(os.environ.get("MINASGD_DATA") or "data")
 
 
-def load(spec: str, root: str | Path | None = None, seed: int = 0, progress: bool = True) -> Dataset:
+def load(spec: str, root: str | Path | None = None, seed: int = 0, progress: Progress | None = None) -> Dataset:
     """Load the dataset named by `spec` ("shapes", "shapes:TRAIN,TEST", "cifar10" or "folder:PATH").
 
     `root` (default: `default_root()`) holds the shapes cache and the CIFAR-10 files; `seed`
-    picks the shapes images and the order of a folder dataset's train split.
+    picks the shapes images and the order of a folder dataset's train split. Nothing is drawn on
+    a screen: `progress`, when given, is called as `progress(what, done, total)` (see `minasgd.data.dataset`).
     """
     root = default_root() if root is None else Path(root)
     if spec == "shapes" or spec.startswith("shapes:"):

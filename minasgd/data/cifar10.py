@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from . import Dataset, DatasetError
+from .dataset import Dataset, DatasetError, Progress, progress_counter
 
 DEFAULT_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 # The md5 the CIFAR-10 page lists for cifar-10-binary.tar.gz. A checksum is "md5:HEX" or
@@ -121,29 +121,16 @@ def _hasher(checksum: str):
     return hashlib.new(algo), digest
 
 
-def _fetch(url: str, dest: Path, hasher, progress: bool) -> None:
+def _fetch(url: str, dest: Path, hasher, progress: Progress | None) -> None:
     """Stream `url` into the file `dest`, feeding every byte to `hasher`."""
     try:
         with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as out:
             total = int(response.headers.get("Content-Length") or 0) or None
-            bar = None
-            if progress:
-                from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                                           TimeRemainingColumn, TransferSpeedColumn)
-
-                bar = Progress(TextColumn("downloading CIFAR-10"), BarColumn(), DownloadColumn(),
-                               TransferSpeedColumn(), TimeRemainingColumn(), transient=True)
-                task = bar.add_task("download", total=total)
-                bar.start()
-            try:
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    hasher.update(chunk)
-                    if bar is not None:
-                        bar.advance(task, len(chunk))
-            finally:
-                if bar is not None:
-                    bar.stop()
+            advance = progress_counter(progress, "downloading CIFAR-10 (bytes)", total)
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                hasher.update(chunk)
+                advance(len(chunk))
     except urllib.error.HTTPError as e:
         raise DatasetError(f"could not download {url}: HTTP {e.code} {e.reason}") from None
     except urllib.error.URLError as e:
@@ -178,7 +165,7 @@ def _extract(archive: Path, dest: Path) -> None:
 
 
 def download(root: str | Path, url: str = DEFAULT_URL, checksum: str = DEFAULT_CHECKSUM,
-             progress: bool = True) -> Path:
+             progress: Progress | None = None) -> Path:
     """Download and unpack CIFAR-10 into root/cifar-10-batches-bin; returns that folder.
 
     Does nothing if the files are already there. The archive goes to a temporary file under

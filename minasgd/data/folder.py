@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import IMAGE_SHAPE, Dataset, DatasetError
+from .dataset import IMAGE_SHAPE, Dataset, DatasetError, Progress, progress_counter
 
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
@@ -75,7 +75,7 @@ def _read_split(files: list[tuple[Path, int]], advance) -> tuple[np.ndarray, np.
     return x, np.array([label for _, label in files], dtype=np.int32)
 
 
-def load(path: str | Path, seed: int = 0, progress: bool = True) -> Dataset:
+def load(path: str | Path, seed: int = 0, progress: Progress | None = None) -> Dataset:
     """The image-folder dataset under `path` (see the module docstring for the layout)."""
     path = Path(path)
     if not path.is_dir():
@@ -89,17 +89,9 @@ def load(path: str | Path, seed: int = 0, progress: bool = True) -> Dataset:
 
     train_files = _list_split(classes, train_folders)  # check every folder before reading images
     test_files = _list_split(classes, test_folders)
-    if progress:
-        from rich.progress import Progress
-
-        with Progress(transient=True) as bar:
-            task = bar.add_task(f"reading {path}", total=len(train_files) + len(test_files))
-            step = lambda k: bar.advance(task, k)  # noqa: E731
-            train_x, train_y = _read_split(train_files, step)
-            test_x, test_y = _read_split(test_files, step)
-    else:
-        train_x, train_y = _read_split(train_files, lambda k: None)
-        test_x, test_y = _read_split(test_files, lambda k: None)
+    step = progress_counter(progress, f"reading {path}", len(train_files) + len(test_files))
+    train_x, train_y = _read_split(train_files, step)
+    test_x, test_y = _read_split(test_files, step)
 
     order = np.random.default_rng(seed).permutation(len(train_y))
     return Dataset(f"folder:{path}", classes, train_x[order], train_y[order], test_x, test_y)

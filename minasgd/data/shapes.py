@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw
 
-from . import Dataset, DatasetError
+from .dataset import Dataset, DatasetError, Progress, progress_counter
 
 VERSION = 2
 CLASSES = ["circle", "square", "triangle", "pentagon", "hexagon", "star", "cross", "ring", "ellipse", "arrow"]
@@ -233,28 +233,19 @@ def _write_cache(path: Path, data: Dataset) -> None:
 
 
 def make(seed: int = 0, train_size: int = TRAIN_SIZE, test_size: int = TEST_SIZE,
-         progress: bool = True) -> Dataset:
-    """Draw the whole dataset (no cache), with a rich progress bar if `progress`."""
+         progress: Progress | None = None) -> Dataset:
+    """Draw the whole dataset (no cache); `progress(what, done, total)` hears how far it got."""
     if train_size < 1 or test_size < 1:
         raise DatasetError(f"shapes: sizes must be >= 1, got train {train_size}, test {test_size}")
     train_rng, test_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
-    if not progress:
-        train_x, train_y = generate(train_size, train_rng)
-        test_x, test_y = generate(test_size, test_rng)
-        return Dataset("shapes", list(CLASSES), train_x, train_y, test_x, test_y)
-
-    from rich.progress import Progress
-
-    with Progress(transient=True) as bar:
-        task = bar.add_task("drawing shapes", total=train_size + test_size)
-        step = lambda k: bar.advance(task, k)  # noqa: E731
-        train_x, train_y = generate(train_size, train_rng, step)
-        test_x, test_y = generate(test_size, test_rng, step)
+    step = progress_counter(progress, "drawing shapes", train_size + test_size)
+    train_x, train_y = generate(train_size, train_rng, step)
+    test_x, test_y = generate(test_size, test_rng, step)
     return Dataset("shapes", list(CLASSES), train_x, train_y, test_x, test_y)
 
 
 def load(root: str | Path, seed: int = 0, train_size: int = TRAIN_SIZE, test_size: int = TEST_SIZE,
-         progress: bool = True) -> Dataset:
+         progress: Progress | None = None) -> Dataset:
     """The shapes dataset from its cache under `root`, drawn and cached first if needed."""
     path = cache_path(root, seed, train_size, test_size)
     data = _read_cache(path, train_size, test_size)
@@ -265,7 +256,7 @@ def load(root: str | Path, seed: int = 0, train_size: int = TRAIN_SIZE, test_siz
 
 
 def timed_make(root: str | Path, seed: int = 0, train_size: int = TRAIN_SIZE,
-               test_size: int = TEST_SIZE, progress: bool = True) -> tuple[Dataset, Path, float]:
+               test_size: int = TEST_SIZE, progress: Progress | None = None) -> tuple[Dataset, Path, float]:
     """Draw and cache the dataset even if cached; returns it, the cache path and the seconds taken."""
     start = time.perf_counter()
     data = make(seed, train_size, test_size, progress)

@@ -1,4 +1,4 @@
-"""`minasgd experiment NAME`: the paper's experiments at laptop scale, as reproducible sweeps.
+"""The paper's experiments (`minasgd experiment NAME`) at laptop scale, as reproducible sweeps.
 
     minasgd experiment workers          # workers {1,2,4,8} x nsync {1,4,16}, async, cold start
     minasgd experiment warmstart        # the same from a partly trained model vs from scratch
@@ -21,7 +21,6 @@ commit it ran on, but finished runs are reused whatever the code). How a sweep i
 computed (time to target, measured and projected speed-up): `analysis.py`.
 """
 
-from .runner import add_arguments, run
-from .sweeps import NAMES, Settings, default_settings, plan
+from .sweeps import NAMES, Settings, default_settings, plan  # the runs themselves: runner.run_sweep
 
-__all__ = ["add_arguments", "run", "NAMES", "Settings", "default_settings", "plan"]
+__all__ = ["NAMES", "Settings", "default_settings", "plan"]

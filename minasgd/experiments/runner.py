@@ -5,66 +5,21 @@ already share the machine), each in its own folder, then the tables, the plots a
 import csv
 import json
 import math
-import os
 import shutil
 import time
 from pathlib import Path
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
-
+from ..timer import usable_cores
 from . import analysis, report
-from .sweeps import NAMES, default_settings, plan
+from .sweeps import default_settings, plan
 
 
-def _int_list(text):
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        import argparse
-
-        raise argparse.ArgumentTypeError(f"want positive integers separated by commas, got {text!r}")
-    return values
-
-
-def add_arguments(p):
-    p.add_argument("name", choices=NAMES, help="which experiment: " + ", ".join(NAMES))
-    p.add_argument("--out", metavar="DIR", help="experiment directory (default: runs/experiment-NAME)")
-    p.add_argument("--quick", action="store_true", help="tiny everything (seconds per run): tests, a first look")
-    p.add_argument("--seeds", type=int, help="runs per configuration, seeds 0..N-1 (default: 3; --quick: 1)")
-    p.add_argument("--workers", type=_int_list, metavar="N,N,...", help="worker counts (default: per experiment)")
-    p.add_argument("--nsync", type=_int_list, metavar="K,K,...", help="nsync values (default: per experiment)")
-    p.add_argument("--dataset", help="shapes:TRAIN,TEST, shapes, cifar10, folder:PATH (default: shapes:8000,500)")
-    p.add_argument("--model", help="alexnet-mini, tiny or micro (default: tiny)")
-    p.add_argument("--backend", choices=["numpy", "cuda", "auto"], help="(default: numpy)")
-    p.add_argument("--gpu", type=int, help="GPU index for the cuda backend (default: round-robin over GPUs)")
-    p.add_argument("--epochs", type=int, help="epochs of the train split per run, all workers together (default: 8)")
-    p.add_argument("--batch-size", type=int, help="(default: 32)")
-    p.add_argument("--lr", type=float, help="the server's peak learning rate (default: 0.05)")
-    p.add_argument("--target", type=float, metavar="ACC",
-                   help="test accuracy to reach, i.e. target test error 1 - ACC (default: per experiment)")
-    p.add_argument("--eval-every", type=float, metavar="EPOCHS", help="epochs between test evaluations (default: 0.25)")
-    p.add_argument("--pretrain-epochs", type=float, help="warmstart: single-process epochs before the sweep (default: 3)")
-    p.add_argument("--max-steps", type=int, help="cap the mini-batches of every run")
-    p.add_argument("--data-root", metavar="DIR", help="where datasets live (default: $MINASGD_DATA or ./data)")
-    p.add_argument("--fresh", action="store_true", help="run everything again (default: skip finished runs)")
-    p.add_argument("--docs", metavar="FILE.md",
-                   help="also put the report into this markdown file (between <!-- experiment:NAME --> markers) "
-                        "and the plots next to it in img/")
-
-
-OVERRIDES = ("seeds", "workers", "nsync", "dataset", "model", "backend", "gpu", "epochs", "batch_size", "lr",
-             "target", "eval_every", "pretrain_epochs", "max_steps", "data_root")
-
-
-def settings_from_args(args):
-    s = default_settings(args.name, quick=getattr(args, "quick", False))
-    for name in OVERRIDES:
-        value = getattr(args, name, None)
+def settings_from(name, quick=False, **overrides):
+    """The experiment's default settings with the given ones (None: keep the default) replaced."""
+    s = default_settings(name, quick=quick)
+    for key, value in overrides.items():
         if value is not None:
-            setattr(s, name, value)
+            setattr(s, key, value)
     if s.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {s.seeds}")
     if not 0 < s.target < 1:
@@ -105,8 +60,7 @@ def _pretrain(s, spec, run_dir, train_size):
     steps = max(1, round(s.pretrain_epochs * (train_size // s.batch_size)))
     cfg.epochs, cfg.max_steps, cfg.lr, cfg.momentum = math.ceil(s.pretrain_epochs), steps, s.pretrain_lr, 0.9
     cfg.extra["settings"]["pretrain_steps"] = steps
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    with blas_threads(max(1, cores - 1)), multiprocess.get_context("spawn").Pool(1) as pool:
+    with blas_threads(max(1, usable_cores() - 1)), multiprocess.get_context("spawn").Pool(1) as pool:
         return pool.apply(_single_process, (cfg,))
 
 
@@ -138,73 +92,66 @@ def finished_summary(run_dir, spec, s):
 
 # ------------------------------------------------------------------ the sweep
 
-def run(args, console):
-    s = settings_from_args(args)
-    exp_dir = Path(args.out or Path("runs") / f"experiment-{s.name}")
+def _ignore(event):
+    pass
+
+
+def run_sweep(s, exp_dir, fresh=False, docs=None, on_event=None):
+    """Run every training run of the sweep `s` that is not finished yet (all of them if `fresh`),
+    then write the tables, the plots and report.md into `exp_dir` (and into `docs` if given).
+
+    Returns (result, failed run names). `on_event(dict)` hears how it goes: sweep_start,
+    run_skipped, run_start, run_failed, run_done, run_end, sweep_end, no_plots
+    (`minasgd.dashboard.SweepView` shows them).
+    """
+    emit = on_event or _ignore
+    exp_dir = Path(exp_dir)
     exp_dir.mkdir(parents=True, exist_ok=True)
     specs = plan(s)
-    console.print(f"[bold]experiment {s.name}[/]: {len(specs)} runs of {s.model} on {s.dataset} "
-                  f"({s.backend}), {s.epochs} epochs each, target test accuracy {s.target:.0%} "
-                  f"(test error {1 - s.target:.0%}) -> {exp_dir}")
+    emit({"kind": "sweep_start", "settings": s, "runs": len(specs), "exp_dir": str(exp_dir)})
     (exp_dir / "settings.json").write_text(json.dumps(s.as_dict(), indent=2) + "\n")
 
     summaries, failed, dataset = [], [], None
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        bar = progress.add_task("runs", total=len(specs))
-        for spec in specs:
-            run_dir = exp_dir / spec["name"]
-            summary = None if args.fresh else finished_summary(run_dir, spec, s)
-            if summary is not None:
-                progress.console.print(f"  {spec['name']}: done before, skipped", style="dim")
-            else:
-                progress.update(bar, description=f"run {spec['name']}")
-                shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: start clean
-                started = time.perf_counter()
-                try:
-                    if dataset is None:
-                        dataset = _load_dataset(s)
-                    if spec["workers"] == 0:
-                        summary = _pretrain(s, spec, run_dir, len(dataset.train_y))
-                    else:
-                        summary = _distributed(s, spec, run_dir, dataset, exp_dir)
-                except Exception as e:  # one broken run should not cost the sweep
-                    failed.append(spec["name"])
-                    progress.console.print(f"  [red]{spec['name']} failed: {type(e).__name__}: {e}[/]")
+    for spec in specs:
+        run_dir = exp_dir / spec["name"]
+        summary = None if fresh else finished_summary(run_dir, spec, s)
+        if summary is not None:
+            emit({"kind": "run_skipped", "name": spec["name"]})
+        else:
+            emit({"kind": "run_start", "name": spec["name"]})
+            shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: start clean
+            started = time.perf_counter()
+            try:
+                if dataset is None:
+                    dataset = _load_dataset(s)
+                if spec["workers"] == 0:
+                    summary = _pretrain(s, spec, run_dir, len(dataset.train_y))
                 else:
-                    progress.console.print(_run_line(spec, run_dir, summary, s, time.perf_counter() - started))
-            summaries.append(summary)
-            progress.advance(bar)
-        progress.update(bar, description="runs")
+                    summary = _distributed(s, spec, run_dir, dataset, exp_dir)
+            except Exception as e:  # one broken run should not cost the sweep
+                failed.append(spec["name"])
+                emit({"kind": "run_failed", "name": spec["name"], "error": f"{type(e).__name__}: {e}"})
+            else:
+                emit({"kind": "run_done", "name": spec["name"], "summary": summary,
+                      "hit": analysis.reach(analysis.load_curve(run_dir), s.target),
+                      "seconds": time.perf_counter() - started})
+        summaries.append(summary)
+        emit({"kind": "run_end", "name": spec["name"]})
+    emit({"kind": "sweep_end"})
 
     result = collect(s, specs, summaries, exp_dir)
     write_tables(result, exp_dir)
-    images = _plots(result, exp_dir, console)
-    text = report.markdown(result, images)
-    (exp_dir / "report.md").write_text(text)
-    show(result, console)
-    if args.docs:
-        report.update_docs(args.docs, result, exp_dir, images)
-        console.print(f"report and plots put into {args.docs}")
-    console.print(f"tables: {exp_dir / 'results.csv'}, {exp_dir / 'summary.csv'}, {exp_dir / 'results.json'}; "
-                  f"report: {exp_dir / 'report.md'}")
-    if failed:
-        console.print(f"[red]{len(failed)} runs failed: {', '.join(failed)} (run the command again to retry them)[/]")
-        return 1
-    return 0
+    images = _plots(result, exp_dir, emit)
+    (exp_dir / "report.md").write_text(report.markdown(result, images))
+    if docs:
+        report.update_docs(docs, result, exp_dir, images)
+    return result, failed
 
 
 def _load_dataset(s):
     from ..train import TrainConfig, load_dataset
 
     return load_dataset(TrainConfig(dataset=s.dataset, data_root=s.data_root, quiet=True))
-
-
-def _run_line(spec, run_dir, summary, s, seconds):
-    hit = analysis.reach(analysis.load_curve(run_dir), s.target)
-    reached = f"target at {hit['time']:.1f} s / {hit['images']:.0f} images" if hit else "target not reached"
-    return (f"  {spec['name']}: test accuracy {summary['test_accuracy']:.1%}, {reached}, "
-            f"{summary['images_per_second']:.0f} images/s, {seconds:.0f} s")
 
 
 # ------------------------------------------------------------------ tables
@@ -236,7 +183,7 @@ def _machine():
     import platform
     import subprocess
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     commit = None
     try:  # which code made the report (finished runs are reused: after changing the code, use --fresh)
         here = Path(__file__).parent
@@ -265,23 +212,10 @@ def write_tables(result, exp_dir):
     (exp_dir / "results.json").write_text(json.dumps(result, indent=1) + "\n")
 
 
-def _plots(result, exp_dir, console):
+def _plots(result, exp_dir, emit):
     try:
         from . import plots
     except ImportError:
-        console.print("[yellow]matplotlib is not installed: tables only, no plots "
-                      "(pip install -e \".[plot]\")[/]")
+        emit({"kind": "no_plots"})
         return []
     return plots.make(result, exp_dir)
-
-
-def show(result, console):
-    """The summary table on the terminal."""
-    s = result["settings"]
-    table = Table(title=f"{result['experiment']}: target test error {1 - s['target']:.0%} "
-                        f"(mean ± std over seeds; projected = N independent devices)")
-    for _, short, _ in report.SUMMARY_COLUMNS:
-        table.add_column(short, justify="left" if short in ("group", "mode") else "right")
-    for row in report.summary_cells(result["summary"]):
-        table.add_row(*row)
-    console.print(table)

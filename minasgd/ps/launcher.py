@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, fields
 from .. import backends
 from ..progress import TrainProgress
 from ..rundir import RunDir, default_run_dir
-from ..train import build_model, load_dataset
+from ..train import build_model, load_dataset, total_steps as count_steps
 from .monitor import Monitor
 from .server import ParameterServer
 from .tcp import TcpServer, listen, parse_address
@@ -74,12 +74,7 @@ class WorkersGone(ChildProcessError):
 
 def create_server(cfg, opts, model, train_size, run):
     """The ParameterServer for this config (no transport yet)."""
-    steps_per_epoch = train_size // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"batch size {cfg.batch_size} is larger than the training set ({train_size} images)")
-    total_steps = steps_per_epoch * cfg.epochs
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
+    _, total_steps = count_steps(cfg, train_size)
     ps = ParameterServer(
         model.get_params(), model_name=model.name, fingerprint=model.fingerprint(), total_steps=total_steps,
         lr=cfg.lr, warmup_steps=cfg.warmup_steps, optimizer=opts.optimizer, momentum=opts.server_momentum,

@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 
-from .. import backends
+from .. import backends, data
 from ..model import Model
 from ..train import TrainConfig, load_dataset, prepare_batch
 
@@ -78,12 +78,8 @@ class Worker:
 
     def batches(self):
         """Mini-batches from this worker's shard, reshuffled every pass, forever."""
-        n = len(self.train_y)
         while True:
-            order = self.rng.permutation(n)
-            for start in range(0, n - self.batch_size + 1, self.batch_size):
-                idx = order[start : start + self.batch_size]
-                yield self.train_x[idx], self.train_y[idx]
+            yield from data.batches(self.train_x, self.train_y, self.batch_size, self.rng, drop_last=True)
 
     def train_step(self, x_u8, y):
         be, model = self.be, self.model

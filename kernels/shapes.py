@@ -1,4 +1,4 @@
-"""Shape arithmetic and input checks shared by every backend.
+"""Shape arithmetic and input checks shared by every backend (and the layers' shape formulas).
 
 Each function validates its inputs and returns the output shape, raising a
 one-line ValueError that names what is wrong. Backends call these before any

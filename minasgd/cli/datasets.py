@@ -4,7 +4,8 @@
     minasgd data cifar10 [--root DIR] [--url URL] [--checksum md5:HEX] [--preview grid.png]
 
 `add_arguments` fills an argparse (sub)parser and `run` carries the command out; the top-level
-CLI wires them up. Errors come out as one line on stderr and exit status 1.
+CLI wires them up. Errors come out as one line on stderr and exit status 1. The datasets report
+how far they got through a callback; the bars are `minasgd.dashboard.TaskBars`.
 """
 
 from __future__ import annotations
@@ -14,14 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw, ImageFont
-
-from . import Dataset, DatasetError, default_root
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from . import cifar10, shapes
+    from ..data import cifar10, shapes
 
     parser.add_argument("name", choices=["shapes", "cifar10"], help="dataset to prepare")
     parser.add_argument("--root", type=Path, default=None,
@@ -38,19 +34,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also save a grid of sample train images, one row per class")
 
 
-def run(args: argparse.Namespace) -> int:
+def cmd_data(args: argparse.Namespace, console=None) -> int:
+    return run(args, console)
+
+
+def run(args: argparse.Namespace, console=None) -> int:
     """Carry out `minasgd data`; returns the exit status."""
-    from . import cifar10, shapes
+    from ..dashboard import TaskBars
+    from ..data import DatasetError, cifar10, default_root, shapes
+    from ..data.preview import save_preview
 
     root = default_root() if args.root is None else Path(args.root)
     try:
         if args.name == "shapes":
-            data, path, seconds = shapes.timed_make(root, args.seed, args.train_size, args.test_size)
+            with TaskBars(console) as bars:
+                data, path, seconds = shapes.timed_make(root, args.seed, args.train_size, args.test_size, progress=bars)
             print(f"shapes: {len(data.train_y)} train + {len(data.test_y)} test images, "
                   f"{data.num_classes} classes, in {seconds:.1f} s -> {path}")
         else:
             start = time.perf_counter()
-            folder = cifar10.download(root, url=args.url, checksum=args.checksum)
+            with TaskBars(console) as bars:
+                folder = cifar10.download(root, url=args.url, checksum=args.checksum, progress=bars)
             data = cifar10.load(folder)
             print(f"cifar10: {len(data.train_y)} train + {len(data.test_y)} test images, "
                   f"{data.num_classes} classes, ready in {time.perf_counter() - start:.1f} s -> {folder}")
@@ -61,24 +65,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"minasgd data: error: {e}", file=sys.stderr)
         return 1
     return 0
-
-
-def save_preview(data: Dataset, path: str | Path, per_class: int = 10, zoom: int = 3) -> None:
-    """Save a PNG grid: one row per class (name on the left), `per_class` train images each."""
-    cell = 32 * zoom + 4
-    try:
-        font = ImageFont.load_default(size=14)
-    except TypeError:  # pillow < 10.1 has one fixed-size default font
-        font = ImageFont.load_default()
-    label_width = 12 + max(int(font.getlength(name)) for name in data.classes)
-    grid = Image.new("RGB", (label_width + per_class * cell, data.num_classes * cell), "white")
-    draw = ImageDraw.Draw(grid)
-    for row, name in enumerate(data.classes):
-        draw.text((6, row * cell + cell // 2 - 8), name, fill="black", font=font)
-        for col, i in enumerate(np.flatnonzero(data.train_y == row)[:per_class]):
-            tile = Image.fromarray(data.train_x[i]).resize((32 * zoom, 32 * zoom), Image.Resampling.NEAREST)
-            grid.paste(tile, (label_width + col * cell + 2, row * cell + 2))
-    try:
-        grid.save(path)
-    except (OSError, ValueError) as e:
-        raise DatasetError(f"cannot save preview {path}: {e}") from None

@@ -1,8 +1,5 @@
-"""`minasgd assignment list|make|grade|restore`: the package's plain functions, printed with rich.
-
-`minasgd/cli.py` builds the parser (`add_arguments` there); this module only turns the parsed
-arguments into calls and the results into tables and lines.
-"""
+"""`minasgd assignment list|make|grade|restore`: the flags, and the package's plain functions
+(`minasgd.assignment`) turned into calls, tables and lines."""
 
 import time
 from pathlib import Path
@@ -10,12 +7,26 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
-from .grading import grade
-from .tasks import BY_ID, TASKS, AssignmentError, parse_tasks, sort_tasks
-from .tree import MANIFEST, catalogue, make, read_manifest, restore, source_root
+
+def add_arguments(p):
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sub.add_parser("list", help="the tasks, their files and grading tests")
+    m = sub.add_parser("make", help="write a student tree with the chosen tasks stubbed out")
+    m.add_argument("outdir", help="the folder to create")
+    m.add_argument("--tasks", default="all", help="comma-separated task ids (1.1,2.1), a family number (3) or all (default)")
+    m.add_argument("--force", action="store_true", help="replace OUTDIR if it exists")
+    g = sub.add_parser("grade", help="run the grading tests of each task of a student tree")
+    g.add_argument("tree", help="the student tree")
+    g.add_argument("--tasks", help="default: the tasks the tree was made with (pass them: the tree's list is the student's)")
+    g.add_argument("--gpu", action="store_true", help="run the kernels on a real GPU instead of the simulator")
+    r = sub.add_parser("restore", help="put the reference solutions back into a student tree")
+    r.add_argument("tree", help="the student tree")
+    r.add_argument("--tasks", help="default: every task the tree was made with")
 
 
-def run(args, console):
+def cmd_assignment(args, console):
+    from ..assignment import AssignmentError
+
     try:
         return ACTIONS[args.action](args, console)
     except AssignmentError as e:
@@ -24,6 +35,8 @@ def run(args, console):
 
 
 def do_list(args, console):
+    from ..assignment import TASKS, catalogue, source_root
+
     found = catalogue(source_root())
     table = Table(title="assignment tasks")
     for col in ("task", "family", "title", "practises", "files", "grading tests"):
@@ -38,6 +51,8 @@ def do_list(args, console):
 
 
 def do_make(args, console):
+    from ..assignment import BY_ID, make, parse_tasks
+
     tasks = parse_tasks(args.tasks)
     stubs = make(args.outdir, tasks, force=args.force)
     for t in tasks:
@@ -48,6 +63,8 @@ def do_make(args, console):
 
 
 def do_restore(args, console):
+    from ..assignment import parse_tasks, read_manifest, restore
+
     manifest = read_manifest(args.tree)
     tasks = parse_tasks(args.tasks) if args.tasks else list(manifest["tasks"])
     for t, (done, missing) in restore(args.tree, tasks).items():
@@ -57,6 +74,9 @@ def do_restore(args, console):
 
 
 def do_grade(args, console):
+    from ..assignment import BY_ID, MANIFEST, AssignmentError, grade, parse_tasks, read_manifest
+    from ..assignment.tasks import sort_tasks
+
     if args.tasks:
         tasks = parse_tasks(args.tasks)
     elif (Path(args.tree) / MANIFEST).is_file():

@@ -1,0 +1,66 @@
+"""`minasgd experiment NAME`: the flags of a sweep and its handler (the sweep is
+`minasgd.experiments.run_sweep`; the bar, the lines and the table are `minasgd.dashboard`'s)."""
+
+import argparse
+from pathlib import Path
+
+from ..experiments.sweeps import NAMES
+
+# flags that override a field of the experiment's Settings (argparse dest = field name)
+OVERRIDES = ("seeds", "workers", "nsync", "dataset", "model", "backend", "gpu", "epochs", "batch_size", "lr",
+             "target", "eval_every", "pretrain_epochs", "max_steps", "data_root")
+
+
+def _int_list(text):
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"want positive integers separated by commas, got {text!r}")
+    return values
+
+
+def add_arguments(p):
+    p.add_argument("name", choices=NAMES, help="which experiment: " + ", ".join(NAMES))
+    p.add_argument("--out", metavar="DIR", help="experiment directory (default: runs/experiment-NAME)")
+    p.add_argument("--quick", action="store_true", help="tiny everything (seconds per run): tests, a first look")
+    p.add_argument("--seeds", type=int, help="runs per configuration, seeds 0..N-1 (default: 3; --quick: 1)")
+    p.add_argument("--workers", type=_int_list, metavar="N,N,...", help="worker counts (default: per experiment)")
+    p.add_argument("--nsync", type=_int_list, metavar="K,K,...", help="nsync values (default: per experiment)")
+    p.add_argument("--dataset", help="shapes:TRAIN,TEST, shapes, cifar10, folder:PATH (default: shapes:8000,500)")
+    p.add_argument("--model", help="alexnet-mini, tiny or micro (default: tiny)")
+    p.add_argument("--backend", choices=["numpy", "cuda", "auto"], help="(default: numpy)")
+    p.add_argument("--gpu", type=int, help="GPU index for the cuda backend (default: round-robin over GPUs)")
+    p.add_argument("--epochs", type=int, help="epochs of the train split per run, all workers together (default: 8)")
+    p.add_argument("--batch-size", type=int, help="(default: 32)")
+    p.add_argument("--lr", type=float, help="the server's peak learning rate (default: 0.05)")
+    p.add_argument("--target", type=float, metavar="ACC",
+                   help="test accuracy to reach, i.e. target test error 1 - ACC (default: per experiment)")
+    p.add_argument("--eval-every", type=float, metavar="EPOCHS", help="epochs between test evaluations (default: 0.25)")
+    p.add_argument("--pretrain-epochs", type=float, help="warmstart: single-process epochs before the sweep (default: 3)")
+    p.add_argument("--max-steps", type=int, help="cap the mini-batches of every run")
+    p.add_argument("--data-root", metavar="DIR", help="where datasets live (default: $MINASGD_DATA or ./data)")
+    p.add_argument("--fresh", action="store_true", help="run everything again (default: skip finished runs)")
+    p.add_argument("--docs", metavar="FILE.md",
+                   help="also put the report into this markdown file (between <!-- experiment:NAME --> markers) "
+                        "and the plots next to it in img/")
+
+
+def cmd_experiment(args, console):
+    from ..dashboard import SweepView, experiment_table
+    from ..experiments import report
+    from ..experiments.runner import run_sweep, settings_from
+
+    s = settings_from(args.name, quick=args.quick, **{k: getattr(args, k, None) for k in OVERRIDES})
+    exp_dir = Path(args.out or Path("runs") / f"experiment-{s.name}")
+    result, failed = run_sweep(s, exp_dir, fresh=args.fresh, docs=args.docs, on_event=SweepView(console))
+    console.print(experiment_table(result, report.SUMMARY_COLUMNS, report.summary_cells))
+    if args.docs:
+        console.print(f"report and plots put into {args.docs}")
+    console.print(f"tables: {exp_dir / 'results.csv'}, {exp_dir / 'summary.csv'}, {exp_dir / 'results.json'}; "
+                  f"report: {exp_dir / 'report.md'}")
+    if failed:
+        console.print(f"[red]{len(failed)} runs failed: {', '.join(failed)} (run the command again to retry them)[/]")
+        return 1
+    return 0

@@ -1,0 +1,112 @@
+"""`minasgd train | serve | work | eval | model`: the flags of a training run and their handlers."""
+
+import json
+
+from ..config import TrainConfig
+
+
+def add_train_arguments(p):
+    d = TrainConfig()
+    p.add_argument("--dataset", default=d.dataset, help="shapes (built in), cifar10, or folder:PATH (default: %(default)s)")
+    p.add_argument("--model", default=d.model, help="alexnet-mini, tiny or micro (default: %(default)s)")
+    p.add_argument("--backend", default=d.backend, choices=["numpy", "cuda", "auto"],
+                   help="auto = cuda when a GPU is present, else numpy (default: %(default)s)")
+    p.add_argument("--gpu", type=int, default=None, help="GPU index for the cuda backend")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (cosine schedule, default: %(default)s)")
+    p.add_argument("--momentum", type=float, default=d.momentum)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--init", metavar="CKPT", help="start from a saved model.npz (warm start)")
+    p.add_argument("--out", metavar="DIR", help="run directory (default: runs/train-<time>)")
+    p.add_argument("--data-root", metavar="DIR", help="where datasets live (default: $MINASGD_DATA or ./data)")
+    p.add_argument("--max-steps", type=int, help="stop after this many steps")
+    p.add_argument("--train-limit", type=int, help="use only the first N training images")
+    p.add_argument("--test-limit", type=int, help="use only the first N test images")
+    p.add_argument("--log-every", type=int, default=d.log_every, help="steps between logged losses")
+    p.add_argument("--quiet", action="store_true", help="no live display")
+
+
+def train_config(args):
+    return TrainConfig(dataset=args.dataset, model=args.model, backend=args.backend, gpu=args.gpu,
+                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+                       weight_decay=args.weight_decay, seed=args.seed, init=args.init, out=args.out,
+                       data_root=args.data_root, max_steps=args.max_steps, train_limit=args.train_limit,
+                       test_limit=args.test_limit, log_every=args.log_every, quiet=args.quiet)
+
+
+def add_eval_arguments(p):
+    p.add_argument("checkpoint", help="a model.npz written by `minasgd train`")
+    p.add_argument("--dataset", default="shapes")
+    p.add_argument("--data-root", metavar="DIR")
+    p.add_argument("--backend", default="numpy", choices=["numpy", "cuda", "auto"])
+    p.add_argument("--gpu", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+
+
+def cmd_train(args, console):
+    # One process unless workers are asked for (or this is a rank of an MPI job).
+    cfg = train_config(args)
+    if args.workers == 0 or (args.workers is None and args.transport == "tcp"):
+        from ..dashboard import TrainProgress
+        from ..train import train
+
+        if cfg.quiet:
+            train(cfg)
+        else:
+            with TrainProgress(console=console) as view:
+                train(cfg, on_event=view)
+        return 0
+    from ..ps import launcher
+
+    launcher.train_distributed(cfg, args, console=console)
+    return 0
+
+
+def cmd_serve(args, console):
+    from ..ps import cli as ps_cli
+
+    return ps_cli.serve(args, console)
+
+
+def cmd_work(args, console):
+    from ..ps import cli as ps_cli
+
+    return ps_cli.work(args, console)
+
+
+def cmd_eval(args, console):
+    from .. import backends, checkpoint, data
+    from ..dashboard import TaskBars
+    from ..model import Model
+    from ..train import evaluate
+
+    ckpt = checkpoint.load(args.checkpoint)
+    be = backends.get(args.backend, args.gpu)
+    model = Model(ckpt["model"], be)
+    if ckpt["fingerprint"] != model.fingerprint():
+        raise checkpoint.CheckpointError(f"{args.checkpoint}: made by a different version of model {ckpt['model']}")
+    model.set_params(ckpt["params"])
+    with TaskBars(console, disable=args.json) as bars:
+        ds = data.load(args.dataset, root=args.data_root or data.default_root(), progress=bars)
+    acc, loss = evaluate(model, ds.test_x, ds.test_y)
+    if args.json:
+        print(json.dumps({"test_accuracy": acc, "test_loss": loss, "images": len(ds.test_y)}))
+    else:
+        console.print(f"{args.checkpoint}: test accuracy {acc:.2%}, test loss {loss:.4f} on {len(ds.test_y)} {ds.name} images")
+    return 0
+
+
+def cmd_model(args, console):
+    from .. import backends
+    from ..model import Model
+
+    model = Model(args.name, backends.get("numpy"))
+    if args.json:
+        print(json.dumps(model.describe(), indent=2))
+        return 0
+    from ..dashboard import model_table
+
+    console.print(model_table(model))
+    return 0

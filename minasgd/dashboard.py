@@ -1,0 +1,247 @@
+"""Everything minasgd draws on a terminal (rich), in one place: the library reports, this shows.
+
+    TrainProgress   the live view of `minasgd train`: a bar per epoch with loss and images/s, a
+                    line per epoch; it is the `on_event` callback of `minasgd.train.train`
+    TaskBars        transient bars for `progress(what, done, total)` callbacks (datasets)
+    SweepView       the `on_event` callback of `minasgd.experiments.runner.run_sweep`
+    *_table         the tables of `minasgd model`, `bench step`, `bench kernels`, `experiment`
+
+Nothing below the command line imports this module: training, the datasets and the sweeps run
+the same with no terminal at all (a test, a notebook, an MPI rank).
+"""
+
+from rich.console import Console
+from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
+from rich.table import Table
+
+
+class TaskBars:
+    """A `progress(what, done, total)` callback drawing one transient bar per `what`.
+
+        with TaskBars(console) as bars:
+            data.load("shapes", progress=bars)
+    """
+
+    def __init__(self, console=None, disable=False):
+        self.console = console or Console()
+        self.disable = disable
+        self.bars = None
+        self.tasks = {}
+
+    def __call__(self, what, done, total):
+        if self.disable:
+            return
+        if self.bars is None:
+            columns = [TextColumn("{task.description}"), BarColumn()]
+            columns += ([DownloadColumn(), TransferSpeedColumn()] if "bytes" in what else [MofNCompleteColumn()])
+            self.bars = Progress(*columns, TimeRemainingColumn(), console=self.console, transient=True)
+            self.bars.start()
+        if what not in self.tasks:
+            self.tasks[what] = self.bars.add_task(what.replace(" (bytes)", ""), total=total)
+        self.bars.update(self.tasks[what], completed=done)
+        if total is not None and done >= total:
+            self.close()
+
+    def close(self):
+        if self.bars is not None:
+            self.bars.stop()
+        self.bars, self.tasks = None, {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+class TrainProgress:
+    """The live view of a training run: a bar per epoch with loss and images/s, a line per epoch.
+
+    Use it as `on_event` of `minasgd.train.train` (inside `with`), or call its methods directly
+    (the parameter server's launcher does: say, start_epoch, update, end_epoch).
+    """
+
+    def __init__(self, quiet=False, console=None):
+        self.quiet = quiet
+        self.console = console or Console()
+        self.bars = Progress(
+            TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.3f}"), TextColumn("{task.fields[ips]:.0f} img/s"),
+            TimeRemainingColumn(), console=self.console, disable=quiet, transient=False,
+        )
+        self.tasks = TaskBars(self.console, disable=quiet)
+        self.bar = None
+
+    def say(self, text):
+        if not self.quiet:
+            self.console.print(text)
+
+    def __enter__(self):
+        self.bars.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.tasks.close()
+        return self.bars.__exit__(*exc)
+
+    def start_epoch(self, epoch, epochs, steps):
+        return self.bars.add_task("", total=steps, epoch=f"{epoch}/{epochs}", loss=float("nan"), ips=0.0)
+
+    def update(self, bar, completed, loss, ips):
+        self.bars.update(bar, completed=completed, loss=loss, ips=ips)
+
+    def end_epoch(self, bar, record):
+        self.bars.update(bar, completed=self.bars.tasks[bar].total)
+        self.say(f"  epoch {record['epoch']}: test accuracy {record['test_accuracy']:.2%}, "
+                 f"test loss {record['test_loss']:.3f}, {record['images_per_second']:.0f} img/s")
+
+    def __call__(self, event):
+        """Show one event of `minasgd.train.train`."""
+        kind = event["kind"]
+        if kind == "backend":
+            self.say(f"backend: {event['name']} on {event['device']}")
+        elif kind == "progress":
+            self.tasks(event["what"], event["done"], event["total"])
+        elif kind == "warm_start":
+            self.say(f"warm start from {event['init']} ({event['steps']} steps trained)")
+        elif kind == "start":
+            self.tasks.close()
+            self.say(f"model {event['model']}: {event['num_params']:,} parameters; dataset {event['dataset']}: "
+                     f"{event['train_images']:,} train / {event['test_images']:,} test; run dir {event['run_dir']}")
+        elif kind == "epoch_start":
+            self.bar = self.start_epoch(event["epoch"], event["epochs"], event["steps"])
+        elif kind == "step":
+            self.update(self.bar, event["batch"], loss=event["loss"], ips=event["images_per_second"])
+        elif kind == "epoch":
+            self.end_epoch(self.bar, event)
+        elif kind == "done":
+            s = event["summary"]
+            self.say(f"done: test accuracy {s['test_accuracy']:.2%}, {s['wall_seconds']:.0f} s, "
+                     f"{s['images_per_second']:.0f} images/s -> {event['run_dir']}")
+
+
+# ---------------------------------------------------------------- tables
+
+def model_table(model):
+    """`minasgd model`: the layers of a network."""
+    info = model.describe()
+    table = Table(title=f"{model.name}: {model.num_params:,} parameters, "
+                        f"{model.flops_per_image() / 1e6:.1f} MFLOP per image (forward)")
+    for col in ("layer", "type", "input", "output", "kernel/stride/pad", "params", "MFLOP"):
+        table.add_column(col, justify="right" if col in ("params", "MFLOP") else "left")
+    for layer in info["layers"]:
+        geometry = ""
+        if "kernel" in layer:
+            geometry = f"{layer['kernel']}x{layer['kernel']} / {layer['stride']} / {layer.get('pad', 0)}"
+        elif "p" in layer:
+            geometry = f"p = {layer['p']}"
+        table.add_row(layer["name"], layer["type"], "x".join(map(str, layer["in_shape"])),
+                      "x".join(map(str, layer["out_shape"])), geometry,
+                      f"{layer.get('params', 0):,}", f"{layer.get('flops', 0) / 1e6:.2f}")
+    return table
+
+
+def show_bench_step(result, console):
+    """`minasgd bench step`: ours vs PyTorch per training step."""
+    table = Table(title=f"training step: {result['model']}, batch {result['batch_size']}")
+    table.add_column("implementation")
+    table.add_column("ms / step", justify="right")
+    table.add_column("images / s", justify="right")
+    table.add_row(f"minasgd ({result['backend']}: {result['device']})", f"{result['ours_seconds'] * 1e3:.1f}",
+                  f"{result['ours_images_per_second']:.0f}")
+    if "torch_seconds" in result:
+        table.add_row(f"PyTorch ({result['torch_device']}, {result['torch_threads']} threads)",
+                      f"{result['torch_seconds'] * 1e3:.1f}", f"{result['batch_size'] / result['torch_seconds']:.0f}")
+    console.print(table)
+    if "ratio_ours_over_torch" in result:
+        console.print(f"ratio minasgd / PyTorch: [bold]{result['ratio_ours_over_torch']:.2f}x[/] the time per step")
+    else:
+        console.print("PyTorch not installed (pip install torch): no baseline in this run")
+    console.print(f"first step (includes compilation): {result['first_step_seconds'] * 1e3:.0f} ms")
+
+
+def show_bench_kernels(result, console):
+    """`minasgd bench kernels`: every kernel's time and rate, the tile sweep, the first call."""
+    if "skipped" in result:
+        console.print(result["skipped"], highlight=False, soft_wrap=True)
+        return
+    table = Table(title=f"minasgd kernels on {result['device']}, alexnet-mini, batch {result['batch']}")
+    for col, just in (("kernel", "left"), ("shape", "left"), ("ours ms", "right"), ("rate", "right"),
+                      ("other version", "right"), ("ours faster by", "right"), ("torch ms", "right"), ("ours / torch", "right")):
+        table.add_column(col, justify=just)
+    for r in result["kernels"]:
+        alt = f"{r['alt_version']} {r['alt_ms']:.3f} ms" if "alt_ms" in r else ""
+        speedup = f"{r['speedup_vs_alt']:.1f}x" if "alt_ms" in r else ""
+        torch_ms = f"{r['torch_ms']:.3f}" if "torch_ms" in r else ""
+        ratio = f"{r['ours_over_torch']:.2f}" if "torch_ms" in r else ""
+        table.add_row(r["kernel"], r["shape"], f"{r['ours_ms']:.3f}", f"{r['rate']:.1f} {r['unit']}",
+                      alt, speedup, torch_ms, ratio)
+    console.print(table)
+    sweep = Table(title="tile size sweep (GFLOP/s)")
+    sweep.add_column("tile", justify="right")
+    names = [k for k in result["tile_sweep"][0] if k != "tile"]
+    for name in names:
+        sweep.add_column(name, justify="right")
+    for row in result["tile_sweep"]:
+        sweep.add_row(f"{row['tile']}x{row['tile']}", *(f"{row[n]['rate']:.1f}" for n in names))
+    console.print(sweep)
+    fc = result["first_call"]
+    console.print(f"first call of {fc['kernel']}: {fc['first_call_s'] * 1e3:.1f} ms (JIT compile, or numba's on-disk "
+                  f"cache) vs {fc['steady_s'] * 1e3:.3f} ms steady state")
+    if not result["torch"]:
+        console.print("PyTorch with CUDA not found: no cuDNN/cuBLAS comparison (pip install torch).")
+
+
+# ---------------------------------------------------------------- experiments
+
+class SweepView:
+    """The live view of `minasgd experiment`: a bar over the runs and a line per run."""
+
+    def __init__(self, console):
+        self.console = console
+        columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        self.bars = Progress(*columns, console=console, transient=False)
+        self.bar = None
+
+    def __call__(self, event):
+        kind, say = event["kind"], self.bars.console.print
+        if kind == "sweep_start":
+            s = event["settings"]
+            self.console.print(f"[bold]experiment {s.name}[/]: {event['runs']} runs of {s.model} on {s.dataset} "
+                               f"({s.backend}), {s.epochs} epochs each, target test accuracy {s.target:.0%} "
+                               f"(test error {1 - s.target:.0%}) -> {event['exp_dir']}")
+            self.bars.start()
+            self.bar = self.bars.add_task("runs", total=event["runs"])
+        elif kind == "run_skipped":
+            say(f"  {event['name']}: done before, skipped", style="dim")
+        elif kind == "run_start":
+            self.bars.update(self.bar, description=f"run {event['name']}")
+        elif kind == "run_failed":
+            say(f"  [red]{event['name']} failed: {event['error']}[/]")
+        elif kind == "run_done":
+            hit, s = event["hit"], event["summary"]
+            reached = f"target at {hit['time']:.1f} s / {hit['images']:.0f} images" if hit else "target not reached"
+            say(f"  {event['name']}: test accuracy {s['test_accuracy']:.1%}, {reached}, "
+                f"{s['images_per_second']:.0f} images/s, {event['seconds']:.0f} s")
+        elif kind == "run_end":
+            self.bars.advance(self.bar)
+        elif kind == "sweep_end":
+            self.bars.update(self.bar, description="runs")
+            self.bars.stop()
+        elif kind == "no_plots":
+            self.console.print("[yellow]matplotlib is not installed: tables only, no plots "
+                               "(pip install -e \".[plot]\")[/]")
+
+
+def experiment_table(result, summary_columns, summary_cells):
+    """The summary table of a sweep (`minasgd.experiments.report` gives the columns and cells)."""
+    s = result["settings"]
+    table = Table(title=f"{result['experiment']}: target test error {1 - s['target']:.0%} "
+                        f"(mean ± std over seeds; projected = N independent devices)")
+    for _, short, _ in summary_columns:
+        table.add_column(short, justify="left" if short in ("group", "mode") else "right")
+    for row in summary_cells(result["summary"]):
+        table.add_row(*row)
+    return table
