@@ -9,6 +9,8 @@
     reduce       sums over batch (and pixels): bias gradients, the mean loss
     softmax      softmax + cross-entropy: one thread per row, max-subtracted
     optim        SGD with momentum and weight decay over the flat parameter vector
+    racecheck    a race checker for the CUDA simulator (missing atomics, missing syncthreads)
+    resources    every kernel compiled offline for real GPUs: registers, shared memory, occupancy
     shapes       output shapes and input checks (pure Python; the backends and layers use them too)
     dropout_hash the dropout mask's uint32 hash in NumPy (the kernel's twin; the reference uses it)
 
@@ -24,7 +26,9 @@ each module's `if __name__ == "__main__":` block only calls it.
 Each module has the same layout: the kernels (naive first, then optimized), then the host
 launchers that pick the grid and block, then the public functions that `minasgd.backends.cuda_backend`
 calls. Public functions take numba device arrays and an optional `out=` buffer (tests pre-fill
-it with NaN so that any element a kernel forgets to write fails the comparison).
+it with NaN so that any element a kernel forgets to write fails the comparison). Each module also
+declares, in `signatures()`, the argument types and block sizes its launchers use, so that every
+kernel is compiled for real GPUs without one (`resources`, tests/test_compile_kernels.py).
 
 Kernels are float32 throughout: constants are written `float32(0.5)`, never `0.5`, because a
 Python float literal promotes the arithmetic to float64. Set `NUMBA_ENABLE_CUDASIM=1` before

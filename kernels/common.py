@@ -8,9 +8,10 @@ every thread as a Python thread, ~0.2 ms each) just two small blocks.
 
 import math
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
-from numba import config, cuda
+from numba import config, cuda, types
 
 SIM = bool(config.ENABLE_CUDASIM)
 
@@ -21,6 +22,39 @@ MAX_BLOCKS = 2 if SIM else 2048
 if SIM:
     # The simulator computes uint32 hashes with NumPy scalars, which warn when they wrap (on purpose).
     warnings.filterwarnings("ignore", "overflow encountered", RuntimeWarning)
+
+
+def bounded(threads):
+    """cuda.jit options promising the compiler at most `threads` threads per block (CUDA's
+    __launch_bounds__), so it keeps registers x threads within the 65,536-register file: a 32 x 32
+    tile is 1,024 threads, which allows at most 64 registers each. (The simulator takes no such option.)
+    """
+    return {} if SIM else {"launch_bounds": threads}
+
+
+# Tile sizes (a tile x tile thread block) of the tiled kernels that the code and the benchmarks use.
+TILES = (8, 16, 32)
+
+
+@dataclass(frozen=True)
+class Signature:
+    """One way a launcher launches a kernel: the offline compile check (tests/test_compile_kernels.py)
+    compiles every one of these for real GPUs, and `minasgd bench kernels --static` reports them.
+    A test on the simulator checks that the launchers pass exactly these argument types.
+    """
+
+    name: str  # row label: the kernel's name, plus the tile for a tiled kernel
+    version: str  # "v1 naive", "v2 tiled", ...
+    kernel: object  # the cuda.jit dispatcher
+    argtypes: tuple  # numba types, as the launcher passes them
+    threads: int  # threads per block the launcher uses on a GPU
+
+
+# Argument types as launchers pass them: C-contiguous float32 arrays (1-D to 4-D), int32 arrays,
+# Python ints (int64 in numba), NumPy float32 / uint32 scalars and bools.
+F1, F2, F3, F4 = (types.float32[::1], types.float32[:, ::1], types.float32[:, :, ::1], types.float32[:, :, :, ::1])
+I1, I4 = types.int32[::1], types.int32[:, :, :, ::1]
+INT, F32, U32, BOOL = types.int64, types.float32, types.uint32, types.boolean
 
 
 def grid_1d(n, threads=THREADS):

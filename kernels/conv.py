@@ -37,7 +37,7 @@ import functools
 from numba import cuda, float32
 
 from . import reduce, shapes
-from .common import MAX_BLOCKS, SIM, ceil_div, grid_1d, output
+from .common import F1, F2, F4, INT, MAX_BLOCKS, SIM, THREADS, TILES, Signature, bounded, ceil_div, grid_1d, output
 from .elementwise import fill
 
 TILE = 16  # the implicit-GEMM tile: 16 x 16 = 256 threads per block
@@ -76,7 +76,7 @@ def conv2d_forward_naive(x, w, b, y, stride, pad):
 def forward_tiled_kernel(tile):
     """Build the implicit-GEMM forward kernel for a tile x tile thread block."""
 
-    @cuda.jit(cache=True)
+    @cuda.jit(cache=True, **bounded(tile * tile))
     def conv2d_forward_tiled(x, w2, b, y, stride, pad, r_, s_):
         """Y[k, j] = sum_t W[k, t] X[t, j] by tiles. w2 is w viewed as (K, C*R*S).
 
@@ -217,7 +217,7 @@ def conv2d_backward_data_gather(dy, w, dx, stride, pad):
 def backward_filter_tiled_kernel(tile):
     """Build the split-K implicit-GEMM filter-gradient kernel for a tile x tile thread block."""
 
-    @cuda.jit(cache=True)
+    @cuda.jit(cache=True, **bounded(tile * tile))
     def conv2d_backward_filter_tiled(x, dy, dw2, stride, pad, r_, s_, chunk):
         """dW[k, t] += sum_{j in this block's chunk} dY[k, j] X[t, j]; dw2 is dw viewed as (K, C*R*S).
 
@@ -314,6 +314,27 @@ def launch_backward_filter(x, dy, dw, stride, pad, tile=TILE, splits=None):
     grid = (ceil_div(c * r * s, tile), ceil_div(k, tile), ceil_div(j_dim, chunk))
     dw2 = dw.reshape(k, c * r * s)
     backward_filter_tiled_kernel(tile)[grid, (tile, tile)](x, dy, dw2, stride, pad, r, s, chunk)
+
+
+def signatures():
+    """What the launchers above pass (see `common.Signature`), for every tile size in use."""
+    sigs = [
+        Signature("conv2d_forward_naive", "v1 naive", conv2d_forward_naive, (F4, F4, F1, F4, INT, INT), THREADS),
+        Signature("conv2d_backward_data_naive", "v1 naive", conv2d_backward_data_naive,
+                  (F4, F4, F4, INT, INT), THREADS),
+        Signature("conv2d_backward_data_gather", "v2 gather", conv2d_backward_data_gather,
+                  (F4, F4, F4, INT, INT), THREADS),
+        Signature("conv2d_backward_filter_naive", "v1 naive", conv2d_backward_filter_naive,
+                  (F4, F4, F4, INT, INT), THREADS),
+    ]
+    for t in TILES:
+        sigs += [
+            Signature(f"conv2d_forward_tiled {t}x{t}", "v2 tiled", forward_tiled_kernel(t),
+                      (F4, F2, F1, F4, INT, INT, INT, INT), t * t),
+            Signature(f"conv2d_backward_filter_tiled {t}x{t}", "v2 tiled split-K", backward_filter_tiled_kernel(t),
+                      (F4, F4, F2, INT, INT, INT, INT, INT), t * t),
+        ]
+    return sigs
 
 
 # ---------------------------------------------------------------- public functions

@@ -17,7 +17,7 @@ from numba import cuda, float32, uint32
 
 from . import dropout_hash, shapes
 
-from .common import flat, grid_1d, output
+from .common import F1, F32, THREADS, U32, Signature, flat, grid_1d, output
 
 GOLDEN = uint32(dropout_hash.GOLDEN)
 MUL1 = uint32(dropout_hash.MUL1)
@@ -110,6 +110,16 @@ def launch_dropout(x, y, p, seed):
     scale = np.float32(1.0 / (1.0 - p))
     blocks, threads = grid_1d(x.size)
     dropout_kernel[blocks, threads](flat(x), flat(y), np.uint32(seed & 0xFFFFFFFF), threshold, scale)
+
+
+def signatures():
+    """What the launchers above pass (see `common.Signature`)."""
+    return [
+        Signature("fill_kernel", "v1", fill_kernel, (F1, F32), THREADS),
+        Signature("relu_forward_kernel", "v1", relu_forward_kernel, (F1, F1), THREADS),
+        Signature("relu_backward_kernel", "v1", relu_backward_kernel, (F1, F1, F1), THREADS),
+        Signature("dropout_kernel", "v1", dropout_kernel, (F1, F1, U32, U32, F32), THREADS),
+    ]
 
 
 # ---------------------------------------------------------------- public functions

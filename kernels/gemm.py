@@ -29,7 +29,7 @@ import functools
 
 from numba import cuda, float32
 
-from .common import grid_1d, output
+from .common import BOOL, F1, F2, THREADS, TILES, Signature, grid_1d, output
 
 TILE = 16  # 16 x 16 = 256 threads per block
 
@@ -61,7 +61,6 @@ def tiled_kernel(tile, pad=0):
     """Build the shared-memory tiled GEMM for a tile x tile thread block (v2; pad=1: v3, rows tile + 1 long)."""
     width = tile + pad  # row length of the shared tiles; columns tile .. width-1 are never used
 
-    @cuda.jit(cache=True)
     def gemm_tiled(a, b, c, trans_a, trans_b, bias, has_bias):
         """C = op(A) op(B) (+ bias) by tiles. Block (bx, by) owns C[by*T : by*T+T, bx*T : bx*T+T];
         thread (tx, ty) computes C[row, col] with row = by*T + ty, col = bx*T + tx.
@@ -107,7 +106,9 @@ def tiled_kernel(tile, pad=0):
             c[row, col] = acc
         # END SOLUTION
 
-    return gemm_tiled
+    if pad:  # v3 under its own name: the race checker, the compile table and profilers tell them apart
+        gemm_tiled.__name__ = gemm_tiled.__qualname__ = "gemm_tiled_padded"
+    return cuda.jit(cache=True)(gemm_tiled)
 
 
 # ---------------------------------------------------------------- launchers
@@ -126,6 +127,14 @@ def launch_tiled(a, b, c, trans_a, trans_b, bias, tile=TILE, pad=0):
 def _bias_arg(bias, c):
     # Kernels always take a 1-D bias array; without a bias, pass a row of C itself (never read).
     return bias if bias is not None else c[0]
+
+
+def signatures():
+    """What the launchers above pass (see `common.Signature`), for every tile size in use."""
+    args = (F2, F2, F2, BOOL, BOOL, F1, BOOL)
+    return [Signature("gemm_naive", "v1 naive", gemm_naive, args, THREADS)] + [
+        Signature(f"gemm_tiled {t}x{t}", "v2 tiled", tiled_kernel(t), args, t * t) for t in TILES
+    ] + [Signature(f"gemm_tiled_padded {t}x{t}", "v3 tiled_padded", tiled_kernel(t, 1), args, t * t) for t in TILES]
 
 
 # ---------------------------------------------------------------- public functions

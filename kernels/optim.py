@@ -15,7 +15,7 @@ from numba import cuda
 
 from . import shapes
 
-from .common import flat, grid_1d
+from .common import F1, F32, THREADS, Signature, flat, grid_1d
 
 
 # ---------------------------------------------------------------- kernels
@@ -52,6 +52,14 @@ def launch_sgd(w, g, v, lr, momentum, weight_decay):
 def launch_axpy(y, a, x):
     blocks, threads = grid_1d(y.size)
     axpy_kernel[blocks, threads](flat(y), np.float32(a), flat(x))
+
+
+def signatures():
+    """What the launchers above pass (see `common.Signature`)."""
+    return [
+        Signature("sgd_momentum_kernel", "v1", sgd_momentum_kernel, (F1, F1, F1, F32, F32, F32), THREADS),
+        Signature("axpy_kernel", "v1", axpy_kernel, (F1, F32, F1), THREADS),
+    ]
 
 
 # ---------------------------------------------------------------- public functions

@@ -22,7 +22,7 @@ from numba import cuda, float32
 
 from . import shapes
 
-from .common import grid_1d, output
+from .common import F4, I4, INT, THREADS, Signature, grid_1d, output
 from .elementwise import fill
 
 
@@ -119,6 +119,17 @@ def launch_backward_scatter(dy, argmax, dx):
 def launch_backward_gather(dy, argmax, dx, size, stride):
     blocks, threads = grid_1d(dx.size)
     maxpool2d_backward_gather_kernel[blocks, threads](dy, argmax, dx, size, stride)
+
+
+def signatures():
+    """What the launchers above pass (see `common.Signature`)."""
+    return [
+        Signature("maxpool2d_forward_kernel", "v1", maxpool2d_forward_kernel, (F4, F4, I4, INT, INT), THREADS),
+        Signature("maxpool2d_backward_scatter_kernel", "v1 scatter", maxpool2d_backward_scatter_kernel,
+                  (F4, I4, F4), THREADS),
+        Signature("maxpool2d_backward_gather_kernel", "v2 gather", maxpool2d_backward_gather_kernel,
+                  (F4, I4, F4, INT, INT), THREADS),
+    ]
 
 
 # ---------------------------------------------------------------- public functions

@@ -19,7 +19,7 @@ The same kernel serves three callers by viewing their input as (N, K, L):
 import numpy as np
 from numba import cuda, float32
 
-from .common import MAX_BLOCKS, THREADS, output
+from .common import F1, F3, F32, MAX_BLOCKS, THREADS, Signature, output
 from .elementwise import fill
 
 BLOCK = THREADS  # threads per block, a power of two (a compile-time constant for the shared array)
@@ -85,6 +85,12 @@ def launch_block_sum(x, out, blocks):
 def launch_sum_over_batch(x3, out, scale):
     blocks = max(1, min(x3.shape[1], MAX_BLOCKS))
     sum_over_batch_kernel[blocks, BLOCK](x3, out, np.float32(scale))
+
+
+def signatures():
+    """What the launcher above passes (see `common.Signature`)."""
+    return [Signature("sum_over_batch_kernel", "v1", sum_over_batch_kernel, (F3, F1, F32), BLOCK),
+            Signature("block_sum_kernel", "v1 tree + atomic", block_sum_kernel, (F1, F1), BLOCK)]
 
 
 # ---------------------------------------------------------------- public functions

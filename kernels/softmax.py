@@ -20,7 +20,7 @@ import numpy as np
 from numba import cuda, float32
 
 from . import reduce, shapes
-from .common import grid_1d, is_device_array, output
+from .common import F1, F2, I1, THREADS, Signature, grid_1d, is_device_array, output
 
 
 # ---------------------------------------------------------------- kernels
@@ -60,6 +60,11 @@ def softmax_xent_kernel(logits, labels, dlogits, row_loss):
 def launch_softmax_xent(logits, labels, dlogits, row_loss):
     blocks, threads = grid_1d(logits.shape[0])
     softmax_xent_kernel[blocks, threads](logits, labels, dlogits, row_loss)
+
+
+def signatures():
+    """What the launcher above passes (see `common.Signature`)."""
+    return [Signature("softmax_xent_kernel", "v1", softmax_xent_kernel, (F2, I1, F2, F1), THREADS)]
 
 
 # ---------------------------------------------------------------- public functions

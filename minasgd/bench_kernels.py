@@ -14,6 +14,11 @@ against its steady state.
 
 Timings need a real NVIDIA GPU. Under the CUDA simulator, or without a GPU, `run` returns one
 line saying so and times nothing: simulator timings are meaningless.
+
+`minasgd bench kernels --static` needs no GPU: every kernel and version, compiled offline for
+sm_80 (A100) and sm_90 (H100) (see `minasgd.kernels.resources`): registers per thread, static
+shared memory, spills, the block size its launcher uses, and the theoretical occupancy those
+allow. docs/gpu.md explains the numbers and which kernel is limited by what.
 """
 
 import time
@@ -246,10 +251,12 @@ def first_call_vs_steady(cases):
 SWEPT = ("conv2 forward", "fc1 forward y = x w^T + b")
 
 
-def tile_sweep(tiles=(8, 16, 32), model=MODEL, batch=BATCH):
+def tile_sweep(tiles=None, model=MODEL, batch=BATCH):
     """The SWEPT kernels with tile x tile thread blocks, for each tile size."""
+    from minasgd.kernels.common import TILES
+
     rows = []
-    for tile in tiles:
+    for tile in tiles or TILES:  # the compile check covers exactly these tile sizes
         row = {"tile": tile}
         for case in build_cases(model, batch, tile=tile):
             if case.name in SWEPT:
@@ -279,6 +286,40 @@ def no_gpu_reason():
         return "GPU timings need a real NVIDIA GPU, and numba sees none here; nothing was timed."
     return None
 
+
+# ---------------------------------------------------------------- static: what the hardware sees
+
+STATIC_ARCHS = ("sm_80", "sm_90")
+PER_ARCH = ("registers", "smem", "spill_stores", "spill_loads", "f64", "blocks_per_sm", "active_warps",
+            "max_warps", "occupancy", "limit", "error")
+
+
+def static_rows(archs=STATIC_ARCHS):
+    """One row per kernel and version (and tile size): threads per block, and per arch the
+    registers, static shared memory, spills, float64 instructions and theoretical occupancy.
+    Compiles offline (no GPU needed; NVVM and ptxas are: raises `resources.ToolchainMissing`)."""
+    from minasgd.kernels import resources
+
+    rows = {}
+    for r in resources.report(archs):
+        row = rows.setdefault(r["name"], {"kernel": r["name"], "version": r["version"], "threads": r["threads"],
+                                          "argtypes": r["argtypes"], "archs": {}})
+        row["archs"][r["arch"]] = {k: r[k] for k in PER_ARCH if k in r}
+    return list(rows.values())
+
+
+def static_result():
+    """`--static`: {"archs", "kernels": static_rows()}, or {"skipped": why} without the offline compiler.
+    `minasgd.dashboard.show_kernel_static` draws it."""
+    from minasgd.kernels import resources
+
+    try:
+        return {"archs": list(STATIC_ARCHS), "kernels": static_rows()}
+    except resources.ToolchainMissing as e:
+        return {"skipped": str(e)}
+
+
+# ---------------------------------------------------------------- run
 
 def run(backend_device=None):
     """Time every kernel (see the module docstring); returns the results as a JSON-able dict

@@ -13,6 +13,7 @@ the same with no terminal at all (a test, a notebook, an MPI rank).
 from rich.console import Console
 from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -165,7 +166,7 @@ def show_bench_step(result, console):
 def show_bench_kernels(result, console):
     """`minasgd bench kernels`: every kernel's time and rate, the tile sweep, the first call."""
     if "skipped" in result:
-        console.print(result["skipped"], highlight=False, soft_wrap=True)
+        console.print(result["skipped"], highlight=False, soft_wrap=True, markup=False)
         return
     table = Table(title=f"minasgd kernels on {result['device']}, alexnet-mini, batch {result['batch']}")
     for col, just in (("kernel", "left"), ("shape", "left"), ("ours ms", "right"), ("rate", "right"),
@@ -245,3 +246,45 @@ def experiment_table(result, summary_columns, summary_cells):
     for row in summary_cells(result["summary"]):
         table.add_row(*row)
     return table
+
+
+SHORT_LIMIT = {"blocks": "blocks", "warps": "warps", "registers": "regs", "smem": "smem"}
+
+
+def show_kernel_static(result, console):
+    """`minasgd bench kernels --static`: registers, shared memory, spills and occupancy per kernel."""
+    if "skipped" in result:
+        console.print(result["skipped"], highlight=False, soft_wrap=True, markup=False)
+        return
+    archs = result["archs"]
+    table = Table(title="minasgd kernels as the hardware sees them (compiled offline, no GPU needed)")
+    for col in ("kernel", "version", "threads"):
+        table.add_column(col, justify="right" if col == "threads" else "left", overflow="fold")
+    for arch in archs:
+        table.add_column(f"regs {arch}", justify="right")
+    for col in ("smem", "spills", "f64"):
+        table.add_column(col, justify="right")
+    for arch in archs:
+        table.add_column(f"occupancy {arch}", justify="right")
+    for row in result["kernels"]:
+        per = [row["archs"][a] for a in archs]
+        if any("error" in p for p in per):
+            table.add_row(row["kernel"], row["version"], str(row["threads"]),
+                          *["[red]error[/]"] * (2 * len(archs) + 3))
+            continue
+        spills = max(p["spill_stores"] + p["spill_loads"] for p in per)
+        f64 = max(p["f64"] for p in per)
+        table.add_row(
+            row["kernel"], row["version"], str(row["threads"]),
+            *(str(p["registers"]) for p in per),
+            f"{per[0]['smem'] / 1024:.1f} KB" if per[0]["smem"] else "0",
+            f"[red]{spills} B[/]" if spills else "0",
+            f"[red]{f64}[/]" if f64 else "0",
+            *(f"{p['occupancy']:.0%} {SHORT_LIMIT[p['limit']]}" for p in per))
+    console.print(table)
+    console.print("occupancy: resident warps per SM / the maximum 64, limited by: blocks (32 blocks per SM), "
+                  "warps (64 per SM), regs (the 65,536-register file) or smem (shared memory). See docs/gpu.md.")
+    for row in result["kernels"]:
+        for arch, p in row["archs"].items():
+            if "error" in p:
+                console.print(f"[red]{row['kernel']} on {arch}: {escape(p['error'])}[/]")

@@ -23,6 +23,10 @@ class SGD:
     def state(self):
         return {"velocity": np.asarray(self.be.to_numpy(self.velocity))}
 
+    def load_state(self, state):
+        """Restore what `state()` returned (a resumed run continues with the same velocity)."""
+        self.velocity = self.be.asarray(_vector(state, "velocity", self.velocity.size))
+
 
 class Adagrad:
     """Adagrad (Duchi et al. 2011): each parameter's step shrinks with its summed squared gradients."""
@@ -38,6 +42,20 @@ class Adagrad:
 
     def state(self):
         return {"sum_sq": self.sum_sq.copy()}
+
+    def load_state(self, state):
+        """Restore what `state()` returned."""
+        self.sum_sq = _vector(state, "sum_sq", self.sum_sq.size).copy()
+
+
+def _vector(state, key, size):
+    """state[key] as float32[size]; ValueError (one line) if it is missing or has another shape."""
+    if key not in state:
+        raise ValueError(f"optimizer state has no {key!r} (it has {sorted(state)})")
+    v = np.asarray(state[key])
+    if v.shape != (size,) or v.dtype.kind != "f":
+        raise ValueError(f"optimizer state {key!r} is {v.dtype}{list(v.shape)}, expected float32[{size}]")
+    return np.ascontiguousarray(v, dtype=np.float32)
 
 
 def learning_rate(step, total_steps, base_lr, warmup_steps=0):

@@ -1,7 +1,8 @@
 """The run directory every training run writes.
 
     metrics.jsonl   one JSON object per logged step or epoch ({"kind": "step" | "epoch", ...})
-    model.npz       the flat parameter vector + model name and fingerprint (atomic write)
+    model.npz       the flat parameter vector + model name and fingerprint (atomic write); a parameter
+                    server's also holds its full state for `--resume` (docs/checkpoint.md)
     summary.json    final numbers: test_accuracy, test_loss, epochs, steps, wall_seconds, images_per_second, ...
 """
 
@@ -18,6 +19,11 @@ def default_run_dir(prefix="train"):
 
 
 class RunDir:
+    @staticmethod
+    def model_path_in(path):
+        """Where a run directory keeps its checkpoint (without creating anything)."""
+        return Path(path) / "model.npz"
+
     def __init__(self, path):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)

@@ -148,7 +148,7 @@ CONVERSATION = textwrap.dedent("""
     else:
         client = MpiClient(comm, timeout=20)
         assert client.server_hello["num_params"] == N and client.shard is None
-        config = client.hello(FP, {"name": f"hand {rank}"})
+        config = client.hello(FP, {"name": f"hand {rank}", "npush": 3})
         params = np.zeros(N, np.float32)
         version = client.fetch_into(params)
         assert np.allclose(params, np.arange(N) / N), "fetched parameters differ"
@@ -196,3 +196,22 @@ def test_bench_ps_compares_mpi_with_the_socket(tmp_path, env):
         assert r["mpi"] > 0 and r["raw_mpi"] > 0 and r["ours"] > 0 and r["raw"] > 0
         assert r["mpi_vs_socket"] == pytest.approx(r["mpi"] / r["ours"])
         assert np.isfinite(r["mpi_mb_per_second"])
+
+
+# Issue 13, case 1: one STATS with a 400-digit integer must get ERROR, not stop the server.
+HOSTILE = (CONVERSATION
+           .replace("client.push(np.ones(N + 1, np.float32), version)", "client.stats({'loss': 10**400})")
+           .replace("a wrong-size push was accepted", "a 400-digit stat was accepted")
+           .replace("1001 float32, more than the 1000 allowed", "out of range"))
+
+
+@needs_mpi
+def test_a_hostile_stats_gets_error_and_the_server_goes_on(tmp_path, env):
+    assert HOSTILE != CONVERSATION
+    script = tmp_path / "hostile.py"
+    script.write_text(HOSTILE)
+    done = mpiexec(3, [script], env, tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+    assert result["pushes"] == 1 and result["rejected"] == 1 and result["moved"] == pytest.approx([0.1, 0.1])
+    assert result["ended"][1].startswith("rejected: STATS field 'loss' is out of range"), result["ended"]

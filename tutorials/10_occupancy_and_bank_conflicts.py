@@ -10,7 +10,7 @@
 # one-column fix that gives `kernels/gemm.py` its third version, `tiled_padded`.
 #
 # Files: `kernels/gemm.py` (v2 `tiled`, v3 `tiled_padded`), `kernels/reduce.py`.
-# Run: `python tutorials/10_occupancy_and_bank_conflicts.py` (about 15 s on the simulator).
+# Run: `python tutorials/10_occupancy_and_bank_conflicts.py` (about 20 s on the simulator).
 
 # %%
 import os
@@ -37,9 +37,12 @@ rng = np.random.default_rng(0)
 #
 # Registers are decided by the compiler, not by us. `numba.cuda.compile_ptx(kernel.py_func,
 # argument types, cc=(9, 0))` turns a kernel into PTX without a GPU, and NVIDIA's assembler
-# `ptxas -arch=sm_90 -v` (in the `numba-cuda[cu12]` wheels) prints what each kernel uses.
-# These lines were measured that way (numba-cuda 0.30.4, CUDA 12.9, sm_90 = H100); shared
-# memory is also easy to check by hand: two tiles of T x W float32, W = T (v2) or T + 1 (v3).
+# `ptxas -arch=sm_90 -v` prints what each kernel uses (`kernels/resources.py` does both for
+# every kernel; `minasgd bench kernels --static` prints the whole table; it needs
+# `pip install -e ".[gpu-compile]"`). These lines were measured that way (numba-cuda 0.30.4,
+# CUDA 12.9, sm_90 = H100); shared memory is also easy to check by hand: two tiles of T x W
+# float32, W = T (v2) or T + 1 (v3). Outside FAST mode, the cell below compiles them again
+# when the toolchain is installed, and uses what it finds.
 #
 #     kernel                       threads/block  registers/thread  shared memory/block
 #     gemm naive                        256              32                  0
@@ -58,6 +61,24 @@ USAGE = {  # name: (threads per block, registers per thread, shared bytes per bl
     "gemm tiled_padded T=32": (1024, 46, 2 * 32 * 33 * 4),
     "reduce block_sum": (256, 28, 256 * 4),
 }
+COMPILED_AS = {  # our names -> the compile table's (kernels/*.py signatures())
+    "gemm naive": "gemm_naive", "gemm tiled T=16": "gemm_tiled 16x16", "gemm tiled_padded T=16": "gemm_tiled_padded 16x16",
+    "gemm tiled T=32": "gemm_tiled 32x32", "gemm tiled_padded T=32": "gemm_tiled_padded 32x32",
+    "reduce block_sum": "block_sum_kernel",
+}
+if not C.FAST:  # compiling every kernel takes a while: not in the test suite's FAST runs
+    try:
+        from minasgd.kernels import resources
+
+        rows = {r["name"]: r for r in resources.report(("sm_90",)) if "error" not in r}
+        for ours, theirs in COMPILED_AS.items():
+            if theirs in rows:
+                USAGE[ours] = (rows[theirs]["threads"], rows[theirs]["registers"], rows[theirs]["smem"])
+        print("registers and shared memory: compiled just now for sm_90 (ptxas -v)")
+    except Exception as e:  # noqa: BLE001 - no toolchain (or no resources module): use the quoted numbers
+        print(f"registers and shared memory: the numbers quoted above ({str(e).splitlines()[0][:100]})")
+for name, (threads, regs, smem) in USAGE.items():
+    print(f"  {name:24} {threads:5} threads  {regs:3} registers  {smem:6,} B shared")
 
 # %% [markdown]
 # ## 2. Occupancy on an H100

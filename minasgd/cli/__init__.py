@@ -26,6 +26,7 @@ import argparse
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 
 from . import assignment, bench, datasets, experiment, train
 from .train import add_train_arguments as _add_train_arguments  # noqa: F401  (ps/cli.py, until it moves here)
@@ -89,7 +90,8 @@ def main(argv=None):
     try:
         return args.func(args, console)
     except (DatasetError, CheckpointError, BackendError, ValueError, FloatingPointError, OSError) as e:
-        console.print(f"[red]minasgd {args.command}: {e}[/]", highlight=False, soft_wrap=True)
+        # escape: the message may quote a peer (a server's ERROR), never to be read as markup
+        console.print(f"[red]minasgd {args.command}: {escape(str(e))}[/]", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")

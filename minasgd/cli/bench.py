@@ -11,6 +11,9 @@ def add_arguments(p):
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--gpu", type=int, default=None)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--static", action="store_true",
+                   help="bench kernels: registers, shared memory, spills and occupancy of every kernel, "
+                        "compiled offline for sm_80 and sm_90 (no GPU needed)")
 
 
 def cmd_bench(args, console):
@@ -32,6 +35,15 @@ def cmd_bench(args, console):
     if args.what == "kernels":
         from .. import bench_kernels
 
+        if args.static:
+            result = bench_kernels.static_result()
+            if args.json:
+                print(json.dumps(result, indent=2))
+            else:
+                from ..dashboard import show_kernel_static
+
+                show_kernel_static(result, console)
+            return 2 if "skipped" in result else 0
         result = bench_kernels.run(backend_device=args.gpu)
         if args.json:
             print(json.dumps(result, indent=2) if "skipped" not in result else json.dumps(result))

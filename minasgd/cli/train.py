@@ -49,6 +49,8 @@ def cmd_train(args, console):
     # One process unless workers are asked for (or this is a rank of an MPI job).
     cfg = train_config(args)
     if args.workers == 0 or (args.workers is None and args.transport == "tcp"):
+        if getattr(args, "resume", None):
+            raise ValueError("--resume continues a parameter-server run: give --workers N too")
         from ..dashboard import TrainProgress
         from ..train import train
 

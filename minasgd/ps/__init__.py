@@ -16,5 +16,6 @@ Read it in this order; each module does one job:
     monitor.py    test accuracy, metrics.jsonl, checkpoints and the live dashboard
     launcher.py   `minasgd train --workers N`: the server here, N spawned worker processes
     cli.py        the `train --workers` / `serve` / `work` command lines
-    bench.py      `minasgd bench ps`: goodput vs a raw socket, and the workers speed-up
+    bench.py      `minasgd bench ps`: goodput vs a raw socket, the workers speed-up, and
+                  (--hostile) the workers' rate while another process attacks the server
 """

@@ -8,6 +8,8 @@
    `mpiexec -n 2` started here) and through bare MPI Send/Recv, and the table adds MPI / socket.
 2. Speed-up: images/s and the time to reach `--target` test accuracy for `--workers-list`
    (default 1,2,4) on the shapes dataset, with single-process training as the first row.
+3. `--hostile`: the push+fetch rate of N real workers, undisturbed and while a second process
+   holds M idle connections and sends K malformed frames, as a ratio measured in one run.
 """
 
 import json
@@ -199,6 +201,8 @@ def speedup(args, console):
 # ------------------------------------------------------------------ the command
 
 def run(args, console):
+    if getattr(args, "hostile", False):
+        return run_hostile(args, console)
     n = Model(args.model, backends.get("numpy")).num_params
     mb = 4 * n / 1e6
     seconds = getattr(args, "seconds", 1.5)
@@ -263,3 +267,178 @@ def report(result, console):
                       "-" if row["seconds_to_target"] is None else f"{row['seconds_to_target']:.0f} s",
                       str(row["pushes"] or "-"), "-" if mean is None else f"{mean:.2f}")
     console.print(table)
+
+
+# ------------------------------------------------------------------ under attack (--hostile)
+
+def _raise_fd_limit(wanted):
+    """Raise this process's soft limit on open files towards `wanted` (up to the hard limit)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _hostile_ps_process(n, port_queue, stop_event, max_connections):
+    """Our server (default settings but the connection cap) in its own process, until `stop_event`."""
+    from .server import ParameterServer
+    from .tcp import TcpServer, listen
+
+    _raise_fd_limit(max_connections + 64)
+    ps = ParameterServer(np.zeros(n, np.float32), model_name="bench", fingerprint="bench", total_steps=10**12,
+                         lr=1e-6, momentum=0.9)
+    tcp = TcpServer(ps, listen("127.0.0.1", 0), max_connections=max_connections).start()
+    port_queue.put(tcp.address[1])
+    stop_event.wait()
+    tcp.close()
+
+
+def _bench_worker(port, n, counter, stop_event):
+    """A worker doing push+fetch round trips as fast as it can; `counter` counts them."""
+    from .tcp import TcpClient
+
+    grad, params = np.full(n, 1e-3, np.float32), np.empty(n, np.float32)
+    client = TcpClient(("127.0.0.1", port), timeout=60)
+    client.hello("bench", {"name": f"bench worker {os.getpid()}"})
+    version = client.fetch_into(params)
+    while not stop_event.is_set():
+        version = client.push(grad, version, 1)["version"]
+        client.fetch_into(params)
+        with counter.get_lock():
+            counter.value += 1
+    client.close("bench over")
+
+
+MALFORMED = [  # what an attacker sends instead of a HELLO (after reading the server's)
+    b"\x00" * 32,
+    b"EVIL" + b"\x00" * 28,
+    b"MASG\x01\x01\x00\x00" + (2**62).to_bytes(8, "little") + b"\x00" * 16,  # a huge HELLO
+    b"MASG\x01\x01\x00\x00" + (100).to_bytes(8, "little") + b"\x00" * 16 + b"{",  # truncated
+    b"MASG\x01\x01\x00\x00" + (30_000).to_bytes(8, "little") + b"\x00" * 16 + b"[" * 30_000,  # deep JSON
+    b"MASG\x01\x01\x00\x00" + (12).to_bytes(8, "little") + b"\x00" * 16 + b"\x80\x04\x95pickle!!",
+]
+
+
+def _attacker(port, idle, malformed, seconds, commands, replies):
+    """On "open": open `idle` connections that never speak, answer, then send `malformed` bad
+    frames (each on its own connection) spread over `seconds`. On "close": close them all."""
+    _raise_fd_limit(idle + 64)
+    held = []
+    for command in iter(commands.get, "stop"):
+        if command == "close":
+            for sock in held:
+                sock.close()
+            held = []
+            replies.put("closed")
+            continue
+        refused = 0
+        for _ in range(idle):
+            try:
+                held.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            except OSError:
+                refused += 1
+        replies.put({"held": len(held), "refused_at_connect": refused})
+        answered, pause = 0, seconds / max(1, malformed)
+        for i in range(malformed):
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                    sock.recv(1 << 16)  # the server's HELLO (or a "server full" ERROR)
+                    sock.sendall(MALFORMED[i % len(MALFORMED)])
+                    sock.shutdown(socket.SHUT_WR)
+                    answered += bool(sock.recv(1 << 16))
+            except OSError:
+                pass
+            time.sleep(pause)
+        replies.put({"malformed_answered": answered})
+    for sock in held:
+        sock.close()
+
+
+def hostile(n, workers=2, idle=500, malformed=200, seconds=3.0, rounds=3):
+    """Push+fetch round trips/s of `workers` real workers, undisturbed and under attack (a second
+    process holding `idle` idle connections and sending `malformed` bad frames), alternating
+    `rounds` times in one run against one server process (so a busy machine's drift cancels).
+    Returns the rates and the ratio attack / undisturbed."""
+    import multiprocess
+
+    ctx = multiprocess.get_context("spawn")
+    port_queue, stop_server = ctx.Queue(), ctx.Event()
+    with blas_threads(1):
+        server = ctx.Process(target=_hostile_ps_process, args=(n, port_queue, stop_server, idle + workers + 16),
+                             daemon=True)
+        server.start()
+        port = port_queue.get(timeout=60)
+        counter, stop_workers = ctx.Value("q", 0), ctx.Event()
+        procs = [ctx.Process(target=_bench_worker, args=(port, n, counter, stop_workers), daemon=True)
+                 for _ in range(workers)]
+        for p in procs:
+            p.start()
+    commands, replies = ctx.Queue(), ctx.Queue()
+    attacker = ctx.Process(target=_attacker, args=(port, idle, malformed, seconds, commands, replies), daemon=True)
+    attacker.start()
+
+    def measure():
+        c0, t0 = counter.value, time.perf_counter()
+        time.sleep(seconds)
+        return counter.value - c0, time.perf_counter() - t0
+
+    calm, attacked, held, refused, answered = [0, 0.0], [0, 0.0], [], 0, 0
+    try:
+        deadline = time.monotonic() + 60
+        while counter.value < 10 * workers:  # all started
+            if time.monotonic() > deadline:
+                raise RuntimeError("the bench workers did not start")
+            time.sleep(0.05)
+        time.sleep(seconds)  # warm-up: caches, the server's first allocations
+        for _ in range(rounds):
+            count, dt = measure()
+            calm[0] += count
+            calm[1] += dt
+            commands.put("open")
+            opened = replies.get(timeout=120)
+            held.append(opened["held"])
+            refused += opened["refused_at_connect"]
+            count, dt = measure()
+            attacked[0] += count
+            attacked[1] += dt
+            answered += replies.get(timeout=120)["malformed_answered"]
+            commands.put("close")
+            replies.get(timeout=60)
+            time.sleep(0.2)  # the server notices the hang-ups
+    finally:
+        commands.put("stop")
+        stop_workers.set()
+        for p in procs:
+            p.join(timeout=10)
+        attacker.join(timeout=10)
+        stop_server.set()
+        server.join(timeout=10)
+        for p in [*procs, server, attacker]:
+            if p.is_alive():
+                p.terminate()
+    undisturbed, under_attack = calm[0] / calm[1], attacked[0] / attacked[1]
+    return {"workers": workers, "idle": idle, "malformed": malformed, "seconds": seconds, "rounds": rounds,
+            "rate_undisturbed": undisturbed, "rate_under_attack": under_attack, "ratio": under_attack / undisturbed,
+            "held": min(held), "refused_at_connect": refused, "malformed_sent": malformed * rounds,
+            "malformed_answered": answered}
+
+
+def run_hostile(args, console):
+    n = Model(args.model, backends.get("numpy")).num_params
+    result = {"model": args.model, "num_params": n,
+              **hostile(n, args.hostile_workers, args.idle, args.malformed, args.seconds, args.rounds)}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    console.print(
+        f"parameter server under attack: {result['workers']} workers doing push+fetch of {args.model} "
+        f"({n:,} float32) on loopback, {result['rounds']} x {result['seconds']:g} s each way, alternating\n"
+        f"  undisturbed   {result['rate_undisturbed']:.0f} round trips/s\n"
+        f"  under attack  {result['rate_under_attack']:.0f} round trips/s: {result['held']} idle connections held "
+        f"({result['refused_at_connect']} refused), {result['malformed_answered']}/{result['malformed_sent']} "
+        f"malformed frames answered with ERROR (a truncated one is just hung up on)\n"
+        f"  ratio         {result['ratio']:.0%} of the undisturbed rate (goal: >= 90%)", highlight=False)
+    return 0

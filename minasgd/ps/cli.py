@@ -4,6 +4,8 @@
     minasgd train                                  (no --workers: one process, no server)
     minasgd serve --bind 0.0.0.0:5555 --token T    a server alone, for workers on other machines
     minasgd work --server HOST:5555 --token T      one worker (--gpu N picks its GPU)
+    minasgd serve --resume RUN_DIR ...             restart a server that died, from its last checkpoint;
+                                                   its workers reconnect by themselves (--reconnect)
     mpiexec -n 3 minasgd train --transport mpi     the same over MPI: rank 0 serves, ranks 1..2 work
 
 The token may also come from the environment variable MINASGD_TOKEN, which keeps it out of the
@@ -39,6 +41,16 @@ def _add_server_arguments(p, bind_default, bind_help):
                    help="write model.npz this often, and at the end (default: %(default)s)")
     p.add_argument("--eval-every", type=float, default=D.eval_every, metavar="EPOCHS",
                    help="test accuracy of the server's parameters every this many epochs (default: %(default)s)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its model.npz: parameters, optimizer state, version, "
+                        "steps, schedule, statistics (give the run's other options again)")
+    p.add_argument("--max-connections", type=int, default=D.max_connections,
+                   help="connections at once; more are refused (default: %(default)s)")
+    p.add_argument("--handshake-timeout", type=float, default=D.handshake_timeout, metavar="SECONDS",
+                   help="a new connection must finish its HELLO within this (default: %(default)s)")
+    p.add_argument("--round-timeout", type=float, default=None, metavar="SECONDS",
+                   help="--sync: apply a round without the workers that have not pushed after this long "
+                        "(default: --timeout)")
 
 
 def add_train_arguments(p):
@@ -52,6 +64,8 @@ def add_train_arguments(p):
     p.add_argument("--nfetch", type=int, help="mini-batches between fetches (default: --nsync)")
     p.add_argument("--npush", type=int, help="mini-batches between pushes (default: --nsync)")
     _add_server_arguments(p, None, "the server's address (default: a free loopback port, printed at start)")
+    p.add_argument("--reconnect", type=float, default=D.reconnect, metavar="SECONDS",
+                   help="workers keep trying this long to reach a server that went away (default: %(default)s)")
 
 
 def add_serve_arguments(p):
@@ -78,6 +92,9 @@ def add_work_arguments(p):
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for a reply (default: %(default)s)")
     p.add_argument("--connect-timeout", type=float, default=30.0,
                    help="keep trying to connect for this many seconds (default: %(default)s)")
+    p.add_argument("--reconnect", type=float, default=D.reconnect, metavar="SECONDS",
+                   help="when the server goes away mid-run, keep trying to reconnect this long, with "
+                        "backoff (a server restarted with --resume); 0: exit at once (default: %(default)s)")
 
 
 def add_bench_arguments(p):
@@ -92,6 +109,16 @@ def add_bench_arguments(p):
                    help="bench ps: mpi also measures the MPI transport (it starts `mpiexec -n 2` itself) "
                         "next to the socket one (default: %(default)s)")
     p.add_argument("--seconds", type=float, default=1.5, help="bench ps: seconds per goodput measurement")
+    p.add_argument("--hostile", action="store_true",
+                   help="bench ps: the workers' push+fetch rate while another process holds --idle connections "
+                        "and sends --malformed bad frames, against the undisturbed rate")
+    p.add_argument("--hostile-workers", type=int, default=2,
+                   help="bench ps --hostile: real workers (default: %(default)s)")
+    p.add_argument("--idle", type=int, default=500, help="bench ps --hostile: idle connections (default: %(default)s)")
+    p.add_argument("--malformed", type=int, default=200,
+                   help="bench ps --hostile: malformed frames sent during each attack phase (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="bench ps --hostile: undisturbed/attack phase pairs, alternating (default: %(default)s)")
 
 
 def serve(args, console):
@@ -109,8 +136,9 @@ def work(args, console):
     index, sep, count = args.shard.partition("/")
     if not sep or not index.isdigit() or not count.isdigit() or not 1 <= int(index) <= int(count):
         raise ValueError(f"--shard wants I/N with 1 <= I <= N, got {args.shard!r}")
-    client = TcpClient(args.server, args.token, timeout=args.timeout, connect_timeout=args.connect_timeout)
-    console.print(f"connected to {args.server}: model {client.server_hello.get('model')}")
+    client = TcpClient(args.server, args.token, timeout=args.timeout, connect_timeout=args.connect_timeout,
+                       reconnect=args.reconnect)
+    console.print(f"connected to {args.server}: model {client.server_hello.get('model')}", markup=False)
     numbers = connect_and_train(client, backend=args.backend, gpu=args.gpu, model_name=args.model,
                                 shard_index=int(index) - 1, shard_count=int(count), data_root=args.data_root,
                                 nsync=args.nsync, nfetch=args.nfetch, npush=args.npush)

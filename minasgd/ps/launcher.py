@@ -28,8 +28,9 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
-from .. import backends
+from .. import backends, checkpoint
 from ..progress import TrainProgress
 from ..rundir import RunDir, default_run_dir
 from ..train import build_model, load_dataset, total_steps as count_steps
@@ -60,6 +61,11 @@ class PsOptions:
     timeout: float = 120.0  # seconds of silence before a worker is dropped
     checkpoint_every: float = 60.0  # seconds
     eval_every: float = 1.0  # epochs' worth of mini-batches between test evaluations
+    max_connections: int = 256  # connections at once; more are refused with ERROR
+    handshake_timeout: float = 10.0  # seconds, in total, a new connection has to finish HELLO
+    round_timeout: float | None = None  # sync: seconds a round waits for a worker (default: timeout)
+    reconnect: float = 60.0  # seconds a worker keeps trying to reach a server that went away
+    resume: str | None = None  # RUN_DIR: continue the run whose full-state model.npz is there
 
     @classmethod
     def from_args(cls, args):
@@ -80,27 +86,41 @@ def create_server(cfg, opts, model, train_size, run):
         lr=cfg.lr, warmup_steps=cfg.warmup_steps, optimizer=opts.optimizer, momentum=opts.server_momentum,
         sync=opts.sync, staleness_lr=opts.staleness_lr, expected_workers=opts.workers, checkpoint_path=run.model_path,
         checkpoint_every=opts.checkpoint_every,
+        round_timeout=opts.round_timeout if opts.round_timeout is not None else opts.timeout,
         worker_config={"model": model.name, "dataset": cfg.dataset, "batch_size": cfg.batch_size,
                        "nsync": opts.nsync, "weight_decay": cfg.weight_decay, "seed": cfg.seed,
                        "train_limit": cfg.train_limit})
+    if opts.resume:
+        resume_server(ps, opts.resume)
     return ps
+
+
+def resume_server(ps, run_dir):
+    """Load RUN_DIR/model.npz (a full-state checkpoint) into `ps`; one clear line if it cannot."""
+    path = RunDir.model_path_in(run_dir)
+    try:
+        ps.resume(checkpoint.load(path, expect_fingerprint=ps.fingerprint))
+    except (checkpoint.CheckpointError, ValueError) as e:
+        raise ValueError(f"--resume {run_dir}: {e}") from None
 
 
 def start_server(cfg, opts, model, train_size, run, listener):
     """Create the ParameterServer for this config and serve it on `listener`; returns (ps, tcp)."""
     ps = create_server(cfg, opts, model, train_size, run)
-    return ps, TcpServer(ps, listener, token=opts.token, timeout=opts.timeout).start()
+    return ps, TcpServer(ps, listener, token=opts.token, timeout=opts.timeout, max_connections=opts.max_connections,
+                         handshake_timeout=opts.handshake_timeout).start()
 
 
 # ------------------------------------------------------------------ the workers
 
-def worker_process(index, address, token, shard_x, shard_y, backend, gpu, nsync, nfetch, npush):
+def worker_process(index, address, token, shard_x, shard_y, backend, gpu, nsync, nfetch, npush, reconnect=0.0):
     """The body of one worker process: connect, train, exit 0 (or 1 with a one-line error)."""
     from .tcp import ServerError, TcpClient
     from .worker import connect_and_train
 
     try:
-        client = TcpClient(address, token)
+        client = TcpClient(address, token, reconnect=reconnect,
+                           say=lambda text: print(f"minasgd worker {index + 1}: {text}", file=sys.stderr, flush=True))
         connect_and_train(client, backend=backend, gpu=gpu, shard=(shard_x, shard_y), nsync=nsync,
                           nfetch=nfetch, npush=npush, name=f"pid {os.getpid()}")
     except KeyboardInterrupt:
@@ -170,7 +190,7 @@ def start_workers(address, token, shards, backend, gpus, opts):
         for i, (shard, gpu) in enumerate(zip(shards, gpus)):
             p = ctx.Process(target=worker_process, name=f"minasgd-worker-{i + 1}", daemon=True,
                             args=(i, address, token, shard.train_x, shard.train_y, backend, gpu,
-                                  opts.nsync, opts.nfetch, opts.npush))
+                                  opts.nsync, opts.nfetch, opts.npush, opts.reconnect))
             p.start()
             processes.append(p)
     return processes
@@ -221,7 +241,13 @@ def run_server(cfg, opts, console=None, dataset=None, local_workers=0):
         backend, gpus = assign_devices(cfg.backend, cfg.gpu, local_workers)
         ds = dataset or load_dataset(cfg)
         eval_model = build_model(cfg, backends.get("numpy"), progress.console)  # the server's side is NumPy
-        run = RunDir(cfg.out or default_run_dir("train" if local_workers else "serve"))
+        if opts.resume and cfg.out and Path(cfg.out) != Path(opts.resume):
+            raise ValueError("--resume continues the run in RUN_DIR: leave out --out")
+        if opts.resume and cfg.init:
+            raise ValueError("--resume and --init exclude each other (--init: parameters only, a new run)")
+        if opts.resume and not RunDir.model_path_in(opts.resume).is_file():
+            raise ValueError(f"--resume {opts.resume}: no model.npz there to resume from")
+        run = RunDir(opts.resume or cfg.out or default_run_dir("train" if local_workers else "serve"))
         ps, tcp = start_server(cfg, opts, eval_model, len(ds.train_y), run, listener)
     except BaseException:
         listener.close()
@@ -230,6 +256,8 @@ def run_server(cfg, opts, console=None, dataset=None, local_workers=0):
     progress.say(f"parameter server on {tcp.address_text} ({ps.mode}, {opts.optimizer}, nsync {opts.nsync}); "
                  f"{who}; model {eval_model.name}: {eval_model.num_params:,} parameters; "
                  f"dataset {ds.name}: {len(ds.train_y):,} train / {len(ds.test_y):,} test; run dir {run.path}")
+    if ps.resumed_from:
+        progress.say(f"resumed from {run.model_path}: version {ps.version}, step {ps.steps}/{ps.total_steps}")
 
     steps_per_epoch = len(ds.train_y) // cfg.batch_size
     monitor = Monitor(ps, run, eval_model, ds.test_x, ds.test_y, steps_per_epoch, cfg.batch_size,
@@ -246,8 +274,11 @@ def run_server(cfg, opts, console=None, dataset=None, local_workers=0):
     finally:  # also on Ctrl-C and errors: stop everything, keep a checkpoint
         ps.stop()  # from here on every request hears "done"
         stop_workers(processes, grace=15.0 if finished else 2.0)
-        tcp.close()
-        ps.checkpoint()
+        wait_for_goodbyes(ps, grace=5.0 if finished else 0.5)
+        try:
+            tcp.close()
+        finally:
+            ps.checkpoint()  # whatever happened above
         if not finished:
             run.close()
     if interrupted.is_set():
@@ -256,6 +287,14 @@ def run_server(cfg, opts, console=None, dataset=None, local_workers=0):
     return finish_run(cfg, opts, progress, monitor, run, eval_model, ds, backend=backend,
                       device=f"{local_workers} local worker processes",
                       workers=local_workers, address=tcp.address_text)
+
+
+def wait_for_goodbyes(ps, grace):
+    """Give connected workers (ours or `minasgd work` elsewhere) up to `grace` seconds to hear
+    "done" and say BYE, so none mistakes the end of the run for a server that went away."""
+    deadline = time.monotonic() + grace
+    while ps.live_ids() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def watch(ps, monitor, worker_exits, what="exit codes", stop=None):

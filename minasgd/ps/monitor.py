@@ -54,7 +54,11 @@ class Monitor:
         if time.monotonic() >= self.next_log:
             self.log_step()
             self.next_log = time.monotonic() + self.log_every
+        failures = self.ps.checkpoint_failures
         self.ps.maybe_checkpoint()
+        if self.ps.checkpoint_failures > failures:  # warned on the dashboard; logged here
+            self.run.log({"kind": "warning", "step": self.ps.steps, "time": self.elapsed(),
+                          "warning": self.ps.checkpoint_error})
 
     def evaluate(self):
         """Test accuracy of the server's current parameters; logs an "epoch" and a "server" record."""
@@ -96,6 +100,7 @@ class Monitor:
                 "images_per_second": stats["steps"] * self.batch_size / max(seconds, 1e-9),
                 "version": stats["version"], "pushes": stats["pushes"], "fetches": stats["fetches"],
                 "rejected": stats["rejected"], "discarded": stats["discarded"], "staleness": stats["staleness"],
+                "checkpoint_failures": stats["checkpoint_failures"],
                 "mode": stats["mode"], "optimizer": stats["optimizer"], "worker_stats": stats["workers"],
                 "evaluations": [{k: e[k] for k in ("step", "time", "test_accuracy")} for e in self.evals]}
 
@@ -122,17 +127,24 @@ class Monitor:
             f"{s['steps']}/{s['total_steps']} ({s['steps'] / max(1, s['total_steps']):.0%})   ",
             ("lr ", "bold"), f"{s['lr']:.4g}   ", ("rejected ", "bold"), f"{s['rejected']}   ",
             f"{self.elapsed():.0f} s")
+        # Everything a peer can choose (names, reasons) goes in as Text: plain, never rich markup.
         table = Table(expand=False, box=None, header_style="bold")
         for col in ("worker", "status", "images/s", "pushes", "fetches", "staleness", "loss"):
             table.add_column(col, justify="left" if col in ("worker", "status") else "right")
         for w in s["workers"]:
-            status = "[green]training[/]" if w["alive"] else f"[yellow]{w['left']}[/]"
-            table.add_row(f"{w['id']} {w['name']}", status, f"{w.get('images_per_second', 0):.0f}",
+            status = Text("training", style="green") if w["alive"] else Text(str(w["left"]), style="yellow")
+            if w["alive"] and w.get("missed_rounds"):
+                status.append(f", missed {w['missed_rounds']} sync round(s)", style="yellow")
+            table.add_row(Text(f"{w['id']} {w['name']}"), status, f"{w.get('images_per_second', 0):.0f}",
                           str(w["pushes"]), str(w["fetches"]), str(w["last_staleness"]),
                           f"{w.get('loss', math.nan):.3f}")
         staleness = "  ".join(f"{k}: {v}" for k, v in s["staleness"].items()) or "-"
         accuracy = "  ".join(f"{e['test_accuracy']:.1%} @ {e['time']:.0f}s" for e in self.evals[-6:]) or "-"
         lines = [head, table, Text(f"staleness (pushes): {staleness}"), Text(f"test accuracy: {accuracy}")]
+        if s["departed_unlisted"]:
+            lines.append(Text(f"(and {s['departed_unlisted']} more workers that left)", style="dim"))
+        if s["checkpoint_error"]:
+            lines.append(Text(f"warning: {s['checkpoint_error']}", style="bold red"))
         lines += [Text(f"{time.strftime('%H:%M:%S', time.localtime(t))} {text}", style="dim")
                   for t, text in self.ps.recent_events(3)]
         return Panel(Group(*lines), title="minasgd parameter server", expand=False)

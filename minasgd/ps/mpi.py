@@ -65,8 +65,8 @@ import time
 
 import numpy as np
 
-from .protocol import MAX_JSON, Frame, Msg, ProtocolError
-from .server import Refused
+from .protocol import MAX_JSON, Frame, Msg, ProtocolError, clip
+from .server import STATS_FIELDS, Refused
 from .tcp import ServerError
 
 FLOAT_MESSAGES = (Msg.PARAMS, Msg.PUSH)  # their payload is float32[num_params]; everything else JSON
@@ -275,10 +275,11 @@ class MpiServer:
             worker_id = self._handshake(channel, rank, shard)
             who = f"worker {worker_id}"
             reason = self._serve_requests(channel, worker_id)
-        except (Refused, ProtocolError) as e:
-            reason = f"rejected: {e}"
-            self.ps.reject(who, str(e))
-            self._refuse(channel, str(e))
+        except (Refused, ProtocolError, ValueError, TypeError, RecursionError, OverflowError) as e:
+            error = clip(e if isinstance(e, (Refused, ProtocolError)) else f"bad request ({type(e).__name__})")
+            reason = f"rejected: {error}"
+            self.ps.reject(who, error)
+            self._refuse(channel, error)
         except TimeoutError:
             reason = f"silent for {self.timeout:g} s (timed out)"
         except Closing:
@@ -326,9 +327,9 @@ class MpiServer:
                 channel.send_json(Msg.ACK, reply, seq=frame.seq, version=reply["version"], timeout=self.timeout)
             elif frame.type == Msg.STATS:
                 self.ps.report(worker_id, frame.json())
-                channel.send_json(Msg.STATS, self.ps.stats(), seq=frame.seq, timeout=self.timeout)
+                channel.send_json(Msg.STATS, self.ps.stats_reply(), seq=frame.seq, timeout=self.timeout)
             elif frame.type == Msg.BYE:
-                return str(frame.json().get("reason", "said bye"))[:200]
+                return clip(frame.json().get("reason", "said bye"))
             else:
                 raise ProtocolError(f"a worker may not send {frame.type.name}")
 
@@ -346,7 +347,7 @@ class MpiServer:
     def _refuse(self, channel, error):
         """Send ERROR, then read what the worker still sends until its BYE (for up to 2 seconds)."""
         try:
-            channel.send_json(Msg.ERROR, {"error": error}, timeout=2.0)
+            channel.send_json(Msg.ERROR, {"error": clip(error)}, timeout=2.0)
         except Exception:
             return
         self._wait_for_bye(channel, "", seconds=2.0)
@@ -382,7 +383,7 @@ class MpiClient:
             raise ServerError(f"rank {server} did not greet us with HELLO (got {frame.type.name})")
         self.server_hello = frame.json()
         self.num_params = int(self.server_hello.get("num_params", 0))
-        self.channel.json_buffer = bytearray(max(MAX_JSON, 4 * self.num_params))  # room for big STATS replies
+        # Replies are control frames of at most MAX_JSON (STATS replies are bounded by the server).
         self.shard = None
         if "shard" in self.server_hello:
             self.shard = self._recv_shard(self.server_hello["shard"]["shape"])
@@ -396,8 +397,10 @@ class MpiClient:
             wait(request, self.timeout)
         return x, y
 
-    def hello(self, fingerprint, info=None):
+    def hello(self, fingerprint, info=None, num_params=None):
         """Introduce ourselves; returns the server's WELCOME config (no token: the MPI job is the trust boundary)."""
+        if num_params is not None and num_params != self.num_params:
+            raise ServerError(f"rank {self.server} serves {self.num_params:,} parameters, our model has {num_params:,}")
         return self._request(Msg.HELLO, {"fingerprint": fingerprint, **(info or {})}).json()
 
     def fetch_into(self, out):
@@ -413,7 +416,8 @@ class MpiClient:
         return self._request(Msg.PUSH, grad, version=base_version, count=batches).json()
 
     def stats(self, numbers=None):
-        return self._request(Msg.STATS, numbers or {}).json()
+        """Our numbers (those the server accepts, STATS_FIELDS) -> the server's statistics."""
+        return self._request(Msg.STATS, {k: v for k, v in (numbers or {}).items() if k in STATS_FIELDS}).json()
 
     def close(self, reason="bye"):
         self.seq += 1
@@ -497,7 +501,7 @@ def _serve_rank0(MPI, comm, cfg, opts, console, dataset):
             backend, _ = assign_devices(cfg.backend, cfg.gpu, 0)  # as rank 0 sees it; each worker resolves "auto" itself
             ds = dataset or load_dataset(cfg)
             eval_model = build_model(cfg, backends.get("numpy"), progress.console)  # the server's side is NumPy
-            run = RunDir(cfg.out or default_run_dir("train"))
+            run = RunDir(opts.resume or cfg.out or default_run_dir("train"))
             ps = create_server(cfg, opts, eval_model, len(ds.train_y), run)
             shards = [ds.shard(i, n) for i in range(n)]
             server = MpiServer(ps, comm, timeout=opts.timeout)

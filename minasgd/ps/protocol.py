@@ -19,8 +19,10 @@ a small UTF-8 JSON object (everything else). Nothing received is ever unpickled 
 A conversation (worker on the left):
 
     <- HELLO   {"model", "num_params", "nonce", "auth"}          server speaks first
-    -> HELLO   {"fingerprint", "name", "hmac"}                   hmac of the nonce with the token
-    <- WELCOME {"worker_id", "config"}    or   ERROR {"error"}, then the server hangs up
+    -> HELLO   {"fingerprint", "name", "npush", "hmac", "nonce"} hmac of the server's nonce with the
+                                                                  token, and our own nonce
+    <- WELCOME {"worker_id", "version", "proof", config...}      proof: the server's hmac of both
+               or ERROR {"error"}, then the server hangs up      nonces (with a token)
     -> FETCH                          <- PARAMS  float32[num_params], version
     -> PUSH    float32[num_params]    <- ACK     {"lr", "done"}, version
     -> STATS   {"loss", ...}          <- STATS   the server's statistics
@@ -28,11 +30,17 @@ A conversation (worker on the left):
 
 Once training is over the server answers FETCH with BYE. Any request the server rejects
 (bad header, wrong payload size, non-finite gradient...) gets ERROR and the connection closes.
+
+Bounds: only PARAMS and PUSH may carry more than MAX_JSON (64 KiB); a control frame announcing
+more is refused from its header alone. A JSON body nested too deeply is refused like any other
+bad body. With a token both sides prove it (see `minasgd.ps.tcp`): the worker's HELLO carries
+its own nonce and the server's WELCOME answers it.
 """
 
 import enum
 import json
 import struct
+import time
 
 import numpy as np
 
@@ -62,6 +70,17 @@ class ConnectionClosed(ProtocolError):
     """The peer hung up (cleanly, between frames, or in the middle of one)."""
 
 
+class FrameTooLarge(ProtocolError):
+    """A header announced more bytes than allowed; its payload is still unread (`length` bytes)."""
+
+    def __init__(self, message, length):
+        super().__init__(message)
+        self.length = length
+
+
+DATA_MESSAGES = frozenset({Msg.PARAMS, Msg.PUSH})  # the only frames bigger than MAX_JSON
+
+
 class Frame:
     """A received frame: the header fields, and `payload`, a memoryview into the receive buffer."""
 
@@ -82,7 +101,9 @@ class Frame:
         try:
             body = json.loads(bytes(self.payload).decode("utf-8")) if len(self.payload) else {}
         except (UnicodeDecodeError, ValueError) as e:
-            raise ProtocolError(f"{self.type.name} body is not valid JSON: {e}") from None
+            raise ProtocolError(f"{self.type.name} body is not valid JSON: {clip(str(e), 120)}") from None
+        except RecursionError:
+            raise ProtocolError(f"{self.type.name} body is nested too deeply") from None
         if not isinstance(body, dict):
             raise ProtocolError(f"{self.type.name} body must be a JSON object, got {type(body).__name__}")
         return body
@@ -105,12 +126,27 @@ def send_json(sock, msg, body, seq=0, version=0):
     send_frame(sock, msg, json.dumps(body).encode("utf-8"), seq=seq, version=version)
 
 
+def clip(text, limit=200):
+    """`text` as a str of at most `limit` characters (peer-supplied strings echoed back or logged)."""
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 # ------------------------------------------------------------------ receiving
 
-def recv_exactly(sock, view):
-    """Fill the memoryview `view` from the socket with recv_into; ConnectionClosed on EOF."""
+def recv_exactly(sock, view, deadline=None):
+    """Fill the memoryview `view` from the socket with recv_into; ConnectionClosed on EOF.
+
+    `deadline`: a time.monotonic() by which the whole of `view` must have arrived (TimeoutError
+    after it), so a peer dripping one byte at a time cannot hold us longer than that.
+    """
     got = 0
     while got < len(view):
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("deadline passed")
+            sock.settimeout(left)
         n = sock.recv_into(view[got:])
         if n == 0:
             raise ConnectionClosed("connection closed" + (" in the middle of a frame" if got else ""))
@@ -132,13 +168,14 @@ class Receiver:
     def resize(self, max_payload):
         self.buffer = memoryview(bytearray(max(max_payload, MAX_JSON)))
 
-    def recv(self, into=None):
+    def recv(self, into=None, deadline=None):
         """The next frame; ProtocolError (nothing more can be read) if its header is invalid.
 
         `into`: a writable byte memoryview; a payload of exactly its size lands there instead of
         in our buffer (a fetch receives straight into the caller's parameter vector, no copy).
+        `deadline`: see `recv_exactly` (the handshake's total deadline).
         """
-        recv_exactly(self.sock, self.header)
+        recv_exactly(self.sock, self.header, deadline)
         magic, protocol, msg, count, length, seq, version = HEADER.unpack(self.header)
         if magic != MAGIC:
             raise ProtocolError(f"bad magic {bytes(magic)!r} (not a minasgd peer?)")
@@ -148,8 +185,22 @@ class Receiver:
             msg = Msg(msg)
         except ValueError:
             raise ProtocolError(f"unknown message type {msg}") from None
-        if length > len(self.buffer):
-            raise ProtocolError(f"{msg.name} announces {length} bytes, more than the {len(self.buffer)} allowed")
-        payload = into if into is not None and length == len(into) else self.buffer[:length]
-        recv_exactly(self.sock, payload)
+        if msg not in DATA_MESSAGES and length > MAX_JSON:
+            raise FrameTooLarge(f"{msg.name} announces {length} bytes, more than the {MAX_JSON} a control "
+                                f"frame may carry", length)
+        payload = into if into is not None and length == len(into) else None
+        if payload is None:
+            if length > len(self.buffer):
+                raise FrameTooLarge(f"{msg.name} announces {length} bytes, more than the {len(self.buffer)} "
+                                    f"allowed", length)
+            payload = self.buffer[:length]
+        recv_exactly(self.sock, payload, deadline)
         return Frame(msg, count, seq, version, payload)
+
+    def skip(self, length):
+        """Read and drop `length` payload bytes (after FrameTooLarge), so the stream stays in step."""
+        chunk = self.buffer[: min(len(self.buffer), MAX_JSON)]
+        while length > 0:
+            n = min(length, len(chunk))
+            recv_exactly(self.sock, chunk[:n])
+            length -= n

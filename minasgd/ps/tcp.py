@@ -17,28 +17,49 @@ would do the same with the same server and `minasgd.ps.worker.Worker`.
 
 Safety: the server binds 127.0.0.1 unless told otherwise, and refuses any other address without a
 token. With a token, a worker proves it knows it by sending HMAC-SHA256(token, nonce) for a fresh
-random nonce from the server; the token itself never crosses the wire. (Nothing is encrypted:
-on an untrusted network use an SSH tunnel or a VPN.) Every connection has a timeout, so a
+random nonce from the server, and the server proves it too, answering the worker's own nonce in
+WELCOME: a worker with a token talks only to a server that knows it. The token itself never
+crosses the wire. (Nothing is encrypted: on an untrusted network use an SSH tunnel or a VPN.)
+
+No client can stop or starve the server: at most `max_connections` connections at once (more
+are refused with a clear ERROR); a connection gets `handshake_timeout` seconds IN TOTAL to
+finish its HELLO, and only then a parameter-sized buffer; control frames are bounded to
+64 KiB; when accept() fails (too many open files) the accept loop backs off and goes on, and a
+connection whose thread cannot start is dropped alone. Every connection has a timeout, so a
 stuck worker is dropped, and any frame the server rejects ends that worker's connection only.
+
+A worker's client checks what the server sends (sizes, fields) and, given `reconnect` seconds,
+reconnects with backoff when the server goes away (a restarted `minasgd serve --resume`).
 """
 
 import errno
 import hashlib
 import hmac
 import ipaddress
+import math
 import os
 import socket
+import sys
 import threading
 import time
 
 import numpy as np
 
-from .protocol import ConnectionClosed, Msg, ProtocolError, Receiver, send_frame, send_json
-from .server import Refused
+from .protocol import (ConnectionClosed, FrameTooLarge, Msg, ProtocolError, Receiver, clip, send_frame,
+                       send_json)
+from .server import FINISHED, STATS_FIELDS, Refused
+
+MAX_PARAMS = 2**31  # the most parameters a worker believes a server's HELLO about
+SERVER_FULL = "server full"  # the start of the refusal beyond max_connections
+ACCEPT_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)  # accept() failures that pass
 
 
 class ServerError(ConnectionError):
     """The server refused us or went away; the message says why, in one line."""
+
+
+class ConnectionLost(ServerError):
+    """The server went away (hung up, reset, silent): worth reconnecting to."""
 
 
 def parse_address(text, default_host="127.0.0.1"):
@@ -62,6 +83,16 @@ def token_hmac(token, nonce):
     return hmac.new(token.encode(), nonce, hashlib.sha256).hexdigest()
 
 
+def server_proof(token, server_nonce, client_nonce):
+    """The server's answer to a worker's nonce (a different message than the worker's proof)."""
+    return token_hmac(token, b"minasgd-server:" + server_nonce + client_nonce)
+
+
+def same_digest(proof, expected):
+    """compare_digest for a peer-supplied value of any type (a non-ASCII str would raise TypeError)."""
+    return isinstance(proof, str) and hmac.compare_digest(proof.encode("utf-8", "replace"), expected.encode())
+
+
 def listen(host, port, token=None):
     """A listening socket, or one clear line: the port is taken, or the address is public without a token."""
     if not token and not is_loopback(host):
@@ -77,9 +108,11 @@ def listen(host, port, token=None):
 # ------------------------------------------------------------------ server side
 
 class TcpServer:
-    def __init__(self, ps, listener, token=None, timeout=120.0):
+    def __init__(self, ps, listener, token=None, timeout=120.0, max_connections=256, handshake_timeout=10.0):
         """Serve `ps` on `listener`, a listening socket from `listen()`."""
         self.ps, self.token, self.timeout = ps, token, timeout
+        self.max_connections, self.handshake_timeout = max_connections, handshake_timeout
+        self.refused = 0  # connections turned away at the door (too many)
         self.sock = listener
         self.sock.settimeout(0.5)  # so the accept loop notices close() within half a second
         self.address = self.sock.getsockname()[:2]
@@ -118,41 +151,81 @@ class TcpServer:
             self.thread.join(timeout=2.0)
 
     def _accept_loop(self):
+        """Accept until close(). Nothing a client does ends this loop: out of file descriptors, it
+        waits (doubling up to a second) and tries again; a thread that cannot start loses only its
+        connection; beyond `max_connections` a newcomer gets ERROR and is hung up on at once."""
+        pause = 0.0
         while not self.closing:
             try:
                 sock, peer = self.sock.accept()
             except TimeoutError:
                 continue
+            except OSError as e:
+                if self.closing:
+                    return  # the listening socket was closed
+                pause = min(1.0, max(0.01, 2 * pause))
+                if e.errno in ACCEPT_ERRORS:
+                    self.ps.log(f"accept failed ({e.strerror or e}); retrying in {pause:g} s")
+                time.sleep(pause)
+                continue
+            pause = 0.0
+            self._admit(sock, peer)
+
+    def _admit(self, sock, peer):
+        """Give a new connection its thread, or refuse it (full, or no thread to be had)."""
+        with self.lock:
+            full = len(self.connections) >= self.max_connections
+        if full:
+            self.refused += 1
+            self.ps.reject(f"{peer[0]}:{peer[1]}", f"server full ({self.max_connections} connections)")
+            try:
+                sock.settimeout(0.1)
+                send_json(sock, Msg.ERROR, {"error": f"{SERVER_FULL}: {self.max_connections} connections; try later"})
             except OSError:
-                return  # the listening socket was closed
-            thread = threading.Thread(target=self._serve_connection, args=(sock, peer),
-                                      name=f"ps-conn-{peer[0]}:{peer[1]}", daemon=True)
-            with self.lock:
-                self.connections[sock] = thread
+                pass
+            sock.close()
+            return
+        thread = threading.Thread(target=self._serve_connection, args=(sock, peer),
+                                  name=f"ps-conn-{peer[0]}:{peer[1]}", daemon=True)
+        with self.lock:
+            self.connections[sock] = thread
+        try:
             thread.start()
+        except RuntimeError as e:  # "can't start new thread": drop this connection only
+            with self.lock:
+                self.connections.pop(sock, None)
+            self.ps.reject(f"{peer[0]}:{peer[1]}", f"no thread for it ({e})")
+            sock.close()
 
     def _serve_connection(self, sock, peer):
         """One worker, from HELLO to BYE. Whatever goes wrong ends this connection only."""
         who = f"{peer[0]}:{peer[1]}"
         worker_id, reason = None, "connection closed"
-        sock.settimeout(self.timeout)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        rx = Receiver(sock, max_payload=4 * self.ps.num_params)
+        rx = Receiver(sock)  # control frames only until the handshake is done
         try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             worker_id = self._handshake(sock, rx)
             who = f"worker {worker_id}"
+            sock.settimeout(self.timeout)
+            rx.resize(4 * self.ps.num_params)
             reason = self._serve_requests(sock, rx, worker_id)
-        except (Refused, ProtocolError) as e:
+        except (Refused, ProtocolError, ValueError, TypeError, RecursionError, OverflowError) as e:
             if isinstance(e, ConnectionClosed):
                 reason = "connection closed" if worker_id is None else f"hung up ({e})"
             else:
-                reason = f"rejected: {e}"
-                self.ps.reject(who, str(e))
-                self._refuse(sock, str(e))
+                error = clip(e if isinstance(e, (Refused, ProtocolError)) else f"bad request ({type(e).__name__})")
+                reason = f"rejected: {error}"
+                self.ps.reject(who, error)
+                self._refuse(sock, error)
         except TimeoutError:
-            reason = f"silent for {self.timeout:g} s (timed out)"
+            reason = (f"silent for {self.timeout:g} s (timed out)" if worker_id is not None else
+                      f"no HELLO within {self.handshake_timeout:g} s")
+            if worker_id is None:
+                self.ps.reject(who, reason)
         except OSError as e:
             reason = f"connection error ({e.strerror or e})"
+        except MemoryError:
+            reason = "out of memory"
         finally:
             if worker_id is not None:
                 self.ps.leave(worker_id, reason)
@@ -167,7 +240,7 @@ class TcpServer:
         destroy the ERROR frame before the peer reads it; draining first avoids that.
         """
         try:
-            send_json(sock, Msg.ERROR, {"error": error})
+            send_json(sock, Msg.ERROR, {"error": clip(error)})
             sock.shutdown(socket.SHUT_WR)
             sock.settimeout(0.1)
             deadline = time.monotonic() + 1.0
@@ -177,20 +250,36 @@ class TcpServer:
             pass
 
     def _handshake(self, sock, rx):
+        """HELLO both ways within `handshake_timeout` seconds in all; returns the worker's id."""
+        deadline = time.monotonic() + self.handshake_timeout
+        sock.settimeout(self.handshake_timeout)
         nonce = os.urandom(16)
         send_json(sock, Msg.HELLO, {"server": "minasgd", "model": self.ps.model_name,
                                     "num_params": self.ps.num_params, "nonce": nonce.hex(),
                                     "auth": bool(self.token)})
-        frame = rx.recv()
+        frame = rx.recv(deadline=deadline)
         if frame.type != Msg.HELLO:
             raise ProtocolError(f"expected HELLO, got {frame.type.name}")
         hello = frame.json()
+        proof = None
         if self.token:
-            proof = hello.get("hmac")
-            if not isinstance(proof, str) or not hmac.compare_digest(proof, token_hmac(self.token, nonce)):
+            if not same_digest(hello.get("hmac"), token_hmac(self.token, nonce)):
                 raise Refused("wrong or missing token")
+            client_nonce = hello.get("nonce")
+            if isinstance(client_nonce, str) and len(client_nonce) == 32:
+                try:
+                    proof = server_proof(self.token, nonce, bytes.fromhex(client_nonce))
+                except ValueError:
+                    raise Refused("the worker's nonce is not 16 bytes of hex") from None
         worker_id = self.ps.join(hello.get("fingerprint"), hello)
-        send_json(sock, Msg.WELCOME, self.ps.welcome(worker_id), seq=frame.seq)
+        welcome = self.ps.welcome(worker_id)
+        if proof:
+            welcome["proof"] = proof
+        try:
+            send_json(sock, Msg.WELCOME, welcome, seq=frame.seq)
+        except OSError as e:
+            self.ps.leave(worker_id, f"gone before WELCOME ({e.strerror or e})")
+            raise
         return worker_id
 
     def _serve_requests(self, sock, rx, worker_id):
@@ -210,9 +299,9 @@ class TcpServer:
                 send_json(sock, Msg.ACK, reply, seq=frame.seq, version=reply["version"])
             elif frame.type == Msg.STATS:
                 self.ps.report(worker_id, frame.json())
-                send_json(sock, Msg.STATS, self.ps.stats(), seq=frame.seq)
+                send_json(sock, Msg.STATS, self.ps.stats_reply(), seq=frame.seq)
             elif frame.type == Msg.BYE:
-                return str(frame.json().get("reason", "said bye"))[:200]
+                return clip(frame.json().get("reason", "said bye"))
             else:
                 raise ProtocolError(f"a worker may not send {frame.type.name}")
 
@@ -220,17 +309,49 @@ class TcpServer:
 # ------------------------------------------------------------------ worker side
 
 class TcpClient:
-    def __init__(self, address, token=None, timeout=300.0, connect_timeout=10.0):
+    """A worker's connection. `reconnect`: seconds to keep trying, with backoff, when the server
+    goes away mid-run (0: give up at once). After a reconnect the gradient that was being pushed
+    and any computed from the old server's parameters are dropped (never sent twice): the next
+    push waits for a fetch. `say(text)`: where the one-line notices go (default: stderr)."""
+
+    def __init__(self, address, token=None, timeout=300.0, connect_timeout=10.0, reconnect=0.0, say=None):
         self.host, self.port = parse_address(address) if isinstance(address, str) else address
         self.token, self.seq = token, 0
-        self.sock = self._connect(timeout, connect_timeout)
-        self.rx = Receiver(self.sock)
-        frame = self.rx.recv()
+        self.timeout, self.reconnect = timeout, reconnect
+        self.say = say or (lambda text: print(f"minasgd worker {os.getpid()}: {text}", file=sys.stderr, flush=True))
+        self.reconnects = 0
+        self.introduction = None  # (fingerprint, info, num_params) from hello(), replayed on reconnect
+        self.need_fetch = False  # after a reconnect: no push until fresh parameters were fetched
+        self.finished = False  # a reconnect found the run over
+        self.last_reply = {"version": 0, "lr": 0.0, "done": False}
+        self._open(connect_timeout)
+
+    def _open(self, connect_timeout):
+        """Connect and read the server's HELLO, checking every field we use."""
+        self.sock = self._connect(self.timeout, connect_timeout)
+        self.rx = Receiver(self.sock)  # control frames only: parameters land in the caller's vector
+        try:
+            frame = self.rx.recv()
+        except ConnectionClosed:
+            raise ConnectionLost(f"{self.host}:{self.port} hung up before greeting us") from None
+        except TimeoutError:
+            raise ConnectionLost(f"{self.host}:{self.port} did not greet us in {self.timeout:g} s") from None
+        if frame.type == Msg.ERROR:
+            error = clip(_error_of(frame))
+            # "server full" passes: worth trying again (a reconnect does), unlike other refusals
+            raise (ConnectionLost if error.startswith(SERVER_FULL) else ServerError)(
+                f"{self.host}:{self.port} refused us: {error}")
         if frame.type != Msg.HELLO:
             raise ServerError(f"{self.host}:{self.port} did not greet us with HELLO (got {frame.type.name})")
-        self.server_hello = frame.json()
-        self.num_params = int(self.server_hello.get("num_params", 0))
-        self.rx.resize(4 * self.num_params)
+        hello = frame.json()
+        n, nonce = hello.get("num_params"), hello.get("nonce")
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= MAX_PARAMS:
+            raise ServerError(f"{self.host}:{self.port} announced {clip(n, 40)} parameters: not a minasgd server?")
+        if not isinstance(nonce, str) or len(nonce) != 32 or not _is_hex(nonce):
+            raise ServerError(f"{self.host}:{self.port} sent a bad nonce: not a minasgd server?")
+        if not isinstance(hello.get("model"), str) or len(hello["model"]) > 64:
+            raise ServerError(f"{self.host}:{self.port} named no model: not a minasgd server?")
+        self.server_hello, self.num_params = hello, n
 
     def _connect(self, timeout, connect_timeout):
         """Connect, retrying for `connect_timeout` seconds while the server is not up yet."""
@@ -247,31 +368,94 @@ class TcpClient:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
 
-    def hello(self, fingerprint, info=None):
-        """Introduce ourselves (and prove the token); returns the server's WELCOME config."""
+    def hello(self, fingerprint, info=None, num_params=None):
+        """Introduce ourselves (and prove the token); returns the server's WELCOME config.
+
+        `num_params`: our model's size; a server announcing another is refused before anything
+        is allocated. With a token the server must prove it too (WELCOME's "proof").
+        """
+        if num_params is not None and num_params != self.num_params:
+            raise ServerError(f"{self.host}:{self.port} serves {self.num_params:,} parameters, our model has "
+                              f"{num_params:,}")
+        self.introduction = (fingerprint, dict(info or {}), num_params)
         body = {"fingerprint": fingerprint, **(info or {})}
-        if self.server_hello.get("auth"):
-            if not self.token:
-                raise ServerError(f"{self.host}:{self.port} needs a token: pass --token")
+        my_nonce = os.urandom(16)
+        if self.token:
+            if not self.server_hello.get("auth"):
+                raise ServerError(f"{self.host}:{self.port} does not ask for the token: not trusting it")
             body["hmac"] = token_hmac(self.token, bytes.fromhex(self.server_hello["nonce"]))
-        return self._request(Msg.HELLO, body).json()
+            body["nonce"] = my_nonce.hex()
+        elif self.server_hello.get("auth"):
+            raise ServerError(f"{self.host}:{self.port} needs a token: pass --token")
+        config = self._json(self._request(Msg.HELLO, body))
+        if self.token and not same_digest(config.get("proof"), server_proof(
+                self.token, bytes.fromhex(self.server_hello["nonce"]), my_nonce)):
+            self.sock.close()
+            raise ServerError(f"{self.host}:{self.port} could not prove it knows the token: not trusting it")
+        if isinstance(config.get("lr"), (int, float)):
+            self.last_reply["lr"] = config["lr"]
+        return config
 
     def fetch_into(self, out):
         """Receive the current parameters straight into `out` (float32, contiguous); returns the
         server version, or None when training is over."""
-        frame = self._request(Msg.FETCH, into=memoryview(out).cast("B"))
+        while True:
+            if self.finished:
+                return None
+            try:
+                frame = self._request(Msg.FETCH, into=memoryview(out).cast("B"))
+                break
+            except ConnectionLost as e:
+                self._reconnect(e)
         if frame.type == Msg.BYE:
             return None
-        frame.floats(out.size)  # checks the size: anything else did not land in `out`
+        if frame.type != Msg.PARAMS or len(frame.payload) != out.nbytes:  # else it did not land in `out`
+            raise ServerError(f"{self.host}:{self.port} answered FETCH with {frame.type.name} of "
+                              f"{len(frame.payload)} bytes, not {out.nbytes}")
+        self.need_fetch = False
         return frame.version
 
     def push(self, grad, base_version, batches=1):
-        """Send a gradient sum computed from `base_version`; returns the server's {"version", "lr", "done"}."""
-        return self._request(Msg.PUSH, grad, version=base_version, count=batches).json()
+        """Send a gradient sum computed from `base_version`; returns the server's {"version", "lr", "done"}.
+
+        After a reconnect, until the next fetch: not sent (it was computed from the old server's
+        parameters); the reply is the last one seen, with "dropped": True.
+        """
+        if not self.need_fetch and not self.finished:
+            try:
+                reply = self._json(self._request(Msg.PUSH, grad, version=base_version, count=batches))
+                lr, version = reply.get("lr"), reply.get("version")
+                if (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr)
+                        or not isinstance(version, int) or not isinstance(reply.get("done"), bool)):
+                    raise ServerError(f"{self.host}:{self.port} sent a bad ACK (lr, version, done): {clip(reply, 120)}")
+                self.last_reply = reply
+                return reply
+            except ConnectionLost as e:
+                self._reconnect(e)
+        return {**self.last_reply, "done": self.finished, "dropped": True}
 
     def stats(self, numbers=None):
-        """Tell the server our numbers (loss, images/s...); returns the server's statistics."""
-        return self._request(Msg.STATS, numbers or {}).json()
+        """Tell the server our numbers (loss, images/s...); returns the server's statistics.
+
+        A reply we cannot read (too big, not JSON) is skipped with a one-line notice: it is
+        only information, and the connection stays usable."""
+        if self.finished:
+            return {}
+        try:
+            # Only the fields the server accepts (it refuses the whole message for one unknown).
+            body = {k: v for k, v in {**(numbers or {}), "reconnects": self.reconnects}.items() if k in STATS_FIELDS}
+            frame = self._request(Msg.STATS, body if numbers is not None else {})
+            return frame.json()
+        except ConnectionLost as e:
+            self._reconnect(e)
+        except FrameTooLarge as e:
+            if e.length > 16 * 2**20:
+                raise ServerError(f"{self.host}:{self.port} sent a {e.length:,}-byte STATS reply") from None
+            self.rx.skip(e.length)
+            self.say(f"ignored the server's STATS reply ({e})")
+        except ProtocolError as e:
+            self.say(f"ignored the server's STATS reply ({e})")
+        return {}
 
     def close(self, reason="bye"):
         try:
@@ -280,6 +464,37 @@ class TcpClient:
         except OSError:
             pass
         self.sock.close()
+
+    def _reconnect(self, error):
+        """The server went away: connect again (backoff 0.2 s doubling to 2 s) for up to `reconnect`
+        seconds and introduce ourselves again; else raise ServerError."""
+        if not self.reconnect or self.introduction is None:
+            raise error
+        self.sock.close()
+        self.say(f"lost the server ({error}); reconnecting for up to {self.reconnect:g} s")
+        deadline, pause = time.monotonic() + self.reconnect, 0.2
+        while True:
+            try:
+                self._open(connect_timeout=0)
+                fingerprint, info, num_params = self.introduction
+                config = self.hello(fingerprint, info, num_params)
+                break
+            except (ConnectionLost, OSError) as e:
+                if isinstance(e, ServerError) and FINISHED in str(e):
+                    self.finished = True  # the run ended while we were away: nothing lost
+                    self.say(f"{self.host}:{self.port} says {FINISHED}")
+                    return
+                if isinstance(e, ServerError) and not isinstance(e, ConnectionLost):
+                    raise  # the server refused us: do not insist
+                if time.monotonic() + pause > deadline:
+                    raise ServerError(f"{self.host}:{self.port} did not come back in {self.reconnect:g} s "
+                                      f"({error})") from None
+                time.sleep(pause)
+                pause = min(2.0, 2 * pause)
+        self.reconnects += 1
+        self.need_fetch = True
+        self.say(f"reconnected to {self.host}:{self.port} as worker {config.get('worker_id')} "
+                 f"(server version {config.get('version')})")
 
     def _request(self, msg, payload=b"", version=0, count=0, into=None):
         self.seq += 1
@@ -290,13 +505,40 @@ class TcpClient:
                 send_frame(self.sock, msg, payload, seq=self.seq, version=version, count=count)
             frame = self.rx.recv(into)
         except ConnectionClosed:
-            raise ServerError(f"{self.host}:{self.port} closed the connection") from None
+            raise ConnectionLost(f"{self.host}:{self.port} closed the connection") from None
         except (ConnectionResetError, BrokenPipeError):
-            raise ServerError(f"{self.host}:{self.port} reset the connection") from None
+            raise ConnectionLost(f"{self.host}:{self.port} reset the connection") from None
         except TimeoutError:
-            raise ServerError(f"{self.host}:{self.port} did not answer {msg.name} in time") from None
+            raise ConnectionLost(f"{self.host}:{self.port} did not answer {msg.name} in time") from None
+        except ProtocolError as e:
+            if msg == Msg.STATS:
+                raise  # stats() skips what it can
+            raise ServerError(f"{self.host}:{self.port} sent a bad reply to {msg.name}: {e}") from None
         if frame.type == Msg.ERROR:
-            raise ServerError(f"the server refused {msg.name}: {frame.json().get('error', '?')}")
+            raise ServerError(f"the server refused {msg.name}: {clip(_error_of(frame))}")
         if frame.seq != self.seq:
-            raise ProtocolError(f"reply to message {frame.seq}, expected {self.seq}")
+            raise ServerError(f"{self.host}:{self.port} answered message {frame.seq}, expected {self.seq}")
         return frame
+
+    def _json(self, frame):
+        """A reply's JSON body; ServerError (one line) if it is not a JSON object."""
+        try:
+            return frame.json()
+        except ProtocolError as e:
+            raise ServerError(f"{self.host}:{self.port} sent a bad {frame.type.name}: {e}") from None
+
+
+def _error_of(frame):
+    """The reason in an ERROR frame, whatever its body holds."""
+    try:
+        return frame.json().get("error", "?")
+    except ProtocolError as e:
+        return f"(unreadable: {e})"
+
+
+def _is_hex(text):
+    try:
+        bytes.fromhex(text)
+        return True
+    except ValueError:
+        return False

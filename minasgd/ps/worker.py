@@ -142,7 +142,10 @@ def connect_and_train(client, *, backend="numpy", gpu=None, model_name=None, sha
     be = backends.get(backend, gpu)
     model = Model(model_name or hello["model"], be)
     name = name or f"{socket.gethostname()}:{os.getpid()}"
-    config = client.hello(model.fingerprint(), {"name": name, "backend": be.NAME, "device": be.DEVICE})
+    info = {"name": name, "backend": be.NAME, "device": be.DEVICE}
+    if npush or nsync:  # the most mini-batches our pushes will sum (the server checks each push's count)
+        info["npush"] = npush or nsync
+    config = client.hello(model.fingerprint(), info, num_params=model.num_params)
     model.seed = config.get("seed", 0) * 1000 + config["worker_id"]  # its own dropout masks
 
     if shard is None:
