@@ -95,7 +95,7 @@ def do_grade(args, console):
     for g in grades:
         result = "[green]PASS[/]" if g.ok else "[red]FAIL[/]"
         table.add_row(g.task, BY_ID[g.task].title, f"{g.passed}/{g.passed + g.failed + g.errors}", result,
-                      escape(g.first_failure[:300]))
+                      escape(g.first_failure[:600]))
     console.print(table)
     passed = sum(g.ok for g in grades)
     console.print(f"{passed} of {len(grades)} task(s) pass", highlight=False)
