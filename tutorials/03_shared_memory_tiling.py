@@ -226,7 +226,8 @@ else:
 # - `cuda.syncthreads()` twice per slab: after loading (so the tile is complete) and after
 #   computing (so nobody overwrites a tile still being read). Every thread of the block must
 #   reach each one: never put it inside an `if` that only some threads take.
-# - The simulator does not detect races; a missing syncthreads gives wrong numbers *sometimes*.
+# - The simulator's results do not show races (a missing syncthreads gives wrong numbers
+#   *sometimes*, on a GPU); the race checker `kernels/racecheck.py` does (tutorial 9).
 #
 # Next: tutorial 4, pooling, dropout and the loss, forward and backward.
 print("\ntutorial 3 done")

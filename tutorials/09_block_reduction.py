@@ -117,6 +117,58 @@ for b in range(2):
 print(f"two blocks add {block_totals[0]:.0f} and {block_totals[1]:.0f} with a plain +=, interleaved: "
       f"out = {out[0]:.0f} (should be {block_totals.sum():.0f})")
 
+# %% [markdown]
+# On the simulator a lost update is invisible: it runs one thread at a time, so every `+=`
+# reads the latest value and the count below comes out right. A missing barrier shows there
+# only when the thread order happens to expose it (here it does: thread 0 reads slot 1 before
+# thread 1 has written it). `kernels/racecheck.py` watches who reads and writes each element
+# between barriers instead of the result, and reports both. Two tiny kernels, each in a plain
+# and a correct version: 64 threads counting into one number, and threads reading a
+# neighbour's shared slot.
+
+# %%
+@cuda.jit
+def count_plain(out):
+    out[0] += float32(1)  # read, add, write: three steps another thread can come between
+
+
+@cuda.jit
+def count_atomic(out):
+    cuda.atomic.add(out, 0, float32(1))
+
+
+@cuda.jit
+def shift_no_barrier(y):
+    t = cuda.threadIdx.x
+    s = cuda.shared.array(64, float32)
+    s[t] = float32(t)
+    y[t] = s[(t + 1) % 64]  # the neighbour may not have written its slot yet
+
+
+@cuda.jit
+def shift_barrier(y):
+    t = cuda.threadIdx.x
+    s = cuda.shared.array(64, float32)
+    s[t] = float32(t)
+    cuda.syncthreads()  # every slot is written before anyone reads
+    y[t] = s[(t + 1) % 64]
+
+
+if SIM:
+    from minasgd.kernels import racecheck
+
+    for kernel in (count_plain, count_atomic, shift_no_barrier, shift_barrier):
+        out = cuda.to_device(np.zeros(64, np.float32))
+        with racecheck.checking() as races:
+            kernel[1, 64](out)
+        result = out.copy_to_host()
+        value = f"out[0] = {result[0]:.0f}" if kernel in (count_plain, count_atomic) else f"y[0..3] = {result[:4]}"
+        verdict = f"RACE: {str(races.found[0])[:150]}..." if races.found else "no race"
+        print(f"  {kernel.__name__:17} {value:18} {verdict}")
+else:
+    print("(the race checker runs on the simulator: NUMBA_ENABLE_CUDASIM=1)")
+
+# %%
 n = C.pick(2000, 20000)
 x = rng.standard_normal(n).astype(np.float32)
 total, solved = C.exercise("7.1", lambda: reduce.block_sum(cuda.to_device(x)).copy_to_host()[0], lambda: None)
@@ -175,7 +227,8 @@ else:
 # - A block reduction: registers first, then a tree in shared memory with a barrier after
 #   every step (outside any `if`), then one atomic per block.
 # - Without the atomic, updates are lost; without the barriers, threads read partials that are
-#   not written yet. The simulator shows neither; a race checker does.
+#   not written yet. The simulator's results show neither; `kernels/racecheck.py` does (the
+#   course grades tasks 3.2, 5.1 and 7.1 under it).
 # - Atomics make float32 sums depend on the finishing order: close, not bit-identical.
 #
 # Next: tutorial 10, occupancy, resources and bank conflicts.
