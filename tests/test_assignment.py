@@ -109,6 +109,9 @@ def test_student_tree_of_every_task_is_valid_python_without_markers(full_tree):
                                                "ASSIGNMENT.md", "conftest.py", ".assignment.json"}
     assert not (out / ".git").exists() and not (out / "runs").exists() and not list(out.rglob("__pycache__"))
     assert not (out / "tests" / "test_assignment.py").exists() and not (out / "tutorials" / "out").exists()
+    for test in (out / "tests").glob("*.py"):  # what the shipped tests open next to tests/ is shipped too
+        for name in re.findall(r'parent\.parent / "([^"]+)"', test.read_text()):
+            assert (out / name).exists(), f"{test.name} needs {name}/, which the student tree lacks"
     todos = 0
     for path in out.rglob("*.py"):
         text = path.read_text()

@@ -1,7 +1,8 @@
 """Student trees: cut one from the source checkout (`make`), put answers back (`restore`).
 
-A student tree holds copies of the checkout's `minasgd/`, `kernels/`, `tests/`, `tutorials/`
-and `pyproject.toml` (no .git, runs/, data/, caches, instructor docs), a student README (no
+A student tree holds copies of the checkout's `minasgd/`, `kernels/`, `tests/`, `tutorials/`,
+`.ci/` (the CI scripts some tests run) and `pyproject.toml` (no .git, runs/, data/, caches,
+instructor docs), a student README (no
 instructor commands), ASSIGNMENT.md, a root `conftest.py` that makes the tree's own code the
 one imported, and `.assignment.json` (the tasks it was made with and the stubbed files; no
 paths of the instructor's machine).
@@ -18,7 +19,7 @@ from pathlib import Path
 from .markers import cut, find_regions, restore_text
 from .tasks import BY_ID, AssignmentError
 
-COPY = ("minasgd", "kernels", "tests", "tutorials", "pyproject.toml")  # what a student tree holds
+COPY = ("minasgd", "kernels", "tests", "tutorials", ".ci", "pyproject.toml")  # what a student tree holds
 SCANNED = ("minasgd", "kernels", "tutorials")  # where solution regions may live
 GRADED = ("minasgd", "kernels")  # stubs here are graded; those in tutorials/ are exercises
 # Caches, tutorial outputs, and this tool's own test (instructor tooling: it needs the markers).
