@@ -1,9 +1,14 @@
 """`minasgd bench step`: time one training step (forward + backward + SGD update) of a net.
 
-Our step on the chosen backend vs the identical PyTorch net (when PyTorch is
-installed) measured in the same run, on the same inputs, so the ratio means
-something even on a shared, noisy machine. `measure` returns the numbers; the command line
-shows them (`minasgd.dashboard.show_bench_step`).
+Our step on the chosen backend vs the identical PyTorch net (when PyTorch is installed),
+measured in the same run on the same inputs, the two alternating sample by sample, so the
+ratio means something even on a shared, noisy machine.
+
+On the CPU it runs twice: with one BLAS / PyTorch thread each (the fair per-core comparison,
+and what every worker of a CPU run uses), then with each library's default thread count.
+Each row also gives the step's GFLOP/s (multiply-adds count 2; forward, weight and input
+gradients of every conv and fc layer, the first layer's input gradient excluded).
+`measure` returns the numbers; the command line shows them (`minasgd.dashboard.show_bench_step`).
 """
 
 import time
@@ -13,56 +18,108 @@ import numpy as np
 from . import backends, torch_reference
 from .model import Model
 from .optim import SGD
-from .timer import median_seconds
+from .threads import blas_threads, limit_blas_threads
 
 
-def _median_time(step, repeats, sync):
-    # one warm-up call (JIT compilation, allocator), then the median of single steps
-    return float(median_seconds(step, repeats=repeats, sync=sync))
+def step_flops(model, batch_size):
+    """FLOPs of one training step: forward + weight gradient + input gradient (not the first layer's)."""
+    per_image = [layer.flops() for layer in model.layers]
+    first = next(f for f in per_image if f)
+    return batch_size * (3 * sum(per_image) - first)
 
 
-def measure(backend="numpy", model_name="alexnet-mini", batch_size=128, repeats=10, device=None):
-    be = backends.get(backend, device)
+def _median_times(steps, repeats):
+    """{name: (median wall seconds, median CPU seconds)}; every step runs once to warm up, then
+    they alternate `repeats` times. CPU time is this process's, all threads together: with one
+    thread each it is the work itself, which a busy machine disturbs much less than wall time."""
+    for step in steps.values():
+        step()
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            step()
+            times[name].append((time.perf_counter() - t0, time.process_time() - c0))
+    return {name: tuple(float(v) for v in np.median(np.array(t), axis=0)) for name, t in times.items()}
+
+
+def _ours(be, model_name, x_np, y_np):
     model = Model(model_name, be, seed=0)
-    rng = np.random.default_rng(0)
-    x_np = rng.standard_normal((batch_size, *model.input_shape)).astype(np.float32)
-    y_np = rng.integers(0, model.num_classes, batch_size).astype(np.int32)
     x, y = be.asarray(x_np), be.asarray(y_np)
     opt = SGD(be, model.num_params, momentum=0.9, weight_decay=5e-4)
     counter = iter(range(10**9))
 
-    def ours():
+    def step():
         model.loss_and_grad(x, y, next(counter))
         opt.step(model.params, model.grads, 0.01)
+        be.synchronize()
 
+    return model, step
+
+
+def _theirs(model, device, x_np, y_np):
+    import torch
+
+    net = torch_reference.build(model, device)
+    topt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    tx = torch.from_numpy(x_np).to(device)
+    ty = torch.from_numpy(y_np.astype(np.int64)).to(device)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def step():
+        topt.zero_grad(set_to_none=True)
+        loss_fn(net(tx), ty).backward()
+        topt.step()
+        sync()
+
+    return step
+
+
+def measure(backend="numpy", model_name="alexnet-mini", batch_size=128, repeats=10, device=None):
+    """{"backend", "device", "model", "batch_size", "step_gflop", "first_step_seconds", "rows": [...]}.
+
+    Each row: "threads" ("1 each" or "default"), "ours_seconds", "ours_cpu_seconds", "ours_gflops",
+    "blas_threads", and with PyTorch: "torch_seconds", "torch_cpu_seconds", "torch_gflops",
+    "torch_threads", "ratio_ours_over_torch", "cpu_ratio_ours_over_torch" (medians; GFLOP/s from wall time).
+    """
+    be = backends.get(backend, device)
+    rng = np.random.default_rng(0)
+    probe = Model(model_name, backends.get("numpy-reference"), seed=0)
+    x_np = rng.standard_normal((batch_size, *probe.input_shape)).astype(np.float32)
+    y_np = rng.integers(0, probe.num_classes, batch_size).astype(np.int32)
+    flops = step_flops(probe, batch_size)
+    model, ours = _ours(be, model_name, x_np, y_np)
     t0 = time.perf_counter()
-    ours()
-    be.synchronize()
-    first = time.perf_counter() - t0
+    with limit_blas_threads(1 if be.NAME != "cuda" else None):  # default threads may thrash: see the rows
+        ours()
     result = {"backend": be.NAME, "device": be.DEVICE, "model": model_name, "batch_size": batch_size,
-              "first_step_seconds": first, "ours_seconds": _median_time(ours, repeats, be.synchronize)}
-    result["ours_images_per_second"] = batch_size / result["ours_seconds"]
+              "step_gflop": flops / 1e9, "first_step_seconds": time.perf_counter() - t0, "rows": []}
 
+    torch = None
     if torch_reference.available():
         import torch
 
         tdev = "cuda" if be.NAME == "cuda" else "cpu"
         if tdev == "cuda" and not torch.cuda.is_available():
-            return result
-        net = torch_reference.build(model, tdev)
-        topt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-        tx = torch.from_numpy(x_np).to(tdev)
-        ty = torch.from_numpy(y_np.astype(np.int64)).to(tdev)
-        loss_fn = torch.nn.CrossEntropyLoss()
-
-        def theirs():
-            topt.zero_grad(set_to_none=True)
-            loss_fn(net(tx), ty).backward()
-            topt.step()
-
-        sync = torch.cuda.synchronize if tdev == "cuda" else (lambda: None)
-        result["torch_seconds"] = _median_time(theirs, repeats, sync)
-        result["torch_device"] = tdev
-        result["torch_threads"] = torch.get_num_threads()
-        result["ratio_ours_over_torch"] = result["ours_seconds"] / result["torch_seconds"]
+            torch = None
+    default_torch_threads = torch.get_num_threads() if torch is not None else None
+    settings = [("1 each", 1), ("default", None)] if be.NAME != "cuda" else [("default", None)]
+    for label, n in settings:
+        steps = {"ours": ours}
+        if torch is not None:
+            torch.set_num_threads(n or default_torch_threads)
+            steps["torch"] = _theirs(model, tdev, x_np, y_np)
+        with limit_blas_threads(n):
+            t = _median_times(steps, repeats)
+            row = {"threads": label, "blas_threads": blas_threads(), "ours_seconds": t["ours"][0],
+                   "ours_cpu_seconds": t["ours"][1], "ours_gflops": flops / t["ours"][0] / 1e9}
+        if torch is not None:
+            row.update(torch_seconds=t["torch"][0], torch_cpu_seconds=t["torch"][1],
+                       torch_gflops=flops / t["torch"][0] / 1e9, torch_device=tdev,
+                       torch_threads=torch.get_num_threads(), ratio_ours_over_torch=t["ours"][0] / t["torch"][0],
+                       cpu_ratio_ours_over_torch=t["ours"][1] / t["torch"][1])
+        result["rows"].append(row)
+    if torch is not None:
+        torch.set_num_threads(default_torch_threads)
     return result

@@ -103,6 +103,8 @@ class TrainProgress:
         kind = event["kind"]
         if kind == "backend":
             self.say(f"backend: {event['name']} on {event['device']}")
+        elif kind == "threads":
+            self.say(event["text"])
         elif kind == "progress":
             self.tasks(event["what"], event["done"], event["total"])
         elif kind == "warm_start":
@@ -145,21 +147,31 @@ def model_table(model):
 
 
 def show_bench_step(result, console):
-    """`minasgd bench step`: ours vs PyTorch per training step."""
-    table = Table(title=f"training step: {result['model']}, batch {result['batch_size']}")
-    table.add_column("implementation")
-    table.add_column("ms / step", justify="right")
-    table.add_column("images / s", justify="right")
-    table.add_row(f"minasgd ({result['backend']}: {result['device']})", f"{result['ours_seconds'] * 1e3:.1f}",
-                  f"{result['ours_images_per_second']:.0f}")
-    if "torch_seconds" in result:
-        table.add_row(f"PyTorch ({result['torch_device']}, {result['torch_threads']} threads)",
-                      f"{result['torch_seconds'] * 1e3:.1f}", f"{result['batch_size'] / result['torch_seconds']:.0f}")
+    """`minasgd bench step`: ours vs PyTorch per training step, a row pair per thread setting."""
+    table = Table(title=f"training step: {result['model']}, batch {result['batch_size']}, "
+                        f"{result['step_gflop']:.1f} GFLOP")
+    for col, just in (("threads", "left"), ("implementation", "left"), ("ms / step", "right"),
+                      ("images / s", "right"), ("GFLOP/s", "right"), ("CPU ms", "right"),
+                      ("minasgd / PyTorch", "right"), ("in CPU time", "right")):
+        table.add_column(col, justify=just)
+    for row in result["rows"]:
+        torch = "torch_seconds" in row
+        table.add_row(row["threads"], f"minasgd {result['backend']} ({row['blas_threads'] or '?'} BLAS)",
+                      f"{row['ours_seconds'] * 1e3:.1f}", f"{result['batch_size'] / row['ours_seconds']:.0f}",
+                      f"{row['ours_gflops']:.0f}", f"{row['ours_cpu_seconds'] * 1e3:.0f}",
+                      f"[bold]{row['ratio_ours_over_torch']:.2f}x[/]" if torch else "",
+                      f"{row['cpu_ratio_ours_over_torch']:.2f}x" if torch else "")
+        if torch:
+            table.add_row("", f"PyTorch {row['torch_device']} ({row['torch_threads']} threads)",
+                          f"{row['torch_seconds'] * 1e3:.1f}", f"{result['batch_size'] / row['torch_seconds']:.0f}",
+                          f"{row['torch_gflops']:.0f}", f"{row['torch_cpu_seconds'] * 1e3:.0f}", "", "")
     console.print(table)
-    if "ratio_ours_over_torch" in result:
-        console.print(f"ratio minasgd / PyTorch: [bold]{result['ratio_ours_over_torch']:.2f}x[/] the time per step")
-    else:
+    console.print(f"minasgd: {result['device']}", markup=False)
+    if not any("torch_seconds" in row for row in result["rows"]):
         console.print("PyTorch not installed (pip install torch): no baseline in this run")
+    else:
+        console.print("minasgd / PyTorch: the time per step, above 1 means ours is slower (medians, same run); "
+                      "CPU time counts every thread of the process")
     console.print(f"first step (includes compilation): {result['first_step_seconds'] * 1e3:.0f} ms")
 
 

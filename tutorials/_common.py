@@ -43,6 +43,11 @@ FAST = os.environ.get("MINASGD_TUTORIAL_FAST") == "1"
 OUT = Path(os.environ.get("MINASGD_TUTORIAL_OUT") or HERE / "out")
 DATA_ROOT = Path(os.environ.get("MINASGD_DATA") or HERE.parent / "data")
 
+# Tutorials follow the training rule of minasgd.threads: one BLAS thread unless the environment says.
+from minasgd.threads import pin_blas_threads_for_training  # noqa: E402
+
+BLAS_THREADS = pin_blas_threads_for_training()
+
 
 def pick(fast, full):
     """`fast` under MINASGD_TUTORIAL_FAST=1, else `full`."""

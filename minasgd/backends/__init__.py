@@ -1,6 +1,7 @@
 """Backends: one op contract, two implementations.
 
-    be = minasgd.backends.get("numpy")   # the reference, runs anywhere
+    be = minasgd.backends.get("numpy")   # runs anywhere: the reference's fast path (numpy_fast)
+    be = minasgd.backends.get("numpy-reference")   # the readable ground truth (numpy_backend)
     be = minasgd.backends.get("cuda")    # hand-written Numba CUDA kernels
     be = minasgd.backends.get("auto")    # cuda when a GPU is present, else numpy
 
@@ -62,7 +63,7 @@ def cuda_available():
 
 
 def get(name="numpy", device=None):
-    """Return the backend module called `name` ("numpy", "cuda" or "auto").
+    """Return the backend module called `name` ("numpy", "numpy-reference", "cuda" or "auto").
 
     A backend is a plain module: `be.conv2d_forward(...)`, `be.NAME`, `be.DEVICE`.
 
@@ -71,6 +72,10 @@ def get(name="numpy", device=None):
     if name == "auto":
         name = "cuda" if cuda_available() else "numpy"
     if name == "numpy":
+        from . import numpy_fast
+
+        return numpy_fast
+    if name == "numpy-reference":
         from . import numpy_backend
 
         return numpy_backend
@@ -79,4 +84,4 @@ def get(name="numpy", device=None):
 
         cuda_backend.select_device(device)
         return cuda_backend
-    raise ValueError(f"unknown backend {name!r}; choose one of: numpy, cuda, auto")
+    raise ValueError(f"unknown backend {name!r}; choose one of: numpy, numpy-reference, cuda, auto")

@@ -88,17 +88,23 @@ def _time(fn, seconds):
     return count / (time.perf_counter() - t0)
 
 
-def goodput(n, seconds=1.5):
-    """{op: {"ours": round trips/s, "raw": round trips/s}} for a float32 vector of n elements."""
+ROUNDS = 5  # each rate is the median of this many samples, ours and raw alternating
+
+
+def goodput(n, seconds=1.5, rounds=ROUNDS):
+    """{op: {"ours": round trips/s, "raw": round trips/s}} for a float32 vector of n elements.
+
+    Both servers run at once; every round times each operation on ours, then on the raw socket,
+    for seconds / rounds each, so a busy moment of the machine hits both. Rates are medians.
+    """
     from .tcp import TcpClient
 
     grad = np.full(n, 1e-3, np.float32)
     params = np.empty(n, np.float32)
-    results = {}
-
-    process, stop, port = _start(_ps_process, n)
+    ours_process, ours_stop, ours_port = _start(_ps_process, n)
+    raw_process, raw_stop, raw_port = _start(_raw_process, n)
     try:
-        client = TcpClient(("127.0.0.1", port))
+        client = TcpClient(("127.0.0.1", ours_port))
         client.hello("bench")
         state = {"version": client.fetch_into(params)}
 
@@ -108,17 +114,7 @@ def goodput(n, seconds=1.5):
         def fetch():
             client.fetch_into(params)
 
-        ours = {"push": push, "fetch": fetch, "push+fetch": lambda: (push(), fetch())}
-        for op in OPS:
-            results[op] = {"ours": _time(ours[op], seconds)}
-        client.close()
-    finally:
-        stop.set()
-        process.join(timeout=10)
-
-    process, stop, port = _start(_raw_process, n)
-    try:
-        sock = socket.create_connection(("127.0.0.1", port))
+        sock = socket.create_connection(("127.0.0.1", raw_port))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         ack, view = bytearray(8), memoryview(params).cast("B")
 
@@ -131,16 +127,22 @@ def goodput(n, seconds=1.5):
             sock.sendall(b"f")
             _recv_exactly(sock, view)
 
+        ours = {"push": push, "fetch": fetch, "push+fetch": lambda: (push(), fetch())}
         raw = {"push": raw_push, "fetch": raw_fetch, "push+fetch": lambda: (raw_push(), raw_fetch())}
-        for op in OPS:
-            results[op]["raw"] = _time(raw[op], seconds)
+        samples = {op: {"ours": [], "raw": []} for op in OPS}
+        for _ in range(rounds):
+            for op in OPS:
+                samples[op]["ours"].append(_time(ours[op], seconds / rounds))
+                samples[op]["raw"].append(_time(raw[op], seconds / rounds))
+        client.close()
         sock.close()
     finally:
-        stop.set()
-        process.join(timeout=10)
-        if process.is_alive():
-            process.terminate()
-    return results
+        for process, stop in ((ours_process, ours_stop), (raw_process, raw_stop)):
+            stop.set()
+            process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()
+    return {op: {side: float(np.median(v)) for side, v in sides.items()} for op, sides in samples.items()}
 
 
 def server_work_per_push(n, repeats=50):
@@ -200,27 +202,39 @@ def speedup(args, console):
 
 # ------------------------------------------------------------------ the command
 
-def run(args, console):
-    if getattr(args, "hostile", False):
-        return run_hostile(args, console)
-    n = Model(args.model, backends.get("numpy")).num_params
-    mb = 4 * n / 1e6
-    seconds = getattr(args, "seconds", 1.5)
-    result = {"model": args.model, "num_params": n, "megabytes": mb, "goodput": goodput(n, seconds),
-              "server_seconds_per_push": server_work_per_push(n)}
-    if getattr(args, "transport", "tcp") == "mpi":
-        from .mpi import goodput_mpi
+SIZES = (1, 10)  # the model's vector, and one ten times larger
 
-        mpi = goodput_mpi(n, seconds)
-        result["mpi_library"] = mpi.pop("library", None)
-        for op, r in mpi.items():
-            result["goodput"][op].update(r)
-    for op, r in result["goodput"].items():
+
+def _rates(result, mb):
+    for op, r in result.items():
         moved = 2 * mb if op == "push+fetch" else mb
         r.update(ours_mb_per_second=r["ours"] * moved, raw_mb_per_second=r["raw"] * moved, ratio=r["ours"] / r["raw"])
         if "mpi" in r:
             r.update(mpi_mb_per_second=r["mpi"] * moved, raw_mpi_mb_per_second=r["raw_mpi"] * moved,
-                     mpi_vs_socket=r["mpi"] / r["ours"])
+                     mpi_vs_socket=r["mpi"] / r["ours"], mpi_vs_raw_mpi=r["mpi"] / r["raw_mpi"])
+    return result
+
+
+def run(args, console):
+    if getattr(args, "hostile", False):
+        return run_hostile(args, console)
+    n = Model(args.model, backends.get("numpy")).num_params
+    seconds = getattr(args, "seconds", 1.5)
+    result = {"model": args.model, "num_params": n, "megabytes": 4 * n / 1e6, "sizes": [],
+              "server_seconds_per_push": server_work_per_push(n)}
+    for times in SIZES:
+        size = {"times": times, "num_params": n * times, "megabytes": 4 * n * times / 1e6,
+                "goodput": goodput(n * times, seconds)}
+        if getattr(args, "transport", "tcp") == "mpi":
+            from .mpi import goodput_mpi
+
+            mpi = goodput_mpi(n * times, seconds)
+            result["mpi_library"] = mpi.pop("library", None)
+            for op, r in mpi.items():
+                size["goodput"][op].update(r)
+        _rates(size["goodput"], size["megabytes"])
+        result["sizes"].append(size)
+    result["goodput"] = result["sizes"][0]["goodput"]  # the model's size, as before
     if not args.skip_training:
         result["speedup"] = speedup(args, console)
     if args.json:
@@ -233,23 +247,25 @@ def run(args, console):
 def report(result, console):
     from rich.table import Table
 
-    table = Table(title=f"parameter server goodput: {result['model']}, {result['num_params']:,} float32 "
-                        f"({result['megabytes']:.2f} MB), loopback")
-    with_mpi = "mpi" in next(iter(result["goodput"].values()))
-    columns = ["operation", "ours round trips/s", "ours MB/s", "raw socket MB/s", "ours / raw"]
-    if with_mpi:
-        columns += ["MPI round trips/s", "MPI MB/s", "raw MPI MB/s", "MPI / socket"]
-    for col in columns:
-        table.add_column(col, justify="left" if col == "operation" else "right")
-    for op, r in result["goodput"].items():
-        row = [op, f"{r['ours']:.0f}", f"{r['ours_mb_per_second']:.0f}", f"{r['raw_mb_per_second']:.0f}",
-               f"{r['ratio']:.0%}"]
+    for size in result["sizes"]:
+        table = Table(title=f"parameter server goodput: {result['model']} x{size['times']}, "
+                            f"{size['num_params']:,} float32 ({size['megabytes']:.1f} MB), loopback, "
+                            f"medians of {ROUNDS}")
+        with_mpi = "mpi" in next(iter(size["goodput"].values()))
+        columns = ["operation", "ours round trips/s", "ours MB/s", "raw socket MB/s", "ours / raw"]
         if with_mpi:
-            row += [f"{r['mpi']:.0f}", f"{r['mpi_mb_per_second']:.0f}", f"{r['raw_mpi_mb_per_second']:.0f}",
-                    f"{r['mpi_vs_socket']:.2f}x"]
-        table.add_row(*row)
-    console.print(table)
-    if with_mpi:
+            columns += ["MPI round trips/s", "MPI MB/s", "raw MPI MB/s", "MPI / raw MPI", "MPI / socket"]
+        for col in columns:
+            table.add_column(col, justify="left" if col == "operation" else "right")
+        for op, r in size["goodput"].items():
+            row = [op, f"{r['ours']:.0f}", f"{r['ours_mb_per_second']:.0f}", f"{r['raw_mb_per_second']:.0f}",
+                   f"{r['ratio']:.0%}"]
+            if with_mpi:
+                row += [f"{r['mpi']:.0f}", f"{r['mpi_mb_per_second']:.0f}", f"{r['raw_mpi_mb_per_second']:.0f}",
+                        f"{r['mpi_vs_raw_mpi']:.0%}", f"{r['mpi_vs_socket']:.2f}x"]
+            table.add_row(*row)
+        console.print(table)
+    if "mpi_library" in result:
         console.print(f"MPI: {result['mpi_library']}; ours = the minasgd transport (socket: TcpServer, MPI: "
                       f"MpiServer), both with the same ParameterServer behind it", highlight=False)
     console.print(f"server work per push (finite check + SGD momentum update, no network): "

@@ -312,11 +312,10 @@ class MpiServer:
 
     def _serve_requests(self, channel, worker_id):
         """Answer FETCH, PUSH and STATS until BYE; returns why the worker left (as TcpServer does)."""
-        params = np.empty(self.ps.num_params, dtype=np.float32)  # this worker's send buffer
         while True:
             frame = channel.recv(timeout=self.timeout)
             if frame.type == Msg.FETCH:
-                version, done = self.ps.fetch_into(worker_id, params)
+                params, version, done = self.ps.fetch_snapshot(worker_id)  # shared, read-only: no copy
                 if done:
                     channel.send_json(Msg.BYE, {"reason": "training finished"}, seq=frame.seq, timeout=self.timeout)
                     return self._wait_for_bye(channel, "training finished")

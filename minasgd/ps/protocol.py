@@ -117,9 +117,20 @@ def send_frame(sock, msg, payload=b"", seq=0, version=0, count=0):
         if payload.dtype != np.dtype("<f4") or not payload.flags.c_contiguous:
             raise ValueError("send_frame: a vector payload must be contiguous little-endian float32")
         payload = memoryview(payload).cast("B")
-    sock.sendall(HEADER.pack(MAGIC, PROTOCOL, msg, count, len(payload), seq, version))
-    if len(payload):
-        sock.sendall(payload)
+    send_parts(sock, [HEADER.pack(MAGIC, PROTOCOL, msg, count, len(payload), seq, version), payload])
+
+
+def send_parts(sock, parts):
+    """Send byte buffers back to back, with no concatenated copy of a multi-megabyte payload.
+
+    One sendmsg puts the header and as much payload as the socket takes in one system call (all
+    of a small frame); whatever is left goes out through sendall, whose loop runs in C."""
+    views = [memoryview(part).cast("B") for part in parts if len(part)]
+    sent = sock.sendmsg(views) if views else 0
+    for view in views:
+        if sent < len(view):
+            sock.sendall(view[sent:])
+        sent = max(0, sent - len(view))
 
 
 def send_json(sock, msg, body, seq=0, version=0):

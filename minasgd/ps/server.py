@@ -314,6 +314,26 @@ class ParameterServer:
                 self.workers[worker_id].fetches += 1
             return self.version, self.done
 
+    def fetch_snapshot(self, worker_id):
+        """(params, version, done) where params is a read-only snapshot of the current version.
+
+        Every fetch of the same version shares one snapshot: it is copied once, the first time a
+        version is fetched, and swapped for a new one after an update; the old array stays valid
+        for whoever is still sending it (nothing ever writes to it). A fetch therefore costs no
+        copy at all while the parameters do not change, and the lock is never held while sending.
+        """
+        self.ready.wait()
+        with self.cond:
+            snap = getattr(self, "_fetch_snapshot", None)
+            if snap is None or snap[1] != self.version:
+                params = self.params.copy()
+                params.flags.writeable = False
+                snap = self._fetch_snapshot = (params, self.version)
+            self.fetches += 1
+            if worker_id in self.workers:
+                self.workers[worker_id].fetches += 1
+            return snap[0], snap[1], self.done
+
     def push(self, worker_id, grad, base_version, batches=1):
         """Apply (async) or gather (sync) one pushed gradient sum; returns {"version", "lr", "done"}.
 

@@ -284,11 +284,10 @@ class TcpServer:
 
     def _serve_requests(self, sock, rx, worker_id):
         """Answer FETCH, PUSH and STATS until BYE; returns why the worker left."""
-        params = np.empty(self.ps.num_params, dtype=np.float32)  # this connection's send buffer
         while True:
             frame = rx.recv()
             if frame.type == Msg.FETCH:
-                version, done = self.ps.fetch_into(worker_id, params)
+                params, version, done = self.ps.fetch_snapshot(worker_id)  # shared, read-only: no copy
                 if done:
                     send_json(sock, Msg.BYE, {"reason": "training finished"}, seq=frame.seq)
                     return "training finished"

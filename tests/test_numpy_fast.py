@@ -1,0 +1,130 @@
+"""The NumPy fast path (`numpy_fast`) against the readable reference (`numpy_backend`), plus gradchecks."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from minasgd import backends
+from minasgd.backends import numpy_backend as ref
+from minasgd.backends import numpy_fast as fast
+
+from gradcheck import assert_close, numeric_grad
+from test_reference_ops import CONV_CASES
+
+POOL_SHAPES = [(2, 3, 7, 7), (3, 2, 8, 9), (1, 1, 3, 3), (2, 2, 15, 15), (1, 2, 4, 6)]
+
+
+def test_get_numpy_is_the_fast_path_and_the_reference_stays_reachable():
+    assert backends.get("numpy") is fast
+    assert backends.get("numpy-reference") is ref
+    for op in backends.OPS:
+        assert callable(getattr(fast, op)), op
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", CONV_CASES + [(3, 4, 11, 10, 5, 3, 3, 1, 1)])
+def test_conv_matches_reference(case, dtype):
+    n, c, h, w, k, r, s, stride, pad = case
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    wt = rng.standard_normal((k, c, r, s)).astype(dtype)
+    b = rng.standard_normal(k).astype(dtype)
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-12)
+    for _ in range(2):  # the second call runs on the kept buffers
+        y = fast.conv2d_forward(x, wt, b, stride, pad)
+        assert y.dtype == dtype and y.flags.c_contiguous
+        assert_close(y, ref.conv2d_forward(x, wt, b, stride, pad), **tol)
+        dy = rng.standard_normal(y.shape).astype(dtype)
+        for need_dx in (True, False):
+            got = fast.conv2d_backward(dy, x, wt, stride, pad, need_dx)
+            want = ref.conv2d_backward(dy, x, wt, stride, pad, need_dx)
+            for g, e in zip(got, want):
+                if e is None:
+                    assert g is None
+                else:
+                    assert_close(g, e, **tol)
+
+
+def test_conv_backward_sees_an_input_changed_in_place_since_the_forward():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 3, 6, 6)).astype(np.float32)
+    wt = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    y = fast.conv2d_forward(x, wt, np.zeros(4, np.float32), 1, 1)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    x[1, 2, 3, 4] += 5.0  # same array object, new values: the kept im2col matrix is stale
+    assert_close(fast.conv2d_backward(dy, x, wt, 1, 1)[1], ref.conv2d_backward(dy, x, wt, 1, 1)[1])
+
+
+def test_conv_results_are_fresh_arrays_not_kept_buffers():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 2, 5, 5)).astype(np.float32)
+    wt = rng.standard_normal((3, 2, 3, 3)).astype(np.float32)
+    b = np.zeros(3, np.float32)
+    y1 = fast.conv2d_forward(x, wt, b, 1, 1)
+    dx1, dw1, _ = fast.conv2d_backward(y1, x, wt, 1, 1)
+    first = (y1.copy(), dx1.copy(), dw1.copy())
+    fast.conv2d_forward(-x, wt, b, 1, 1)
+    fast.conv2d_backward(-y1, -x, wt, 1, 1)
+    for kept, now in zip(first, (y1, dx1, dw1)):
+        np.testing.assert_array_equal(kept, now)
+
+
+@pytest.mark.parametrize("case", CONV_CASES[:3])
+def test_fast_conv_gradcheck(case):
+    n, c, h, w, k, r, s, stride, pad = case
+    rng = np.random.default_rng(0)
+    x, wt, b = rng.standard_normal((n, c, h, w)), rng.standard_normal((k, c, r, s)), rng.standard_normal(k)
+    cw = rng.standard_normal(fast.conv2d_forward(x, wt, b, stride, pad).shape)
+    f = lambda: float((fast.conv2d_forward(x, wt, b, stride, pad) * cw).sum())
+    num_x, num_w = numeric_grad(f, x), numeric_grad(f, wt)  # perturbs x in place: the cache must notice
+    dx, dw, db = fast.conv2d_backward(cw, x, wt, stride, pad)
+    assert_close(dx, num_x, rtol=1e-5, atol=1e-6)
+    assert_close(dw, num_w, rtol=1e-5, atol=1e-6)
+    assert_close(db, cw.sum(axis=(0, 2, 3)), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("size, stride", [(3, 2), (2, 2), (3, 1)])
+@pytest.mark.parametrize("shape", POOL_SHAPES)
+def test_maxpool_matches_reference_including_ties(shape, size, stride):
+    rng = np.random.default_rng(4)
+    x = np.maximum(rng.standard_normal(shape).astype(np.float32), 0)  # ReLU output: many tied zeros
+    x[..., :2, :] = 1.0  # and whole tied rows
+    y, argmax = fast.maxpool2d_forward(x, size, stride)
+    want_y, want_argmax = ref.maxpool2d_forward(x, size, stride)
+    np.testing.assert_array_equal(y, want_y)
+    np.testing.assert_array_equal(argmax, want_argmax)
+    assert argmax.dtype == np.int32
+
+
+def test_threads_do_not_share_buffers():
+    rng = np.random.default_rng(5)
+    wt = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    b = np.zeros(16, np.float32)
+    inputs = [rng.standard_normal((8, 8, 16, 16)).astype(np.float32) for _ in range(2)]
+    wants = [ref.conv2d_backward(ref.conv2d_forward(x, wt, b, 1, 1), x, wt, 1, 1) for x in inputs]
+    errors = []
+
+    def train(x, want):
+        for _ in range(20):
+            dx, dw, _ = fast.conv2d_backward(fast.conv2d_forward(x, wt, b, 1, 1), x, wt, 1, 1)
+            if not (np.allclose(dw, want[1], rtol=1e-3, atol=1e-3) and np.allclose(dx, want[0], rtol=1e-3, atol=1e-3)):
+                errors.append("mismatch")
+
+    threads = [threading.Thread(target=train, args=xw) for xw in zip(inputs, wants)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_kept_buffers_stay_under_the_byte_cap(monkeypatch):
+    monkeypatch.setattr(fast, "_MAX_BYTES", 64 * 1024)
+    rng = np.random.default_rng(6)
+    wt = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    for n in range(1, 40):  # a new batch size every call: new buffers every call
+        x = rng.standard_normal((n, 3, 8, 8)).astype(np.float32)
+        assert_close(fast.conv2d_forward(x, wt, np.zeros(4, np.float32), 1, 1),
+                     ref.conv2d_forward(x, wt, np.zeros(4, np.float32), 1, 1))
+        assert sum(b.nbytes for b in fast._caches()[0].values()) <= 64 * 1024 or len(fast._caches()[0]) <= 2

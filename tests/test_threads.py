@@ -1,0 +1,56 @@
+"""The BLAS thread rule for training processes (minasgd.threads) and the step benchmark's numbers."""
+
+import numpy as np
+import pytest
+
+from minasgd import backends, bench_step, threads
+from minasgd.model import Model
+
+
+def test_one_thread_unless_the_environment_names_a_count():
+    assert threads.chosen_blas_threads({})[0] == 1
+    assert threads.chosen_blas_threads({"OMP_NUM_THREADS": "3"}) == (3, "from OMP_NUM_THREADS")
+    assert threads.chosen_blas_threads({"OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "3"})[0] == 2
+    with pytest.raises(ValueError, match="OPENBLAS_NUM_THREADS"):
+        threads.chosen_blas_threads({"OPENBLAS_NUM_THREADS": "many"})
+
+
+def test_training_block_sets_the_count_and_puts_it_back():
+    before = threads.blas_threads()
+    with threads.blas_threads_for_training({}) as line:
+        assert threads.blas_threads() == 1
+        assert line.startswith("BLAS threads: 1 (")
+    assert threads.blas_threads() == before
+
+
+def test_step_flops_counts_forward_and_both_gradients():
+    model = Model("micro", backends.get("numpy"))
+    fwd = model.flops_per_image()
+    first = model.layers[0].flops()
+    assert bench_step.step_flops(model, 4) == 4 * (3 * fwd - first)
+
+
+def test_bench_step_gives_a_row_per_thread_setting():
+    result = bench_step.measure("numpy", "micro", batch_size=4, repeats=1)
+    assert [row["threads"] for row in result["rows"]] == ["1 each", "default"]
+    assert result["rows"][0]["blas_threads"] == 1
+    assert all(row["ours_seconds"] > 0 and np.isfinite(row["ours_gflops"]) for row in result["rows"])
+
+
+def test_single_process_training_runs_on_one_blas_thread_and_says_so(tmp_path, monkeypatch):
+    from minasgd import train as train_module
+
+    for name in threads.ENV_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    seen = []
+    real_lr = train_module.learning_rate
+    monkeypatch.setattr(train_module, "learning_rate", lambda *a: (seen.append(threads.blas_threads()), real_lr(*a))[1])
+    before = threads.blas_threads()
+    events = []
+    cfg = train_module.TrainConfig(dataset="shapes:64,16", data_root=str(tmp_path), model="micro", epochs=1,
+                                   batch_size=16, out=str(tmp_path / "run"))
+    train_module.train(cfg, on_event=events.append)
+    assert seen and set(seen) == {1}
+    said = [e["text"] for e in events if e["kind"] == "threads"]
+    assert len(said) == 1 and said[0].startswith("BLAS threads: 1 (one per training process")
+    assert threads.blas_threads() == before
