@@ -22,11 +22,10 @@ import shutil
 if shutil.which("nvidia-smi") is None:  # no GPU: run the kernels on Numba's CUDA simulator
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 os.environ.setdefault("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", "0")
-# One BLAS thread: this tutorial's matrices are small, and a BLAS that starts a thread per core
-# on a machine that is busy with other work thrashes (measured 5-10x slower on 2 shared cores).
-# Must be set before NumPy is imported; set it yourself to override.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+# One BLAS thread per training process (`_common` applies the rule of `minasgd/threads.py`,
+# and `minasgd train` does the same in its workers): processes that each start a BLAS thread
+# per core fight over a busy machine's cores (measured 5-10x slower on 2 shared cores).
+# Set OPENBLAS_NUM_THREADS yourself to choose another count.
 
 import numpy as np  # noqa: E402
 

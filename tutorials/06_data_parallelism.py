@@ -22,11 +22,10 @@ import sys
 
 if shutil.which("nvidia-smi") is None:  # no GPU: any CUDA code would run on Numba's simulator
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
-# One BLAS thread per process: the server and two workers share this machine's cores, and a
-# BLAS that starts a thread per core in each process thrashes (5-10x slower measured on 2 busy
-# cores). `minasgd train --workers` pins its workers the same way.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+# One BLAS thread per training process (`_common` applies the rule of `minasgd/threads.py`,
+# and `minasgd train` does the same in its workers): processes that each start a BLAS thread
+# per core fight over a busy machine's cores (measured 5-10x slower on 2 shared cores).
+# Set OPENBLAS_NUM_THREADS yourself to choose another count.
 
 import numpy as np  # noqa: E402
 
