@@ -37,7 +37,7 @@ import threading
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from . import shapes
+from ..kernels import shapes
 from .numpy_backend import (  # noqa: F401  (the ops this module does not redo)
     F32, asarray, axpy, copy_into, dropout_backward, dropout_forward, linear_backward, linear_forward,
     maxpool2d_backward, relu_backward, relu_forward, sgd_update, softmax_cross_entropy, synchronize, to_numpy, zeros,
