@@ -13,7 +13,7 @@
 # 3. **Backends are interchangeable**: the same model runs on NumPy or on the CUDA kernels.
 #
 # Files: `minasgd/model.py`, `minasgd/layers.py`, `minasgd/optim.py`, `minasgd/train.py`.
-# Run: `python tutorials/05_the_whole_net.py` (about 30 s on 2 CPU cores; the training is on NumPy).
+# Run: `python tutorials/05_the_whole_net.py` (about 20 s on 2 CPU cores; the training is on NumPy).
 
 # %%
 import os

@@ -19,7 +19,7 @@
 #
 # The budgets are tiny, so the numbers are noisy and accuracies low: read them as a demo of
 # the method, not as a result. `minasgd experiment workers|warmstart` runs the real versions.
-# Run: `python tutorials/07_reproducing_the_paper.py` (about a minute on 2 CPU cores).
+# Run: `python tutorials/07_reproducing_the_paper.py` (about 30 s on 2 CPU cores).
 
 # %%
 import json
