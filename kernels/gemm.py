@@ -14,6 +14,12 @@ linear layer without copying a transpose:
        shared memory, the block synchronises, and every thread does TILE multiply-adds out of
        shared memory. Each element of A and B is read from global memory TILE times less often
        than in v1. Loads of a transposed operand read along its rows, so they stay coalesced.
+    v3 tiled_padded: v2 with each shared tile one column wider (TILE x (TILE + 1)). A transposed
+       operand is STORED down a column of its tile (sa[tx, ty]): in v2 the 32 threads of a warp
+       then write addresses TILE floats apart, which fall in the same few of shared memory's 32
+       banks and are served one after another (an 8-way conflict at TILE 16, 32-way at 32). The
+       unused extra column shifts each row by one bank, so the same stores hit distinct banks.
+       Same code, same arithmetic: only the shared arrays' row length differs (tutorial 10).
 
 Shapes: op(A) is (M, K), op(B) is (K, N), C is (M, N). The tile size is a compile-time
 constant, so `tiled_kernel(tile)` builds (and caches) one kernel per size.
@@ -51,10 +57,10 @@ def gemm_naive(a, b, c, trans_a, trans_b, bias, has_bias):
 
 
 @functools.cache
-def tiled_kernel(tile):
-    """Build the shared-memory tiled GEMM for a tile x tile thread block."""
+def tiled_kernel(tile, pad=0):
+    """Build the shared-memory tiled GEMM for a tile x tile thread block (v2; pad=1: v3, rows tile + 1 long)."""
+    width = tile + pad  # row length of the shared tiles; columns tile .. width-1 are never used
 
-    @cuda.jit(cache=True)
     def gemm_tiled(a, b, c, trans_a, trans_b, bias, has_bias):
         """C = op(A) op(B) (+ bias) by tiles. Block (bx, by) owns C[by*T : by*T+T, bx*T : bx*T+T];
         thread (tx, ty) computes C[row, col] with row = by*T + ty, col = bx*T + tx.
@@ -68,8 +74,8 @@ def tiled_kernel(tile):
         m, n = c.shape
         k_dim = a.shape[0] if trans_a else a.shape[1]
 
-        sa = cuda.shared.array((tile, tile), float32)  # sa[i, kk] = op(A)[row0 + i, k0 + kk]
-        sb = cuda.shared.array((tile, tile), float32)  # sb[kk, j] = op(B)[k0 + kk, col0 + j]
+        sa = cuda.shared.array((tile, width), float32)  # sa[i, kk] = op(A)[row0 + i, k0 + kk]
+        sb = cuda.shared.array((tile, width), float32)  # sb[kk, j] = op(B)[k0 + kk, col0 + j]
 
         # BEGIN SOLUTION task 5.1: for each K-slab k0 = 0, tile, 2*tile, ...: each thread stages one element of op(A) into sa and one of op(B) into sb (0 outside the matrices; a transposed operand is read as A[k, i] / B[j, k]), cuda.syncthreads(), acc += sum over kk of sa[ty, kk] * sb[kk, tx], cuda.syncthreads(); finally, inside the bounds, c[row, col] = acc (+ bias[col] if has_bias)
         acc = float32(0)
@@ -100,7 +106,9 @@ def tiled_kernel(tile):
             c[row, col] = acc
         # END SOLUTION
 
-    return gemm_tiled
+    if pad:  # v3 under its own name: the race checker, the compile table and profilers tell them apart
+        gemm_tiled.__name__ = gemm_tiled.__qualname__ = "gemm_tiled_padded"
+    return cuda.jit(cache=True)(gemm_tiled)
 
 
 # ---------------------------------------------------------------- launchers
@@ -110,10 +118,10 @@ def launch_naive(a, b, c, trans_a, trans_b, bias):
     gemm_naive[blocks, threads](a, b, c, trans_a, trans_b, _bias_arg(bias, c), bias is not None)
 
 
-def launch_tiled(a, b, c, trans_a, trans_b, bias, tile=TILE):
+def launch_tiled(a, b, c, trans_a, trans_b, bias, tile=TILE, pad=0):
     m, n = c.shape
     grid = ((n + tile - 1) // tile, (m + tile - 1) // tile)
-    tiled_kernel(tile)[grid, (tile, tile)](a, b, c, trans_a, trans_b, _bias_arg(bias, c), bias is not None)
+    tiled_kernel(tile, pad)[grid, (tile, tile)](a, b, c, trans_a, trans_b, _bias_arg(bias, c), bias is not None)
 
 
 def _bias_arg(bias, c):
@@ -126,12 +134,12 @@ def signatures():
     args = (F2, F2, F2, BOOL, BOOL, F1, BOOL)
     return [Signature("gemm_naive", "v1 naive", gemm_naive, args, THREADS)] + [
         Signature(f"gemm_tiled {t}x{t}", "v2 tiled", tiled_kernel(t), args, t * t) for t in TILES
-    ]
+    ] + [Signature(f"gemm_tiled_padded {t}x{t}", "v3 tiled_padded", tiled_kernel(t, 1), args, t * t) for t in TILES]
 
 
 # ---------------------------------------------------------------- public functions
 
-VERSIONS = ("naive", "tiled")
+VERSIONS = ("naive", "tiled", "tiled_padded")
 
 
 def gemm(a, b, trans_a=False, trans_b=False, bias=None, out=None, version="tiled", tile=TILE):
@@ -149,6 +157,8 @@ def gemm(a, b, trans_a=False, trans_b=False, bias=None, out=None, version="tiled
         launch_naive(a, b, c, trans_a, trans_b, bias)
     elif version == "tiled":
         launch_tiled(a, b, c, trans_a, trans_b, bias, tile)
+    elif version == "tiled_padded":
+        launch_tiled(a, b, c, trans_a, trans_b, bias, tile, pad=1)
     else:
         raise ValueError(f"gemm: unknown version {version!r}; choose one of {VERSIONS}")
     return c

@@ -3,6 +3,12 @@
     sum_over_batch  v1 block reduction: out[k] = scale * sum_{n, l} x[n, k, l]. One block per
                     output k (grid-stride over k). Its threads each sum a strided share of the
                     N*L terms into a register, then halve the shared-memory partials log2(B) times.
+    block_sum       the whole array to one number: out[0] = sum of x. Every thread of the grid
+                    sums a grid-strided share into a register; each block tree-reduces its
+                    partials in shared memory (a barrier per halving step), then its thread 0
+                    adds the block's total to out[0] with ONE cuda.atomic.add. Blocks finish in
+                    any order, so on a GPU the float32 total can differ in the last bits from
+                    run to run (float addition is not associative); tutorial 9 shows it.
 
 The same kernel serves three callers by viewing their input as (N, K, L):
     conv bias     dy (N, K, P, Q) -> (N, K, P*Q)     db[k] = sum over n, p, q
@@ -14,6 +20,7 @@ import numpy as np
 from numba import cuda, float32
 
 from .common import F1, F3, F32, MAX_BLOCKS, THREADS, Signature, output
+from .elementwise import fill
 
 BLOCK = THREADS  # threads per block, a power of two (a compile-time constant for the shared array)
 
@@ -45,7 +52,35 @@ def sum_over_batch_kernel(x3, out, scale):
         cuda.syncthreads()  # partial[0] is read before the next k overwrites it
 
 
+@cuda.jit(cache=True)
+def block_sum_kernel(x, out):
+    """out[0] += sum of x. Thread (b, t) sums x[i] for i = b*BLOCK + t, + gridsize, ...; the block
+    halves its BLOCK partials in shared memory; thread 0 adds the block total atomically. out is zeroed.
+    """
+    tid = cuda.threadIdx.x
+    partial = cuda.shared.array(BLOCK, float32)
+    acc = float32(0)
+    for i in range(cuda.grid(1), x.size, cuda.gridsize(1)):
+        acc += x[i]
+    partial[tid] = acc
+    cuda.syncthreads()  # every partial is written before any thread reads a neighbour's
+    # BEGIN SOLUTION task 7.1: tree: half = BLOCK // 2; while half > 0: threads tid < half add partial[tid + half] into partial[tid]; EVERY thread then calls cuda.syncthreads() (outside the if); half //= 2. Finish: thread 0 adds partial[0] to out[0] with cuda.atomic.add (other blocks add theirs too)
+    half = BLOCK // 2
+    while half > 0:
+        if tid < half:
+            partial[tid] += partial[tid + half]
+        cuda.syncthreads()  # this step's sums are written before the next step reads them
+        half //= 2
+    if tid == 0:
+        cuda.atomic.add(out, 0, partial[0])  # several blocks add to one number
+    # END SOLUTION
+
+
 # ---------------------------------------------------------------- launchers
+
+def launch_block_sum(x, out, blocks):
+    block_sum_kernel[blocks, BLOCK](x, out)
+
 
 def launch_sum_over_batch(x3, out, scale):
     blocks = max(1, min(x3.shape[1], MAX_BLOCKS))
@@ -54,7 +89,8 @@ def launch_sum_over_batch(x3, out, scale):
 
 def signatures():
     """What the launcher above passes (see `common.Signature`)."""
-    return [Signature("sum_over_batch_kernel", "v1", sum_over_batch_kernel, (F3, F1, F32), BLOCK)]
+    return [Signature("sum_over_batch_kernel", "v1", sum_over_batch_kernel, (F3, F1, F32), BLOCK),
+            Signature("block_sum_kernel", "v1 tree + atomic", block_sum_kernel, (F1, F1), BLOCK)]
 
 
 # ---------------------------------------------------------------- public functions
@@ -66,6 +102,21 @@ def sum_over_batch(x, scale=1.0, out=None):
     x3 = x.reshape(n, k, x.size // max(n * k, 1))
     s = output((k,), x.dtype, out, "sum_over_batch out")
     launch_sum_over_batch(x3, s, scale)
+    return s
+
+
+def block_sum(x, out=None, blocks=None):
+    """The sum of every element of a contiguous float32 array -> a (1,) device array.
+
+    `blocks` (default: enough for one element per thread, at most MAX_BLOCKS) sets how many
+    blocks add their totals atomically.
+    """
+    flat = x.reshape(x.size)
+    s = output((1,), x.dtype, out, "block_sum out")
+    fill(s, 0.0)  # the blocks ADD into it
+    if blocks is None:
+        blocks = max(1, min((x.size + BLOCK - 1) // BLOCK, MAX_BLOCKS))
+    launch_block_sum(flat, s, blocks)
     return s
 
 

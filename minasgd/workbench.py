@@ -200,10 +200,11 @@ def gemm_configs(shapes, tiles):
                     ("backward dw = dy^T x", (dy, x, True, False, None), dy.T @ x))
         for what, (a, bm, ta, tb, bias), expect in products:
             a_, b_, bias_ = dev(a), dev(bm), None if bias is None else dev(bias)
-            for version, tile in [("naive", None)] + [("tiled", t) for t in tiles]:
+            for version, tile in [("naive", None)] + [(v, t) for t in tiles for v in ("tiled", "tiled_padded")]:
                 c = nan(expect.shape)
                 kw = {} if tile is None else {"tile": tile}
-                label = f"{L['name']} {what} {'v1 naive' if tile is None else f'v2 tiled {tile}x{tile}'}"
+                name = {"naive": "v1 naive", "tiled": "v2 tiled", "tiled_padded": "v3 tiled_padded"}[version]
+                label = f"{L['name']} {what} {name}" + ("" if tile is None else f" {tile}x{tile}")
                 out.append(Config("gemm", label, lambda a=a_, b=b_, ta=ta, tb=tb, bias=bias_, c=c, v=version, kw=kw:
                                   gemm.gemm(a, b, ta, tb, bias=bias, out=c, version=v, **kw), expect, flops, "GFLOP/s"))
     return out
@@ -260,6 +261,10 @@ def reduce_configs(shapes, tiles):
     l_, s = dev(losses), nan((1,))
     out.append(Config("reduce", f"mean loss ({batch},)", lambda: reduce.sum_over_batch(l_, scale=1.0 / batch, out=s),
                       np.array([losses.sum() / batch], np.float32), 4.0 * batch, "GB/s"))
+    grads = randn(shapes["largest"])  # block_sum: a tree per block, an atomic finish (not bit-deterministic)
+    g_, t = dev(grads), nan((1,))
+    out.append(Config("reduce", f"block_sum ({grads.size},)", lambda: reduce.block_sum(g_, out=t),
+                      np.array([grads.astype(np.float64).sum()], np.float32), 4.0 * grads.size, "GB/s"))
     return out
 
 

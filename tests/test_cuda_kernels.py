@@ -21,7 +21,8 @@ from numba import cuda
 from minasgd.backends import numpy_backend as ref
 from minasgd.kernels import conv, dropout_hash, elementwise, gemm, optim, pool, reduce, softmax
 
-from gradcheck import assert_close
+from gradcheck import assert_close, assert_equal
+from races import racecheck
 
 # The simulator computes the dropout hash with NumPy uint32 scalars, which warn when they wrap (on purpose).
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
@@ -51,7 +52,8 @@ def randn(rng, *shape):
 # ---------------------------------------------------------------- gemm
 
 TRANSPOSES = [(False, False), (False, True), (True, False), (True, True)]
-GEMM_CASES = [("naive", None, *t) for t in TRANSPOSES] + [("tiled", 16, *t) for t in TRANSPOSES] + [("tiled", 4, False, True)]
+GEMM_CASES = ([("naive", None, *t) for t in TRANSPOSES] + [("tiled", 16, *t) for t in TRANSPOSES] + [("tiled", 4, False, True)]
+              + [("tiled_padded", 4, *t) for t in TRANSPOSES])
 
 
 @pytest.mark.parametrize("version,tile,trans_a,trans_b", GEMM_CASES)
@@ -73,6 +75,17 @@ def test_gemm_without_bias_batch_one(rng, version):
     x, w = randn(rng, 1, 5), randn(rng, 3, 5)  # a batch of one: y = x w^T
     c = gemm.gemm(dev(x), dev(w), trans_b=True, out=nan_out((1, 3)), version=version)
     assert_close(host(c), x @ w.T, **TINY)
+
+
+@pytest.mark.parametrize("version", ["tiled", "tiled_padded"])
+@pytest.mark.task_5_1
+def test_gemm_tiled_versions_are_race_free(rng, version):
+    """Under the race checker: both barriers per slab are needed (a missing one is a race even
+    when the simulator's thread order happens to give the right numbers)."""
+    a, b = randn(rng, 9, 6), randn(rng, 7, 9)  # op(A) = A^T (6 x 9), op(B) = B^T (9 x 7): both staged transposed
+    with racecheck():
+        c = gemm.gemm(dev(a), dev(b), trans_a=True, trans_b=True, out=nan_out((6, 7)), version=version, tile=4)
+    assert_close(host(c), a.T @ b.T, **TINY)
 
 
 def test_gemm_rejects_mismatched_shapes(rng):
@@ -162,20 +175,38 @@ POOL_CASES = [((1, 1, 5, 5), 3, 2), ((2, 3, 7, 6), 3, 2), ((1, 2, 6, 6), 2, 2), 
 
 
 @pytest.mark.parametrize("shape,size,stride", POOL_CASES)
-@pytest.mark.task_3_2
 @pytest.mark.task_3_1
-def test_maxpool2d_forward_and_backward(rng, shape, size, stride):
+def test_maxpool2d_forward(rng, shape, size, stride):
     x = randn(rng, *shape)
     y_ref, arg_ref = ref.maxpool2d_forward(x, size, stride)
     y, arg = pool.maxpool2d_forward(dev(x), size, stride, out=nan_out(y_ref.shape), out_argmax=nan_out(y_ref.shape, np.int32))
-    assert np.array_equal(host(y), y_ref) and np.array_equal(host(arg), arg_ref)
+    assert_equal(host(y), y_ref, "max-pool output")
+    assert_equal(host(arg), arg_ref, "argmax")
     assert host(arg).dtype == np.int32
-    dy = randn(rng, *y_ref.shape)
+
+
+# The backward tests take the argmax from the NumPy reference, not from the forward kernel, so
+# task 3.2 is graded on its own (whatever the state of task 3.1).
+
+@pytest.mark.parametrize("shape,size,stride", POOL_CASES)
+@pytest.mark.task_3_2
+def test_maxpool2d_backward(rng, shape, size, stride):
+    x = randn(rng, *shape)
+    _, arg_ref = ref.maxpool2d_forward(x, size, stride)
+    dy = randn(rng, *arg_ref.shape)
     dx_ref = ref.maxpool2d_backward(dy, arg_ref, shape)
-    dx = pool.maxpool2d_backward(dev(dy), arg, shape, out=nan_out(shape))
+    with racecheck():
+        dx = pool.maxpool2d_backward(dev(dy), dev(arg_ref), shape, out=nan_out(shape))
     assert_close(host(dx), dx_ref, **TINY)
-    dx = pool.maxpool2d_backward_gather(dev(dy), arg, shape, size, stride, out=nan_out(shape))
-    assert_close(host(dx), dx_ref, **TINY)
+
+
+@pytest.mark.parametrize("shape,size,stride", POOL_CASES)
+def test_maxpool2d_backward_gather(rng, shape, size, stride):
+    x = randn(rng, *shape)
+    _, arg_ref = ref.maxpool2d_forward(x, size, stride)
+    dy = randn(rng, *arg_ref.shape)
+    dx = pool.maxpool2d_backward_gather(dev(dy), dev(arg_ref), shape, size, stride, out=nan_out(shape))
+    assert_close(host(dx), ref.maxpool2d_backward(dy, arg_ref, shape), **TINY)
 
 
 @pytest.mark.task_3_1
@@ -185,7 +216,8 @@ def test_maxpool2d_ties_pick_the_first_maximum():
     x[0, 1] = 5.0
     y_ref, arg_ref = ref.maxpool2d_forward(x, 3, 2)
     y, arg = pool.maxpool2d_forward(dev(x), 3, 2)
-    assert np.array_equal(host(y), y_ref) and np.array_equal(host(arg), arg_ref)
+    assert_equal(host(y), y_ref, "max-pool output")
+    assert_equal(host(arg), arg_ref, "argmax (ties must keep the first maximum)")
 
 
 def test_maxpool2d_backward_gather_is_reachable_through_the_backend(rng, monkeypatch):
@@ -210,13 +242,16 @@ def test_maxpool2d_backward_gather_is_reachable_through_the_backend(rng, monkeyp
 
 @pytest.mark.task_3_2
 def test_maxpool2d_overlapping_windows_accumulate():
-    x = np.zeros((1, 1, 5, 5), np.float32)
-    x[0, 0, 2, 2] = 1.0  # the max of all four overlapping 3x3/2 windows
-    y, arg = pool.maxpool2d_forward(dev(x), 3, 2)
+    # all four overlapping 3x3/2 windows of a 5x5 plane have their max at (2, 2): four threads
+    # add to one pixel, which a plain += instead of cuda.atomic.add gets wrong on a GPU
+    arg = dev(np.full((1, 1, 2, 2), 2 * 5 + 2, np.int32))
     ones = dev(np.ones((1, 1, 2, 2), np.float32))
-    for dx in (pool.maxpool2d_backward(ones, arg, x.shape), pool.maxpool2d_backward_gather(ones, arg, x.shape, 3, 2)):
-        dx = host(dx)
-        assert dx[0, 0, 2, 2] == 4.0 and dx.sum() == 4.0
+    with racecheck():
+        dx = host(pool.maxpool2d_backward(ones, arg, (1, 1, 5, 5)))
+    expect = np.zeros((1, 1, 5, 5), np.float32)
+    expect[0, 0, 2, 2] = 4.0
+    assert_equal(dx, expect, "dx")
+    assert_equal(host(pool.maxpool2d_backward_gather(ones, arg, (1, 1, 5, 5), 3, 2)), expect, "dx (gather)")
 
 
 # ---------------------------------------------------------------- elementwise
@@ -226,10 +261,10 @@ def test_relu_forward_backward(rng):
     x = randn(rng, 3, 5, 7)  # 105 elements: several grid-stride trips on the simulator
     x[0, 0, :3] = 0.0
     y = elementwise.relu_forward(dev(x), out=nan_out(x.shape))
-    assert np.array_equal(host(y), ref.relu_forward(x))
+    assert_equal(host(y), ref.relu_forward(x), "relu forward")
     dy = randn(rng, *x.shape)
     dx = elementwise.relu_backward(dev(dy), y, out=nan_out(x.shape))
-    assert np.array_equal(host(dx), ref.relu_backward(dy, ref.relu_forward(x)))
+    assert_equal(host(dx), ref.relu_backward(dy, ref.relu_forward(x)), "relu backward")
 
 
 @pytest.mark.parametrize("p,seed", [(0.5, 7), (0.25, 2**32 + 3), (0.0, 1), (0.9, 123456789)])
@@ -237,9 +272,9 @@ def test_relu_forward_backward(rng):
 def test_dropout_mask_is_bit_identical(rng, p, seed):
     x = randn(rng, 4, 37)
     y = elementwise.dropout(dev(x), p, seed, out=nan_out(x.shape))
-    assert np.array_equal(host(y), ref.dropout_forward(x, p, seed))
+    assert_equal(host(y), ref.dropout_forward(x, p, seed), "dropout forward")
     dy = randn(rng, 4, 37)
-    assert np.array_equal(host(elementwise.dropout(dev(dy), p, seed)), ref.dropout_backward(dy, p, seed))
+    assert_equal(host(elementwise.dropout(dev(dy), p, seed)), ref.dropout_backward(dy, p, seed), "dropout backward")
 
 
 @pytest.mark.task_1_2
@@ -247,13 +282,13 @@ def test_dropout_hash_device_function_matches_numpy():
     # the kernel's keep decision is exactly `hash32 >= threshold`: check it on ones, p ~ 1/2
     n = 150
     y = host(elementwise.dropout(dev(np.ones(n, np.float32)), 0.5, seed=1))
-    assert np.array_equal(y > 0, dropout_hash.keep_mask(1, n, 0.5))
+    assert_equal(y > 0, dropout_hash.keep_mask(1, n, 0.5), "kept elements")
 
 
 def test_fill_writes_every_element():
     buf = nan_out((3, 41))
     elementwise.fill(buf, 2.5)
-    assert np.array_equal(host(buf), np.full((3, 41), 2.5, np.float32))
+    assert_equal(host(buf), np.full((3, 41), 2.5, np.float32), "filled buffer")
 
 
 # ---------------------------------------------------------------- reductions, loss, optimizer
@@ -265,6 +300,21 @@ def test_sum_over_batch(rng, shape):
     expect = x.sum(axis=axes).reshape(-1) * (0.5 if x.ndim == 1 else 1.0)
     got = reduce.sum_over_batch(dev(x), scale=0.5 if x.ndim == 1 else 1.0, out=nan_out(expect.shape))
     assert_close(host(got), expect, **TINY)
+
+
+@pytest.mark.parametrize("n,blocks", [(1, None), (37, 1), (131, 2), (200, 3)])
+@pytest.mark.task_7_1
+def test_block_sum(rng, n, blocks):
+    x = randn(rng, n)
+    with racecheck():  # several blocks finish into one number: only an atomic add is right
+        got = host(reduce.block_sum(dev(x), out=nan_out((1,)), blocks=blocks))
+    assert_close(got, np.array([x.astype(np.float64).sum()], np.float32), **TINY)
+
+
+@pytest.mark.task_7_1
+def test_block_sum_of_a_4d_array_and_exact_small_integers():
+    x = np.arange(2 * 3 * 5 * 7, dtype=np.float32).reshape(2, 3, 5, 7) % 9  # integers: every order sums exactly
+    assert_equal(host(reduce.block_sum(dev(x), blocks=2)), np.array([x.sum()], np.float32), "block_sum")
 
 
 @pytest.mark.task_4_1
@@ -317,15 +367,16 @@ def test_every_backend_has_every_op(be):
 def test_memory_ops(be):
     a = np.arange(12, dtype=np.float32).reshape(3, 4)
     d = be.asarray(a)
-    assert np.array_equal(be.to_numpy(d), a)
+    assert_equal(be.to_numpy(d), a, "asarray round trip")
     z = be.zeros((5, 7))
-    assert np.array_equal(be.to_numpy(z), np.zeros((5, 7), np.float32)) and be.to_numpy(z).dtype == np.float32
+    assert_equal(be.to_numpy(z), np.zeros((5, 7), np.float32), "zeros")
+    assert be.to_numpy(z).dtype == np.float32
     dst = be.zeros((3, 4))
     be.copy_into(dst, d)  # device to device
-    assert np.array_equal(be.to_numpy(dst), a)
+    assert_equal(be.to_numpy(dst), a, "device-to-device copy")
     be.copy_into(dst, a * 2)  # from the host
     be.synchronize()
-    assert np.array_equal(be.to_numpy(dst), a * 2)
+    assert_equal(be.to_numpy(dst), a * 2, "host-to-device copy")
     with pytest.raises(ValueError, match="shapes differ"):
         be.copy_into(dst, be.zeros((4, 3)))
     assert isinstance(be.NAME, str) and isinstance(be.DEVICE, str)
@@ -354,7 +405,7 @@ def test_views_of_one_flat_parameter_vector(be, rng):
     # and a gradient can be copied into a view of a flat gradient buffer
     grads = be.zeros((o[4],))
     be.copy_into(grads[o[2]:o[3]].reshape(4, 12), be.asarray(wl))
-    assert np.array_equal(be.to_numpy(grads)[o[2]:o[3]], wl.ravel())
+    assert_equal(be.to_numpy(grads)[o[2]:o[3]], wl.ravel(), "gradient view")
 
 
 @pytest.mark.parametrize("be", ["cuda"], indirect=True)
@@ -375,14 +426,15 @@ def test_every_op_matches_the_reference(be, rng):
 
     p, arg = be.maxpool2d_forward(be.asarray(x), 3, 2)
     p_ref, arg_ref = ref.maxpool2d_forward(x, 3, 2)
-    assert np.array_equal(be.to_numpy(p), p_ref) and np.array_equal(be.to_numpy(arg), arg_ref)
+    assert_equal(be.to_numpy(p), p_ref, "max-pool")
+    assert_equal(be.to_numpy(arg), arg_ref, "argmax")
     dp = randn(rng, *p_ref.shape)
     assert_close(be.to_numpy(be.maxpool2d_backward(be.asarray(dp), arg, x.shape)), ref.maxpool2d_backward(dp, arg_ref, x.shape), **TINY)
 
     r = be.relu_forward(be.asarray(x))
-    assert np.array_equal(be.to_numpy(be.relu_backward(be.asarray(x), r)), ref.relu_backward(x, ref.relu_forward(x)))
-    assert np.array_equal(be.to_numpy(be.dropout_forward(be.asarray(x), 0.5, 3)), ref.dropout_forward(x, 0.5, 3))
-    assert np.array_equal(be.to_numpy(be.dropout_backward(be.asarray(x), 0.5, 3)), ref.dropout_backward(x, 0.5, 3))
+    assert_equal(be.to_numpy(be.relu_backward(be.asarray(x), r)), ref.relu_backward(x, ref.relu_forward(x)), "relu backward")
+    assert_equal(be.to_numpy(be.dropout_forward(be.asarray(x), 0.5, 3)), ref.dropout_forward(x, 0.5, 3), "dropout forward")
+    assert_equal(be.to_numpy(be.dropout_backward(be.asarray(x), 0.5, 3)), ref.dropout_backward(x, 0.5, 3), "dropout backward")
 
     h, wl, bl = randn(rng, 3, 17), randn(rng, 13, 17), randn(rng, 13)
     assert_close(be.to_numpy(be.linear_forward(be.asarray(h), be.asarray(wl), be.asarray(bl))), ref.linear_forward(h, wl, bl), **TINY)
@@ -489,11 +541,12 @@ def test_gpu_pool_relu_dropout_real_sizes(rng, shape):
     x = randn(rng, *shape)
     y_ref, arg_ref = ref.maxpool2d_forward(x, 3, 2)
     y, arg = pool.maxpool2d_forward(dev(x), 3, 2)
-    assert np.array_equal(host(y), y_ref) and np.array_equal(host(arg), arg_ref)
+    assert_equal(host(y), y_ref, "max-pool")
+    assert_equal(host(arg), arg_ref, "argmax")
     dy = randn(rng, *y_ref.shape)
     assert_close(host(pool.maxpool2d_backward(dev(dy), arg, shape)), ref.maxpool2d_backward(dy, arg_ref, shape), **REAL)
-    assert np.array_equal(host(elementwise.relu_forward(dev(x))), ref.relu_forward(x))
-    assert np.array_equal(host(elementwise.dropout(dev(x), 0.5, 99)), ref.dropout_forward(x, 0.5, 99))
+    assert_equal(host(elementwise.relu_forward(dev(x))), ref.relu_forward(x), "relu")
+    assert_equal(host(elementwise.dropout(dev(x), 0.5, 99)), ref.dropout_forward(x, 0.5, 99), "dropout")
 
 
 @pytest.mark.gpu

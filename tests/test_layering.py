@@ -63,8 +63,6 @@ ALLOWED = {
     ("minasgd.ps.launcher", "minasgd.ps.mpi"): f"{PS_REFACTOR}: launcher starts train_mpi",
     ("minasgd.ps.mpi", "minasgd.ps.bench"): f"{PS_REFACTOR}: mpi's goodput bench borrows OPS and _time",
     ("minasgd.ps.bench", "minasgd.ps.mpi"): f"{PS_REFACTOR}: bench ps runs goodput_mpi",
-    # assignment.py (a package soon): its CLI half moves into minasgd.cli
-    ("minasgd.assignment", "rich"): "being moved in assignment package split: the tables go to minasgd.dashboard",
 }
 
 

@@ -23,6 +23,9 @@ FIGURES = {
     "05_the_whole_net.py": ["05_learning_curve.png", "05_predictions.png"],
     "06_data_parallelism.py": ["06_staleness.png"],
     "07_reproducing_the_paper.py": ["07_warm_start.png"],
+    "08_memory_coalescing.py": ["08_coalescing.png"],
+    "09_block_reduction.py": ["09_reduction.png"],
+    "10_occupancy_and_bank_conflicts.py": ["10_occupancy_banks.png"],
 }
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 

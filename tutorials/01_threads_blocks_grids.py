@@ -10,7 +10,7 @@
 # code is exactly what a GPU would run. Because of that, this tutorial never prints a
 # simulator timing as a speed: timings appear only when a real GPU is present.
 #
-# Run it with `python tutorials/01_threads_blocks_grids.py` (a minute on a laptop).
+# Run it with `python tutorials/01_threads_blocks_grids.py` (a few seconds on a laptop).
 # Files to read alongside: `kernels/elementwise.py`, `kernels/common.py`.
 
 # %%
@@ -130,18 +130,28 @@ else:
 # (`cuda.gridsize(1)`) is the number of threads in the whole grid. Any grid then covers any
 # size. `kernels/common.py:grid_1d` picks the launch: on a GPU up to 2048 blocks of 256 threads
 # (enough to fill every multiprocessor), on the simulator just 2 blocks of 32 (each simulated
-# thread costs ~0.2 ms, so fewer threads doing more work each is much faster there).
-#
-#     @cuda.jit(cache=True)
-#     def relu_forward_kernel(x, y):
-#         start = cuda.grid(1)
-#         stride = cuda.gridsize(1)
-#         for i in range(start, x.size, stride):
-#             v = x[i]
-#             y[i] = v if v > float32(0) else float32(0)
-#
-# `minasgd.kernels.elementwise.relu_forward` launches it; the NumPy reference is
-# `minasgd.backends.numpy_backend.relu_forward`. They must agree exactly: no rounding happens.
+# thread costs ~0.2 ms, so fewer threads doing more work each is much faster there). Here is
+# the pattern on another elementwise op, y = a * x:
+
+# %%
+@cuda.jit
+def scale_kernel(x, y, a):
+    start = cuda.grid(1)  # this thread's first element
+    stride = cuda.gridsize(1)  # threads in the whole grid
+    for i in range(start, x.size, stride):
+        y[i] = a * x[i]
+
+
+d_s = cuda.device_array_like(d_x)
+scale_kernel[2, 32](d_x, d_s, float32(3))  # 64 threads cover all n elements
+print(f"scale by 3 over {n} elements with 2 x 32 threads: max |error| = {C.max_err(d_s.copy_to_host(), 3 * x)}")
+
+# %% [markdown]
+# `kernels/elementwise.py:relu_forward_kernel` is ReLU written this way, and `relu_backward_kernel`
+# its gradient (dx = dy where the forward output y > 0, else 0). In the course they are
+# **task 1.1**: in a student copy of this repository they are stubs for you to write, and the
+# check below tells you whether yours match the NumPy reference
+# (`minasgd.backends.numpy_backend.relu_forward`). They must agree exactly: no rounding happens.
 
 # %%
 from minasgd.backends import numpy_backend as ref  # noqa: E402
@@ -150,14 +160,27 @@ from minasgd.kernels.common import grid_1d  # noqa: E402
 
 x4 = rng.standard_normal((4, 3, 5, 7)).astype(np.float32)  # any shape: kernels see a flat view
 blocks, threads = grid_1d(x4.size)
-y4 = elementwise.relu_forward(cuda.to_device(x4)).copy_to_host()
 print(f"grid_1d({x4.size}) = {blocks} blocks x {threads} threads, "
       f"so each thread handles about {math.ceil(x4.size / (blocks * threads))} elements")
-print(f"kernels.elementwise.relu_forward vs the NumPy reference: max |error| = {C.max_err(y4, ref.relu_forward(x4))}")
 dy4 = rng.standard_normal(x4.shape).astype(np.float32)
-dx4 = elementwise.relu_backward(cuda.to_device(dy4), cuda.to_device(y4)).copy_to_host()
-print(f"relu_backward (dx = dy where y > 0, else 0): max |error| = "
-      f"{C.max_err(dx4, ref.relu_backward(dy4, ref.relu_forward(x4)))}")
+
+
+def relu_both():
+    y = elementwise.relu_forward(cuda.to_device(x4)).copy_to_host()
+    dx = elementwise.relu_backward(cuda.to_device(dy4), cuda.to_device(y)).copy_to_host()
+    return y, dx
+
+
+def relu_reference():
+    y = ref.relu_forward(x4)
+    return y, ref.relu_backward(dy4, y)
+
+
+(y4, dx4), solved = C.exercise("1.1", relu_both, relu_reference)
+if solved:
+    print(f"kernels.elementwise.relu_forward vs the NumPy reference: max |error| = {C.max_err(y4, ref.relu_forward(x4))}")
+    print(f"relu_backward (dx = dy where y > 0, else 0): max |error| = "
+          f"{C.max_err(dx4, ref.relu_backward(dy4, ref.relu_forward(x4)))}")
 
 # %% [markdown]
 # ## 5. Two-dimensional grids

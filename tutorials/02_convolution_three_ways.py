@@ -12,7 +12,7 @@
 #
 # All three must give the same numbers; we check them against the reference.
 # Files: `minasgd/backends/numpy_backend.py` (im2col), `kernels/conv.py` (the kernels).
-# Run: `python tutorials/02_convolution_three_ways.py` (a minute or two on the simulator).
+# Run: `python tutorials/02_convolution_three_ways.py` (about 10 s on the simulator).
 
 # %%
 import os
@@ -53,6 +53,7 @@ def conv_loops(x, w, b, stride, pad):
     p_ = (h_ + 2 * pad - r_) // stride + 1
     q_ = (w_ + 2 * pad - s_) // stride + 1
     y = np.zeros((n_, k_, p_, q_), dtype=np.float32)
+    # BEGIN SOLUTION task 2.1: four loops over (n, k, p, q): acc = b[k] + sum over c, r, s of w[k, c, r, s] * x[n, c, h, col] with h = p*stride - pad + r, col = q*stride - pad + s, skipping (h, col) outside the image; y[n, k, p, q] = acc
     for n in range(n_):
         for k in range(k_):
             for p in range(p_):
@@ -65,6 +66,7 @@ def conv_loops(x, w, b, stride, pad):
                                 if 0 <= h < h_ and 0 <= col < w_:
                                     acc += w[k, c, r, s] * x[n, c, h, col]
                     y[n, k, p, q] = acc
+    # END SOLUTION
     return y
 
 
@@ -74,10 +76,11 @@ x = rng.standard_normal((N, Cin, H, W)).astype(np.float32)
 w = rng.standard_normal((K, Cin, R, R)).astype(np.float32)
 b = rng.standard_normal(K).astype(np.float32)
 y_ref = ref.conv2d_forward(x, w, b, stride, pad)
-with C.Timer() as t:
-    y_loops = conv_loops(x, w, b, stride, pad)
+with C.Timer() as t:  # an exercise of task 2.1 in the course: the check cell
+    y_loops, solved = C.exercise("2.1", lambda: conv_loops(x, w, b, stride, pad), lambda: y_ref)
 print(f"x {x.shape} * w {w.shape} (stride {stride}, pad {pad}) -> y {y_ref.shape}")
-print(f"loops: {t.seconds * 1e3:.0f} ms in Python, max |error| vs reference = {C.max_err(y_loops, y_ref):.2e}")
+if solved:
+    print(f"loops: {t.seconds * 1e3:.0f} ms in Python, max |error| vs reference = {C.max_err(y_loops, y_ref):.2e}")
 
 # %% [markdown]
 # ## 2. im2col + GEMM
@@ -189,16 +192,18 @@ else:
 # %% [markdown]
 # ## How fast? (real GPU only)
 #
-# alexnet-mini's conv2 at batch 128: 2 * N*K*P*Q*C*R*S = 7.5 GFLOP per call. The tiled
+# alexnet-mini's conv2 at batch 128 (x 128x32x15x15, w 64x32x5x5, pad 2, so P = Q = 15):
+# 2 * N*K*P*Q*C*R*S = 2 * 128*64*15*15*32*5*5 = 2.95 GFLOP per call. The tiled
 # version should be several times faster than the naive one: same arithmetic, far fewer
 # trips to global memory. `minasgd bench kernels` runs this for every layer against PyTorch.
 
 # %%
+flops = 2 * 128 * 64 * 15 * 15 * 32 * 5 * 5
+print(f"conv2 forward at batch 128: {flops / 1e9:.2f} GFLOP per call")
 if GPU:
     xg = d(rng.standard_normal((128, 32, 15, 15)).astype(np.float32))
     wg = d(rng.standard_normal((64, 32, 5, 5)).astype(np.float32))
     bg = d(np.zeros(64, np.float32))
-    flops = 2 * 128 * 64 * 15 * 15 * 32 * 5 * 5
     for version in conv.VERSIONS:
         s = C.gpu_time(lambda: conv.conv2d_forward(xg, wg, bg, 1, 2, version=version))
         print(f"conv2 forward, {version:5}: {s * 1e3:7.3f} ms, {flops / s / 1e9:7.0f} GFLOP/s")

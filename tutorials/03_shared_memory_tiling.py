@@ -10,7 +10,7 @@
 # We write both kernels here in their simplest form, check them, count the memory traffic,
 # and (on a real GPU) time them. The production versions, which also handle transposes and a
 # bias, are in `kernels/gemm.py` (`gemm_naive`, `tiled_kernel`).
-# Run: `python tutorials/03_shared_memory_tiling.py`.
+# Run: `python tutorials/03_shared_memory_tiling.py` (about 15 s on the simulator).
 
 # %%
 import math
@@ -78,8 +78,10 @@ def make_matmul_tiled(tile):
         col = cuda.blockIdx.x * tile + tx
         m, n = c.shape
         k_dim = a.shape[1]
-        sa = cuda.shared.array((tile, tile), float32)  # one declaration per line (see NUMBA notes)
+        # One shared array per line: the simulator makes two declared on one line the same array.
+        sa = cuda.shared.array((tile, tile), float32)
         sb = cuda.shared.array((tile, tile), float32)
+        # BEGIN SOLUTION task 5.1: acc = float32(0); for each slab k0 = 0, tile, ...: sa[ty, tx] = a[row, k0 + tx] and sb[ty, tx] = b[k0 + ty, col] (float32(0) outside the matrices), cuda.syncthreads(), acc += sa[ty, kk] * sb[kk, tx] for kk < tile, cuda.syncthreads(); then c[row, col] = acc inside the bounds
         acc = float32(0)
         for k0 in range(0, k_dim, tile):
             sa[ty, tx] = a[row, k0 + tx] if (row < m and k0 + tx < k_dim) else float32(0)
@@ -90,6 +92,7 @@ def make_matmul_tiled(tile):
             cuda.syncthreads()  # everyone is done with them
         if row < m and col < n:
             c[row, col] = acc
+        # END SOLUTION
 
     return matmul_tiled
 
@@ -107,15 +110,26 @@ b = rng.standard_normal((k, n)).astype(np.float32)
 expect = a @ b
 d_a, d_b = cuda.to_device(a), cuda.to_device(b)
 grid = (math.ceil(n / TILE), math.ceil(m / TILE))  # (x: columns, y: rows)
-for name, kernel in (("naive", matmul_naive), (f"tiled T={TILE}", make_matmul_tiled(TILE))):
+
+
+def run(kernel):
     d_c = cuda.to_device(np.full((m, n), np.nan, np.float32))  # NaN: an element never written shows up
     kernel[grid, (TILE, TILE)](d_a, d_b, d_c)
-    print(f"{name:12} ({m}x{k}) @ ({k}x{n}): max |error| vs NumPy = {C.max_err(d_c.copy_to_host(), expect):.2e}")
+    return d_c.copy_to_host()
+
+
+print(f"naive        ({m}x{k}) @ ({k}x{n}): max |error| vs NumPy = {C.max_err(run(matmul_naive), expect):.2e}")
+# The tiled kernel above is an exercise of task 5.1 in the course: this is its check cell.
+c_tiled, solved = C.exercise("5.1", lambda: run(make_matmul_tiled(TILE)), lambda: expect)
+if solved:
+    print(f"tiled T={TILE}  ({m}x{k}) @ ({k}x{n}): max |error| vs NumPy = {C.max_err(c_tiled, expect):.2e}")
+bias = rng.standard_normal(n).astype(np.float32)
 for version in gemm.VERSIONS:  # the production kernels, with a transpose and a bias thrown in
-    bias = rng.standard_normal(n).astype(np.float32)
-    got = gemm.gemm(d_a, cuda.to_device(np.ascontiguousarray(b.T)), trans_b=True, bias=cuda.to_device(bias),
-                    version=version, tile=TILE).copy_to_host()
-    print(f"kernels.gemm {version:5}: A @ (B^T)^T + bias, max |error| = {C.max_err(got, expect + bias):.2e}")
+    got, solved = C.exercise("5.1", lambda: gemm.gemm(d_a, cuda.to_device(np.ascontiguousarray(b.T)), trans_b=True,
+                                                      bias=cuda.to_device(bias), version=version, tile=TILE).copy_to_host(),
+                             lambda: None)
+    if solved:
+        print(f"kernels.gemm {version:12}: A @ (B^T)^T + bias, max |error| = {C.max_err(got, expect + bias):.2e}")
 
 # %% [markdown]
 # ## 4. Counting the traffic
@@ -212,7 +226,8 @@ else:
 # - `cuda.syncthreads()` twice per slab: after loading (so the tile is complete) and after
 #   computing (so nobody overwrites a tile still being read). Every thread of the block must
 #   reach each one: never put it inside an `if` that only some threads take.
-# - The simulator does not detect races; a missing syncthreads gives wrong numbers *sometimes*.
+# - The simulator's results do not show races (a missing syncthreads gives wrong numbers
+#   *sometimes*, on a GPU); the race checker `kernels/racecheck.py` does (tutorial 9).
 #
 # Next: tutorial 4, pooling, dropout and the loss, forward and backward.
 print("\ntutorial 3 done")

@@ -8,7 +8,7 @@
 #
 # Files: `kernels/pool.py`, `kernels/elementwise.py` (dropout), `kernels/softmax.py`,
 # `minasgd/dropout_hash.py`, and the reference `minasgd/backends/numpy_backend.py`.
-# Run: `python tutorials/04_pool_dropout_softmax.py`.
+# Run: `python tutorials/04_pool_dropout_softmax.py` (a few seconds on the simulator).
 
 # %%
 import os

@@ -13,7 +13,7 @@
 # 3. **Backends are interchangeable**: the same model runs on NumPy or on the CUDA kernels.
 #
 # Files: `minasgd/model.py`, `minasgd/layers.py`, `minasgd/optim.py`, `minasgd/train.py`.
-# Run: `python tutorials/05_the_whole_net.py` (two or three minutes; the training is on NumPy).
+# Run: `python tutorials/05_the_whole_net.py` (about 20 s on 2 CPU cores; the training is on NumPy).
 
 # %%
 import os
@@ -22,6 +22,10 @@ import shutil
 if shutil.which("nvidia-smi") is None:  # no GPU: run the kernels on Numba's CUDA simulator
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 os.environ.setdefault("NUMBA_CUDA_LOW_OCCUPANCY_WARNINGS", "0")
+# One BLAS thread per training process (`_common` applies the rule of `minasgd/threads.py`,
+# and `minasgd train` does the same in its workers): processes that each start a BLAS thread
+# per core fight over a busy machine's cores (measured 5-10x slower on 2 shared cores).
+# Set OPENBLAS_NUM_THREADS yourself to choose another count.
 
 import numpy as np  # noqa: E402
 
@@ -29,7 +33,7 @@ import _common as C  # noqa: E402
 from minasgd import backends  # noqa: E402
 from minasgd.model import Model  # noqa: E402
 from minasgd.optim import SGD, learning_rate  # noqa: E402
-from minasgd.train import evaluate, prepare_batch  # noqa: E402
+from minasgd.train import TrainConfig, evaluate, prepare_batch  # noqa: E402
 
 be = backends.get("numpy")
 
@@ -129,8 +133,8 @@ with C.Timer() as t:
                   f"test loss {test_loss:.3f}, test accuracy {acc:.1%}")
 print(f"{steps} steps of batch {batch} on {len(ds.train_y)} images in {t.seconds:.1f} s on NumPy "
       f"({steps * batch / t.seconds:.0f} images/s)")
-print("(shapes is hard on purpose: a small net needs a few thousand steps to do well; "
-      "`minasgd train --model tiny` runs 8 epochs of 20,000 images)")
+print(f"(shapes is hard on purpose: a small net needs a few thousand steps to do well; "
+      f"`minasgd train --model tiny` runs {TrainConfig().epochs} epochs of the 20,000 training images)")
 
 # %% [markdown]
 # ## Pictures: the learning curve and some predictions

@@ -10,7 +10,7 @@
 #
 # Files: `minasgd/ps/protocol.py` (the wire format), `server.py` (the rules, no sockets),
 # `tcp.py` (the transport), `worker.py` (the client loop), `launcher.py` (`--workers N`).
-# Run: `python tutorials/06_data_parallelism.py` (a minute or two; it starts worker processes).
+# Run: `python tutorials/06_data_parallelism.py` (about 15 s; it starts worker processes).
 
 # %%
 import json
@@ -22,6 +22,10 @@ import sys
 
 if shutil.which("nvidia-smi") is None:  # no GPU: any CUDA code would run on Numba's simulator
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+# One BLAS thread per training process (`_common` applies the rule of `minasgd/threads.py`,
+# and `minasgd train` does the same in its workers): processes that each start a BLAS thread
+# per core fight over a busy machine's cores (measured 5-10x slower on 2 shared cores).
+# Set OPENBLAS_NUM_THREADS yourself to choose another count.
 
 import numpy as np  # noqa: E402
 
@@ -113,7 +117,11 @@ print(f"{summary['workers']} workers, {summary['pushes']} pushes, {summary['step
 for w in summary["worker_stats"]:
     print(f"  worker {w['id']} ({w['name']}): {w['pushes']} pushes, {w['fetches']} fetches, "
           f"last staleness {w['last_staleness']}")
-print(f"staleness of the pushes: {dict(sorted(hist.items()))}")
+sent = sum(w["pushes"] for w in summary["worker_stats"])
+print(f"the workers sent {sent} pushes; the server applied {summary['pushes']} and discarded "
+      f"{summary.get('discarded', sent - summary['pushes'])}: a push that arrives after the last scheduled "
+      "mini-batch is dropped (training is over; its reply tells the worker to stop)")
+print(f"staleness of the applied pushes: {dict(sorted(hist.items()))}")
 
 # %% [markdown]
 # ## A picture: the staleness histogram

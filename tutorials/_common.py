@@ -1,20 +1,44 @@
 """Small helpers the tutorials share: settings, headings, figures with a text fallback.
 
 Nothing here is about GPUs or training; it only keeps the tutorials short. Import it AFTER the
-tutorial has decided between the CUDA simulator and a real GPU (it does not import numba).
+tutorial has decided between the CUDA simulator and a real GPU (it does not import numba), and
+BEFORE minasgd: it makes `import minasgd` find the code of the checkout this folder sits in (a
+student's copy of the repository runs the student's kernels, whatever else is installed).
 
     FAST        MINASGD_TUTORIAL_FAST=1: tiny sizes and few steps (the test suite sets it)
     OUT         where figures and runs go: $MINASGD_TUTORIAL_OUT, else tutorials/out/
     DATA_ROOT   where datasets are cached: $MINASGD_DATA, else the repository's data/ folder
 """
 
+import importlib.util
 import os
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def _use_this_checkout():
+    """Put ROOT first on sys.path and bind `minasgd.kernels` to ROOT/kernels (what an editable
+    install does through setuptools' package-dir), so this checkout's code is the one imported."""
+    if not (ROOT / "minasgd" / "__init__.py").is_file() or "minasgd" in sys.modules:
+        return
+    sys.path.insert(0, str(ROOT))
+    import minasgd
+
+    spec = importlib.util.spec_from_file_location("minasgd.kernels", ROOT / "kernels" / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT / "kernels")])
+    kernels = importlib.util.module_from_spec(spec)
+    sys.modules["minasgd.kernels"] = kernels
+    spec.loader.exec_module(kernels)
+    minasgd.kernels = kernels
+
+
+_use_this_checkout()
 FAST = os.environ.get("MINASGD_TUTORIAL_FAST") == "1"
 OUT = Path(os.environ.get("MINASGD_TUTORIAL_OUT") or HERE / "out")
 DATA_ROOT = Path(os.environ.get("MINASGD_DATA") or HERE.parent / "data")
@@ -139,6 +163,20 @@ def gpu_time(fn, repeats=10):
         cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
+
+
+def exercise(task, run, reference):
+    """A check cell for an exercise cut from assignment task `task`: (run(), True), or, while the
+    student's copy still has the stub (NotImplementedError), a note and (reference(), False), so
+    the tutorial reads on. In the instructor's copy the solution is there and this is just run().
+    """
+    try:
+        return run(), True
+    except NotImplementedError as e:
+        reason = str(e).splitlines()[0] if str(e) else "a stub"
+        print(f"[exercise, task {task}] not solved yet ({reason.split(': ', 1)[-1]}); "
+              "going on with the reference. Solve it, then run this tutorial again.")
+        return reference(), False
 
 
 def shapes_data(train, test, seed=0):

@@ -12,6 +12,7 @@
 
     train.py       train, serve, work, eval, model      datasets.py    data
     bench.py       bench                                  experiment.py  experiment
+    assignment.py  assignment
 
 Each module has `add_*_arguments(parser)` and a `cmd_*(args, console)` handler that imports the
 library lazily, so building the parser stays cheap. The library reports through return values
@@ -27,15 +28,9 @@ import sys
 from rich.console import Console
 from rich.markup import escape
 
-from . import bench, datasets, experiment, train
+from . import assignment, bench, datasets, experiment, train
 from .train import add_train_arguments as _add_train_arguments  # noqa: F401  (ps/cli.py, until it moves here)
 from .train import train_config as _train_config  # noqa: F401  (ps/cli.py, until it moves here)
-
-
-def cmd_assignment(args, console):
-    from .. import assignment
-
-    return assignment.run(args, console)
 
 
 def build_parser():
@@ -79,11 +74,9 @@ def build_parser():
     experiment.add_arguments(p)
     p.set_defaults(func=experiment.cmd_experiment)
 
-    from .. import assignment
-
     p = sub.add_parser("assignment", help="make a student version of the code, or grade one")
     assignment.add_arguments(p)
-    p.set_defaults(func=cmd_assignment)
+    p.set_defaults(func=assignment.cmd_assignment)
     return parser
 
 
