@@ -60,9 +60,15 @@ b.close()
 #
 # `ParameterServer` is plain Python with one lock: a transport calls `join`, `fetch_into` and
 # `push` from one thread per worker. Below, workers A and B both fetch version 0. A pushes
-# first (staleness 0); by the time B pushes, the server is at version 1, so B's gradient is 1
-# update stale. With `staleness_lr=True` the server divides the step of a stale push by its
-# staleness, a common fix (the paper's answer is a warm start, tutorial 7).
+# first (staleness 0); by the time B pushes, the server has applied A's 4 mini-batches, so B's
+# push is 4 mini-batches stale (staleness counts mini-batches, not updates). With
+# `staleness_lr=True` a push of k mini-batches that is s stale moves k / (k + s) as far, a
+# common fix (`--lr-scaling staleness`; the paper's answer is a warm start, tutorial 7).
+#
+# What a push holds: each worker runs single-process training's SGD with momentum locally and
+# pushes the sum of the steps it took, divided by its lr; the server subtracts lr * push. So
+# `--lr` and `--momentum` mean the same with workers as in one process, and one worker with
+# nsync 1 follows one process's path exactly (docs/paper.md, "One meaning of the learning rate").
 
 # %%
 n = 5
@@ -88,8 +94,8 @@ except Refused as e:
 #
 # `minasgd train --workers 2` starts the server (threads in this process) and two worker
 # processes on this machine; each gets half the training images. A worker's loop
-# (`minasgd/ps/worker.py`): fetch, then nsync times {gradient of a batch, local SGD step, add it
-# to a running sum}, then push the sum. `nsync` trades communication for staleness: pushing
+# (`minasgd/ps/worker.py`): fetch, then nsync times {gradient of a batch, local SGD step with
+# momentum, add the step to a running sum}, then push the sum. `nsync` trades communication for staleness: pushing
 # rarely sends less data but makes each push staler and lets workers drift apart.
 #
 # We run it as a command (what you would type), on the NumPy backend, small.
