@@ -205,3 +205,24 @@ def test_bench_goodput_measures_ours_and_raw():
     result = goodput(2000, seconds=0.05)
     assert set(result) == {"push", "fetch", "push+fetch"}
     assert all(r["ours"] > 0 and r["raw"] > 0 for r in result.values())
+
+
+def test_one_worker_at_nsync_1_repeats_single_process_training_bit_for_bit(tmp_path, dataset, monkeypatch):
+    """One meaning of --lr and --momentum, end to end: a server and one worker process over TCP,
+    nsync 1, end with exactly the parameters of single-process training (same seed and flags)."""
+    from minasgd import train as train_module
+
+    small = Dataset("colours", CLASSES, dataset.train_x[:256], dataset.train_y[:256],
+                    dataset.test_x[:64], dataset.test_y[:64])
+    monkeypatch.setattr(train_module, "load_dataset", lambda cfg, progress=None: small)
+
+    def cfg(name):
+        return TrainConfig(model="micro", backend="numpy", epochs=2, batch_size=16, lr=0.02, momentum=0.9,
+                           seed=3, quiet=True, out=str(tmp_path / name))
+
+    one = train_module.train(cfg("single"))
+    dist = train_distributed(cfg("server"), PsOptions(workers=1, nsync=1, checkpoint_every=1e9), dataset=small)
+    single_params = checkpoint.load(tmp_path / "single" / "model.npz")["params"]
+    server_params = checkpoint.load(tmp_path / "server" / "model.npz")["params"]
+    assert np.array_equal(single_params, server_params), np.abs(single_params - server_params).max()
+    assert dist["test_accuracy"] == one["test_accuracy"] and dist["steps"] == one["steps"]

@@ -157,7 +157,9 @@ def connect_and_train(client, *, backend="numpy", gpu=None, model_name=None, sha
     if npush or nsync:  # the most mini-batches our pushes will sum (the server checks each push's count)
         info["npush"] = npush or nsync
     config = client.hello(model.fingerprint(), info, num_params=model.num_params)
-    model.seed = config.get("seed", 0) * 1000 + config["worker_id"]  # its own dropout masks
+    # Its own dropout masks and shuffling; worker 1 draws exactly what one process with --seed
+    # draws, so one worker at nsync 1 repeats single-process training step for step.
+    model.seed = config.get("seed", 0) + 1000 * (config["worker_id"] - 1)
 
     if shard is None:
         cfg = TrainConfig(dataset=config["dataset"], data_root=data_root, train_limit=config.get("train_limit"),
