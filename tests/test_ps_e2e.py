@@ -25,18 +25,7 @@ from minasgd.ps.launcher import PsOptions, start_server, start_workers, stop_wor
 from minasgd.ps.tcp import listen
 from minasgd.rundir import RunDir
 from minasgd.train import TrainConfig, evaluate
-
-CLASSES = [f"c{i}" for i in range(10)]
-
-
-def colour_images(n, seed):
-    """n noisy 32x32 images whose colour gives the class."""
-    rng = np.random.default_rng(seed)
-    colours = np.array([(0, 0, 0), (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255),
-                        (0, 255, 255), (255, 255, 255), (128, 128, 128), (255, 128, 0)])
-    y = rng.integers(0, 10, n).astype(np.int32)
-    x = colours[y][:, None, None, :] + rng.normal(0, 20, (n, 32, 32, 3))
-    return np.clip(x, 0, 255).astype(np.uint8), y
+from colours import CLASSES, colour_images
 
 
 @pytest.fixture(scope="module")

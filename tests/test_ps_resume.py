@@ -16,6 +16,7 @@ from PIL import Image
 from minasgd import checkpoint
 from minasgd.ps.server import ParameterServer
 from minasgd.ps.tcp import ServerError, TcpClient, TcpServer, listen
+from colours import colour_images
 
 N = 500
 FP = "toy:500:abc"
@@ -112,14 +113,6 @@ def test_a_worker_gives_up_after_its_reconnect_time():
 
 
 # ------------------------------------------------------------------ the whole thing, from the command line
-
-def colour_images(n, seed):
-    rng = np.random.default_rng(seed)
-    colours = np.array([(0, 0, 0), (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255),
-                        (0, 255, 255), (255, 255, 255), (128, 128, 128), (255, 128, 0)])
-    y = rng.integers(0, 10, n).astype(np.int32)
-    x = colours[y][:, None, None, :] + rng.normal(0, 20, (n, 32, 32, 3))
-    return np.clip(x, 0, 255).astype(np.uint8), y
 
 
 @pytest.fixture(scope="module")
