@@ -48,15 +48,11 @@ RICH_HOMES = ("minasgd.cli", "minasgd.dashboard")
 # where `what` is an imported module, "rich", "argparse", or "module._private".
 PS_REFACTOR = "being moved in ps refactor"
 ALLOWED = {
-    # the screen and the argument parser inside ps/: rendering moves to minasgd.dashboard,
-    # ps/cli.py's parsers into the minasgd.cli package
+    # the screen inside ps/: rendering moves to minasgd.dashboard
     ("minasgd.ps.monitor", "rich"): f"{PS_REFACTOR}: the live server dashboard belongs in minasgd.dashboard",
     ("minasgd.ps.bench", "rich"): f"{PS_REFACTOR}: `bench ps` should return its numbers and let the CLI draw the table",
     ("minasgd.ps.launcher", "minasgd.progress"): f"{PS_REFACTOR}: the launcher should report through events, not TrainProgress",
     ("minasgd.ps.mpi", "minasgd.progress"): f"{PS_REFACTOR}: rank 0 should report through events, not TrainProgress",
-    ("minasgd.ps.cli", "minasgd.cli"): f"{PS_REFACTOR}: ps/cli.py becomes minasgd/cli/ps.py",
-    ("minasgd.ps.cli", "minasgd.cli._add_train_arguments"): f"{PS_REFACTOR}: use minasgd.cli.train.add_train_arguments",
-    ("minasgd.ps.cli", "minasgd.cli._train_config"): f"{PS_REFACTOR}: use minasgd.cli.train.train_config",
     # the launcher <-> mpi <-> bench cycle: create_server/watch/finish_run and the bench helpers
     # move into a module both transports use
     ("minasgd.ps.mpi", "minasgd.ps.launcher"): f"{PS_REFACTOR}: mpi borrows create_server/watch/finish_run",
