@@ -35,7 +35,7 @@ FLOORS = {
     "minasgd.timer": 2,
     "minasgd.train": 3, "minasgd.ps": 3, "minasgd.experiments": 3, "minasgd.bench_step": 3,
     "minasgd.bench_kernels": 3, "minasgd.workbench": 3, "minasgd.assignment": 3,
-    "minasgd.cli": 4, "minasgd.dashboard": 4, "minasgd.progress": 4, "minasgd.__main__": 4,
+    "minasgd.cli": 4, "minasgd.dashboard": 4, "minasgd.__main__": 4,
 }
 TOP = 4
 ENTRY_POINT_IMPORTS = ("minasgd.workbench",)  # what a __main__ block may import from any floor
@@ -48,11 +48,6 @@ RICH_HOMES = ("minasgd.cli", "minasgd.dashboard")
 # where `what` is an imported module, "rich", "argparse", or "module._private".
 PS_REFACTOR = "being moved in ps refactor"
 ALLOWED = {
-    # the screen inside ps/: rendering moves to minasgd.dashboard
-    ("minasgd.ps.monitor", "rich"): f"{PS_REFACTOR}: the live server dashboard belongs in minasgd.dashboard",
-    ("minasgd.ps.bench", "rich"): f"{PS_REFACTOR}: `bench ps` should return its numbers and let the CLI draw the table",
-    ("minasgd.ps.launcher", "minasgd.progress"): f"{PS_REFACTOR}: the launcher should report through events, not TrainProgress",
-    ("minasgd.ps.mpi", "minasgd.progress"): f"{PS_REFACTOR}: rank 0 should report through events, not TrainProgress",
     # the launcher <-> mpi <-> bench cycle: create_server/watch/finish_run and the bench helpers
     # move into a module both transports use
     ("minasgd.ps.mpi", "minasgd.ps.launcher"): f"{PS_REFACTOR}: mpi borrows create_server/watch/finish_run",

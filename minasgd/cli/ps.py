@@ -133,9 +133,11 @@ def add_bench_arguments(p):
 
 
 def serve(args, console):
+    from ..dashboard import ServerView
     from ..ps.launcher import run_server
 
-    run_server(train_config(args), PsOptions.from_args(args), console)
+    cfg = train_config(args)
+    run_server(cfg, PsOptions.from_args(args), ServerView(console, quiet=cfg.quiet))
     return 0
 
 

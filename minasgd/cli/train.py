@@ -71,9 +71,10 @@ def cmd_train(args, console):
             with TrainProgress(console=console) as view:
                 train(cfg, on_event=view)
         return 0
+    from ..dashboard import ServerView
     from ..ps import launcher
 
-    launcher.train_distributed(cfg, args, console=console)
+    launcher.train_distributed(cfg, args, on_event=ServerView(console, quiet=cfg.quiet))
     return 0
 
 

@@ -13,8 +13,9 @@ What happens:
    the processes share the CPU instead of fighting over it. Oversubscribed BLAS threads spin
    and wait for each other: on a 2-core machine one worker with 2 threads next to the server ran
    5x slower than with 1.
-4. It watches the server (`Monitor`): the dashboard, test accuracy every epoch's worth of
-   mini-batches, metrics.jsonl, a checkpoint every `checkpoint_every` seconds.
+4. It watches the server (`Monitor`): test accuracy every epoch's worth of mini-batches,
+   metrics.jsonl, a checkpoint every `checkpoint_every` seconds; what happens goes to `on_event`
+   (the command line's `minasgd.dashboard.ServerView` draws the live dashboard from it).
 5. When the server has applied `epochs` epochs of mini-batches it answers "done"; the workers
    say BYE and exit, and the run directory gets model.npz and summary.json with the server's
    statistics. A worker that dies is dropped and the others carry on; Ctrl-C stops everything
@@ -31,7 +32,6 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .. import backends, checkpoint
-from ..progress import TrainProgress
 from ..rundir import RunDir, default_run_dir
 from ..train import build_model, load_dataset, total_steps as count_steps
 from .monitor import Monitor
@@ -263,38 +263,42 @@ def stop_workers(processes, grace=15.0):
 
 # ------------------------------------------------------------------ the whole run
 
-def train_distributed(cfg, args, console=None, dataset=None):
+def train_distributed(cfg, args, on_event=None, dataset=None):
     """Train with a parameter server and N worker processes; returns the summary (also in summary.json).
 
     `args`: a `PsOptions` or the parsed command line. `dataset`: use this `Dataset` instead of
-    loading `cfg.dataset` (tests build small ones in memory).
+    loading `cfg.dataset` (tests build small ones in memory). `on_event(event)` hears what happens
+    (see `run_server`); the command line passes `minasgd.dashboard.ServerView`.
     """
     opts = args if isinstance(args, PsOptions) else PsOptions.from_args(args)
     if opts.transport == "mpi":  # this process is one rank of `mpiexec -n N+1`
         from .mpi import train_mpi
 
-        return train_mpi(cfg, opts, console, dataset)
+        return train_mpi(cfg, opts, on_event, dataset)
     if opts.transport != "tcp":
         raise ValueError(f"unknown transport {opts.transport!r}; choose tcp or mpi")
     if opts.workers is None:  # not given on the command line
         opts.workers = PsOptions.workers
     if opts.workers < 1:
         raise ValueError(f"--workers must be >= 1 (0 trains in one process), got {opts.workers}")
-    return run_server(cfg, opts, console, dataset, local_workers=opts.workers)
+    return run_server(cfg, opts, on_event, dataset, local_workers=opts.workers)
 
 
-def run_server(cfg, opts, console=None, dataset=None, local_workers=0):
+def run_server(cfg, opts, on_event=None, dataset=None, local_workers=0):
     """Serve until training is over (or Ctrl-C), with `local_workers` worker processes of our own.
 
     With local_workers=0 (`minasgd serve`) the workers are `minasgd work` processes elsewhere.
+    `on_event(event)` hears, in order: "server_start" (where, what), "resumed" (with --resume),
+    "serving" / "served" around the watch (from the Monitor: a live view may draw it), "done"
+    (the summary); and "say" (a line of text, e.g. a warm start).
     """
-    progress = TrainProgress(quiet=cfg.quiet, console=console)
+    on_event = on_event or _ignore
     host, port = parse_address(opts.bind) if opts.bind else ("127.0.0.1", 0)
     listener = listen(host, port, opts.token)  # first, so a busy port fails fast
     try:
         backend, gpus = assign_devices(cfg.backend, cfg.gpu, local_workers)
         ds = dataset or load_dataset(cfg)
-        eval_model = build_model(cfg, backends.get("numpy"), progress.console)  # the server's side is NumPy
+        eval_model = build_model(cfg, backends.get("numpy"), Say(on_event))  # the server's side is NumPy
         if opts.resume and cfg.out and Path(cfg.out) != Path(opts.resume):
             raise ValueError("--resume continues the run in RUN_DIR: leave out --out")
         if opts.resume and cfg.init:
@@ -307,16 +311,14 @@ def run_server(cfg, opts, console=None, dataset=None, local_workers=0):
         listener.close()
         raise
     who = f"{local_workers} {backend} workers" if local_workers else "waiting for `minasgd work` workers"
-    progress.say(f"parameter server on {tcp.address_text} ({ps.mode}, {opts.optimizer}, nsync {opts.nsync}); "
-                 f"{who}; model {eval_model.name}: {eval_model.num_params:,} parameters; "
-                 f"dataset {ds.name}: {len(ds.train_y):,} train / {len(ds.test_y):,} test; run dir {run.path}")
+    on_event(server_start(tcp.address_text, ps, opts, who, eval_model, ds, run))
     if ps.resumed_from:
-        progress.say(f"resumed from {run.model_path}: version {ps.version}, step {ps.steps}/{ps.total_steps}")
+        on_event({"kind": "resumed", "path": str(run.model_path), "version": ps.version, "steps": ps.steps,
+                  "total_steps": ps.total_steps})
 
     steps_per_epoch = len(ds.train_y) // cfg.batch_size
     monitor = Monitor(ps, run, eval_model, ds.test_x, ds.test_y, steps_per_epoch, cfg.batch_size,
-                      address=tcp.address_text, console=progress.console, quiet=cfg.quiet,
-                      eval_every=opts.eval_every)
+                      address=tcp.address_text, on_event=on_event, eval_every=opts.eval_every)
     processes, finished, interrupted = [], False, threading.Event()
     try:
         with ctrl_c_sets(interrupted):
@@ -338,7 +340,7 @@ def run_server(cfg, opts, console=None, dataset=None, local_workers=0):
     if interrupted.is_set():
         raise KeyboardInterrupt  # the CLI says "interrupted" and exits with 130
 
-    return finish_run(cfg, opts, progress, monitor, run, eval_model, ds, backend=backend,
+    return finish_run(cfg, opts, on_event, monitor, run, eval_model, ds, backend=backend,
                       device=f"{local_workers} local worker processes",
                       workers=local_workers, address=tcp.address_text)
 
@@ -352,7 +354,7 @@ def wait_for_goodbyes(ps, grace):
 
 
 def watch(ps, monitor, worker_exits, what="exit codes", stop=None):
-    """Tick the monitor (dashboard, evaluations, checkpoints) until the server says training is over
+    """Tick the monitor (evaluations, checkpoints; a view hears "serving") until the server says training is over
     (or the `stop` event is set: Ctrl-C).
 
     `worker_exits()`: one entry per worker we are responsible for, None while it runs, else how it
@@ -370,8 +372,8 @@ def watch(ps, monitor, worker_exits, what="exit codes", stop=None):
             time.sleep(0.2)
 
 
-def finish_run(cfg, opts, progress, monitor, run, eval_model, ds, *, backend, device, workers, address):
-    """The final evaluation, summary.json and the closing line; returns the summary."""
+def finish_run(cfg, opts, on_event, monitor, run, eval_model, ds, *, backend, device, workers, address):
+    """The final evaluation, summary.json and the "done" event; returns the summary."""
     numbers = monitor.finish()
     summary = {**numbers, "backend": backend, "device": device,
                "model": eval_model.name, "num_params": eval_model.num_params, "dataset": ds.name,
@@ -381,16 +383,27 @@ def finish_run(cfg, opts, progress, monitor, run, eval_model, ds, *, backend, de
                "ps": asdict(opts) | {"token": bool(opts.token)}, **cfg.extra}
     run.write_summary(summary)
     run.close()
-    progress.say(f"done: test accuracy {numbers['test_accuracy']:.2%}, {numbers['wall_seconds']:.0f} s, "
-                 f"{numbers['images_per_second']:.0f} images/s, {numbers['pushes']} pushes, "
-                 f"staleness {staleness_summary(numbers['staleness'])} -> {run.path}")
+    on_event({"kind": "done", "summary": summary, "run_dir": str(run.path)})
     return summary
 
 
-def staleness_summary(histogram):
-    """'mean 1.2, max 4' from {"0": n0, "1": n1, ...}."""
-    total = sum(histogram.values())
-    if not total:
-        return "-"
-    mean = sum(int(k) * v for k, v in histogram.items()) / total
-    return f"mean {mean:.2f}, max {max(int(k) for k in histogram)}"
+def server_start(address, ps, opts, workers, eval_model, ds, run):
+    """The "server_start" event: where the server listens, how it trains, on what."""
+    return {"kind": "server_start", "address": address, "mode": ps.mode, "optimizer": opts.optimizer,
+            "nsync": opts.nsync, "workers": workers, "model": eval_model.name, "num_params": eval_model.num_params,
+            "dataset": ds.name, "train_images": len(ds.train_y), "test_images": len(ds.test_y),
+            "run_dir": str(run.path)}
+
+
+class Say:
+    """Turns `print(text)` (what `minasgd.train.build_model` tells about a warm start) into a "say" event."""
+
+    def __init__(self, on_event):
+        self.on_event = on_event
+
+    def print(self, text):
+        self.on_event({"kind": "say", "text": text})
+
+
+def _ignore(event):
+    pass
