@@ -46,14 +46,7 @@ RICH_HOMES = ("minasgd.cli", "minasgd.dashboard")
 # minasgd/ps/ and minasgd/assignment* may appear here (checked below); an entry that is no longer
 # a breach fails `test_allowlist_is_not_stale`, so the list only shrinks. Keys: (importer, what),
 # where `what` is an imported module, "rich", "argparse", or "module._private".
-PS_REFACTOR = "being moved in ps refactor"
 ALLOWED = {
-    # the launcher <-> mpi <-> bench cycle: create_server/watch/finish_run and the bench helpers
-    # move into a module both transports use
-    ("minasgd.ps.mpi", "minasgd.ps.launcher"): f"{PS_REFACTOR}: mpi borrows create_server/watch/finish_run",
-    ("minasgd.ps.launcher", "minasgd.ps.mpi"): f"{PS_REFACTOR}: launcher starts train_mpi",
-    ("minasgd.ps.mpi", "minasgd.ps.bench"): f"{PS_REFACTOR}: mpi's goodput bench borrows OPS and _time",
-    ("minasgd.ps.bench", "minasgd.ps.mpi"): f"{PS_REFACTOR}: bench ps runs goodput_mpi",
     # assignment.py (a package soon): its CLI half moves into minasgd.cli
     ("minasgd.assignment", "rich"): "being moved in assignment package split: the tables go to minasgd.dashboard",
 }

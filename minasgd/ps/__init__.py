@@ -14,6 +14,7 @@ Read it in this order; each module does one job:
     mpi.py        the same over MPI (mpiexec): rank 0 serves, ranks 1..N are the workers
     worker.py     Worker: fetch, nsync local steps accumulating the gradient, push, repeat
     monitor.py    test accuracy, metrics.jsonl, checkpoints (it draws nothing)
+    run.py        what a run does whatever the transport: create_server, watch, finish_run
     launcher.py   `minasgd train --workers N`: the server here, N spawned worker processes
     bench.py      `minasgd bench ps`: goodput vs a raw socket, the workers speed-up, and
                   (--hostile) the workers' rate while another process attacks the server

@@ -22,6 +22,7 @@ import numpy as np
 
 from .. import backends
 from ..model import Model
+from ..timer import rate
 from .launcher import PsOptions, blas_threads
 
 OPS = ("push", "fetch", "push+fetch")
@@ -77,17 +78,6 @@ def _start(target, n):
 
 # ------------------------------------------------------------------ the measurements
 
-def _time(fn, seconds):
-    """Round trips per second of fn(), run for about `seconds` after a warm-up."""
-    for _ in range(3):
-        fn()
-    count, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        fn()
-        count += 1
-    return count / (time.perf_counter() - t0)
-
-
 ROUNDS = 5  # each rate is the median of this many samples, ours and raw alternating
 
 
@@ -132,8 +122,8 @@ def goodput(n, seconds=1.5, rounds=ROUNDS):
         samples = {op: {"ours": [], "raw": []} for op in OPS}
         for _ in range(rounds):
             for op in OPS:
-                samples[op]["ours"].append(_time(ours[op], seconds / rounds))
-                samples[op]["raw"].append(_time(raw[op], seconds / rounds))
+                samples[op]["ours"].append(rate(ours[op], seconds / rounds))
+                samples[op]["raw"].append(rate(raw[op], seconds / rounds))
         client.close()
         sock.close()
     finally:

@@ -252,7 +252,7 @@ class MpiServer:
         return self
 
     def exits(self):
-        """One entry per worker rank: None while it is served, else why it left (for `launcher.watch`)."""
+        """One entry per worker rank: None while it is served, else why it left (for `run.watch`)."""
         return [self.ended[rank] for rank in self.ranks]
 
     def join(self, grace=15.0):
@@ -490,10 +490,10 @@ def _serve_rank0(MPI, comm, cfg, opts, on_event, dataset):
     from .. import backends
     from ..rundir import RunDir, default_run_dir
     from ..train import build_model, load_dataset
-    from .launcher import Say, assign_devices, create_server, finish_run, server_start, watch
+    from .run import Say, assign_devices, create_server, finish_run, ignore, server_start, watch
     from .monitor import Monitor
 
-    on_event = on_event or (lambda event: None)
+    on_event = on_event or ignore
     n = comm.Get_size() - 1
     ok = False
     try:
@@ -597,7 +597,7 @@ def goodput_mpi(n, seconds=1.5):
 def _bench_ranks(n, seconds):
     """Under `mpiexec -n 2`: rank 0 serves a ParameterServer of n parameters (then a bare echo);
     rank 1 times both and prints one JSON line."""
-    from .bench import OPS, _time
+    from ..timer import rate
     from .server import ParameterServer
 
     MPI = import_mpi()
@@ -641,10 +641,10 @@ def _bench_ranks(n, seconds):
 
         ours = {"push": push, "fetch": fetch, "push+fetch": lambda: (push(), fetch())}
         bare = {"push": lambda: raw(1), "fetch": lambda: raw(2), "push+fetch": lambda: (raw(1), raw(2))}
-        results = {op_name: {"mpi": _time(ours[op_name], seconds)} for op_name in OPS}
+        results = {op_name: {"mpi": rate(ours[op_name], seconds)} for op_name in ours}  # bench.OPS, in order
         client.close("bench over")
-        for op_name in OPS:
-            results[op_name]["raw_mpi"] = _time(bare[op_name], seconds)
+        for op_name in ours:
+            results[op_name]["raw_mpi"] = rate(bare[op_name], seconds)
         raw(0)
         print(json.dumps({**results, "library": MPI.Get_library_version().splitlines()[0].strip()}), flush=True)
     final_barrier(MPI, comm, timeout=30.0)
