@@ -35,7 +35,7 @@ FLOORS = {
     "minasgd.timer": 2,
     "minasgd.train": 3, "minasgd.ps": 3, "minasgd.experiments": 3, "minasgd.bench_step": 3,
     "minasgd.bench_kernels": 3, "minasgd.workbench": 3, "minasgd.assignment": 3,
-    "minasgd.cli": 4, "minasgd.dashboard": 4, "minasgd.progress": 4, "minasgd.__main__": 4,
+    "minasgd.cli": 4, "minasgd.dashboard": 4, "minasgd.__main__": 4,
 }
 TOP = 4
 ENTRY_POINT_IMPORTS = ("minasgd.workbench",)  # what a __main__ block may import from any floor
@@ -46,23 +46,7 @@ RICH_HOMES = ("minasgd.cli", "minasgd.dashboard")
 # minasgd/ps/ and minasgd/assignment* may appear here (checked below); an entry that is no longer
 # a breach fails `test_allowlist_is_not_stale`, so the list only shrinks. Keys: (importer, what),
 # where `what` is an imported module, "rich", "argparse", or "module._private".
-PS_REFACTOR = "being moved in ps refactor"
 ALLOWED = {
-    # the screen and the argument parser inside ps/: rendering moves to minasgd.dashboard,
-    # ps/cli.py's parsers into the minasgd.cli package
-    ("minasgd.ps.monitor", "rich"): f"{PS_REFACTOR}: the live server dashboard belongs in minasgd.dashboard",
-    ("minasgd.ps.bench", "rich"): f"{PS_REFACTOR}: `bench ps` should return its numbers and let the CLI draw the table",
-    ("minasgd.ps.launcher", "minasgd.progress"): f"{PS_REFACTOR}: the launcher should report through events, not TrainProgress",
-    ("minasgd.ps.mpi", "minasgd.progress"): f"{PS_REFACTOR}: rank 0 should report through events, not TrainProgress",
-    ("minasgd.ps.cli", "minasgd.cli"): f"{PS_REFACTOR}: ps/cli.py becomes minasgd/cli/ps.py",
-    ("minasgd.ps.cli", "minasgd.cli._add_train_arguments"): f"{PS_REFACTOR}: use minasgd.cli.train.add_train_arguments",
-    ("minasgd.ps.cli", "minasgd.cli._train_config"): f"{PS_REFACTOR}: use minasgd.cli.train.train_config",
-    # the launcher <-> mpi <-> bench cycle: create_server/watch/finish_run and the bench helpers
-    # move into a module both transports use
-    ("minasgd.ps.mpi", "minasgd.ps.launcher"): f"{PS_REFACTOR}: mpi borrows create_server/watch/finish_run",
-    ("minasgd.ps.launcher", "minasgd.ps.mpi"): f"{PS_REFACTOR}: launcher starts train_mpi",
-    ("minasgd.ps.mpi", "minasgd.ps.bench"): f"{PS_REFACTOR}: mpi's goodput bench borrows OPS and _time",
-    ("minasgd.ps.bench", "minasgd.ps.mpi"): f"{PS_REFACTOR}: bench ps runs goodput_mpi",
 }
 
 

@@ -23,6 +23,7 @@ import pytest
 from rich.console import Console
 
 from minasgd import checkpoint
+from minasgd.dashboard import ServerDashboard
 from minasgd.ps import protocol, server as server_module, tcp as tcp_module
 from minasgd.ps.monitor import Monitor
 from minasgd.ps.protocol import HEADER, MAGIC, MAX_JSON, PROTOCOL, Msg, Receiver, send_frame, send_json
@@ -113,7 +114,7 @@ class FakeRun:
 
 
 def monitor_for(ps):
-    return Monitor(ps, FakeRun(), None, None, None, steps_per_epoch=10, batch_size=8, quiet=True)
+    return Monitor(ps, FakeRun(), None, None, None, steps_per_epoch=10, batch_size=8)
 
 
 # ------------------------------------------------------------------ 1. STATS
@@ -366,7 +367,7 @@ def test_6_a_silent_peer_is_dropped_from_the_sync_round(serve):
     assert client.push(np.full(N, 1e-3, np.float32), 1, batches=1)["version"] == 2
     assert time.monotonic() - t0 < 0.4  # later rounds do not wait for it
     console = Console(record=True, width=200)
-    console.print(monitor_for(ps).render())
+    console.print(ServerDashboard(monitor_for(ps)).render())
     assert "missed 1 sync round" in console.export_text()  # said so on the dashboard
     answer(silent, silent_rx, Msg.PUSH, np.zeros(N, np.float32), count=1, version=2)  # pushes: waited for again
     assert 1 not in ps.round_excused
@@ -392,7 +393,7 @@ def test_7_a_failed_checkpoint_warns_and_training_goes_on(serve, tmp_path, monke
     assert ps.checkpoint_failures == 1 and "No space left" in ps.checkpoint_error
     assert monitor.run.records[-1]["kind"] == "warning"
     console = Console(record=True, width=200)
-    console.print(monitor.render())
+    console.print(ServerDashboard(monitor).render())
     assert "No space left" in console.export_text()
     assert path.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["model.npz"]
     assert_serves_a_real_worker(ps, tcp)
@@ -410,7 +411,7 @@ def test_8_peer_strings_are_plain_text_on_the_dashboard(serve):
     hostile(tcp, name="[bold red]x[/]")
     wait_for(lambda: ps.workers[1].left is not None)
     console = Console(record=True, width=200, force_terminal=True, color_system="truecolor")
-    console.print(monitor_for(ps).render())
+    console.print(ServerDashboard(monitor_for(ps)).render())
     text = console.export_text()
     assert "[/evil]" in text and "[link=https://evil.example]click[/link]" in text and "[bold red]x[/]" in text
     assert "\x1b]8;" not in console.export_text(styles=True)  # no terminal hyperlink

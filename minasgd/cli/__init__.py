@@ -10,7 +10,8 @@
     minasgd experiment  the paper's experiments at laptop scale (tables and plots)
     minasgd assignment  cut student versions of the code for a course
 
-    train.py       train, serve, work, eval, model      datasets.py    data
+    train.py       train, eval, model                    datasets.py    data
+    ps.py          train --workers, serve, work, bench ps flags
     bench.py       bench                                  experiment.py  experiment
     assignment.py  assignment
 
@@ -29,15 +30,12 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import assignment, bench, datasets, experiment, train
-from .train import add_train_arguments as _add_train_arguments  # noqa: F401  (ps/cli.py, until it moves here)
-from .train import train_config as _train_config  # noqa: F401  (ps/cli.py, until it moves here)
+from . import ps as ps_cli
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="minasgd", description="GPU asynchronous SGD from scratch (Paine et al., 2013).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    from ..ps import cli as ps_cli  # the parameter server's flags (ps/cli.py moves into this package later)
 
     p = sub.add_parser("train", help="train a model on a dataset")
     train.add_train_arguments(p)
@@ -46,11 +44,11 @@ def build_parser():
 
     p = sub.add_parser("serve", help="run a parameter server alone")
     ps_cli.add_serve_arguments(p)
-    p.set_defaults(func=train.cmd_serve)
+    p.set_defaults(func=ps_cli.serve)
 
     p = sub.add_parser("work", help="run one worker against a parameter server")
     ps_cli.add_work_arguments(p)
-    p.set_defaults(func=train.cmd_work)
+    p.set_defaults(func=ps_cli.work)
 
     p = sub.add_parser("eval", help="test accuracy of a saved model")
     train.add_eval_arguments(p)

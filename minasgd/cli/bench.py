@@ -29,9 +29,24 @@ def cmd_bench(args, console):
             show_bench_step(result, console)
         return 0
     if args.what == "ps":
+        from ..dashboard import show_bench_ps, show_bench_ps_hostile
         from ..ps import bench as ps_bench
 
-        return ps_bench.run(args, console)
+        if args.hostile:
+            result = ps_bench.measure_hostile(args.model, args.hostile_workers, args.idle, args.malformed,
+                                              args.seconds, args.rounds)
+            show = show_bench_ps_hostile
+        else:
+            training = None if args.skip_training else dict(
+                backend=args.backend, gpu=args.gpu, epochs=args.epochs, train_limit=args.train_limit,
+                nsync=args.nsync, target=args.target, workers_list=args.workers_list)
+            result = ps_bench.measure(args.model, args.seconds, args.transport, training)
+            show = show_bench_ps
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            show(result, console)
+        return 0
     if args.what == "kernels":
         from .. import bench_kernels
 

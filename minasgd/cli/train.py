@@ -1,4 +1,5 @@
-"""`minasgd train | serve | work | eval | model`: the flags of a training run and their handlers."""
+"""`minasgd train | eval | model`: the flags of a training run and their handlers (the parameter
+server's flags, `serve` and `work` are in `ps.py`)."""
 
 import json
 
@@ -70,22 +71,11 @@ def cmd_train(args, console):
             with TrainProgress(console=console) as view:
                 train(cfg, on_event=view)
         return 0
+    from ..dashboard import ServerView
     from ..ps import launcher
 
-    launcher.train_distributed(cfg, args, console=console)
+    launcher.train_distributed(cfg, args, on_event=ServerView(console, quiet=cfg.quiet))
     return 0
-
-
-def cmd_serve(args, console):
-    from ..ps import cli as ps_cli
-
-    return ps_cli.serve(args, console)
-
-
-def cmd_work(args, console):
-    from ..ps import cli as ps_cli
-
-    return ps_cli.work(args, console)
 
 
 def cmd_eval(args, console):

@@ -13,9 +13,14 @@ Read it in this order; each module does one job:
     tcp.py        TcpServer (one thread per worker) and TcpClient: frames <-> those calls
     mpi.py        the same over MPI (mpiexec): rank 0 serves, ranks 1..N are the workers
     worker.py     Worker: fetch, nsync local steps accumulating the gradient, push, repeat
-    monitor.py    test accuracy, metrics.jsonl, checkpoints and the live dashboard
+    monitor.py    test accuracy, metrics.jsonl, checkpoints (it draws nothing)
+    run.py        what a run does whatever the transport: create_server, watch, finish_run
     launcher.py   `minasgd train --workers N`: the server here, N spawned worker processes
-    cli.py        the `train --workers` / `serve` / `work` command lines
     bench.py      `minasgd bench ps`: goodput vs a raw socket, the workers speed-up, and
                   (--hostile) the workers' rate while another process attacks the server
+
+Nothing here touches a terminal or parses arguments: the runs report through `on_event`
+callbacks and the benches return numbers. The flags and the handlers of `train --workers`,
+`serve`, `work` and `bench ps` are in `minasgd/cli/ps.py` and `minasgd/cli/bench.py`; the live
+server dashboard and the tables are in `minasgd/dashboard.py` (ServerView, ServerDashboard).
 """

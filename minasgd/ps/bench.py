@@ -22,6 +22,7 @@ import numpy as np
 
 from .. import backends
 from ..model import Model
+from ..timer import rate
 from .launcher import PsOptions, blas_threads
 
 OPS = ("push", "fetch", "push+fetch")
@@ -77,17 +78,6 @@ def _start(target, n):
 
 # ------------------------------------------------------------------ the measurements
 
-def _time(fn, seconds):
-    """Round trips per second of fn(), run for about `seconds` after a warm-up."""
-    for _ in range(3):
-        fn()
-    count, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        fn()
-        count += 1
-    return count / (time.perf_counter() - t0)
-
-
 ROUNDS = 5  # each rate is the median of this many samples, ours and raw alternating
 
 
@@ -132,8 +122,8 @@ def goodput(n, seconds=1.5, rounds=ROUNDS):
         samples = {op: {"ours": [], "raw": []} for op in OPS}
         for _ in range(rounds):
             for op in OPS:
-                samples[op]["ours"].append(_time(ours[op], seconds / rounds))
-                samples[op]["raw"].append(_time(raw[op], seconds / rounds))
+                samples[op]["ours"].append(rate(ours[op], seconds / rounds))
+                samples[op]["raw"].append(rate(raw[op], seconds / rounds))
         client.close()
         sock.close()
     finally:
@@ -167,8 +157,9 @@ def _single_process(cfg):
     return train(cfg)
 
 
-def speedup(args, console):
-    """Train on shapes with single-process and each worker count; one row per run."""
+def speedup(model, backend, gpu, epochs, train_limit, nsync, target, workers_list="1,2,4"):
+    """Train on shapes with single-process and each worker count; one row per run (a line on
+    stderr after each, since stdout may be --json)."""
     import multiprocess
 
     from ..train import TrainConfig
@@ -176,10 +167,10 @@ def speedup(args, console):
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     rows = []
-    counts = [0] + [int(k) for k in args.workers_list.split(",")]
+    counts = [0] + [int(k) for k in workers_list.split(",")]
     for workers in counts:
-        cfg = TrainConfig(dataset="shapes", model=args.model, backend=args.backend, gpu=args.gpu,
-                          epochs=args.epochs, train_limit=args.train_limit, quiet=True,
+        cfg = TrainConfig(dataset="shapes", model=model, backend=backend, gpu=gpu,
+                          epochs=epochs, train_limit=train_limit, quiet=True,
                           out=f"runs/bench-ps-{time.strftime('%Y%m%d-%H%M%S')}-w{workers}")
         t0 = time.perf_counter()
         if workers == 0:  # in a fresh process with the same BLAS threads a single worker gets
@@ -187,10 +178,10 @@ def speedup(args, console):
             with blas_threads(max(1, cores - 1)), ctx.Pool(1) as pool:
                 summary = pool.apply(_single_process, (cfg,))
         else:
-            summary = train_distributed(cfg, PsOptions(workers=workers, nsync=args.nsync))
+            summary = train_distributed(cfg, PsOptions(workers=workers, nsync=nsync))
         wall = time.perf_counter() - t0
         records = [json.loads(line) for line in open(os.path.join(cfg.out, "metrics.jsonl"))]
-        reached = [r["time"] for r in records if r["kind"] == "epoch" and r["test_accuracy"] >= args.target]
+        reached = [r["time"] for r in records if r["kind"] == "epoch" and r["test_accuracy"] >= target]
         rows.append({"workers": workers, "images_per_second": summary["images_per_second"],
                      "test_accuracy": summary["test_accuracy"], "seconds_to_target": reached[0] if reached else None,
                      "train_seconds": summary["train_seconds"], "wall_seconds": wall,
@@ -215,17 +206,17 @@ def _rates(result, mb):
     return result
 
 
-def run(args, console):
-    if getattr(args, "hostile", False):
-        return run_hostile(args, console)
-    n = Model(args.model, backends.get("numpy")).num_params
-    seconds = getattr(args, "seconds", 1.5)
-    result = {"model": args.model, "num_params": n, "megabytes": 4 * n / 1e6, "sizes": [],
+def measure(model, seconds=1.5, transport="tcp", training=None):
+    """The numbers of `minasgd bench ps` (the CLI prints them, or `minasgd.dashboard.show_bench_ps`
+    draws them): goodput for each of SIZES, the server's work per push, and with `training` (the
+    keyword arguments of `speedup`) the speed-up table."""
+    n = Model(model, backends.get("numpy")).num_params
+    result = {"model": model, "num_params": n, "megabytes": 4 * n / 1e6, "rounds": ROUNDS, "sizes": [],
               "server_seconds_per_push": server_work_per_push(n)}
     for times in SIZES:
         size = {"times": times, "num_params": n * times, "megabytes": 4 * n * times / 1e6,
                 "goodput": goodput(n * times, seconds)}
-        if getattr(args, "transport", "tcp") == "mpi":
+        if transport == "mpi":
             from .mpi import goodput_mpi
 
             mpi = goodput_mpi(n * times, seconds)
@@ -235,54 +226,9 @@ def run(args, console):
         _rates(size["goodput"], size["megabytes"])
         result["sizes"].append(size)
     result["goodput"] = result["sizes"][0]["goodput"]  # the model's size, as before
-    if not args.skip_training:
-        result["speedup"] = speedup(args, console)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        report(result, console)
-    return 0
-
-
-def report(result, console):
-    from rich.table import Table
-
-    for size in result["sizes"]:
-        table = Table(title=f"parameter server goodput: {result['model']} x{size['times']}, "
-                            f"{size['num_params']:,} float32 ({size['megabytes']:.1f} MB), loopback, "
-                            f"medians of {ROUNDS}")
-        with_mpi = "mpi" in next(iter(size["goodput"].values()))
-        columns = ["operation", "ours round trips/s", "ours MB/s", "raw socket MB/s", "ours / raw"]
-        if with_mpi:
-            columns += ["MPI round trips/s", "MPI MB/s", "raw MPI MB/s", "MPI / raw MPI", "MPI / socket"]
-        for col in columns:
-            table.add_column(col, justify="left" if col == "operation" else "right")
-        for op, r in size["goodput"].items():
-            row = [op, f"{r['ours']:.0f}", f"{r['ours_mb_per_second']:.0f}", f"{r['raw_mb_per_second']:.0f}",
-                   f"{r['ratio']:.0%}"]
-            if with_mpi:
-                row += [f"{r['mpi']:.0f}", f"{r['mpi_mb_per_second']:.0f}", f"{r['raw_mpi_mb_per_second']:.0f}",
-                        f"{r['mpi_vs_raw_mpi']:.0%}", f"{r['mpi_vs_socket']:.2f}x"]
-            table.add_row(*row)
-        console.print(table)
-    if "mpi_library" in result:
-        console.print(f"MPI: {result['mpi_library']}; ours = the minasgd transport (socket: TcpServer, MPI: "
-                      f"MpiServer), both with the same ParameterServer behind it", highlight=False)
-    console.print(f"server work per push (finite check + SGD momentum update, no network): "
-                  f"{result['server_seconds_per_push'] * 1e3:.2f} ms")
-    if "speedup" not in result:
-        return
-    table = Table(title="workers on shapes (workers 0 = single process)")
-    for col in ("workers", "images/s", "test accuracy", "time to target", "pushes", "mean staleness"):
-        table.add_column(col, justify="right")
-    for row in result["speedup"]:
-        hist = row["staleness"] or {}
-        total = sum(hist.values())
-        mean = sum(int(k) * v for k, v in hist.items()) / total if total else None
-        table.add_row(str(row["workers"]), f"{row['images_per_second']:.0f}", f"{row['test_accuracy']:.1%}",
-                      "-" if row["seconds_to_target"] is None else f"{row['seconds_to_target']:.0f} s",
-                      str(row["pushes"] or "-"), "-" if mean is None else f"{mean:.2f}")
-    console.print(table)
+    if training is not None:
+        result["speedup"] = speedup(model=model, **training)
+    return result
 
 
 # ------------------------------------------------------------------ under attack (--hostile)
@@ -442,19 +388,7 @@ def hostile(n, workers=2, idle=500, malformed=200, seconds=3.0, rounds=3):
             "malformed_answered": answered}
 
 
-def run_hostile(args, console):
-    n = Model(args.model, backends.get("numpy")).num_params
-    result = {"model": args.model, "num_params": n,
-              **hostile(n, args.hostile_workers, args.idle, args.malformed, args.seconds, args.rounds)}
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
-    console.print(
-        f"parameter server under attack: {result['workers']} workers doing push+fetch of {args.model} "
-        f"({n:,} float32) on loopback, {result['rounds']} x {result['seconds']:g} s each way, alternating\n"
-        f"  undisturbed   {result['rate_undisturbed']:.0f} round trips/s\n"
-        f"  under attack  {result['rate_under_attack']:.0f} round trips/s: {result['held']} idle connections held "
-        f"({result['refused_at_connect']} refused), {result['malformed_answered']}/{result['malformed_sent']} "
-        f"malformed frames answered with ERROR (a truncated one is just hung up on)\n"
-        f"  ratio         {result['ratio']:.0%} of the undisturbed rate (goal: >= 90%)", highlight=False)
-    return 0
+def measure_hostile(model, workers=2, idle=500, malformed=200, seconds=3.0, rounds=3):
+    """The numbers of `minasgd bench ps --hostile` (drawn by `minasgd.dashboard.show_bench_ps_hostile`)."""
+    n = Model(model, backends.get("numpy")).num_params
+    return {"model": model, "num_params": n, **hostile(n, workers, idle, malformed, seconds, rounds)}

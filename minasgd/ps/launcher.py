@@ -13,8 +13,9 @@ What happens:
    the processes share the CPU instead of fighting over it. Oversubscribed BLAS threads spin
    and wait for each other: on a 2-core machine one worker with 2 threads next to the server ran
    5x slower than with 1.
-4. It watches the server (`Monitor`): the dashboard, test accuracy every epoch's worth of
-   mini-batches, metrics.jsonl, a checkpoint every `checkpoint_every` seconds.
+4. It watches the server (`Monitor`): test accuracy every epoch's worth of mini-batches,
+   metrics.jsonl, a checkpoint every `checkpoint_every` seconds; what happens goes to `on_event`
+   (the command line's `minasgd.dashboard.ServerView` draws the live dashboard from it).
 5. When the server has applied `epochs` epochs of mini-batches it answers "done"; the workers
    say BYE and exit, and the run directory gets model.npz and summary.json with the server's
    statistics. A worker that dies is dropped and the others carry on; Ctrl-C stops everything
@@ -27,15 +28,15 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .. import backends, checkpoint
-from ..progress import TrainProgress
+from .. import backends
 from ..rundir import RunDir, default_run_dir
-from ..train import build_model, load_dataset, total_steps as count_steps
+from ..train import build_model, load_dataset
 from .monitor import Monitor
-from .server import ParameterServer
+from .run import Say, assign_devices, create_server, finish_run, ignore, server_start, watch
+from .run import WorkersGone, worker_momentum  # noqa: F401  (what this module's users catch and call)
 from .tcp import TcpServer, listen, parse_address
 
 
@@ -81,81 +82,7 @@ class PsOptions:
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
 
 
-LR_SCALINGS = ("none", "workers", "staleness")
-MOMENTUM_SCALINGS = ("staleness", "workers", "none")
-
-
-class WorkersGone(ChildProcessError):
-    """Every worker process exited before training was over."""
-
-
 # ------------------------------------------------------------------ the server
-
-def create_server(cfg, opts, model, train_size, run):
-    """The ParameterServer for this config (no transport yet)."""
-    steps_per_epoch, total_steps = count_steps(cfg, train_size)
-    if opts.lr_scaling not in LR_SCALINGS:
-        raise ValueError(f"unknown --lr-scaling {opts.lr_scaling!r}; choose one of {', '.join(LR_SCALINGS)}")
-    if opts.momentum_scaling not in MOMENTUM_SCALINGS:
-        raise ValueError(f"unknown --momentum-scaling {opts.momentum_scaling!r}; "
-                         f"choose one of {', '.join(MOMENTUM_SCALINGS)}")
-    if opts.momentum_at not in ("worker", "server"):
-        raise ValueError(f"unknown --momentum-at {opts.momentum_at!r}; choose worker or server")
-    sgd, on_server = opts.optimizer == "sgd", opts.momentum_at == "server"
-    momentum, lr_scale = worker_momentum(cfg.momentum, opts.workers, opts.nsync, opts.momentum_scaling)
-    if on_server:
-        momentum, lr_scale = 0.0, 1.0
-    if opts.lr_scaling == "workers":
-        lr_scale /= opts.workers
-    ps = ParameterServer(
-        model.get_params(), model_name=model.name, fingerprint=model.fingerprint(), total_steps=total_steps,
-        lr=cfg.lr if sgd else opts.adagrad_lr, warmup_steps=cfg.warmup_steps, optimizer=opts.optimizer,
-        momentum=cfg.momentum if sgd and on_server else 0.0, lr_scale=lr_scale if sgd else 1.0,
-        sync=opts.sync, staleness_lr=opts.lr_scaling == "staleness", expected_workers=opts.workers,
-        checkpoint_path=run.model_path, checkpoint_every=opts.checkpoint_every,
-        eval_every_steps=max(1, round(opts.eval_every * steps_per_epoch)),
-        round_timeout=opts.round_timeout if opts.round_timeout is not None else opts.timeout,
-        # The workers run single-process training's SGD (--momentum, --weight-decay) locally and
-        # push the steps they took; with Adagrad they push plain gradient sums and take no steps.
-        worker_config={"model": model.name, "dataset": cfg.dataset, "batch_size": cfg.batch_size,
-                       "nsync": opts.nsync, "momentum": momentum if sgd else 0.0, "local_steps": sgd,
-                       "weight_decay": cfg.weight_decay, "seed": cfg.seed, "train_limit": cfg.train_limit})
-    if opts.resume:
-        resume_server(ps, opts.resume)
-    return ps
-
-
-def worker_momentum(momentum, workers, nsync=1, scaling="staleness"):
-    """(each worker's momentum, lr factor) for N = `workers` workers and momentum m.
-
-    One process with momentum m delays a gradient's effect by T = 1 / (1 - m) mini-batches on
-    average (10 for m = 0.9). N workers each run their own momentum and step in turn, so a worker's
-    velocity decays once every N of the run's mini-batches: momentum m_w in each worker delays by
-    about N / (1 - m_w) mini-batches. Staleness adds its own delay ("asynchrony begets momentum",
-    Mitliagkas et al. 2016): a push is s = (N - 1) x nsync mini-batches stale. So:
-      "workers":   m_w = m**N                          the same delay as one process, staleness aside
-      "staleness": m_w = (1 - 1 / (T - s))**N, 0 when s >= T - 1: momentum delay + staleness = T
-      "none":      m_w = m
-    The lr factor (1 - m_w) / (1 - m) keeps every gradient's total step lr / (1 - m).
-    """
-    if scaling == "none" or workers == 1 or momentum == 0:
-        return momentum, 1.0
-    if scaling == "workers":
-        per_worker = momentum**workers
-    else:
-        delay, stale = 1.0 / (1.0 - momentum), (workers - 1) * nsync
-        per_worker = (1.0 - 1.0 / (delay - stale)) ** workers if delay - stale > 1.0 else 0.0
-    return per_worker, (1.0 - per_worker) / (1.0 - momentum)
-
-
-def resume_server(ps, run_dir):
-    """Load RUN_DIR/model.npz (a full-state checkpoint) into `ps`; one clear line if it cannot."""
-    path = RunDir.model_path_in(run_dir)
-    try:
-        ps.resume(checkpoint.load(path, expect_fingerprint=ps.fingerprint))
-    except (checkpoint.CheckpointError, ValueError) as e:
-        raise ValueError(f"--resume {run_dir}: {e}") from None
-
 
 def start_server(cfg, opts, model, train_size, run, listener):
     """Create the ParameterServer for this config and serve it on `listener`; returns (ps, tcp)."""
@@ -181,20 +108,6 @@ def worker_process(index, address, token, shard_x, shard_y, backend, gpu, nsync,
     except (ServerError, OSError, ValueError, FloatingPointError) as e:
         print(f"minasgd worker {index + 1}: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
-
-
-def assign_devices(backend, gpu, n):
-    """Resolve "auto" and give each of n workers a GPU (round-robin) or None on the CPU."""
-    if backend == "auto":
-        backend = "cuda" if backends.cuda_available() else "numpy"
-    if backend == "numpy":
-        return backend, [None] * n
-    if gpu is not None:
-        return backend, [gpu] * n
-    from numba import cuda
-
-    count = max(1, len(cuda.gpus))
-    return backend, [i % count for i in range(n)]
 
 
 @contextlib.contextmanager
@@ -263,38 +176,42 @@ def stop_workers(processes, grace=15.0):
 
 # ------------------------------------------------------------------ the whole run
 
-def train_distributed(cfg, args, console=None, dataset=None):
+def train_distributed(cfg, args, on_event=None, dataset=None):
     """Train with a parameter server and N worker processes; returns the summary (also in summary.json).
 
     `args`: a `PsOptions` or the parsed command line. `dataset`: use this `Dataset` instead of
-    loading `cfg.dataset` (tests build small ones in memory).
+    loading `cfg.dataset` (tests build small ones in memory). `on_event(event)` hears what happens
+    (see `run_server`); the command line passes `minasgd.dashboard.ServerView`.
     """
     opts = args if isinstance(args, PsOptions) else PsOptions.from_args(args)
     if opts.transport == "mpi":  # this process is one rank of `mpiexec -n N+1`
         from .mpi import train_mpi
 
-        return train_mpi(cfg, opts, console, dataset)
+        return train_mpi(cfg, opts, on_event, dataset)
     if opts.transport != "tcp":
         raise ValueError(f"unknown transport {opts.transport!r}; choose tcp or mpi")
     if opts.workers is None:  # not given on the command line
         opts.workers = PsOptions.workers
     if opts.workers < 1:
         raise ValueError(f"--workers must be >= 1 (0 trains in one process), got {opts.workers}")
-    return run_server(cfg, opts, console, dataset, local_workers=opts.workers)
+    return run_server(cfg, opts, on_event, dataset, local_workers=opts.workers)
 
 
-def run_server(cfg, opts, console=None, dataset=None, local_workers=0):
+def run_server(cfg, opts, on_event=None, dataset=None, local_workers=0):
     """Serve until training is over (or Ctrl-C), with `local_workers` worker processes of our own.
 
     With local_workers=0 (`minasgd serve`) the workers are `minasgd work` processes elsewhere.
+    `on_event(event)` hears, in order: "server_start" (where, what), "resumed" (with --resume),
+    "serving" / "served" around the watch (from the Monitor: a live view may draw it), "done"
+    (the summary); and "say" (a line of text, e.g. a warm start).
     """
-    progress = TrainProgress(quiet=cfg.quiet, console=console)
+    on_event = on_event or ignore
     host, port = parse_address(opts.bind) if opts.bind else ("127.0.0.1", 0)
     listener = listen(host, port, opts.token)  # first, so a busy port fails fast
     try:
         backend, gpus = assign_devices(cfg.backend, cfg.gpu, local_workers)
         ds = dataset or load_dataset(cfg)
-        eval_model = build_model(cfg, backends.get("numpy"), progress.console)  # the server's side is NumPy
+        eval_model = build_model(cfg, backends.get("numpy"), Say(on_event))  # the server's side is NumPy
         if opts.resume and cfg.out and Path(cfg.out) != Path(opts.resume):
             raise ValueError("--resume continues the run in RUN_DIR: leave out --out")
         if opts.resume and cfg.init:
@@ -307,16 +224,14 @@ def run_server(cfg, opts, console=None, dataset=None, local_workers=0):
         listener.close()
         raise
     who = f"{local_workers} {backend} workers" if local_workers else "waiting for `minasgd work` workers"
-    progress.say(f"parameter server on {tcp.address_text} ({ps.mode}, {opts.optimizer}, nsync {opts.nsync}); "
-                 f"{who}; model {eval_model.name}: {eval_model.num_params:,} parameters; "
-                 f"dataset {ds.name}: {len(ds.train_y):,} train / {len(ds.test_y):,} test; run dir {run.path}")
+    on_event(server_start(tcp.address_text, ps, opts, who, eval_model, ds, run))
     if ps.resumed_from:
-        progress.say(f"resumed from {run.model_path}: version {ps.version}, step {ps.steps}/{ps.total_steps}")
+        on_event({"kind": "resumed", "path": str(run.model_path), "version": ps.version, "steps": ps.steps,
+                  "total_steps": ps.total_steps})
 
     steps_per_epoch = len(ds.train_y) // cfg.batch_size
     monitor = Monitor(ps, run, eval_model, ds.test_x, ds.test_y, steps_per_epoch, cfg.batch_size,
-                      address=tcp.address_text, console=progress.console, quiet=cfg.quiet,
-                      eval_every=opts.eval_every)
+                      address=tcp.address_text, on_event=on_event, eval_every=opts.eval_every)
     processes, finished, interrupted = [], False, threading.Event()
     try:
         with ctrl_c_sets(interrupted):
@@ -338,7 +253,7 @@ def run_server(cfg, opts, console=None, dataset=None, local_workers=0):
     if interrupted.is_set():
         raise KeyboardInterrupt  # the CLI says "interrupted" and exits with 130
 
-    return finish_run(cfg, opts, progress, monitor, run, eval_model, ds, backend=backend,
+    return finish_run(cfg, opts, on_event, monitor, run, eval_model, ds, backend=backend,
                       device=f"{local_workers} local worker processes",
                       workers=local_workers, address=tcp.address_text)
 
@@ -349,48 +264,3 @@ def wait_for_goodbyes(ps, grace):
     deadline = time.monotonic() + grace
     while ps.live_ids() and time.monotonic() < deadline:
         time.sleep(0.05)
-
-
-def watch(ps, monitor, worker_exits, what="exit codes", stop=None):
-    """Tick the monitor (dashboard, evaluations, checkpoints) until the server says training is over
-    (or the `stop` event is set: Ctrl-C).
-
-    `worker_exits()`: one entry per worker we are responsible for, None while it runs, else how it
-    ended (an exit code, a reason). Raises WorkersGone when they have all ended before the end.
-    """
-    with monitor:
-        while not ps.done and not (stop and stop.is_set()):
-            exits = worker_exits()
-            if any(e is not None for e in exits):
-                ps.begin()  # a worker died before everyone joined: start with the others
-            if exits and all(e is not None for e in exits) and not ps.done:
-                raise WorkersGone(f"all {len(exits)} workers exited before training was over "
-                                  f"({what} {', '.join(str(e) for e in exits)}; their errors are printed above)")
-            monitor.tick()
-            time.sleep(0.2)
-
-
-def finish_run(cfg, opts, progress, monitor, run, eval_model, ds, *, backend, device, workers, address):
-    """The final evaluation, summary.json and the closing line; returns the summary."""
-    numbers = monitor.finish()
-    summary = {**numbers, "backend": backend, "device": device,
-               "model": eval_model.name, "num_params": eval_model.num_params, "dataset": ds.name,
-               "workers": workers or len(numbers["worker_stats"]), "nsync": opts.nsync,
-               "nfetch": opts.nfetch or opts.nsync, "npush": opts.npush or opts.nsync, "address": address,
-               "config": {k: v for k, v in asdict(cfg).items() if k not in ("extra", "quiet")},
-               "ps": asdict(opts) | {"token": bool(opts.token)}, **cfg.extra}
-    run.write_summary(summary)
-    run.close()
-    progress.say(f"done: test accuracy {numbers['test_accuracy']:.2%}, {numbers['wall_seconds']:.0f} s, "
-                 f"{numbers['images_per_second']:.0f} images/s, {numbers['pushes']} pushes, "
-                 f"staleness {staleness_summary(numbers['staleness'])} -> {run.path}")
-    return summary
-
-
-def staleness_summary(histogram):
-    """'mean 1.2, max 4' from {"0": n0, "1": n1, ...}."""
-    total = sum(histogram.values())
-    if not total:
-        return "-"
-    mean = sum(int(k) * v for k, v in histogram.items()) / total
-    return f"mean {mean:.2f}, max {max(int(k) for k in histogram)}"

@@ -1,14 +1,16 @@
-"""Watching a parameter server while it trains: test accuracy, metrics, checkpoints, a live dashboard.
+"""Watching a parameter server while it trains: test accuracy, metrics, checkpoints.
 
-    monitor = Monitor(ps, run, eval_model, ds.test_x, ds.test_y, steps_per_epoch, batch_size)
-    with monitor:                 # the rich dashboard (unless quiet)
+    monitor = Monitor(ps, run, eval_model, ds.test_x, ds.test_y, steps_per_epoch, batch_size,
+                      on_event=view)
+    with monitor:                 # tells on_event "serving" / "served" (a live dashboard, if any)
         while not ps.done:
             monitor.tick()        # evaluate / log / checkpoint when due
             time.sleep(0.2)
     monitor.finish()              # final evaluation; returns the summary's numbers
 
 Used by `minasgd train --workers N` (`minasgd.ps.launcher`) and `minasgd serve`. It only reads
-the server (`ps.stats()`, `ps.snapshot()`), so it never slows a push down beyond a copy.
+the server (`ps.stats()`, `ps.snapshot()`), so it never slows a push down beyond a copy. It draws
+nothing: the live dashboard is `minasgd.dashboard.ServerDashboard`, which reads the same numbers.
 
 metrics.jsonl gets the same record kinds as single-process training, with the server's clock:
 "step" (every `log_every` seconds: mean worker loss, images/s, version, lr) and "epoch" (every
@@ -21,27 +23,25 @@ the staleness histogram and per-worker numbers next to each "epoch" record.
 import math
 import time
 
-from rich.console import Group
-from rich.live import Live
-from rich.panel import Panel
-from rich.table import Table
-from rich.text import Text
-
 from ..train import evaluate
+
+
+def _ignore(event):
+    pass
 
 
 class Monitor:
     def __init__(self, ps, run, eval_model, test_x, test_y, steps_per_epoch, batch_size, *,
-                 address="", console=None, quiet=False, eval_every=1.0, log_every=2.0):
+                 address="", on_event=None, eval_every=1.0, log_every=2.0):
         self.ps, self.run = ps, run
         self.eval_model, self.test_x, self.test_y = eval_model, test_x, test_y
         self.steps_per_epoch, self.batch_size = steps_per_epoch, batch_size
-        self.address, self.console, self.quiet = address, console, quiet
+        self.address = address  # what the dashboard calls this server
+        self.on_event = on_event or _ignore
         self.eval_steps = max(1, round(eval_every * steps_per_epoch))
         self.log_every = log_every
         self.next_eval, self.next_log = self.eval_steps, time.monotonic() + log_every
         self.evals = []  # the "epoch" records, in order
-        self.live = None
 
     # ------------------------------------------------------------------ the loop's body
 
@@ -60,7 +60,7 @@ class Monitor:
             self.next_log = time.monotonic() + self.log_every
         failures = self.ps.checkpoint_failures
         self.ps.maybe_checkpoint()
-        if self.ps.checkpoint_failures > failures:  # warned on the dashboard; logged here
+        if self.ps.checkpoint_failures > failures:  # warned on the dashboard (ps.stats()); logged here
             self.run.log({"kind": "warning", "step": self.ps.steps, "time": self.elapsed(),
                           "warning": self.ps.checkpoint_error})
 
@@ -111,47 +111,14 @@ class Monitor:
                 "mode": stats["mode"], "optimizer": stats["optimizer"], "worker_stats": stats["workers"],
                 "evaluations": [{k: e[k] for k in ("step", "time", "test_accuracy")} for e in self.evals]}
 
-    # ------------------------------------------------------------------ the dashboard
+    # ------------------------------------------------------------------ the view's hook
 
     def __enter__(self):
-        if not self.quiet:
-            self.live = Live(get_renderable=self.render, console=self.console, refresh_per_second=2)
-            self.live.__enter__()
+        """Tell `on_event` the server is being watched: {"kind": "serving", "monitor": self}
+        (`minasgd.dashboard.ServerView` starts its live dashboard of this monitor then)."""
+        self.on_event({"kind": "serving", "monitor": self})
         return self
 
     def __exit__(self, *exc):
-        if self.live is not None:
-            self.live.__exit__(*exc)
-            if not self.live.console.is_terminal:
-                self.live.console.line()  # a log file gets the last frame; end its line
+        self.on_event({"kind": "served"})
         return False
-
-    def render(self):
-        s = self.ps.stats()
-        head = Text.assemble(
-            ("server ", "bold"), f"{self.address}  {s['mode']}, {s['optimizer']}   ",
-            ("version ", "bold"), f"{s['version']}   ", ("step ", "bold"),
-            f"{s['steps']}/{s['total_steps']} ({s['steps'] / max(1, s['total_steps']):.0%})   ",
-            ("lr ", "bold"), f"{s['lr']:.4g}   ", ("rejected ", "bold"), f"{s['rejected']}   ",
-            f"{self.elapsed():.0f} s")
-        # Everything a peer can choose (names, reasons) goes in as Text: plain, never rich markup.
-        table = Table(expand=False, box=None, header_style="bold")
-        for col in ("worker", "status", "images/s", "pushes", "fetches", "staleness", "loss"):
-            table.add_column(col, justify="left" if col in ("worker", "status") else "right")
-        for w in s["workers"]:
-            status = Text("training", style="green") if w["alive"] else Text(str(w["left"]), style="yellow")
-            if w["alive"] and w.get("missed_rounds"):
-                status.append(f", missed {w['missed_rounds']} sync round(s)", style="yellow")
-            table.add_row(Text(f"{w['id']} {w['name']}"), status, f"{w.get('images_per_second', 0):.0f}",
-                          str(w["pushes"]), str(w["fetches"]), str(w["last_staleness"]),
-                          f"{w.get('loss', math.nan):.3f}")
-        staleness = "  ".join(f"{k}: {v}" for k, v in s["staleness"].items()) or "-"
-        accuracy = "  ".join(f"{e['test_accuracy']:.1%} @ {e['time']:.0f}s" for e in self.evals[-6:]) or "-"
-        lines = [head, table, Text(f"staleness (pushes): {staleness}"), Text(f"test accuracy: {accuracy}")]
-        if s["departed_unlisted"]:
-            lines.append(Text(f"(and {s['departed_unlisted']} more workers that left)", style="dim"))
-        if s["checkpoint_error"]:
-            lines.append(Text(f"warning: {s['checkpoint_error']}", style="bold red"))
-        lines += [Text(f"{time.strftime('%H:%M:%S', time.localtime(t))} {text}", style="dim")
-                  for t, text in self.ps.recent_events(3)]
-        return Panel(Group(*lines), title="minasgd parameter server", expand=False)

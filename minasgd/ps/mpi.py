@@ -4,7 +4,7 @@
 
 This is how the paper ran it: one server process and the GPU clients as ranks of one MPI job
 across the cluster's nodes. Everything else is shared with the TCP transport (`minasgd.ps.tcp`):
-`ParameterServer` (the rules), `Worker` (the loop), `Monitor` (dashboard, metrics, checkpoints)
+`ParameterServer` (the rules), `Worker` (the loop), `Monitor` (evaluations, metrics, checkpoints)
 and the run directory, all on rank 0. Install the extra first: `pip install -e ".[mpi]"`.
 
     server = MpiServer(ps, comm).start(shards)   # rank 0: one thread per worker rank
@@ -252,7 +252,7 @@ class MpiServer:
         return self
 
     def exits(self):
-        """One entry per worker rank: None while it is served, else why it left (for `launcher.watch`)."""
+        """One entry per worker rank: None while it is served, else why it left (for `run.watch`)."""
         return [self.ended[rank] for rank in self.ranks]
 
     def join(self, grace=15.0):
@@ -452,8 +452,10 @@ def final_barrier(MPI, comm, timeout=None):
         return False
 
 
-def train_mpi(cfg, opts, console=None, dataset=None):
-    """One rank's part of `minasgd train --transport mpi`: rank 0 serves (returns the summary), the others work."""
+def train_mpi(cfg, opts, on_event=None, dataset=None):
+    """One rank's part of `minasgd train --transport mpi`: rank 0 serves (returns the summary), the others work.
+
+    `on_event`: as in `minasgd.ps.launcher.run_server` (rank 0 only)."""
     MPI = import_mpi()
     world = MPI.COMM_WORLD
     size, rank = world.Get_size(), world.Get_rank()
@@ -469,7 +471,7 @@ def train_mpi(cfg, opts, console=None, dataset=None):
     comm = world.Dup()  # our own communicator: no other MPI traffic can match our tags
     worker_index_here = _worker_index_on_this_node(MPI, comm)  # collective: every rank calls it
     if rank == 0:
-        return _serve_rank0(MPI, comm, cfg, opts, console, dataset)
+        return _serve_rank0(MPI, comm, cfg, opts, on_event, dataset)
     _work(MPI, comm, cfg, opts, worker_index_here)
     return None
 
@@ -484,22 +486,21 @@ def _worker_index_on_this_node(MPI, comm):
     return index
 
 
-def _serve_rank0(MPI, comm, cfg, opts, console, dataset):
+def _serve_rank0(MPI, comm, cfg, opts, on_event, dataset):
     from .. import backends
-    from ..progress import TrainProgress
     from ..rundir import RunDir, default_run_dir
     from ..train import build_model, load_dataset
-    from .launcher import assign_devices, create_server, finish_run, watch
+    from .run import Say, assign_devices, create_server, finish_run, ignore, server_start, watch
     from .monitor import Monitor
 
-    progress = TrainProgress(quiet=cfg.quiet, console=console)
+    on_event = on_event or ignore
     n = comm.Get_size() - 1
     ok = False
     try:
         try:
             backend, _ = assign_devices(cfg.backend, cfg.gpu, 0)  # as rank 0 sees it; each worker resolves "auto" itself
             ds = dataset or load_dataset(cfg)
-            eval_model = build_model(cfg, backends.get("numpy"), progress.console)  # the server's side is NumPy
+            eval_model = build_model(cfg, backends.get("numpy"), Say(on_event))  # the server's side is NumPy
             run = RunDir(opts.resume or cfg.out or default_run_dir("train"))
             ps = create_server(cfg, opts, eval_model, len(ds.train_y), run)
             shards = [ds.shard(i, n) for i in range(n)]
@@ -509,12 +510,9 @@ def _serve_rank0(MPI, comm, cfg, opts, console, dataset):
             raise
         server.start([(s.train_x, s.train_y) for s in shards])
         address = f"MPI rank 0 of {n + 1}"
-        progress.say(f"parameter server on {address} ({ps.mode}, {opts.optimizer}, nsync {opts.nsync}); "
-                     f"{n} worker ranks; model {eval_model.name}: {eval_model.num_params:,} parameters; "
-                     f"dataset {ds.name}: {len(ds.train_y):,} train / {len(ds.test_y):,} test; run dir {run.path}")
+        on_event(server_start(address, ps, opts, f"{n} worker ranks", eval_model, ds, run))
         monitor = Monitor(ps, run, eval_model, ds.test_x, ds.test_y, len(ds.train_y) // cfg.batch_size,
-                          cfg.batch_size, address=address, console=progress.console, quiet=cfg.quiet,
-                          eval_every=opts.eval_every)
+                          cfg.batch_size, address=address, on_event=on_event, eval_every=opts.eval_every)
         finished = False
         try:
             watch(ps, monitor, server.exits, "they left:")
@@ -525,7 +523,7 @@ def _serve_rank0(MPI, comm, cfg, opts, console, dataset):
             ps.checkpoint()
             if not finished:
                 run.close()
-        summary = finish_run(cfg, opts, progress, monitor, run, eval_model, ds, backend=backend,
+        summary = finish_run(cfg, opts, on_event, monitor, run, eval_model, ds, backend=backend,
                              device=f"{n} MPI worker ranks", workers=n, address=address)
         ok = True
         return summary
@@ -599,7 +597,7 @@ def goodput_mpi(n, seconds=1.5):
 def _bench_ranks(n, seconds):
     """Under `mpiexec -n 2`: rank 0 serves a ParameterServer of n parameters (then a bare echo);
     rank 1 times both and prints one JSON line."""
-    from .bench import OPS, _time
+    from ..timer import rate
     from .server import ParameterServer
 
     MPI = import_mpi()
@@ -643,10 +641,10 @@ def _bench_ranks(n, seconds):
 
         ours = {"push": push, "fetch": fetch, "push+fetch": lambda: (push(), fetch())}
         bare = {"push": lambda: raw(1), "fetch": lambda: raw(2), "push+fetch": lambda: (raw(1), raw(2))}
-        results = {op_name: {"mpi": _time(ours[op_name], seconds)} for op_name in OPS}
+        results = {op_name: {"mpi": rate(ours[op_name], seconds)} for op_name in ours}  # bench.OPS, in order
         client.close("bench over")
-        for op_name in OPS:
-            results[op_name]["raw_mpi"] = _time(bare[op_name], seconds)
+        for op_name in ours:
+            results[op_name]["raw_mpi"] = rate(bare[op_name], seconds)
         raw(0)
         print(json.dumps({**results, "library": MPI.Get_library_version().splitlines()[0].strip()}), flush=True)
     final_barrier(MPI, comm, timeout=30.0)

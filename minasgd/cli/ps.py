@@ -1,4 +1,4 @@
-"""The command-line side of the parameter server: `train --workers`, `serve`, `work`, `bench ps`.
+"""The parameter server's flags and handlers: `train --workers`, `serve`, `work`, `bench ps`.
 
     minasgd train --workers 2                      server + 2 worker processes on this machine
     minasgd train                                  (no --workers: one process, no server)
@@ -14,7 +14,9 @@ process list.
 
 import os
 
-from .launcher import PsOptions
+from ..ps.launcher import PsOptions
+from .train import add_train_arguments as add_one_process_train_arguments
+from .train import train_config
 
 D = PsOptions()
 
@@ -80,9 +82,7 @@ def add_train_arguments(p):
 
 
 def add_serve_arguments(p):
-    from ..cli import _add_train_arguments
-
-    _add_train_arguments(p)
+    add_one_process_train_arguments(p)
     _add_server_arguments(p, "127.0.0.1:5555", "address to listen on (default: %(default)s)")
     p.add_argument("--workers", type=int, default=1,
                    help="start training once this many workers have joined (default: %(default)s)")
@@ -133,16 +133,17 @@ def add_bench_arguments(p):
 
 
 def serve(args, console):
-    from ..cli import _train_config
-    from .launcher import run_server
+    from ..dashboard import ServerView
+    from ..ps.launcher import run_server
 
-    run_server(_train_config(args), PsOptions.from_args(args), console)
+    cfg = train_config(args)
+    run_server(cfg, PsOptions.from_args(args), ServerView(console, quiet=cfg.quiet))
     return 0
 
 
 def work(args, console):
-    from .tcp import TcpClient
-    from .worker import connect_and_train
+    from ..ps.tcp import TcpClient
+    from ..ps.worker import connect_and_train
 
     index, sep, count = args.shard.partition("/")
     if not sep or not index.isdigit() or not count.isdigit() or not 1 <= int(index) <= int(count):
