@@ -83,6 +83,9 @@ def test_train_on_the_cuda_backend_writes_the_same_files(tmp_path, data_root):
         (["train", "--workers", 0, "--dataset", TINY_DATA, "--init", "/nonexistent.npz", "--quiet"], "checkpoint not found"),
         (["eval", "/nonexistent.npz"], "checkpoint not found"),
         (["train", "--workers", 0, "--dataset", TINY_DATA, "--model", "vgg", "--quiet"], "unknown model"),
+        # --momentum and --lr are SGD's: with the server's Adagrad they are refused, not ignored
+        (["train", "--workers", 2, "--optimizer", "adagrad", "--momentum", 0.5, "--quiet"], "--momentum is SGD's"),
+        (["train", "--workers", 2, "--optimizer", "adagrad", "--lr", 0.1, "--quiet"], "--lr is SGD's"),
     ],
 )
 def test_user_errors_are_one_line(args, message, data_root, tmp_path, capsys):
