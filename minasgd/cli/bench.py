@@ -17,54 +17,42 @@ def add_arguments(p):
 
 
 def cmd_bench(args, console):
+    """Measure (the library returns numbers), then print them as JSON or draw them (the dashboard)."""
+    from .. import dashboard
+
+    code = 0
     if args.what == "step":
         from .. import bench_step
 
         result = bench_step.measure(args.backend, args.model, args.batch_size, args.repeats, args.gpu)
-        if args.json:
-            print(json.dumps(result, indent=2))
-        else:
-            from ..dashboard import show_bench_step
-
-            show_bench_step(result, console)
-        return 0
-    if args.what == "ps":
-        from ..dashboard import show_bench_ps, show_bench_ps_hostile
+        show = dashboard.show_bench_step
+    elif args.what == "ps":
         from ..ps import bench as ps_bench
 
         if args.hostile:
             result = ps_bench.measure_hostile(args.model, args.hostile_workers, args.idle, args.malformed,
                                               args.seconds, args.rounds)
-            show = show_bench_ps_hostile
+            show = dashboard.show_bench_ps_hostile
         else:
             training = None if args.skip_training else dict(
                 backend=args.backend, gpu=args.gpu, epochs=args.epochs, train_limit=args.train_limit,
                 nsync=args.nsync, target=args.target, workers_list=args.workers_list)
             result = ps_bench.measure(args.model, args.seconds, args.transport, training)
-            show = show_bench_ps
-        if args.json:
-            print(json.dumps(result, indent=2))
-        else:
-            show(result, console)
-        return 0
-    if args.what == "kernels":
+            show = dashboard.show_bench_ps
+    elif args.what == "kernels":
         from .. import bench_kernels
 
         if args.static:
             result = bench_kernels.static_result()
-            if args.json:
-                print(json.dumps(result, indent=2))
-            else:
-                from ..dashboard import show_kernel_static
-
-                show_kernel_static(result, console)
-            return 2 if "skipped" in result else 0
-        result = bench_kernels.run(backend_device=args.gpu)
-        if args.json:
-            print(json.dumps(result, indent=2) if "skipped" not in result else json.dumps(result))
+            show = dashboard.show_kernel_static
+            code = 2 if "skipped" in result else 0
         else:
-            from ..dashboard import show_bench_kernels
-
-            show_bench_kernels(result, console)
-        return 0
-    raise AssertionError(args.what)
+            result = bench_kernels.run(backend_device=args.gpu)
+            show = dashboard.show_bench_kernels
+    else:
+        raise AssertionError(args.what)
+    if args.json:
+        print(json.dumps(result, indent=None if "skipped" in result else 2))
+    else:
+        show(result, console)
+    return code
