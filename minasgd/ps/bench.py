@@ -217,7 +217,7 @@ def measure(model, seconds=1.5, transport="tcp", training=None):
         size = {"times": times, "num_params": n * times, "megabytes": 4 * n * times / 1e6,
                 "goodput": goodput(n * times, seconds)}
         if transport == "mpi":
-            from .mpi import goodput_mpi
+            from .mpi_bench import goodput_mpi
 
             mpi = goodput_mpi(n * times, seconds)
             result["mpi_library"] = mpi.pop("library", None)

@@ -65,7 +65,7 @@ class PsOptions:
     # 35% test accuracy at epoch 2 of the default run where the full lr reached 20%.
     lr_scaling: str = "workers"
     adagrad_lr: float = 0.01  # the server's Adagrad lr (--lr is SGD's; Adagrad's steps have another scale)
-    transport: str = "tcp"  # tcp: sockets, worker processes started here; mpi: ranks of `mpiexec` (minasgd.ps.mpi)
+    transport: str = "tcp"  # tcp: sockets, worker processes started here; mpi: ranks of `mpiexec` (minasgd.ps.mpi_job)
     bind: str | None = None  # HOST:PORT; default: a free loopback port
     token: str | None = None
     timeout: float = 120.0  # seconds of silence before a worker is dropped
@@ -185,7 +185,7 @@ def train_distributed(cfg, args, on_event=None, dataset=None):
     """
     opts = args if isinstance(args, PsOptions) else PsOptions.from_args(args)
     if opts.transport == "mpi":  # this process is one rank of `mpiexec -n N+1`
-        from .mpi import train_mpi
+        from .mpi_job import train_mpi
 
         return train_mpi(cfg, opts, on_event, dataset)
     if opts.transport != "tcp":

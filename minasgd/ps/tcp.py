@@ -11,9 +11,10 @@
     reply = client.push(grad_sum, version, batches=4)    # {"version", "lr", "done"}
     client.close("finished")
 
-All the rules live in `ParameterServer`; this module only moves frames (`minasgd.ps.protocol`)
-and turns them into calls. Another transport (MPI: rank 0 the server, ranks 1..N the workers)
-would do the same with the same server and `minasgd.ps.worker.Worker`.
+All the rules live in `ParameterServer` and what the messages mean in `minasgd.ps.session` (the
+request loop, the client's requests, the token proofs); this module only moves frames
+(`minasgd.ps.protocol`) over sockets: accepting, the handshake, timeouts, reconnecting. The other
+transport, `minasgd.ps.mpi`, does the same over MPI ranks.
 
 Safety: the server binds 127.0.0.1 unless told otherwise, and refuses any other address without a
 token. With a token, a worker proves it knows it by sending HMAC-SHA256(token, nonce) for a fresh
@@ -39,7 +40,6 @@ import socket
 import sys
 import threading
 import time
-
 
 from .protocol import ConnectionClosed, Msg, ProtocolError, Receiver, clip, send_frame, send_json
 from .server import FINISHED, Refused
