@@ -12,6 +12,7 @@ import sys
 import numpy as np
 
 from .mpi import MpiClient, MpiServer, final_barrier, import_mpi, mpiexec_command
+from .session import round_trips
 
 TAG_RAW = 110  # the bare Send/Recv baseline
 
@@ -59,14 +60,7 @@ def _bench_ranks(n, seconds):
         grad, params = np.full(n, 1e-3, np.float32), np.empty(n, np.float32)
         client = MpiClient(comm)
         client.hello("bench")
-        state = {"version": client.fetch_into(params)}
-
-        def push():
-            state["version"] = client.push(grad, state["version"], 1)["version"]
-
-        def fetch():
-            client.fetch_into(params)
-
+        ours = round_trips(client, grad, params)
         def raw(code, buffer=None):
             op[0] = code
             comm.Send([op, MPI.INT64_T], 0, tag=TAG_RAW)
@@ -76,7 +70,6 @@ def _bench_ranks(n, seconds):
             elif code == 2:
                 comm.Recv([params, MPI.FLOAT], 0, tag=TAG_RAW)
 
-        ours = {"push": push, "fetch": fetch, "push+fetch": lambda: (push(), fetch())}
         bare = {"push": lambda: raw(1), "fetch": lambda: raw(2), "push+fetch": lambda: (raw(1), raw(2))}
         results = {op_name: {"mpi": rate(ours[op_name], seconds)} for op_name in ours}  # bench.OPS, in order
         client.close("bench over")

@@ -240,6 +240,21 @@ class Client:
         raise error
 
 
+def round_trips(client, grad, params):
+    """The operations `minasgd bench ps` times, through any connected `Client` (after its hello):
+    {"push", "fetch", "push+fetch"} -> a function doing one round trip (push from `grad`, fetch
+    into `params`), each push based on the version last seen."""
+    state = {"version": client.fetch_into(params)}
+
+    def push():
+        state["version"] = client.push(grad, state["version"], 1)["version"]
+
+    def fetch():
+        client.fetch_into(params)
+
+    return {"push": push, "fetch": fetch, "push+fetch": lambda: (push(), fetch())}
+
+
 def error_of(frame):
     """The reason in an ERROR frame, whatever its body holds."""
     try:
