@@ -65,7 +65,7 @@ class PsOptions:
     # 35% test accuracy at epoch 2 of the default run where the full lr reached 20%.
     lr_scaling: str = "workers"
     adagrad_lr: float = 0.01  # the server's Adagrad lr (--lr is SGD's; Adagrad's steps have another scale)
-    transport: str = "tcp"  # tcp: sockets, worker processes started here; mpi: ranks of `mpiexec` (minasgd.ps.mpi_job)
+    transport: str = "tcp"  # tcp: sockets, worker processes started here; mpi: ranks of `mpiexec` (minasgd.ps.mpi)
     bind: str | None = None  # HOST:PORT; default: a free loopback port
     token: str | None = None
     timeout: float = 120.0  # seconds of silence before a worker is dropped
