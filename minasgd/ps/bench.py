@@ -87,6 +87,7 @@ def goodput(n, seconds=1.5, rounds=ROUNDS):
     Both servers run at once; every round times each operation on ours, then on the raw socket,
     for seconds / rounds each, so a busy moment of the machine hits both. Rates are medians.
     """
+    from .session import round_trips
     from .tcp import TcpClient
 
     grad = np.full(n, 1e-3, np.float32)
@@ -96,14 +97,7 @@ def goodput(n, seconds=1.5, rounds=ROUNDS):
     try:
         client = TcpClient(("127.0.0.1", ours_port))
         client.hello("bench")
-        state = {"version": client.fetch_into(params)}
-
-        def push():
-            state["version"] = client.push(grad, state["version"], 1)["version"]
-
-        def fetch():
-            client.fetch_into(params)
-
+        ours = round_trips(client, grad, params)
         sock = socket.create_connection(("127.0.0.1", raw_port))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         ack, view = bytearray(8), memoryview(params).cast("B")
@@ -117,7 +111,6 @@ def goodput(n, seconds=1.5, rounds=ROUNDS):
             sock.sendall(b"f")
             _recv_exactly(sock, view)
 
-        ours = {"push": push, "fetch": fetch, "push+fetch": lambda: (push(), fetch())}
         raw = {"push": raw_push, "fetch": raw_fetch, "push+fetch": lambda: (raw_push(), raw_fetch())}
         samples = {op: {"ours": [], "raw": []} for op in OPS}
         for _ in range(rounds):
@@ -217,7 +210,7 @@ def measure(model, seconds=1.5, transport="tcp", training=None):
         size = {"times": times, "num_params": n * times, "megabytes": 4 * n * times / 1e6,
                 "goodput": goodput(n * times, seconds)}
         if transport == "mpi":
-            from .mpi import goodput_mpi
+            from .mpi_bench import goodput_mpi
 
             mpi = goodput_mpi(n * times, seconds)
             result["mpi_library"] = mpi.pop("library", None)

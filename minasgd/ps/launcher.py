@@ -188,7 +188,7 @@ def train_distributed(cfg, args, on_event=None, dataset=None):
     """
     opts = args if isinstance(args, PsOptions) else PsOptions.from_args(args)
     if opts.transport == "mpi":  # this process is one rank of `mpiexec -n N+1`
-        from .mpi import train_mpi
+        from .mpi_job import train_mpi
 
         return train_mpi(cfg, opts, on_event, dataset)
     if opts.transport != "tcp":

@@ -2,6 +2,11 @@
 
     mpiexec -n 5 minasgd train --transport mpi       rank 0 the server, ranks 1..4 the workers
 
+This module is the byte mover only (Channel, MpiServer, MpiClient, polling waits). What the
+messages mean lives in `minasgd.ps.session` (the request loop, the client's requests), the MPI job
+that `minasgd train --transport mpi` runs in `minasgd.ps.mpi_job`, and the MPI goodput benchmark
+in `minasgd.ps.mpi_bench`.
+
 This is how the paper ran it: one server process and the GPU clients as ranks of one MPI job
 across the cluster's nodes. Everything else is shared with the TCP transport (`minasgd.ps.tcp`):
 `ParameterServer` (the rules), `Worker` (the loop), `Monitor` (evaluations, metrics, checkpoints)
@@ -34,8 +39,8 @@ r-1 of N, the same cut as `minasgd train --workers N`): the images as uint8 and 
 int32, right after its HELLO. So the workers need no dataset on their own machines.
 
 Design, and why:
-- Rank 0 runs one handler thread per worker rank, each a copy of `TcpServer._serve_connection`:
-  receive a request, call the ParameterServer, reply. `ParameterServer` is built for exactly this
+- Rank 0 runs one handler thread per worker rank, as TcpServer runs one per connection, each
+  running `session.serve_requests`: receive a request, call the ParameterServer, reply. `ParameterServer` is built for exactly this
   (one lock, blocking calls): in sync mode a push blocks in the server's barrier until the round
   is complete, which only works if the other workers' pushes are served by other threads. A
   single-threaded loop would have to re-implement the barrier with deferred replies. The price:
@@ -57,7 +62,6 @@ When to pick it over sockets: see the README's "MPI" section (in short: on a clu
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -66,12 +70,11 @@ import time
 import numpy as np
 
 from .protocol import MAX_JSON, Frame, Msg, ProtocolError, clip
-from .server import STATS_FIELDS, Refused
-from .tcp import ServerError
+from .server import Refused
+from .session import Client, ServerError, serve_requests
 
 FLOAT_MESSAGES = (Msg.PARAMS, Msg.PUSH)  # their payload is float32[num_params]; everything else JSON
 TAG_SHARD_X, TAG_SHARD_Y = 101, 102  # the shard's images (uint8) and labels (int32), after HELLO
-TAG_RAW = 110  # `bench`: the bare Send/Recv baseline
 SPIN_SECONDS, MAX_PAUSE = 0.0005, 0.001  # polling: busy this long, then sleep up to this long
 INSTALL_HINT = "install the MPI extra: pip install mpi4py mpich"
 
@@ -311,26 +314,8 @@ class MpiServer:
         return worker_id
 
     def _serve_requests(self, channel, worker_id):
-        """Answer FETCH, PUSH and STATS until BYE; returns why the worker left (as TcpServer does)."""
-        while True:
-            frame = channel.recv(timeout=self.timeout)
-            if frame.type == Msg.FETCH:
-                params, version, done = self.ps.fetch_snapshot(worker_id)  # shared, read-only: no copy
-                if done:
-                    channel.send_json(Msg.BYE, {"reason": "training finished"}, seq=frame.seq, timeout=self.timeout)
-                    return self._wait_for_bye(channel, "training finished")
-                channel.send(Msg.PARAMS, params, seq=frame.seq, version=version, timeout=self.timeout)
-            elif frame.type == Msg.PUSH:
-                grad = frame.floats(self.ps.num_params)
-                reply = self.ps.push(worker_id, grad, frame.version, batches=frame.count)
-                channel.send_json(Msg.ACK, reply, seq=frame.seq, version=reply["version"], timeout=self.timeout)
-            elif frame.type == Msg.STATS:
-                self.ps.report(worker_id, frame.json())
-                channel.send_json(Msg.STATS, self.ps.stats_reply(), seq=frame.seq, timeout=self.timeout)
-            elif frame.type == Msg.BYE:
-                return clip(frame.json().get("reason", "said bye"))
-            else:
-                raise ProtocolError(f"a worker may not send {frame.type.name}")
+        """The request loop (`session.serve_requests`) with this rank; returns why the worker left."""
+        return serve_requests(self.ps, RankLink(channel, self.timeout, self._wait_for_bye), worker_id)
 
     def _wait_for_bye(self, channel, reason, seconds=10.0):
         """After we said BYE, read the worker's own BYE (so no message is left unreceived at the end)."""
@@ -352,6 +337,26 @@ class MpiServer:
         self._wait_for_bye(channel, "", seconds=2.0)
 
 
+class RankLink:
+    """One worker rank as `session.serve_requests` sees it: its Channel, with the server's timeout."""
+
+    def __init__(self, channel, timeout, wait_for_bye):
+        self.channel, self.timeout, self.wait_for_bye = channel, timeout, wait_for_bye
+
+    def recv(self):
+        return self.channel.recv(timeout=self.timeout)
+
+    def send(self, msg, floats, seq=0, version=0):
+        self.channel.send(msg, floats, seq=seq, version=version, timeout=self.timeout)
+
+    def send_json(self, msg, body, seq=0, version=0):
+        self.channel.send_json(msg, body, seq=seq, version=version, timeout=self.timeout)
+
+    def finished(self, reason):
+        """We said BYE: read the worker's own (so no message is left unreceived at the end)."""
+        return self.wait_for_bye(self.channel, reason)
+
+
 def refuse_all(MPI, comm, error, timeout=5.0):
     """Rank 0 could not start serving: every worker gets ERROR instead of HELLO (and exits 1)."""
     for rank in range(1, comm.Get_size()):
@@ -363,14 +368,18 @@ def refuse_all(MPI, comm, error, timeout=5.0):
 
 # ------------------------------------------------------------------ worker side (ranks 1..N)
 
-class MpiClient:
-    """The worker's end: the same methods as `TcpClient`, so `minasgd.ps.worker` runs unchanged."""
+class MpiClient(Client):
+    """The worker's end: the requests of `session.Client` over MPI, so `minasgd.ps.worker` runs
+    unchanged. No token (the MPI job is the trust boundary) and no reconnect (a lost rank ends the job)."""
 
     def __init__(self, comm, server=0, timeout=300.0, greeting_timeout=None):
         """Wait for the server's HELLO (and our shard, if it sends one). `greeting_timeout`: None waits
         as long as rank 0 takes to load the dataset."""
+        super().__init__(say=lambda text: print(f"minasgd worker rank {comm.Get_rank()}: {text}",
+                                                file=sys.stderr, flush=True))
         self.MPI = import_mpi()
-        self.comm, self.server, self.timeout, self.seq = comm, server, timeout, 0
+        self.comm, self.server, self.timeout = comm, server, timeout
+        self.where = f"rank {server}"
         self.channel = Channel(self.MPI, comm, server)
         try:
             frame = self.channel.recv(timeout=greeting_timeout)
@@ -396,52 +405,22 @@ class MpiClient:
             wait(request, self.timeout)
         return x, y
 
-    def hello(self, fingerprint, info=None, num_params=None):
-        """Introduce ourselves; returns the server's WELCOME config (no token: the MPI job is the trust boundary)."""
-        if num_params is not None and num_params != self.num_params:
-            raise ServerError(f"rank {self.server} serves {self.num_params:,} parameters, our model has {num_params:,}")
-        return self._request(Msg.HELLO, {"fingerprint": fingerprint, **(info or {})}).json()
+    def _exchange(self, msg, payload, version, count, into):
+        """Send one request and receive its reply (parameters land straight in `into`)."""
+        if isinstance(payload, dict):
+            payload = json.dumps(payload).encode("utf-8")
+        try:
+            self.channel.send(msg, payload, seq=self.seq, version=version, count=count, timeout=self.timeout)
+            return self.channel.recv(into, timeout=self.timeout)
+        except TimeoutError:
+            raise ServerError(f"rank {self.server} did not answer {msg.name} in {self.timeout:g} s") from None
 
-    def fetch_into(self, out):
-        """Receive the current parameters straight into `out`; returns the server version, or None when over."""
-        frame = self._request(Msg.FETCH, into=out)
-        if frame.type == Msg.BYE:
-            return None
-        frame.floats(out.size)  # checks the size: anything else did not land in `out`
-        return frame.version
-
-    def push(self, grad, base_version, batches=1):
-        """Send a gradient sum computed from `base_version`; returns the server's {"version", "lr", "done"}."""
-        return self._request(Msg.PUSH, grad, version=base_version, count=batches).json()
-
-    def stats(self, numbers=None):
-        """Our numbers (those the server accepts, STATS_FIELDS) -> the server's statistics."""
-        return self._request(Msg.STATS, {k: v for k, v in (numbers or {}).items() if k in STATS_FIELDS}).json()
-
-    def close(self, reason="bye"):
-        self.seq += 1
+    def _say_bye(self, reason):
         try:
             self.channel.send_json(Msg.BYE, {"reason": reason}, seq=self.seq, timeout=10.0)
         except TimeoutError:
             pass
 
-    def _request(self, msg, payload=b"", version=0, count=0, into=None):
-        self.seq += 1
-        if isinstance(payload, dict):
-            payload = json.dumps(payload).encode("utf-8")
-        try:
-            self.channel.send(msg, payload, seq=self.seq, version=version, count=count, timeout=self.timeout)
-            frame = self.channel.recv(into, timeout=self.timeout)
-        except TimeoutError:
-            raise ServerError(f"rank {self.server} did not answer {msg.name} in {self.timeout:g} s") from None
-        if frame.type == Msg.ERROR:
-            raise ServerError(f"the server refused {msg.name}: {frame.json().get('error', '?')}")
-        if frame.seq != self.seq:
-            raise ProtocolError(f"reply to message {frame.seq}, expected {self.seq}")
-        return frame
-
-
-# ------------------------------------------------------------------ `mpiexec -n N+1 minasgd train --transport mpi`
 
 def final_barrier(MPI, comm, timeout=None):
     """Every rank meets here before MPI is finalized; False if the others did not come in `timeout` s."""
@@ -452,116 +431,7 @@ def final_barrier(MPI, comm, timeout=None):
         return False
 
 
-def train_mpi(cfg, opts, on_event=None, dataset=None):
-    """One rank's part of `minasgd train --transport mpi`: rank 0 serves (returns the summary), the others work.
-
-    `on_event`: as in `minasgd.ps.launcher.run_server` (rank 0 only)."""
-    MPI = import_mpi()
-    world = MPI.COMM_WORLD
-    size, rank = world.Get_size(), world.Get_rank()
-    if size < 2:
-        raise ValueError("--transport mpi runs as an MPI job of 1 server and N workers, e.g. "
-                         "`mpiexec -n 3 minasgd train --transport mpi`; this process is alone in its job")
-    if opts.workers is not None and opts.workers != size - 1:
-        if rank == 0:  # every rank sees the same mismatch; one of them says it
-            raise ValueError(f"--workers {opts.workers} does not match the MPI job: mpiexec -n {size} gives rank 0 "
-                             f"to the server and {size - 1} ranks to workers (give --workers {size - 1} or leave it out)")
-        sys.exit(2)
-    opts.workers = size - 1
-    comm = world.Dup()  # our own communicator: no other MPI traffic can match our tags
-    worker_index_here = _worker_index_on_this_node(MPI, comm)  # collective: every rank calls it
-    if rank == 0:
-        return _serve_rank0(MPI, comm, cfg, opts, on_event, dataset)
-    _work(MPI, comm, cfg, opts, worker_index_here)
-    return None
-
-
-def _worker_index_on_this_node(MPI, comm):
-    """This worker's index among the worker ranks on its node (for the GPU it takes); -1 on rank 0."""
-    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    first = np.array([comm.Get_rank()], np.int64)
-    local.Bcast([first, MPI.INT64_T], root=0)  # the lowest world rank on this node: 0 if the server is here
-    index = local.Get_rank() - (1 if first[0] == 0 else 0)
-    local.Free()
-    return index
-
-
-def _serve_rank0(MPI, comm, cfg, opts, on_event, dataset):
-    from .. import backends
-    from ..rundir import RunDir, default_run_dir
-    from ..train import build_model, load_dataset
-    from .run import Say, assign_devices, create_server, finish_run, ignore, server_start, watch
-    from .monitor import Monitor
-
-    on_event = on_event or ignore
-    n = comm.Get_size() - 1
-    ok = False
-    try:
-        try:
-            backend, _ = assign_devices(cfg.backend, cfg.gpu, 0)  # as rank 0 sees it; each worker resolves "auto" itself
-            ds = dataset or load_dataset(cfg)
-            eval_model = build_model(cfg, backends.get("numpy"), Say(on_event))  # the server's side is NumPy
-            run = RunDir(opts.resume or cfg.out or default_run_dir("train"))
-            ps = create_server(cfg, opts, eval_model, len(ds.train_y), run)
-            shards = [ds.shard(i, n) for i in range(n)]
-            server = MpiServer(ps, comm, timeout=opts.timeout)
-        except BaseException as e:
-            refuse_all(MPI, comm, str(e) or type(e).__name__)
-            raise
-        server.start([(s.train_x, s.train_y) for s in shards])
-        address = f"MPI rank 0 of {n + 1}"
-        on_event(server_start(address, ps, opts, f"{n} worker ranks", eval_model, ds, run))
-        monitor = Monitor(ps, run, eval_model, ds.test_x, ds.test_y, len(ds.train_y) // cfg.batch_size,
-                          cfg.batch_size, address=address, on_event=on_event, eval_every=opts.eval_every)
-        finished = False
-        try:
-            watch(ps, monitor, server.exits, "they left:")
-            finished = True
-        finally:  # also on Ctrl-C and errors: stop everything, keep a checkpoint
-            ps.stop()  # from here on every request hears "done"
-            server.join(grace=15.0 if finished else 2.0)
-            ps.checkpoint()
-            if not finished:
-                run.close()
-        summary = finish_run(cfg, opts, on_event, monitor, run, eval_model, ds, backend=backend,
-                             device=f"{n} MPI worker ranks", workers=n, address=address)
-        ok = True
-        return summary
-    finally:
-        if not final_barrier(MPI, comm, timeout=30.0 if ok else 10.0):
-            print("minasgd train: the worker ranks did not finish; aborting the MPI job", file=sys.stderr, flush=True)
-            comm.Abort(1)
-
-
-def _work(MPI, comm, cfg, opts, index_here):
-    from .. import backends
-    from .worker import connect_and_train
-
-    rank, code = comm.Get_rank(), 0
-    try:
-        backend, gpu = cfg.backend, cfg.gpu
-        if backend == "auto":
-            backend = "cuda" if backends.cuda_available() else "numpy"
-        if backend == "cuda" and gpu is None:
-            from numba import cuda
-
-            gpu = index_here % max(1, len(cuda.gpus))
-        client = MpiClient(comm)
-        connect_and_train(client, backend=backend, gpu=gpu, shard=client.shard, nsync=opts.nsync,
-                          nfetch=opts.nfetch, npush=opts.npush, name=f"rank {rank} on {socket.gethostname()}")
-    except KeyboardInterrupt:
-        code = 130
-    except ServerDidNotStart:
-        code = 2  # rank 0 prints the one line; mpiexec's exit status stays 2 (it ORs the ranks')
-    except (ServerError, ProtocolError, OSError, ValueError, FloatingPointError) as e:
-        print(f"minasgd worker rank {rank}: {e}", file=sys.stderr, flush=True)
-        code = 1
-    final_barrier(MPI, comm)  # waits for rank 0's final evaluation and summary
-    if code:
-        sys.exit(code)
-
-
-# ------------------------------------------------------------------ `minasgd bench ps --transport mpi`
+# ------------------------------------------------------------------ starting ranks on this machine
 
 def mpiexec_command(n):
     """The command line prefix that starts n ranks on this machine, and the environment for it."""
@@ -577,80 +447,3 @@ def mpiexec_command(n):
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             command.append("--allow-run-as-root")
     return command, env
-
-
-def goodput_mpi(n, seconds=1.5):
-    """{op: {"mpi": round trips/s, "raw_mpi": round trips/s}}, measured by `mpiexec -n 2` ranks of our own."""
-    command, env = mpiexec_command(2)
-    command += [sys.executable, "-m", "minasgd.ps.mpi", "bench", str(n), str(seconds)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120 + 20 * seconds)
-    except subprocess.TimeoutExpired:
-        raise OSError(f"the MPI bench (`{' '.join(command)}`) did not finish in time") from None
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode or not lines:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise OSError(f"the MPI bench failed (exit {done.returncode}): {last}")
-    return json.loads(lines[-1])
-
-
-def _bench_ranks(n, seconds):
-    """Under `mpiexec -n 2`: rank 0 serves a ParameterServer of n parameters (then a bare echo);
-    rank 1 times both and prints one JSON line."""
-    from ..timer import rate
-    from .server import ParameterServer
-
-    MPI = import_mpi()
-    comm = MPI.COMM_WORLD.Dup()
-    if comm.Get_size() != 2:
-        raise SystemExit("the MPI bench runs with exactly 2 ranks (mpiexec -n 2)")
-    data = np.zeros(n, np.float32)
-    op, ack = np.zeros(1, np.int64), np.zeros(1, np.int64)
-    if comm.Get_rank() == 0:
-        ps = ParameterServer(data, model_name="bench", fingerprint="bench", total_steps=10**12, lr=1e-6, momentum=0.9)
-        MpiServer(ps, comm).start().join(grace=None)  # until the client's BYE
-        while True:  # the baseline: blocking Send/Recv of the same bytes, no header, no checks
-            comm.Recv([op, MPI.INT64_T], 1, tag=TAG_RAW)
-            if op[0] == 1:
-                comm.Recv([data, MPI.FLOAT], 1, tag=TAG_RAW)
-                comm.Send([ack, MPI.INT64_T], 1, tag=TAG_RAW)
-            elif op[0] == 2:
-                comm.Send([data, MPI.FLOAT], 1, tag=TAG_RAW)
-            else:
-                break
-    else:
-        grad, params = np.full(n, 1e-3, np.float32), np.empty(n, np.float32)
-        client = MpiClient(comm)
-        client.hello("bench")
-        state = {"version": client.fetch_into(params)}
-
-        def push():
-            state["version"] = client.push(grad, state["version"], 1)["version"]
-
-        def fetch():
-            client.fetch_into(params)
-
-        def raw(code, buffer=None):
-            op[0] = code
-            comm.Send([op, MPI.INT64_T], 0, tag=TAG_RAW)
-            if code == 1:
-                comm.Send([grad, MPI.FLOAT], 0, tag=TAG_RAW)
-                comm.Recv([ack, MPI.INT64_T], 0, tag=TAG_RAW)
-            elif code == 2:
-                comm.Recv([params, MPI.FLOAT], 0, tag=TAG_RAW)
-
-        ours = {"push": push, "fetch": fetch, "push+fetch": lambda: (push(), fetch())}
-        bare = {"push": lambda: raw(1), "fetch": lambda: raw(2), "push+fetch": lambda: (raw(1), raw(2))}
-        results = {op_name: {"mpi": rate(ours[op_name], seconds)} for op_name in ours}  # bench.OPS, in order
-        client.close("bench over")
-        for op_name in ours:
-            results[op_name]["raw_mpi"] = rate(bare[op_name], seconds)
-        raw(0)
-        print(json.dumps({**results, "library": MPI.Get_library_version().splitlines()[0].strip()}), flush=True)
-    final_barrier(MPI, comm, timeout=30.0)
-
-
-if __name__ == "__main__":  # python -m minasgd.ps.mpi bench N SECONDS (started by goodput_mpi under mpiexec)
-    if len(sys.argv) != 4 or sys.argv[1] != "bench":
-        sys.exit("usage: mpiexec -n 2 python -m minasgd.ps.mpi bench NUM_PARAMS SECONDS")
-    _bench_ranks(int(sys.argv[2]), float(sys.argv[3]))

@@ -1,4 +1,4 @@
-"""The wire format between workers and the parameter server.
+"""The wire format between workers and the parameter server (what each message means: `minasgd.ps.session`).
 
 Every message is one frame: a fixed 32-byte header, then `length` bytes of payload.
 
@@ -33,7 +33,7 @@ Once training is over the server answers FETCH with BYE. Any request the server 
 
 Bounds: only PARAMS and PUSH may carry more than MAX_JSON (64 KiB); a control frame announcing
 more is refused from its header alone. A JSON body nested too deeply is refused like any other
-bad body. With a token both sides prove it (see `minasgd.ps.tcp`): the worker's HELLO carries
+bad body. With a token both sides prove it (`minasgd.ps.session`): the worker's HELLO carries
 its own nonce and the server's WELCOME answers it.
 """
 

@@ -1,5 +1,5 @@
 """What a parameter-server run does whatever carries its bytes: shared by the TCP launcher
-(`minasgd.ps.launcher`) and the MPI job (`minasgd.ps.mpi`).
+(`minasgd.ps.launcher`) and the MPI job (`minasgd.ps.mpi_job`).
 
     ps = create_server(cfg, opts, model, train_size, run)    the ParameterServer for a config
     watch(ps, monitor, worker_exits)                         tick the monitor until training is over

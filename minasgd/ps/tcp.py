@@ -11,9 +11,10 @@
     reply = client.push(grad_sum, version, batches=4)    # {"version", "lr", "done"}
     client.close("finished")
 
-All the rules live in `ParameterServer`; this module only moves frames (`minasgd.ps.protocol`)
-and turns them into calls. Another transport (MPI: rank 0 the server, ranks 1..N the workers)
-would do the same with the same server and `minasgd.ps.worker.Worker`.
+All the rules live in `ParameterServer` and what the messages mean in `minasgd.ps.session` (the
+request loop, the client's requests, the token proofs); this module only moves frames
+(`minasgd.ps.protocol`) over sockets: accepting, the handshake, timeouts, reconnecting. The other
+transport, `minasgd.ps.mpi`, does the same over MPI ranks.
 
 Safety: the server binds 127.0.0.1 unless told otherwise, and refuses any other address without a
 token. With a token, a worker proves it knows it by sending HMAC-SHA256(token, nonce) for a fresh
@@ -33,33 +34,24 @@ reconnects with backoff when the server goes away (a restarted `minasgd serve --
 """
 
 import errno
-import hashlib
-import hmac
 import ipaddress
-import math
 import os
 import socket
 import sys
 import threading
 import time
 
-import numpy as np
+from .protocol import ConnectionClosed, Msg, ProtocolError, Receiver, clip, send_frame, send_json
+from .server import FINISHED, Refused
+from .session import (Client, ConnectionLost, ServerError, error_of, same_digest, serve_requests, server_proof,
+                      token_hmac)
 
-from .protocol import (ConnectionClosed, FrameTooLarge, Msg, ProtocolError, Receiver, clip, send_frame,
-                       send_json)
-from .server import FINISHED, STATS_FIELDS, Refused
+__all__ = ["TcpServer", "TcpClient", "listen", "parse_address", "is_loopback", "ServerError", "ConnectionLost",
+           "token_hmac", "server_proof", "same_digest"]  # the last five live in `session`, named here too
 
 MAX_PARAMS = 2**31  # the most parameters a worker believes a server's HELLO about
 SERVER_FULL = "server full"  # the start of the refusal beyond max_connections
 ACCEPT_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)  # accept() failures that pass
-
-
-class ServerError(ConnectionError):
-    """The server refused us or went away; the message says why, in one line."""
-
-
-class ConnectionLost(ServerError):
-    """The server went away (hung up, reset, silent): worth reconnecting to."""
 
 
 def parse_address(text, default_host="127.0.0.1"):
@@ -77,20 +69,6 @@ def is_loopback(host):
     except socket.gaierror:
         return False
     return all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
-
-
-def token_hmac(token, nonce):
-    return hmac.new(token.encode(), nonce, hashlib.sha256).hexdigest()
-
-
-def server_proof(token, server_nonce, client_nonce):
-    """The server's answer to a worker's nonce (a different message than the worker's proof)."""
-    return token_hmac(token, b"minasgd-server:" + server_nonce + client_nonce)
-
-
-def same_digest(proof, expected):
-    """compare_digest for a peer-supplied value of any type (a non-ASCII str would raise TypeError)."""
-    return isinstance(proof, str) and hmac.compare_digest(proof.encode("utf-8", "replace"), expected.encode())
 
 
 def listen(host, port, token=None):
@@ -283,46 +261,44 @@ class TcpServer:
         return worker_id
 
     def _serve_requests(self, sock, rx, worker_id):
-        """Answer FETCH, PUSH and STATS until BYE; returns why the worker left."""
-        while True:
-            frame = rx.recv()
-            if frame.type == Msg.FETCH:
-                params, version, done = self.ps.fetch_snapshot(worker_id)  # shared, read-only: no copy
-                if done:
-                    send_json(sock, Msg.BYE, {"reason": "training finished"}, seq=frame.seq)
-                    return "training finished"
-                send_frame(sock, Msg.PARAMS, params, seq=frame.seq, version=version)
-            elif frame.type == Msg.PUSH:
-                grad = frame.floats(self.ps.num_params)
-                reply = self.ps.push(worker_id, grad, frame.version, batches=frame.count)
-                send_json(sock, Msg.ACK, reply, seq=frame.seq, version=reply["version"])
-            elif frame.type == Msg.STATS:
-                self.ps.report(worker_id, frame.json())
-                send_json(sock, Msg.STATS, self.ps.stats_reply(), seq=frame.seq)
-            elif frame.type == Msg.BYE:
-                return clip(frame.json().get("reason", "said bye"))
-            else:
-                raise ProtocolError(f"a worker may not send {frame.type.name}")
+        """The request loop (`session.serve_requests`) over this connection; returns why the worker left."""
+        return serve_requests(self.ps, SocketLink(sock, rx), worker_id)
+
+
+class SocketLink:
+    """One worker's connection as `session.serve_requests` sees it (the socket's timeout applies)."""
+
+    def __init__(self, sock, rx):
+        self.sock, self.rx = sock, rx
+
+    def recv(self):
+        return self.rx.recv()
+
+    def send(self, msg, floats, seq=0, version=0):
+        send_frame(self.sock, msg, floats, seq=seq, version=version)
+
+    def send_json(self, msg, body, seq=0, version=0):
+        send_json(self.sock, msg, body, seq=seq, version=version)
+
+    def finished(self, reason):
+        return reason  # the worker hangs up after our BYE; nothing to read
 
 
 # ------------------------------------------------------------------ worker side
 
-class TcpClient:
-    """A worker's connection. `reconnect`: seconds to keep trying, with backoff, when the server
-    goes away mid-run (0: give up at once). After a reconnect the gradient that was being pushed
-    and any computed from the old server's parameters are dropped (never sent twice): the next
-    push waits for a fetch. `say(text)`: where the one-line notices go (default: stderr)."""
+class TcpClient(Client):
+    """A worker's connection: the requests of `session.Client` over a socket. `reconnect`: seconds
+    to keep trying, with backoff, when the server goes away mid-run (0: give up at once). After a
+    reconnect the gradient that was being pushed and any computed from the old server's parameters
+    are dropped (never sent twice): the next push waits for a fetch. `say(text)`: where the
+    one-line notices go (default: stderr)."""
 
     def __init__(self, address, token=None, timeout=300.0, connect_timeout=10.0, reconnect=0.0, say=None):
+        super().__init__(token, say or (lambda text: print(f"minasgd worker {os.getpid()}: {text}",
+                                                           file=sys.stderr, flush=True)))
         self.host, self.port = parse_address(address) if isinstance(address, str) else address
-        self.token, self.seq = token, 0
+        self.where = f"{self.host}:{self.port}"
         self.timeout, self.reconnect = timeout, reconnect
-        self.say = say or (lambda text: print(f"minasgd worker {os.getpid()}: {text}", file=sys.stderr, flush=True))
-        self.reconnects = 0
-        self.introduction = None  # (fingerprint, info, num_params) from hello(), replayed on reconnect
-        self.need_fetch = False  # after a reconnect: no push until fresh parameters were fetched
-        self.finished = False  # a reconnect found the run over
-        self.last_reply = {"version": 0, "lr": 0.0, "done": False}
         self._open(connect_timeout)
 
     def _open(self, connect_timeout):
@@ -336,7 +312,7 @@ class TcpClient:
         except TimeoutError:
             raise ConnectionLost(f"{self.host}:{self.port} did not greet us in {self.timeout:g} s") from None
         if frame.type == Msg.ERROR:
-            error = clip(_error_of(frame))
+            error = clip(error_of(frame))
             # "server full" passes: worth trying again (a reconnect does), unlike other refusals
             raise (ConnectionLost if error.startswith(SERVER_FULL) else ServerError)(
                 f"{self.host}:{self.port} refused us: {error}")
@@ -366,103 +342,6 @@ class TcpClient:
                 time.sleep(0.2)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock
-
-    def hello(self, fingerprint, info=None, num_params=None):
-        """Introduce ourselves (and prove the token); returns the server's WELCOME config.
-
-        `num_params`: our model's size; a server announcing another is refused before anything
-        is allocated. With a token the server must prove it too (WELCOME's "proof").
-        """
-        if num_params is not None and num_params != self.num_params:
-            raise ServerError(f"{self.host}:{self.port} serves {self.num_params:,} parameters, our model has "
-                              f"{num_params:,}")
-        self.introduction = (fingerprint, dict(info or {}), num_params)
-        body = {"fingerprint": fingerprint, **(info or {})}
-        my_nonce = os.urandom(16)
-        if self.token:
-            if not self.server_hello.get("auth"):
-                raise ServerError(f"{self.host}:{self.port} does not ask for the token: not trusting it")
-            body["hmac"] = token_hmac(self.token, bytes.fromhex(self.server_hello["nonce"]))
-            body["nonce"] = my_nonce.hex()
-        elif self.server_hello.get("auth"):
-            raise ServerError(f"{self.host}:{self.port} needs a token: pass --token")
-        config = self._json(self._request(Msg.HELLO, body))
-        if self.token and not same_digest(config.get("proof"), server_proof(
-                self.token, bytes.fromhex(self.server_hello["nonce"]), my_nonce)):
-            self.sock.close()
-            raise ServerError(f"{self.host}:{self.port} could not prove it knows the token: not trusting it")
-        if isinstance(config.get("lr"), (int, float)):
-            self.last_reply["lr"] = config["lr"]
-        return config
-
-    def fetch_into(self, out):
-        """Receive the current parameters straight into `out` (float32, contiguous); returns the
-        server version, or None when training is over."""
-        while True:
-            if self.finished:
-                return None
-            try:
-                frame = self._request(Msg.FETCH, into=memoryview(out).cast("B"))
-                break
-            except ConnectionLost as e:
-                self._reconnect(e)
-        if frame.type == Msg.BYE:
-            return None
-        if frame.type != Msg.PARAMS or len(frame.payload) != out.nbytes:  # else it did not land in `out`
-            raise ServerError(f"{self.host}:{self.port} answered FETCH with {frame.type.name} of "
-                              f"{len(frame.payload)} bytes, not {out.nbytes}")
-        self.need_fetch = False
-        return frame.version
-
-    def push(self, grad, base_version, batches=1):
-        """Send a gradient sum computed from `base_version`; returns the server's {"version", "lr", "done"}.
-
-        After a reconnect, until the next fetch: not sent (it was computed from the old server's
-        parameters); the reply is the last one seen, with "dropped": True.
-        """
-        if not self.need_fetch and not self.finished:
-            try:
-                reply = self._json(self._request(Msg.PUSH, grad, version=base_version, count=batches))
-                lr, version = reply.get("lr"), reply.get("version")
-                if (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr)
-                        or not isinstance(version, int) or not isinstance(reply.get("done"), bool)):
-                    raise ServerError(f"{self.host}:{self.port} sent a bad ACK (lr, version, done): {clip(reply, 120)}")
-                self.last_reply = reply
-                return reply
-            except ConnectionLost as e:
-                self._reconnect(e)
-        return {**self.last_reply, "done": self.finished, "dropped": True}
-
-    def stats(self, numbers=None):
-        """Tell the server our numbers (loss, images/s...); returns the server's statistics.
-
-        A reply we cannot read (too big, not JSON) is skipped with a one-line notice: it is
-        only information, and the connection stays usable."""
-        if self.finished:
-            return {}
-        try:
-            # Only the fields the server accepts (it refuses the whole message for one unknown).
-            body = {k: v for k, v in {**(numbers or {}), "reconnects": self.reconnects}.items() if k in STATS_FIELDS}
-            frame = self._request(Msg.STATS, body if numbers is not None else {})
-            return frame.json()
-        except ConnectionLost as e:
-            self._reconnect(e)
-        except FrameTooLarge as e:
-            if e.length > 16 * 2**20:
-                raise ServerError(f"{self.host}:{self.port} sent a {e.length:,}-byte STATS reply") from None
-            self.rx.skip(e.length)
-            self.say(f"ignored the server's STATS reply ({e})")
-        except ProtocolError as e:
-            self.say(f"ignored the server's STATS reply ({e})")
-        return {}
-
-    def close(self, reason="bye"):
-        try:
-            self.seq += 1
-            send_json(self.sock, Msg.BYE, {"reason": reason}, seq=self.seq)
-        except OSError:
-            pass
-        self.sock.close()
 
     def _reconnect(self, error):
         """The server went away: connect again (backoff 0.2 s doubling to 2 s) for up to `reconnect`
@@ -495,44 +374,33 @@ class TcpClient:
         self.say(f"reconnected to {self.host}:{self.port} as worker {config.get('worker_id')} "
                  f"(server version {config.get('version')})")
 
-    def _request(self, msg, payload=b"", version=0, count=0, into=None):
-        self.seq += 1
+    def _exchange(self, msg, payload, version, count, into):
+        """Send one request and read its reply (parameters land straight in `into`)."""
         try:
             if isinstance(payload, dict):
                 send_json(self.sock, msg, payload, seq=self.seq, version=version)
             else:
                 send_frame(self.sock, msg, payload, seq=self.seq, version=version, count=count)
-            frame = self.rx.recv(into)
+            return self.rx.recv(None if into is None else memoryview(into).cast("B"))
         except ConnectionClosed:
             raise ConnectionLost(f"{self.host}:{self.port} closed the connection") from None
         except (ConnectionResetError, BrokenPipeError):
             raise ConnectionLost(f"{self.host}:{self.port} reset the connection") from None
         except TimeoutError:
             raise ConnectionLost(f"{self.host}:{self.port} did not answer {msg.name} in time") from None
-        except ProtocolError as e:
-            if msg == Msg.STATS:
-                raise  # stats() skips what it can
-            raise ServerError(f"{self.host}:{self.port} sent a bad reply to {msg.name}: {e}") from None
-        if frame.type == Msg.ERROR:
-            raise ServerError(f"the server refused {msg.name}: {clip(_error_of(frame))}")
-        if frame.seq != self.seq:
-            raise ServerError(f"{self.host}:{self.port} answered message {frame.seq}, expected {self.seq}")
-        return frame
 
-    def _json(self, frame):
-        """A reply's JSON body; ServerError (one line) if it is not a JSON object."""
+    def _say_bye(self, reason):
         try:
-            return frame.json()
-        except ProtocolError as e:
-            raise ServerError(f"{self.host}:{self.port} sent a bad {frame.type.name}: {e}") from None
+            send_json(self.sock, Msg.BYE, {"reason": reason}, seq=self.seq)
+        except OSError:
+            pass
+        self.sock.close()
 
+    def _hang_up(self):
+        self.sock.close()
 
-def _error_of(frame):
-    """The reason in an ERROR frame, whatever its body holds."""
-    try:
-        return frame.json().get("error", "?")
-    except ProtocolError as e:
-        return f"(unreadable: {e})"
+    def _skip(self, length):
+        self.rx.skip(length)
 
 
 def _is_hex(text):
