@@ -31,7 +31,7 @@ FLOORS = {
     "minasgd.backends": 1,
     "minasgd": 2,  # the package itself, __init__ only
     "minasgd.model": 2, "minasgd.layers": 2, "minasgd.optim": 2, "minasgd.data": 2, "minasgd.checkpoint": 2,
-    "minasgd.rundir": 2, "minasgd.config": 2, "minasgd.torch_reference": 2, "minasgd.dropout_hash": 2,
+    "minasgd.rundir": 2, "minasgd.config": 2, "minasgd.torch_reference": 2,
     "minasgd.timer": 2,
     "minasgd.train": 3, "minasgd.ps": 3, "minasgd.experiments": 3, "minasgd.bench_step": 3,
     "minasgd.bench_kernels": 3, "minasgd.workbench": 3, "minasgd.assignment": 3,

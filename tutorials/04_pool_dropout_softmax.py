@@ -7,7 +7,7 @@
 # input by +-eps, see how much the loss moves, and compare with what backward says.
 #
 # Files: `kernels/pool.py`, `kernels/elementwise.py` (dropout), `kernels/softmax.py`,
-# `minasgd/dropout_hash.py`, and the reference `minasgd/backends/numpy_backend.py`.
+# `kernels/dropout_hash.py`, and the reference `minasgd/backends/numpy_backend.py`.
 # Run: `python tutorials/04_pool_dropout_softmax.py` (a few seconds on the simulator).
 
 # %%
@@ -22,7 +22,8 @@ import numpy as np  # noqa: E402
 from numba import cuda  # noqa: E402
 
 import _common as C  # noqa: E402
-from minasgd import data, dropout_hash  # noqa: E402
+from minasgd import data  # noqa: E402
+from minasgd.kernels import dropout_hash  # noqa: E402
 from minasgd.backends import numpy_backend as ref  # noqa: E402
 from minasgd.kernels import elementwise, pool, softmax  # noqa: E402
 
@@ -96,7 +97,7 @@ print(f"a pixel that wins 4 overlapping windows gets gradient {dx1[0, 0, 2, 2]:g
 # by 1/(1-p) ("inverted" dropout, so nothing changes at test time). Backward must drop the
 # SAME elements. Rather than drawing random numbers and storing the mask, we *compute* it:
 #
-#     keep element i  <=>  hash32(seed, i) >= threshold(p)      (minasgd/dropout_hash.py)
+#     keep element i  <=>  hash32(seed, i) >= threshold(p)      (kernels/dropout_hash.py)
 #
 # `hash32` is a small integer mixer. Every GPU thread can evaluate it for its own i with no
 # state and no communication, backward recomputes the mask from the same seed, and because all
