@@ -96,13 +96,16 @@ def maxpool_forward(x, size, stride, y, argmax):
 def maxpool_backward(dy, argmax, dx):
     """dx (N, C, H, W) <- each dy element added to the input element its window's max came from.
     Overwrites dx; overlapping windows that share a winner add up."""
-    plane_in, plane_out = dx.shape[2] * dx.shape[3], dy.shape[2] * dy.shape[3]
+    plane_in, plane_out = U(dx.shape[2] * dx.shape[3]), U(dy.shape[2] * dy.shape[3])
     grad, where, dst = dy.reshape(dy.size), argmax.reshape(argmax.size), dx.reshape(dx.size)
     dst[:] = 0
     for plane in range(dy.shape[0] * dy.shape[1]):
-        base_in, base_out = U(plane * plane_in), U(plane * plane_out)
-        for k in range(U(plane_out)):
-            dst[base_in + U(where[base_out + k])] += grad[base_out + k]
+        base_in, base_out = U(plane) * plane_in, U(plane) * plane_out
+        for k in range(plane_out):
+            winner = U(where[base_out + k])  # a negative index becomes huge: caught just below
+            if winner >= plane_in:
+                raise IndexError("maxpool2d_backward: an argmax lies outside its input plane")
+            dst[base_in + winner] += grad[base_out + k]
 
 
 @njit(cache=True, nogil=True)

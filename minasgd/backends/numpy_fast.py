@@ -1,35 +1,31 @@
 """The NumPy backend's fast path: the same ops and results as `numpy_backend`, in less time.
 
 `numpy_backend` stays the readable ground truth. Training spends nearly all its time in
-convolution and max-pooling, so this module redoes only those three ops and takes every other
-op from the reference unchanged. `minasgd.backends.get("numpy")` returns this module;
-`get("numpy-reference")` returns the reference. Tests compare the two and gradcheck both.
+convolution, max-pooling and the ReLU gradient, so this module redoes only those ops and takes
+every other op from the reference unchanged. `minasgd.backends.get("numpy")` returns this
+module; `get("numpy-reference")` returns the reference. Tests compare the two and gradcheck both.
 
-What is different, and why (each kept because it paid, measured against the reference in the
-same run: `minasgd bench step`, and op by op at alexnet-mini's sizes):
+What is different, and why (each kept because it paid, measured in `minasgd bench step` against
+PyTorch in the same run, and op by op at alexnet-mini's sizes on one thread):
 
-  * Buffers kept across calls. A training run calls every op with the same shapes every step,
-    so the padded input, the im2col matrix and the col2im scratch are allocated once (per
-    shape) and reused: no page faults on hundreds of MB per step. Only results are fresh.
-  * The forward's im2col matrix is kept for the backward, which then skips rebuilding it. It
-    is reused only if backward gets the same array object *and* its values still equal the
-    copy the forward padded (checked exactly, a cheap pass over x), else it is rebuilt.
-  * The forward's product goes into a kept buffer, and one pass both moves it to NCHW and adds
-    the bias. (N per-image products writing NCHW directly cost the same on one thread, but a
-    multi-threaded BLAS synchronises its threads once per product: 2-15x slower on 2 threads.)
-  * Max-pooling forward first copies the nine window offsets into contiguous slabs, then
-    scans them (compare, max, and the winning offset as max(which, k * better)); the
-    reference's nine strided passes with np.copyto(where=) are several times slower.
+  * A few images per matrix product (Caffe's way), not the whole batch. The im2col block of a
+    few images (C*R*S, B*P*Q) fits in the CPU's cache, so building it, multiplying it and, in
+    the backward, adding it back (col2im) never go out to main memory. The whole-batch matrix
+    of alexnet-mini's conv2 is 92 MB; a block of 2 images is 1.4 MB. B is the fewest images
+    that give the product 256 columns (narrower products run BLAS below its pace).
+  * The backward builds the block again instead of keeping the forward's: cheaper than
+    writing 92 MB to memory and reading it back.
+  * im2col, col2im, max-pooling and the ReLU gradient are loops compiled by Numba
+    (`cpu_loops.py`): as NumPy expressions they were dozens of strided passes over short rows.
+  * The weight gradient is computed transposed, cols @ dy^T -> (C*R*S, K): the same product,
+    which OpenBLAS runs 20-30% faster in that orientation at these shapes.
+  * Scratch buffers (padded images, im2col blocks, products) are kept per thread and shape and
+    reused every step; only results are fresh arrays.
 
-The price is memory: each thread keeps its buffers, about 380 MB for alexnet-mini at batch
-128 (im2col matrices, products, col2im scratch, pooling windows), never more than 1 GiB: past
-that they are all dropped and made anew.
-
-Tried and dropped (no gain here): max-pooling by separable row/column maxima, on flat shifted
-views, or in an (H, W, N, C) layout; the max-pool backward as nine strided adds, or by phases
-of the stride, instead of the reference's one bincount; the input gradient as R*S small
-products added in place, or col2im over rows padded to the full width, instead of one product
-and the reference's col2im.
+Tried and dropped: keeping the whole-batch im2col matrix from the forward for the backward
+(the previous version of this module: 1.6x PyTorch's step, now about 1.1-1.2x); the rows-first
+layout (im2row), whose products are faster but whose loops over runs of only S pixels cost more
+than they save; more images per product (512 or 1024 columns: no gain).
 """
 
 import threading
@@ -46,28 +42,26 @@ from .numpy_backend import (  # noqa: F401  (the ops this module does not redo)
 NAME = "numpy"
 DEVICE = "CPU (NumPy, fast path)"
 
-_MAX_BYTES = 1 << 30  # kept per thread; past this the buffers start over (e.g. many batch sizes)
+_MAX_BYTES = 256 << 20  # kept per thread; past this the buffers start over (e.g. many batch sizes)
 _local = threading.local()  # each thread its own buffers: threads training side by side never share one
 
 
-def _caches():
-    """This thread's (buffers, conv cache); the conv cache maps (x shape, w shape, stride, pad,
-    dtype) to the latest forward's (x, padded x, cols)."""
+def _buffers():
+    """This thread's kept scratch arrays, by (role, shape, dtype)."""
     if not hasattr(_local, "buffers"):
-        _local.buffers, _local.conv = {}, {}
-    return _local.buffers, _local.conv
+        _local.buffers = {}
+    return _local.buffers
 
 
 def _buffer(role, shape, dtype):
     """A scratch array kept for the next call with the same role, shape and dtype (contents undefined)."""
-    buffers, conv = _caches()
+    buffers = _buffers()
     key = (role, tuple(shape), np.dtype(dtype))
     a = buffers.get(key)
     if a is None:
         a = np.empty(shape, dtype=dtype)
         if sum(b.nbytes for b in buffers.values()) + a.nbytes > _MAX_BYTES:
             buffers.clear()
-            conv.clear()
         buffers[key] = a
     return a
 
@@ -153,6 +147,7 @@ def maxpool2d_forward(x, size=3, stride=2):
 def maxpool2d_backward(dy, argmax, x_shape, size=None, stride=None):
     # dy, argmax: (N, C, P, Q) -> dx: (N, C, H, W); windows that overlap add their gradients
     shapes.check_same_shape("maxpool2d_backward argmax", argmax.shape, dy.shape)
+    shapes.check_same_shape("maxpool2d_backward images and channels", tuple(x_shape[:2]), dy.shape[:2])
     dx = np.empty(x_shape, dtype=dy.dtype)
     cpu_loops.maxpool_backward(np.ascontiguousarray(dy), np.ascontiguousarray(argmax), dx)
     return dx
