@@ -151,6 +151,8 @@ def compile_one(sig, arch, ptxas):
         if "nvrtc" in text.lower() or "nvvm" in text.lower() or "driver library" in text.lower():
             raise ToolchainMissing(f"{MISSING} ({text[:200]})") from e
         row["error"] = f"compile_ptx: {type(e).__name__}: {text[:500]}"
+        if type(e).__name__ == "CCSupportError":  # e.g. CUDA 13 dropped sm_70: the toolkit's limit, not the kernel's
+            row["toolkit_lacks_arch"] = True
         return row
     row["f64"] = count_f64(ptx)
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:

@@ -7,7 +7,9 @@ ratio means something even on a shared, noisy machine.
 On the CPU it runs twice: with one BLAS / PyTorch thread each (the fair per-core comparison,
 and what every worker of a CPU run uses), then with each library's default thread count.
 Each row also gives the step's GFLOP/s (multiply-adds count 2; forward, weight and input
-gradients of every conv and fc layer, the first layer's input gradient excluded).
+gradients of every conv and fc layer, the first layer's input gradient excluded) and, on the
+CPU, the yardstick to read it against: the GFLOP/s of one large float32 matrix product through
+NumPy's BLAS at the same thread count (`blas_peak_gflops`), near what the cores can do.
 `measure` returns the numbers; the command line shows them (`minasgd.dashboard.show_bench_step`).
 """
 
@@ -26,6 +28,20 @@ def step_flops(model, batch_size):
     per_image = [layer.flops() for layer in model.layers]
     first = next(f for f in per_image if f)
     return batch_size * (3 * sum(per_image) - first)
+
+
+def blas_peak_gflops(size=1536, repeats=3):
+    """GFLOP/s of NumPy's BLAS on one large square float32 product (the best of `repeats`), at the
+    current thread count: what this machine's cores reach on pure multiply-adds, as a yardstick."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((size, size)).astype(np.float32) for _ in range(2))
+    out = np.empty_like(a)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first one warms up
+        t0 = time.perf_counter()
+        np.matmul(a, b, out=out)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * size**3 / best / 1e9
 
 
 def _median_times(steps, repeats):
@@ -76,11 +92,11 @@ def _theirs(model, device, x_np, y_np):
     return step
 
 
-def measure(backend="numpy", model_name="alexnet-mini", batch_size=128, repeats=10, device=None):
+def measure(backend="numpy", model_name="alexnet-mini", batch_size=128, repeats=10, device=None, peak_size=1536):
     """{"backend", "device", "model", "batch_size", "step_gflop", "first_step_seconds", "rows": [...]}.
 
     Each row: "threads" ("1 each" or "default"), "ours_seconds", "ours_cpu_seconds", "ours_gflops",
-    "blas_threads", and with PyTorch: "torch_seconds", "torch_cpu_seconds", "torch_gflops",
+    "blas_threads", on the CPU "blas_peak_gflops", and with PyTorch: "torch_seconds", "torch_cpu_seconds", "torch_gflops",
     "torch_threads", "ratio_ours_over_torch", "cpu_ratio_ours_over_torch" (medians; GFLOP/s from wall time).
     """
     be = backends.get(backend, device)
@@ -114,6 +130,8 @@ def measure(backend="numpy", model_name="alexnet-mini", batch_size=128, repeats=
             t = _median_times(steps, repeats)
             row = {"threads": label, "blas_threads": blas_threads(), "ours_seconds": t["ours"][0],
                    "ours_cpu_seconds": t["ours"][1], "ours_gflops": flops / t["ours"][0] / 1e9}
+            if be.NAME != "cuda":
+                row["blas_peak_gflops"] = blas_peak_gflops(peak_size)
         if torch is not None:
             row.update(torch_seconds=t["torch"][0], torch_cpu_seconds=t["torch"][1],
                        torch_gflops=flops / t["torch"][0] / 1e9, torch_device=tdev,

@@ -160,20 +160,23 @@ def show_bench_step(result, console):
     table = Table(title=f"training step: {result['model']}, batch {result['batch_size']}, "
                         f"{result['step_gflop']:.1f} GFLOP")
     for col, just in (("threads", "left"), ("implementation", "left"), ("ms / step", "right"),
-                      ("images / s", "right"), ("GFLOP/s", "right"), ("CPU ms", "right"),
+                      ("images / s", "right"), ("GFLOP/s", "right"), ("of BLAS peak", "right"), ("CPU ms", "right"),
                       ("minasgd / PyTorch", "right"), ("in CPU time", "right")):
         table.add_column(col, justify=just)
     for row in result["rows"]:
         torch = "torch_seconds" in row
+        peak = row.get("blas_peak_gflops")
+        share = (lambda gflops: f"{gflops / peak:.0%}") if peak else (lambda gflops: "")
         table.add_row(row["threads"], f"minasgd {result['backend']} ({row['blas_threads'] or '?'} BLAS)",
                       f"{row['ours_seconds'] * 1e3:.1f}", f"{result['batch_size'] / row['ours_seconds']:.0f}",
-                      f"{row['ours_gflops']:.0f}", f"{row['ours_cpu_seconds'] * 1e3:.0f}",
+                      f"{row['ours_gflops']:.0f}", share(row["ours_gflops"]), f"{row['ours_cpu_seconds'] * 1e3:.0f}",
                       f"[bold]{row['ratio_ours_over_torch']:.2f}x[/]" if torch else "",
                       f"{row['cpu_ratio_ours_over_torch']:.2f}x" if torch else "")
         if torch:
             table.add_row("", f"PyTorch {row['torch_device']} ({row['torch_threads']} threads)",
                           f"{row['torch_seconds'] * 1e3:.1f}", f"{result['batch_size'] / row['torch_seconds']:.0f}",
-                          f"{row['torch_gflops']:.0f}", f"{row['torch_cpu_seconds'] * 1e3:.0f}", "", "")
+                          f"{row['torch_gflops']:.0f}", share(row["torch_gflops"]), f"{row['torch_cpu_seconds'] * 1e3:.0f}",
+                          "", "")
     console.print(table)
     console.print(f"minasgd: {result['device']}", markup=False)
     if not any("torch_seconds" in row for row in result["rows"]):
@@ -181,6 +184,10 @@ def show_bench_step(result, console):
     else:
         console.print("minasgd / PyTorch: the time per step, above 1 means ours is slower (medians, same run); "
                       "CPU time counts every thread of the process")
+    peaks = [f"{row['threads']}: {row['blas_peak_gflops']:.0f}" for row in result["rows"] if "blas_peak_gflops" in row]
+    if peaks:
+        console.print(f"BLAS peak, GFLOP/s of one 1536x1536 float32 product through NumPy ({', '.join(peaks)}): "
+                      "the share above is each side's step against it")
     console.print(f"first step (includes compilation): {result['first_step_seconds'] * 1e3:.0f} ms")
 
 

@@ -91,8 +91,16 @@ def compiled():
 def test_every_kernel_compiles_for_real_gpus(compiled):
     assert {(r["name"], r["arch"]) for r in compiled} == {
         (s.name, a) for s in resources.all_signatures() for a in resources.ARCHS}
-    bad = [f"{r['name']} on {r['arch']}: {'; '.join(resources.problems(r))}" for r in compiled if resources.problems(r)]
+    required = os.environ.get("MINASGD_REQUIRE_PTXAS") == "1"
+    # An arch the installed toolkit no longer compiles for (CUDA 13 dropped sm_70) says nothing about
+    # the kernels: the other archs are still checked, then the test skips, naming it (CI fails instead).
+    lacking = sorted({r["arch"] for r in compiled if r.get("toolkit_lacks_arch")}) if not required else []
+    checked = [r for r in compiled if r["arch"] not in lacking]
+    bad = [f"{r['name']} on {r['arch']}: {'; '.join(resources.problems(r))}" for r in checked if resources.problems(r)]
     assert not bad, "kernels that fail on a real GPU:\n" + "\n".join(bad)
+    if lacking:
+        pytest.skip(f"the CUDA toolkit found does not compile for {', '.join(lacking)} (CUDA 13 dropped sm_70); "
+                    "the CUDA 12 one CI uses does: pip install -e \".[gpu-compile]\"")
 
 
 # ---------------------------------------------------------------- the checks can fail

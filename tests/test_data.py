@@ -44,12 +44,14 @@ def test_shapes_deterministic_from_seed():
     a = shapes.make(seed=7, train_size=30, test_size=20, progress=False)
     b = shapes.make(seed=7, train_size=30, test_size=20, progress=False)
     c = shapes.make(seed=8, train_size=30, test_size=20, progress=False)
-    assert np.array_equal(a.train_x, b.train_x) and np.array_equal(a.train_y, b.train_y)
-    assert np.array_equal(a.test_x, b.test_x)
+    np.testing.assert_array_equal(a.train_x, b.train_x)
+    np.testing.assert_array_equal(a.train_y, b.train_y)
+    np.testing.assert_array_equal(a.test_x, b.test_x)
     assert not np.array_equal(a.train_x, c.train_x)
     # the test split has its own random stream: it does not depend on the train size
     d = shapes.make(seed=7, train_size=40, test_size=20, progress=False)
-    assert np.array_equal(a.test_x, d.test_x) and np.array_equal(a.test_y, d.test_y)
+    np.testing.assert_array_equal(a.test_x, d.test_x)
+    np.testing.assert_array_equal(a.test_y, d.test_y)
 
 
 def test_shapes_cache_written_and_reused(tiny_shapes, monkeypatch):
@@ -63,7 +65,8 @@ def test_shapes_cache_written_and_reused(tiny_shapes, monkeypatch):
 
     monkeypatch.setattr(shapes, "make", fail)
     again = shapes.load(root, seed=3, train_size=200, test_size=50, progress=False)
-    assert np.array_equal(again.train_x, d.train_x) and np.array_equal(again.test_y, d.test_y)
+    np.testing.assert_array_equal(again.train_x, d.train_x)
+    np.testing.assert_array_equal(again.test_y, d.test_y)
 
 
 def test_shapes_corrupt_cache_is_remade(tmp_path):
@@ -113,7 +116,7 @@ def test_batches_in_order_and_drop_last():
     x, y = np.arange(10)[:, None] * np.ones((1, 2)), np.arange(10)
     got = list(data.batches(x, y, 4))
     assert [b[1].tolist() for b in got] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    assert np.array_equal(got[1][0][:, 0], [4, 5, 6, 7])
+    np.testing.assert_array_equal(got[1][0][:, 0], [4, 5, 6, 7])
     assert [len(b[1]) for b in data.batches(x, y, 4, drop_last=True)] == [4, 4]
     with pytest.raises(ValueError, match="batch_size"):
         list(data.batches(x, y, 0))
@@ -128,7 +131,7 @@ def test_batches_shuffled():
     assert sorted(seen.tolist()) == list(range(100)) and not np.array_equal(seen, y)
     assert all(np.array_equal(bx, by * 10) for bx, by in got)  # images stay with their labels
     again = np.concatenate([b[1] for b in data.batches(x, y, 32, rng=np.random.default_rng(5))])
-    assert np.array_equal(seen, again)
+    np.testing.assert_array_equal(seen, again)
 
 
 def test_shard_disjoint_and_covering():
@@ -140,9 +143,9 @@ def test_shard_disjoint_and_covering():
     assert sorted(ids.tolist()) == list(range(n))  # disjoint and covering
     assert {len(s.train_y) for s in shards} <= {5, 6}
     assert all(s.test_x is d.test_x and s.classes == d.classes for s in shards)
-    assert np.array_equal(d.shard(1, 4).train_x, shards[1].train_x)  # deterministic
-    assert np.array_equal(shards[0].train_x[:, 0], shards[0].train_y * 3)
-    assert np.array_equal(d.shard(0, 1).train_y, d.train_y)
+    np.testing.assert_array_equal(d.shard(1, 4).train_x, shards[1].train_x)  # deterministic
+    np.testing.assert_array_equal(shards[0].train_x[:, 0], shards[0].train_y * 3)
+    np.testing.assert_array_equal(d.shard(0, 1).train_y, d.train_y)
     for index, count in [(4, 4), (-1, 2), (0, 0), (0, 24)]:
         with pytest.raises(ValueError, match="shard"):
             d.shard(index, count)
@@ -180,8 +183,10 @@ def test_cifar_reader(tmp_path):
     assert d.name == "cifar10" and d.classes == cifar10.CLASSES
     assert d.train_x.shape == (15, 32, 32, 3) and d.train_x.dtype == np.uint8 and d.train_x.flags.c_contiguous
     assert d.train_y.dtype == np.int32 and d.test_x.shape == (3, 32, 32, 3)
-    assert np.array_equal(d.train_x, train_x) and np.array_equal(d.train_y, train_y)
-    assert np.array_equal(d.test_x, test_x) and np.array_equal(d.test_y, test_y)
+    np.testing.assert_array_equal(d.train_x, train_x)
+    np.testing.assert_array_equal(d.train_y, train_y)
+    np.testing.assert_array_equal(d.test_x, test_x)
+    np.testing.assert_array_equal(d.test_y, test_y)
     # the folder itself may be given as root; class names come from batches.meta.txt if present
     names = "\n".join(f"thing{i}" for i in range(10)) + "\n\n"
     write_cifar(tmp_path / "flat", meta=names)
@@ -287,7 +292,8 @@ def test_download_good_checksum(tmp_path, cifar_archive):
     assert got == root / cifar10.FOLDER
     assert [p.name for p in root.iterdir()] == [cifar10.FOLDER]  # no temporary files left
     d = data.load("cifar10", root=root)
-    assert np.array_equal(d.train_x, train_x) and np.array_equal(d.test_y, test_y)
+    np.testing.assert_array_equal(d.train_x, train_x)
+    np.testing.assert_array_equal(d.test_y, test_y)
     # idempotent: a second call finds the files and does not download again
     assert QuietHandler.requests == 1
     assert cifar10.download(root, url=url, checksum=f"md5:{md5}", progress=False) == got
@@ -362,7 +368,7 @@ def test_folder_reader(image_tree):
     assert (reds[..., 0] > 240).all() and (reds[..., 2] < 10).all()
     assert d.test_x.shape == (1, 32, 32, 3) and d.test_y.tolist() == [1]  # test classes: a subset
     again = folder.load(image_tree, seed=0, progress=False)
-    assert np.array_equal(again.train_x, d.train_x)  # the shuffle is fixed by the seed
+    np.testing.assert_array_equal(again.train_x, d.train_x)  # the shuffle is fixed by the seed
 
 
 @pytest.mark.parametrize("breakage, message", [

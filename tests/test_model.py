@@ -42,7 +42,8 @@ def test_layer_parameters_are_views_of_the_flat_vector(numpy_be):
 
 def test_init_is_deterministic_from_seed(numpy_be):
     a, b, c = (Model("tiny", numpy_be, seed=s).get_params() for s in (1, 1, 2))
-    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
     assert a.dtype == np.float32
 
 
@@ -115,7 +116,8 @@ def test_checkpoint_round_trip_and_errors(numpy_be, tmp_path):
     model = Model("tiny", numpy_be, seed=4)
     path = checkpoint.save(tmp_path / "m.npz", model.name, model.fingerprint(), model.get_params(), {"steps": 7})
     ckpt = checkpoint.load(path, expect_fingerprint=model.fingerprint())
-    assert np.array_equal(ckpt["params"], model.get_params()) and ckpt["meta"] == {"steps": 7}
+    np.testing.assert_array_equal(ckpt["params"], model.get_params())
+    assert ckpt["meta"] == {"steps": 7}
     assert list(tmp_path.iterdir()) == [path]  # no temporary files left behind
 
     with pytest.raises(checkpoint.CheckpointError, match="not found"):
@@ -139,5 +141,5 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(numpy_be, tmp_path,
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save(path, model.name, model.fingerprint(), np.zeros(model.num_params, np.float32))
     monkeypatch.undo()
-    assert np.array_equal(checkpoint.load(path)["params"], model.get_params())
+    np.testing.assert_array_equal(checkpoint.load(path)["params"], model.get_params())
     assert list(tmp_path.iterdir()) == [path]

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from minasgd import backends
+from minasgd.backends import cpu_loops
 from minasgd.backends import numpy_backend as ref
 from minasgd.backends import numpy_fast as fast
 
@@ -13,6 +14,9 @@ from gradcheck import assert_close, numeric_grad
 from test_reference_ops import CONV_CASES
 
 POOL_SHAPES = [(2, 3, 7, 7), (3, 2, 8, 9), (1, 1, 3, 3), (2, 2, 15, 15), (1, 2, 4, 6)]
+# Batches the fast path splits into several matrix products, the last one short:
+# (N, C, H, W, K, R, S, stride, pad), with images_per_product 1, 2 and 2.
+CHUNKED_CONV_CASES = [(3, 2, 17, 18, 3, 3, 3, 1, 1), (5, 3, 12, 11, 4, 3, 3, 1, 1), (5, 2, 23, 21, 3, 5, 3, 2, 2)]
 
 
 def test_get_numpy_is_the_fast_path_and_the_reference_stays_reachable():
@@ -23,7 +27,7 @@ def test_get_numpy_is_the_fast_path_and_the_reference_stays_reachable():
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("case", CONV_CASES + [(3, 4, 11, 10, 5, 3, 3, 1, 1)])
+@pytest.mark.parametrize("case", CONV_CASES + [(3, 4, 11, 10, 5, 3, 3, 1, 1)] + CHUNKED_CONV_CASES)
 def test_conv_matches_reference(case, dtype):
     n, c, h, w, k, r, s, stride, pad = case
     rng = np.random.default_rng(1)
@@ -44,6 +48,14 @@ def test_conv_matches_reference(case, dtype):
                     assert g is None
                 else:
                     assert_close(g, e, **tol)
+
+
+@pytest.mark.parametrize("case", CHUNKED_CONV_CASES)
+def test_chunked_cases_really_take_several_products(case):
+    n, c, h, w, k, r, s, stride, pad = case
+    p, q = (h + 2 * pad - r) // stride + 1, (w + 2 * pad - s) // stride + 1
+    chunk = fast.images_per_product(p, q)
+    assert chunk < n and (chunk == 1 or n % chunk != 0)  # several products; if of 2+ images, the last one short
 
 
 def test_conv_backward_sees_an_input_changed_in_place_since_the_forward():
@@ -127,4 +139,72 @@ def test_kept_buffers_stay_under_the_byte_cap(monkeypatch):
         x = rng.standard_normal((n, 3, 8, 8)).astype(np.float32)
         assert_close(fast.conv2d_forward(x, wt, np.zeros(4, np.float32), 1, 1),
                      ref.conv2d_forward(x, wt, np.zeros(4, np.float32), 1, 1))
-        assert sum(b.nbytes for b in fast._caches()[0].values()) <= 64 * 1024 or len(fast._caches()[0]) <= 2
+        assert sum(b.nbytes for b in fast._buffers().values()) <= 64 * 1024 or len(fast._buffers()) <= 2
+
+
+@pytest.mark.parametrize("size, stride", [(3, 2), (2, 2), (3, 1)])
+@pytest.mark.parametrize("shape", POOL_SHAPES)
+def test_maxpool_backward_matches_reference(shape, size, stride):
+    rng = np.random.default_rng(7)
+    x = np.maximum(rng.standard_normal(shape).astype(np.float32), 0)  # ties, and overlapping windows sharing a max
+    y, argmax = fast.maxpool2d_forward(x, size, stride)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    assert_close(fast.maxpool2d_backward(dy, argmax, x.shape, size, stride),
+                 ref.maxpool2d_backward(dy, argmax, x.shape, size, stride), rtol=1e-6, atol=1e-6)
+
+
+def test_maxpool_backward_refuses_an_argmax_outside_the_plane():
+    dy = np.ones((1, 2, 2, 2), np.float32)
+    for bad in (9, -1):
+        argmax = np.zeros((1, 2, 2, 2), np.int32)
+        argmax[0, 1, 1, 0] = bad
+        with pytest.raises(IndexError, match="outside its input plane"):
+            fast.maxpool2d_backward(dy, argmax, (1, 2, 3, 3))
+    with pytest.raises(ValueError, match="images and channels"):
+        fast.maxpool2d_backward(dy, np.zeros((1, 2, 2, 2), np.int32), (2, 2, 3, 3))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_backward_matches_reference(dtype):
+    rng = np.random.default_rng(8)
+    y = np.maximum(rng.standard_normal((3, 4, 5, 7)), 0).astype(dtype)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    got = fast.relu_backward(dy, y)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, ref.relu_backward(dy, y))
+
+
+# ---------------------------------------------------------------- the compiled loops, one by one
+# Outputs start as NaN (argmax as -1), so an element a loop forgets to write fails the test.
+
+@pytest.mark.parametrize("stride, pad", [(1, 0), (1, 2), (2, 1), (3, 2)])
+def test_im2col_and_col2im_loops_match_the_reference(stride, pad):
+    rng = np.random.default_rng(9)
+    b, c, h, w, r, s = 3, 2, 9, 8, 3, 4
+    x = rng.standard_normal((b, c, h, w))
+    p, q = (h + 2 * pad - r) // stride + 1, (w + 2 * pad - s) // stride + 1
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    cols = np.full((c, r, s, b, p, q), np.nan)
+    cpu_loops.im2col(xp, stride, cols)
+    np.testing.assert_array_equal(cols.reshape(c * r * s, b * p * q), ref.im2col(x, r, s, stride, pad))
+    dcols = rng.standard_normal(cols.shape)
+    dxp = np.full(xp.shape, np.nan)
+    cpu_loops.col2im(dcols, stride, dxp)
+    want = ref.col2im(dcols.reshape(c * r * s, b * p * q), x.shape, r, s, stride, pad, p, q)
+    assert_close(dxp[:, :, pad : pad + h, pad : pad + w], want, rtol=1e-12, atol=1e-12)
+
+
+def test_maxpool_and_relu_loops_write_every_output():
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((2, 3, 9, 7)).astype(np.float32)
+    y, argmax = np.full((2, 3, 4, 3), np.nan, np.float32), np.full((2, 3, 4, 3), -1, np.int32)
+    cpu_loops.maxpool_forward(x, 3, 2, y, argmax)
+    want_y, want_argmax = ref.maxpool2d_forward(x, 3, 2)
+    np.testing.assert_array_equal(y, want_y)
+    np.testing.assert_array_equal(argmax, want_argmax)
+    dx = np.full(x.shape, np.nan, np.float32)
+    cpu_loops.maxpool_backward(y, argmax, dx)
+    assert_close(dx, ref.maxpool2d_backward(y, argmax, x.shape), rtol=1e-6, atol=1e-6)
+    relu_dx = np.full(x.size, np.nan, np.float32)
+    cpu_loops.relu_backward(x.ravel(), -x.ravel(), relu_dx)
+    np.testing.assert_array_equal(relu_dx.reshape(x.shape), ref.relu_backward(x, -x))

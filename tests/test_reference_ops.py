@@ -81,7 +81,7 @@ def test_maxpool_argmax_is_index_in_plane():
     y, arg = ref.maxpool2d_forward(x, 3, 2)
     assert arg.dtype == np.int32 and y.shape == (2, 3, 2, 2)
     planes = x.reshape(2, 3, 25)
-    assert np.array_equal(np.take_along_axis(planes, arg.reshape(2, 3, 4), axis=2).reshape(y.shape), y)
+    np.testing.assert_array_equal(np.take_along_axis(planes, arg.reshape(2, 3, 4), axis=2).reshape(y.shape), y)
 
 
 def test_maxpool_overlapping_windows_accumulate():
@@ -128,8 +128,9 @@ def test_dropout_mask_depends_only_on_seed_and_index():
     a = ref.dropout_forward(np.ones((3, 50), np.float32), 0.5, seed=42)
     b = ref.dropout_forward(np.ones(150, np.float32), 0.5, seed=42).reshape(3, 50)
     c = ref.dropout_forward(np.ones((3, 50), np.float32), 0.5, seed=43)
-    assert np.array_equal(a, b) and not np.array_equal(a, c)
-    assert np.array_equal(ref.dropout_forward(np.ones(4, np.float32), 0.0, seed=1), np.ones(4))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    np.testing.assert_array_equal(ref.dropout_forward(np.ones(4, np.float32), 0.0, seed=1), np.ones(4))
 
 
 PINNED_HASHES = [33350994, 2767685996, 127880910, 2672842292]

@@ -31,10 +31,27 @@ def test_step_flops_counts_forward_and_both_gradients():
 
 
 def test_bench_step_gives_a_row_per_thread_setting():
-    result = bench_step.measure("numpy", "micro", batch_size=4, repeats=1)
+    result = bench_step.measure("numpy", "micro", batch_size=4, repeats=1, peak_size=64)
     assert [row["threads"] for row in result["rows"]] == ["1 each", "default"]
     assert result["rows"][0]["blas_threads"] == 1
     assert all(row["ours_seconds"] > 0 and np.isfinite(row["ours_gflops"]) for row in result["rows"])
+    assert all(row["blas_peak_gflops"] > 0 for row in result["rows"])
+
+
+def test_bench_step_table_gives_each_side_as_a_share_of_the_blas_peak():
+    from rich.console import Console
+
+    from minasgd.dashboard import show_bench_step
+
+    row = {"threads": "1 each", "blas_threads": 1, "ours_seconds": 0.2, "ours_cpu_seconds": 0.2, "ours_gflops": 60.0,
+           "blas_peak_gflops": 80.0, "torch_seconds": 0.16, "torch_cpu_seconds": 0.16, "torch_gflops": 75.0,
+           "torch_device": "cpu", "torch_threads": 1, "ratio_ours_over_torch": 1.25, "cpu_ratio_ours_over_torch": 1.25}
+    result = {"backend": "numpy", "device": "CPU", "model": "alexnet-mini", "batch_size": 128, "step_gflop": 13.1,
+              "first_step_seconds": 1.0, "rows": [row]}
+    console = Console(record=True, width=200)
+    show_bench_step(result, console)
+    text = console.export_text()
+    assert "of BLAS peak" in text and "75%" in text and "94%" in text and "1 each: 80" in text
 
 
 def test_single_process_training_runs_on_one_blas_thread_and_says_so(tmp_path, monkeypatch):
