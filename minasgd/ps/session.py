@@ -63,11 +63,12 @@ def serve_requests(ps, link, worker_id):
     while True:
         frame = link.recv()
         if frame.type == Msg.FETCH:
-            params, version, done = ps.fetch_snapshot(worker_id)  # shared, read-only: no copy
+            with ps.fetch_snapshot(worker_id) as (params, version, done):  # shared, read-only: no copy
+                if not done:
+                    link.send(Msg.PARAMS, params, seq=frame.seq, version=version)
             if done:
                 link.send_json(Msg.BYE, {"reason": "training finished"}, seq=frame.seq)
                 return link.finished("training finished")
-            link.send(Msg.PARAMS, params, seq=frame.seq, version=version)
         elif frame.type == Msg.PUSH:
             grad = frame.floats(ps.num_params)
             reply = ps.push(worker_id, grad, frame.version, batches=frame.count)
