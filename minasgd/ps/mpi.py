@@ -47,10 +47,15 @@ Design, and why:
   rank 0 needs an MPI library with MPI_THREAD_MULTIPLE, which mpi4py asks for by default and the
   MPICH and Open MPI wheels give (checked at start, with a clear error if not).
 - Every wait polls (`Isend`/`Irecv` + `Test`, `Improbe`) instead of calling a blocking
-  `Recv`: busy for the first half millisecond, then sleeping up to a millisecond between polls.
-  Blocking MPI calls spin a core while they wait; here the handler threads and the workers would
-  take the cores the workers need to compute (on a laptop 3 ranks share 2 cores). Polling also
+  `Recv`: a handler waiting for its worker's next request is busy for the first half
+  millisecond, then sleeps up to a millisecond between polls. Blocking MPI calls spin a core
+  while they wait; here the handler threads would take the cores the workers need to compute
+  (on a laptop 3 ranks share 2 cores). A message already under way (a frame's payload, our own
+  send, a worker's reply) is polled busily for up to BUSY_SECONDS: MPI moves a large message only
+  while both ends poll, and a worker waiting for its reply has nothing else to do. Polling also
   gives every wait a timeout, so a silent worker is dropped as over TCP.
+- A parameter vector's receive is posted before its header arrives (`Channel.post`): it lands
+  the moment the peer sends it, with no probe-then-receive round trip.
 - A worker that ends, normally or with an error, says BYE; the server's thread for it then ends.
   At the very end every rank meets in one barrier, so no rank finalizes MPI while another still
   talks to it. If rank 0 fails before serving, every worker gets ERROR instead of HELLO and exits 1.
@@ -77,7 +82,8 @@ FLOAT_MESSAGES = (Msg.PARAMS, Msg.PUSH)  # their payload is float32[num_params];
 PAYLOAD_TAG = 32  # a payload's tag: PAYLOAD_TAG + its header's type (so a posted receive takes only payloads)
 TAG_SHARD_X, TAG_SHARD_Y = 101, 102  # the shard's images (uint8) and labels (int32), after HELLO
 SPIN_SECONDS, MAX_PAUSE = 0.0005, 0.001  # polling: busy this long, then sleep up to this long
-REPLY_SPIN_SECONDS = 0.05  # a worker waiting for its reply is busy longer: it has nothing else to do
+BUSY_SECONDS = 0.05  # busy this long for a message under way (a frame's payload, our send, a worker's
+                     # reply): it comes within microseconds, and MPI moves it only while we poll
 INSTALL_HINT = "install the MPI extra: pip install mpi4py mpich"
 
 
@@ -101,8 +107,8 @@ class Closing(Exception):
 def poll(ready, timeout=None, stop=None, what="a message", spin=SPIN_SECONDS):
     """Call `ready()` until it returns something other than None or False, and return that.
 
-    Busy (yielding to other threads) for the first `spin` seconds, then sleeping between calls, up to
-    MAX_PAUSE. TimeoutError after `timeout` seconds; Closing as soon as `stop()` is true.
+    Busy for the first `spin` seconds (each MPI call releases the GIL, so other threads run), then
+    sleeping between calls, up to MAX_PAUSE. TimeoutError after `timeout` seconds; Closing as soon as `stop()` is true.
     """
     start, pause = time.monotonic(), 0.0
     while True:
@@ -186,7 +192,7 @@ class Channel:
         if length:
             requests.append(self.comm.Isend(spec, self.peer, tag=PAYLOAD_TAG + msg))
         for request in requests:
-            wait(request, timeout, stop=self.stop, spin=self.spin)
+            wait(request, timeout, stop=self.stop, spin=BUSY_SECONDS)
 
     def send_json(self, msg, body, seq=0, version=0, timeout=None):
         self.send(msg, json.dumps(body).encode("utf-8"), seq=seq, version=version, timeout=timeout)
@@ -230,7 +236,7 @@ class Channel:
             except ProtocolError:
                 message.Recv([bytearray(length), MPI.BYTE])  # drop it: the next message is a header again
                 raise
-            wait(message.Irecv(spec), timeout, None, self.stop, self.spin)
+            wait(message.Irecv(spec), timeout, None, self.stop, BUSY_SECONDS)
         if msg is None:
             raise ProtocolError(f"unknown message tag {tag} from rank {self.peer}")
         if announced != length:
@@ -241,7 +247,7 @@ class Channel:
         """Wait for a posted payload receive (into float32[n]); its size in bytes. One larger than
         the vector is received in part and dropped (ProtocolError), so the next frame starts clean."""
         try:
-            wait(request, timeout, status, self.stop, self.spin)
+            wait(request, timeout, status, self.stop, BUSY_SECONDS)
         except self.MPI.Exception as e:
             if e.Get_error_class() != self.MPI.ERR_TRUNCATE:
                 raise
@@ -252,7 +258,7 @@ class Channel:
     def _probe(self, tag, timeout, status):
         """Wait for the payload message with `tag` from our peer, without receiving it: its MPI.Message."""
         return poll(lambda: self.comm.Improbe(self.peer, PAYLOAD_TAG + tag, status), timeout, self.stop, "payload",
-                    self.spin)
+                    BUSY_SECONDS)
 
     def _buffer_for(self, msg, length, into):
         """(buffer spec, byte view) for a payload of `length` bytes of message type `msg`; ProtocolError if none fits."""
@@ -428,7 +434,7 @@ class MpiClient(Client):
         self.MPI = import_mpi()
         self.comm, self.server, self.timeout = comm, server, timeout
         self.where = f"rank {server}"
-        self.channel = Channel(self.MPI, comm, server, spin=REPLY_SPIN_SECONDS)
+        self.channel = Channel(self.MPI, comm, server, spin=BUSY_SECONDS)
         try:
             frame = self.channel.recv(timeout=greeting_timeout)
         except TimeoutError:

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 
 from .mpi import MpiClient, MpiServer, final_barrier, import_mpi, mpiexec_command, poll
-from .session import round_trips
+from .session import BENCH_SERVER, round_trips
 
 TAG_RAW = 110  # the bare Send/Recv baseline
 
@@ -61,7 +61,6 @@ def _bench_ranks(n, seconds, rounds):
     """Under `mpiexec -n 2`: rank 0 serves a ParameterServer of n parameters (MpiServer's thread) and
     a bare echo (its main thread); rank 1 times both, alternating, and prints one JSON line."""
     from ..timer import rate
-    from .bench import OPS, SERVER_SETTINGS
     from .server import ParameterServer
 
     MPI = import_mpi()
@@ -71,7 +70,7 @@ def _bench_ranks(n, seconds, rounds):
         raise SystemExit("the MPI bench runs with exactly 2 ranks (mpiexec -n 2)")
     data = np.zeros(n, np.float32)
     if comm.Get_rank() == 0:
-        server = MpiServer(ParameterServer(data, **SERVER_SETTINGS), comm).start()
+        server = MpiServer(ParameterServer(data, **BENCH_SERVER), comm).start()
         _serve_raw(MPI, raw, data.copy())
         server.join(grace=None)  # until the client's BYE
     else:
@@ -92,9 +91,9 @@ def _bench_ranks(n, seconds, rounds):
 
         baseline = {"push": lambda: bare(PUSH), "fetch": lambda: bare(FETCH),
                     "push+fetch": lambda: (bare(PUSH), bare(FETCH))}
-        samples = {name: {"mpi": [], "raw_mpi": []} for name in OPS}
+        samples = {name: {"mpi": [], "raw_mpi": []} for name in ours}  # push, fetch, push+fetch
         for _ in range(rounds):
-            for name in OPS:
+            for name in ours:
                 samples[name]["mpi"].append(rate(ours[name], seconds / rounds))
                 samples[name]["raw_mpi"].append(rate(baseline[name], seconds / rounds))
                 bare(END)

@@ -241,6 +241,11 @@ class Client:
         raise error
 
 
+# The server `minasgd bench ps` measures: the default run's (`--momentum-at worker`: the workers
+# keep the momentum, the server applies w -= lr * push), with so many steps that the lr stays put.
+BENCH_SERVER = {"model_name": "bench", "fingerprint": "bench", "total_steps": 10**12, "lr": 1e-6, "momentum": 0.0}
+
+
 def round_trips(client, grad, params):
     """The operations `minasgd bench ps` times, through any connected `Client` (after its hello):
     {"push", "fetch", "push+fetch"} -> a function doing one round trip (push from `grad`, fetch

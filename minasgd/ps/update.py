@@ -59,7 +59,7 @@ class CheckedUpdate:
             step += grad
         np.multiply(step, -lr, out=out)
         out += params
-        if not (all_finite(out) and (step is grad or all_finite(step))):
+        if not all_finite(out):  # a NaN/Inf in grad or the new velocity makes one in out too (lr >= 0)
             return self._why(grad, out)
         if step is not grad:
             self.optimizer.velocity, self.spare_velocity = step, v
@@ -67,8 +67,6 @@ class CheckedUpdate:
 
     def _generic_into(self, params, grad, lr, out):
         """Any optimizer: step a copy in place; its state is put back if the result is not finite."""
-        if not all_finite(grad):
-            return self._why(grad, out)
         saved = {k: np.array(v, dtype=np.float32, copy=True) for k, v in self.optimizer.state().items()}
         np.copyto(out, params)
         self.optimizer.step(out, grad, lr)
