@@ -3,6 +3,7 @@
     ps = ParameterServer(params, model_name="tiny", fingerprint=model.fingerprint(), total_steps=2000)
     wid = ps.join(fingerprint, {"name": "host:1234"})     # Refused if the model differs
     version, done = ps.fetch_into(wid, buffer)              # a consistent copy of the parameters
+    with ps.fetch_snapshot(wid) as (params, version, done): ...   # the same, shared: no copy
     reply = ps.push(wid, grad_sum, base_version, batches=4)   # {"version", "lr", "done"}
     ps.leave(wid, "connection reset")
 
@@ -38,10 +39,13 @@ The rules:
 - Sync (the bulk-synchronous baseline): a push waits until every live worker has pushed once
   in this round; the SUM of the round's pushes is applied as ONE update (per image, the same
   step as async), then all are released.
-- Everything about a push is checked BEFORE the parameters are touched: a wrong size, a
-  non-finite value, a version from the future, more mini-batches than the worker's npush or an
-  unknown worker raise `Refused`, and the parameters stay bit-identical. An update whose RESULT
-  is not finite (two huge but finite pushes) is undone and refused the same way.
+- Everything about a push is checked BEFORE the parameters change: a wrong size, a non-finite
+  value, a version from the future, more mini-batches than the worker's npush or an unknown
+  worker raise `Refused`, and the parameters stay bit-identical. The update is computed into a
+  spare vector (`minasgd.ps.update`) and swapped in only if its result is finite, so a NaN/Inf
+  push, or two huge but finite pushes whose sum overflows, is refused the same way.
+- The current parameters are one read-only vector that every fetch of that version sends as it
+  is (no copy, no lock held while sending); an update never writes into a vector being sent.
 - Sync rounds have a deadline (`round_timeout`): a live worker that has not pushed by then is
   dropped from the round, which is applied without it, and from every later round until it
   pushes again (counted in its `missed_rounds`), so one silent peer cannot stall the run.
