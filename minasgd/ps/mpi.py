@@ -214,18 +214,19 @@ class Channel:
             self.cancel_posted()
             raise
         tag = status.Get_tag()
-        count, announced, seq, version = (int(v) for v in self.header)
-        posted = self.posted
-        if posted and posted[1] == tag and announced:
-            self.posted = None
-        elif posted and not posted[3]:
-            self.cancel_posted()  # not the reply it was posted for: nothing will land there
         if status.Get_count(MPI.BYTE) != self.header.nbytes:
+            self.cancel_posted()
             raise ProtocolError(f"a header from rank {self.peer} has {status.Get_count(MPI.BYTE)} bytes, not "
                                 f"{self.header.nbytes}")
+        count, announced, seq, version = (int(v) for v in self.header)
+        posted = self.posted if self.posted and self.posted[1] == tag and announced else None
+        if posted:
+            self.posted = None  # this frame's payload lands in it
+        elif self.posted and not self.posted[3]:
+            self.cancel_posted()  # not the reply it was posted for: nothing will land there
         msg = Msg(tag) if tag in Msg._value2member_map_ else None
         length, payload = 0, memoryview(b"")
-        if posted and self.posted is None:  # its payload lands in the posted vector
+        if posted:  # the payload lands in the posted vector
             length = self._wait_posted(posted[0], posted[2].size, msg, announced, timeout, status)
             payload = memoryview(posted[2]).cast("B")[:length]
         elif announced:  # a matched probe: the payload's real size, before we pick (or refuse) a buffer for it
