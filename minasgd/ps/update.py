@@ -1,4 +1,4 @@
-"""The server's optimizer update, out of place and checked: a new parameter vector or Refused.
+"""The server's optimizer update, out of place and checked: a new parameter vector, or why not.
 
     update = CheckedUpdate(SGD(numpy_backend, n, momentum=0.0))   # or Adagrad(...)
     update.step_into(params, grad, lr, out)    # out = the updated params; `params` is only read
