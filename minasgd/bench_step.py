@@ -45,14 +45,20 @@ def blas_peak_gflops(size=1536, repeats=3):
 
 
 def _median_times(steps, repeats):
-    """{name: (median wall seconds, median CPU seconds)}; every step runs once to warm up, then
-    they alternate `repeats` times. CPU time is this process's, all threads together: with one
-    thread each it is the work itself, which a busy machine disturbs much less than wall time."""
-    for step in steps.values():
-        step()
+    """{name: (median wall seconds, median CPU seconds)}; the steps take turns `repeats` times.
+
+    Each turn runs its step twice and times the second: a multi-threaded library leaves its
+    threads spinning for a while after a call (OpenBLAS's and PyTorch's OpenMP pools both do),
+    and a step timed right after the OTHER library's step shares the cores with those spinning
+    threads. Untimed, the first run lets them go to sleep, so each library is timed in its own
+    steady state, as in a training loop that uses only it. CPU time is this process's, all
+    threads together: with one thread each it is the work itself, which a busy machine disturbs
+    much less than wall time.
+    """
     times = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
+            step()  # warms up, and lets the other library's threads settle
             t0, c0 = time.perf_counter(), time.process_time()
             step()
             times[name].append((time.perf_counter() - t0, time.process_time() - c0))
