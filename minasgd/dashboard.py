@@ -436,7 +436,7 @@ def show_bench_ps(result, console):
     if "mpi_library" in result:
         console.print(f"MPI: {result['mpi_library']}; ours = the minasgd transport (socket: TcpServer, MPI: "
                       f"MpiServer), both with the same ParameterServer behind it", highlight=False)
-    console.print(f"server work per push (finite check + SGD momentum update, no network): "
+    console.print(f"server work per push (the default run's server: finite check + w -= lr * push, no network): "
                   f"{result['server_seconds_per_push'] * 1e3:.2f} ms")
     if "speedup" not in result:
         return

@@ -53,24 +53,37 @@ def test_a_big_frame_arrives_whole_over_a_real_socket():
     a.close(), b.close()
 
 
-def make_ps():
-    return ParameterServer(np.arange(6, dtype=np.float32), model_name="m", fingerprint="fp", total_steps=100,
-                           lr=0.5, momentum=0.0)
+def make_ps(total_steps=100):
+    return ParameterServer(np.arange(6, dtype=np.float32), model_name="m", fingerprint="fp",
+                           total_steps=total_steps, lr=0.5, momentum=0.0)
 
 
 def test_fetches_of_one_version_share_one_read_only_snapshot_and_an_update_swaps_it():
     ps = make_ps()
     wid = ps.join("fp", {})
-    first, version, done = ps.fetch_snapshot(wid)
-    again, _, _ = ps.fetch_snapshot(wid)
-    assert again is first and not first.flags.writeable and not done
-    kept = first.copy()
-    ps.push(wid, np.ones(6, np.float32), version)
-    after, new_version, _ = ps.fetch_snapshot(wid)
-    assert new_version == version + 1 and after is not first
-    np.testing.assert_array_equal(first, kept)  # whoever still sends the old one sends what it fetched
-    np.testing.assert_array_equal(after, kept - 0.5)
+    with ps.fetch_snapshot(wid) as (first, version, done), ps.fetch_snapshot(wid) as (again, _, _):
+        assert again is first and first is ps.params and not first.flags.writeable and not done
+        kept = first.copy()
+        ps.push(wid, np.ones(6, np.float32), version)
+        with ps.fetch_snapshot(wid) as (after, new_version, _):
+            assert new_version == version + 1 and after is not first
+        for _ in range(3):  # more updates while the first fetch is still sending: it is never written
+            ps.push(wid, np.zeros(6, np.float32), ps.version)
+        np.testing.assert_array_equal(first, kept)  # whoever still sends the old one sends what it fetched
+    np.testing.assert_array_equal(ps.params, kept - 0.5)
     out = np.empty(6, np.float32)
-    assert ps.fetch_into(wid, out)[0] == new_version
-    np.testing.assert_array_equal(out, after)
+    assert ps.fetch_into(wid, out)[0] == version + 4
+    np.testing.assert_array_equal(out, ps.params)
     assert ps.fetches == 4
+
+
+def test_an_update_reuses_the_vector_of_a_version_nobody_sends_any_more():
+    ps = make_ps(total_steps=10**9)  # a flat lr
+    wid = ps.join("fp", {})
+    vectors = set()
+    for _ in range(6):
+        with ps.fetch_snapshot(wid) as (params, version, _):
+            vectors.add(id(params))
+        ps.push(wid, np.ones(6, np.float32), version)
+    assert len(vectors) == 2  # two vectors, taking turns: no allocation per update
+    np.testing.assert_array_equal(ps.params, np.arange(6) - 6 * 0.5)

@@ -138,7 +138,7 @@ CONVERSATION = textwrap.dedent("""
     rank = comm.Get_rank()
     if rank == 0:
         start = np.arange(N, dtype=np.float32) / N
-        ps = ParameterServer(start, model_name="toy", fingerprint=FP, total_steps=10**6, lr=0.1, momentum=0.0,
+        ps = ParameterServer(start, model_name="toy", fingerprint=FP, total_steps=3, lr=0.1, momentum=0.0,
                              expected_workers=2, worker_config={"batch_size": 8, "nsync": 2})
         server = MpiServer(ps, comm, timeout=20).start()
         server.join(grace=60)
@@ -152,12 +152,13 @@ CONVERSATION = textwrap.dedent("""
         params = np.zeros(N, np.float32)
         version = client.fetch_into(params)
         assert np.allclose(params, np.arange(N) / N), "fetched parameters differ"
-        if rank == 1:  # a good worker: one push of 3 mini-batches, then STATS and BYE
+        if rank == 1:  # a good worker: one push of all 3 mini-batches, STATS, a FETCH after the end, BYE
             comm.Recv(np.zeros(1), source=2, tag=999)  # after rank 2 was refused (so "rejected" is 1)
             reply = client.push(np.ones(N, np.float32), version, batches=3)
-            assert reply["version"] == 1 and not reply["done"], reply
+            assert reply["version"] == 1 and reply["done"], reply
             stats = client.stats({"loss": 1.5})
             assert stats["pushes"] == 1 and stats["rejected"] == 1, stats
+            assert client.fetch_into(params) is None  # BYE, not PARAMS: its posted receive is cancelled
             client.close("finished")
         else:  # a bad one: a push of the wrong size is refused with one line
             try:
@@ -180,7 +181,7 @@ def test_the_conversation_and_a_refused_push(tmp_path, env):
     result = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
     assert result["version"] == 1 and result["steps"] == 3 and result["pushes"] == 1 and result["rejected"] == 1
     assert result["moved"] == pytest.approx([0.1, 0.1])  # lr 0.1 * the ones vector, momentum 0: only rank 1's push
-    assert result["ended"][0] == "finished" and result["ended"][1].startswith("rejected:"), result["ended"]
+    assert result["ended"][0] == "training finished" and result["ended"][1].startswith("rejected:"), result["ended"]
 
 
 @needs_mpi

@@ -142,7 +142,7 @@ def _run(tmp_path, folder, name, kill_at=None):
     checkpoint has passed it and restart it with --resume. Returns (summary, checkpoint meta at the kill)."""
     port, out = _free_port(), tmp_path / name
     serve_args = ["--bind", f"127.0.0.1:{port}", "--workers", "2", "--dataset", f"folder:{folder}", "--model",
-                  "micro", "--backend", "numpy", "--epochs", "50", "--batch-size", "16", "--lr", "0.005",
+                  "micro", "--backend", "numpy", "--epochs", "150", "--batch-size", "16", "--lr", "0.005",
                   "--checkpoint-every", "0.2"]
     server = _minasgd("serve", *serve_args, "--out", str(out))
     workers = [_minasgd("work", "--server", f"127.0.0.1:{port}", "--backend", "numpy", "--shard", f"{i}/2",
@@ -178,7 +178,7 @@ def _run(tmp_path, folder, name, kill_at=None):
 
 def test_sigkill_the_server_mid_run_and_resume_it(tmp_path, folder):
     undisturbed, _ = _run(tmp_path, folder, "undisturbed")
-    resumed, at_kill = _run(tmp_path, folder, "resumed", kill_at=0.3)
+    resumed, at_kill = _run(tmp_path, folder, "resumed", kill_at=0.2)
     print(f"killed at step {at_kill['steps']}/{at_kill['total_steps']} (version {at_kill['version']}); "
           f"resumed: accuracy {resumed['test_accuracy']:.3f}, version {resumed['version']}, steps {resumed['steps']}; "
           f"undisturbed: accuracy {undisturbed['test_accuracy']:.3f}, version {undisturbed['version']}")

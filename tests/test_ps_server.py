@@ -79,14 +79,34 @@ def test_server_momentum_is_per_mini_batch():
     (np.r_[np.ones(N - 2), np.inf, -np.inf].astype(np.float32), 0, "2 NaN/Inf"),
     (np.ones(N, np.float32), 7, "server is at 0"),
 ])
-def test_bad_pushes_are_refused_and_params_stay_bit_identical(grad, version, message):
-    ps = make_ps(momentum=0.9)
+@pytest.mark.parametrize("momentum", [0.0, 0.9])  # 0: the default server, which checks only the result
+def test_bad_pushes_are_refused_and_params_stay_bit_identical(grad, version, message, momentum):
+    ps = make_ps(momentum=momentum)
     wid = ps.join("toy:50:abc", {})
     before = ps.params.tobytes()
     with pytest.raises(Refused, match=message):
         ps.push(wid, grad, base_version=version)
     assert ps.params.tobytes() == before and ps.version == 0 and ps.pushes == 0
     assert not ps.optimizer.velocity.any()
+
+
+@pytest.mark.parametrize("options, big", [({"momentum": 0.0}, 3e38), ({"momentum": 0.9}, 3e38),
+                                           ({"optimizer": "adagrad"}, 1.5e19)])  # Adagrad's sum of squares overflows
+def test_huge_finite_pushes_are_applied_and_an_overflowing_one_changes_nothing(options, big):
+    ps = make_ps(lr=1e-30, total_steps=10**9, **options)
+    wid = ps.join("toy:50:abc", {})
+    huge = np.full(N, 1e19, np.float32)  # finite, but the sum of its squares overflows: the quick check says "maybe"
+    ps.push(wid, huge, base_version=ps.version)
+    assert ps.version == 1 and ps.pushes == 1 and np.isfinite(ps.params).all()
+
+    ps = make_ps(lr=1.0, total_steps=10**9, **options)
+    wid = ps.join("toy:50:abc", {})
+    ps.push(wid, np.full(N, big, np.float32), base_version=0)  # finite, applied
+    before, state = ps.params.tobytes(), {k: v.copy() for k, v in ps.optimizer.state().items()}
+    with pytest.raises(Refused, match="the update would make .* NaN/Inf; not applied"):
+        ps.push(wid, np.full(N, big, np.float32), base_version=1)  # the sum overflows
+    assert ps.params.tobytes() == before and ps.version == 1 and ps.pushes == 1
+    assert all(np.array_equal(ps.optimizer.state()[k], v) for k, v in state.items())
 
 
 def test_unknown_worker_and_wrong_fingerprint_are_refused():
@@ -146,6 +166,21 @@ def test_sync_round_applies_the_sum_once_everyone_pushed():
     t.join(timeout=5)
     assert not t.is_alive() and replies[0]["version"] == 1 and ps.version == 1 and ps.steps == 2
     np.testing.assert_allclose(before - ps.params, learning_rate(0, 1000, 0.1) * 4.0, rtol=1e-5)
+
+
+def test_a_nan_push_is_refused_in_a_sync_round_and_after_the_end():
+    ps = make_ps(sync=True)
+    a = ps.join("toy:50:abc", {})
+    nan = np.r_[np.ones(N - 1), np.nan].astype(np.float32)
+    with pytest.raises(Refused, match="1 NaN/Inf"):  # refused at once: the round's sum stays clean
+        ps.push(a, nan, 0)
+    assert not ps.round_sum.any() and not ps.round_members and ps.pushes == 0
+    ps = make_ps(total_steps=1)
+    a = ps.join("toy:50:abc", {})
+    ps.push(a, np.ones(N, np.float32), 0)
+    with pytest.raises(Refused, match="1 NaN/Inf"):  # training is over, but a bad push is still one
+        ps.push(a, nan, 1)
+    assert ps.discarded == 0
 
 
 def test_sync_and_async_take_the_same_step_per_image():

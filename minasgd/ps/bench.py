@@ -6,6 +6,8 @@
    process: no header, no checks, no optimizer). The ratio is ours / raw. With `--transport mpi`
    the same three operations also go through the MPI transport (`minasgd.ps.mpi`: two ranks of an
    `mpiexec -n 2` started here) and through bare MPI Send/Recv, and the table adds MPI / socket.
+   The server is configured as the default run's (`--momentum-at worker`, `session.BENCH_SERVER`):
+   it checks each push and applies w -= lr * push, with no velocity of its own.
 2. Speed-up: images/s and the time to reach `--target` test accuracy for `--workers-list`
    (default 1,2,4) on the shapes dataset, with single-process training as the first row.
 3. `--hostile`: the push+fetch rate of N real workers, undisturbed and while a second process
@@ -24,6 +26,7 @@ from .. import backends
 from ..model import Model
 from ..timer import rate
 from .launcher import PsOptions, blas_threads
+from .session import BENCH_SERVER
 
 OPS = ("push", "fetch", "push+fetch")
 
@@ -35,8 +38,7 @@ def _ps_process(n, port_queue, stop_event):
     from .server import ParameterServer
     from .tcp import TcpServer, listen
 
-    ps = ParameterServer(np.zeros(n, np.float32), model_name="bench", fingerprint="bench", total_steps=10**12,
-                         lr=1e-6, momentum=0.9)
+    ps = ParameterServer(np.zeros(n, np.float32), **BENCH_SERVER)
     tcp = TcpServer(ps, listen("127.0.0.1", 0)).start()
     port_queue.put(tcp.address[1])
     stop_event.wait()
@@ -132,8 +134,7 @@ def server_work_per_push(n, repeats=50):
     """Seconds the server spends on one push outside the network: checks + optimizer update."""
     from .server import ParameterServer
 
-    ps = ParameterServer(np.zeros(n, np.float32), model_name="bench", fingerprint="bench", total_steps=10**12,
-                         lr=1e-6, momentum=0.9)
+    ps = ParameterServer(np.zeros(n, np.float32), **BENCH_SERVER)
     wid = ps.join("bench", {})
     grad = np.full(n, 1e-3, np.float32)
     t0 = time.perf_counter()
@@ -212,7 +213,7 @@ def measure(model, seconds=1.5, transport="tcp", training=None):
         if transport == "mpi":
             from .mpi_bench import goodput_mpi
 
-            mpi = goodput_mpi(n * times, seconds)
+            mpi = goodput_mpi(n * times, seconds, ROUNDS)
             result["mpi_library"] = mpi.pop("library", None)
             for op, r in mpi.items():
                 size["goodput"][op].update(r)
@@ -243,8 +244,7 @@ def _hostile_ps_process(n, port_queue, stop_event, max_connections):
     from .tcp import TcpServer, listen
 
     _raise_fd_limit(max_connections + 64)
-    ps = ParameterServer(np.zeros(n, np.float32), model_name="bench", fingerprint="bench", total_steps=10**12,
-                         lr=1e-6, momentum=0.9)
+    ps = ParameterServer(np.zeros(n, np.float32), **BENCH_SERVER)
     tcp = TcpServer(ps, listen("127.0.0.1", 0), max_connections=max_connections).start()
     port_queue.put(tcp.address[1])
     stop_event.wait()

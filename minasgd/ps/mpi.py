@@ -25,7 +25,7 @@ The messages are the conversation of `minasgd.ps.protocol` (HELLO, WELCOME, FETC
 ACK, STATS, BYE, ERROR), each sent as two MPI messages whose TAG is the message type:
 
     header   int64[4]: count, length (payload bytes), seq, version       tag = type
-    payload  PARAMS, PUSH: float32[num_params], as MPI.FLOAT              tag = type (if length > 0)
+    payload  PARAMS, PUSH: float32[num_params], as MPI.FLOAT              tag = 32 + type (if length > 0)
              anything else: a UTF-8 JSON object, as MPI.BYTE
 
 Only uppercase `Send`/`Recv` with explicit buffer specs are used: the parameters go straight
@@ -47,10 +47,15 @@ Design, and why:
   rank 0 needs an MPI library with MPI_THREAD_MULTIPLE, which mpi4py asks for by default and the
   MPICH and Open MPI wheels give (checked at start, with a clear error if not).
 - Every wait polls (`Isend`/`Irecv` + `Test`, `Improbe`) instead of calling a blocking
-  `Recv`: busy for the first half millisecond, then sleeping up to a millisecond between polls.
-  Blocking MPI calls spin a core while they wait; here the handler threads and the workers would
-  take the cores the workers need to compute (on a laptop 3 ranks share 2 cores). Polling also
+  `Recv`: a handler waiting for its worker's next request is busy for the first half
+  millisecond, then sleeps up to a millisecond between polls. Blocking MPI calls spin a core
+  while they wait; here the handler threads would take the cores the workers need to compute
+  (on a laptop 3 ranks share 2 cores). A message already under way (a frame's payload, our own
+  send, a worker's reply) is polled busily for up to BUSY_SECONDS: MPI moves a large message only
+  while both ends poll, and a worker waiting for its reply has nothing else to do. Polling also
   gives every wait a timeout, so a silent worker is dropped as over TCP.
+- A parameter vector's receive is posted before its header arrives (`Channel.post`): it lands
+  the moment the peer sends it, with no probe-then-receive round trip.
 - A worker that ends, normally or with an error, says BYE; the server's thread for it then ends.
   At the very end every rank meets in one barrier, so no rank finalizes MPI while another still
   talks to it. If rank 0 fails before serving, every worker gets ERROR instead of HELLO and exits 1.
@@ -74,8 +79,11 @@ from .server import Refused
 from .session import Client, ServerError, serve_requests
 
 FLOAT_MESSAGES = (Msg.PARAMS, Msg.PUSH)  # their payload is float32[num_params]; everything else JSON
+PAYLOAD_TAG = 32  # a payload's tag: PAYLOAD_TAG + its header's type (so a posted receive takes only payloads)
 TAG_SHARD_X, TAG_SHARD_Y = 101, 102  # the shard's images (uint8) and labels (int32), after HELLO
 SPIN_SECONDS, MAX_PAUSE = 0.0005, 0.001  # polling: busy this long, then sleep up to this long
+BUSY_SECONDS = 0.05  # busy this long for a message under way (a frame's payload, our send, a worker's
+                     # reply): it comes within microseconds, and MPI moves it only while we poll
 INSTALL_HINT = "install the MPI extra: pip install mpi4py mpich"
 
 
@@ -96,11 +104,11 @@ class Closing(Exception):
     """Raised in a handler thread when the server closes while it waits."""
 
 
-def poll(ready, timeout=None, stop=None, what="a message"):
+def poll(ready, timeout=None, stop=None, what="a message", spin=SPIN_SECONDS):
     """Call `ready()` until it returns something other than None or False, and return that.
 
-    Busy (yielding to other threads) for the first SPIN_SECONDS, then sleeping between calls, up to
-    MAX_PAUSE. TimeoutError after `timeout` seconds; Closing as soon as `stop()` is true.
+    Busy for the first `spin` seconds (each MPI call releases the GIL, so other threads run), then
+    sleeping between calls, up to MAX_PAUSE. TimeoutError after `timeout` seconds; Closing as soon as `stop()` is true.
     """
     start, pause = time.monotonic(), 0.0
     while True:
@@ -108,8 +116,7 @@ def poll(ready, timeout=None, stop=None, what="a message"):
         if result is not None and result is not False:
             return result
         elapsed = time.monotonic() - start
-        if elapsed < SPIN_SECONDS:
-            time.sleep(0)  # lets other Python threads run (mpi4py releases the GIL inside MPI calls too)
+        if elapsed < spin:  # (mpi4py releases the GIL inside each MPI call: other threads run meanwhile)
             continue
         if stop is not None and stop():
             raise Closing("the server is closing")
@@ -119,13 +126,13 @@ def poll(ready, timeout=None, stop=None, what="a message"):
         time.sleep(pause)
 
 
-def wait(request, timeout=None, status=None, stop=None):
+def wait(request, timeout=None, status=None, stop=None, spin=SPIN_SECONDS):
     """Wait for a nonblocking MPI request (Isend, Irecv, Ibarrier) to complete; see `poll`.
 
     On a timeout or Closing a pending receive is cancelled first, so its buffer is never written later.
     """
     try:
-        poll(lambda: request.Test(status), timeout, stop)
+        poll(lambda: request.Test(status), timeout, stop, spin=spin)
     except (TimeoutError, Closing):
         _cancel(request)
         raise
@@ -142,16 +149,34 @@ def _cancel(request):
 
 
 class Channel:
-    """Frames to and from one peer rank: a header message and a payload message, tag = type.
+    """Frames to and from one peer rank: a header message (tag = type), then a payload message
+    (tag = PAYLOAD_TAG + type).
 
     `num_params`: the float payloads we accept without an `into` (the server's push buffer).
+    A parameter vector's receive is posted BEFORE its header arrives (`post`): the server keeps
+    one posted for the next PUSH into its push buffer, and a worker posts one into its parameter
+    vector before each FETCH, so the payload lands the moment the peer sends it (no extra round
+    of probe and receive after the header).
     """
 
-    def __init__(self, MPI, comm, peer, num_params=0, stop=None):
-        self.MPI, self.comm, self.peer, self.stop = MPI, comm, peer, stop
+    def __init__(self, MPI, comm, peer, num_params=0, stop=None, spin=SPIN_SECONDS):
+        self.MPI, self.comm, self.peer, self.stop, self.spin = MPI, comm, peer, stop, spin
         self.header = np.zeros(4, np.int64)  # count, length, seq, version
         self.json_buffer = bytearray(MAX_JSON)
         self.floats = np.empty(num_params, np.float32)
+        self.posted = None  # (request, type, vector, keep): a payload's receive, posted before its header
+
+    def post(self, msg, vector, keep=False):
+        """Post the receive of the next `msg` payload into the float32 `vector`. `recv` completes it
+        when a `msg` frame comes; any other frame cancels it, unless `keep` (then it waits for the next)."""
+        self.cancel_posted()
+        request = self.comm.Irecv([vector, self.MPI.FLOAT], self.peer, tag=PAYLOAD_TAG + msg)
+        self.posted = (request, msg, vector, keep)
+
+    def cancel_posted(self):
+        if self.posted is not None:
+            _cancel(self.posted[0])
+            self.posted = None
 
     def send(self, msg, payload=b"", seq=0, version=0, count=0, timeout=None):
         """Send one frame. `payload`: bytes, or a float32 vector sent from its own memory (no copy)."""
@@ -165,9 +190,9 @@ class Channel:
         header = np.array([count, length, seq, version], np.int64)
         requests = [self.comm.Isend([header, MPI.INT64_T], self.peer, tag=msg)]
         if length:
-            requests.append(self.comm.Isend(spec, self.peer, tag=msg))
+            requests.append(self.comm.Isend(spec, self.peer, tag=PAYLOAD_TAG + msg))
         for request in requests:
-            wait(request, timeout, stop=self.stop)
+            wait(request, timeout, stop=self.stop, spin=BUSY_SECONDS)
 
     def send_json(self, msg, body, seq=0, version=0, timeout=None):
         self.send(msg, json.dumps(body).encode("utf-8"), seq=seq, version=version, timeout=timeout)
@@ -180,15 +205,31 @@ class Channel:
         """
         MPI = self.MPI
         status = MPI.Status()
-        wait(self.comm.Irecv([self.header, MPI.INT64_T], self.peer, tag=MPI.ANY_TAG), timeout, status, self.stop)
+        if self.posted is None and self.floats.size:  # the server: the next PUSH lands in its buffer
+            self.post(Msg.PUSH, self.floats, keep=True)
+        try:
+            wait(self.comm.Irecv([self.header, MPI.INT64_T], self.peer, tag=MPI.ANY_TAG), timeout, status, self.stop,
+                 self.spin)
+        except BaseException:
+            self.cancel_posted()
+            raise
         tag = status.Get_tag()
         if status.Get_count(MPI.BYTE) != self.header.nbytes:
+            self.cancel_posted()
             raise ProtocolError(f"a header from rank {self.peer} has {status.Get_count(MPI.BYTE)} bytes, not "
                                 f"{self.header.nbytes}")
         count, announced, seq, version = (int(v) for v in self.header)
+        posted = self.posted if self.posted and self.posted[1] == tag and announced else None
+        if posted:
+            self.posted = None  # this frame's payload lands in it
+        elif self.posted and not self.posted[3]:
+            self.cancel_posted()  # not the reply it was posted for: nothing will land there
         msg = Msg(tag) if tag in Msg._value2member_map_ else None
         length, payload = 0, memoryview(b"")
-        if announced:  # a matched probe: the payload's real size, before we pick (or refuse) a buffer for it
+        if posted:  # the payload lands in the posted vector
+            length = self._wait_posted(posted[0], posted[2].size, msg, announced, timeout, status)
+            payload = memoryview(posted[2]).cast("B")[:length]
+        elif announced:  # a matched probe: the payload's real size, before we pick (or refuse) a buffer for it
             message = self._probe(tag, timeout, status)
             length = status.Get_count(MPI.BYTE)
             try:
@@ -196,16 +237,29 @@ class Channel:
             except ProtocolError:
                 message.Recv([bytearray(length), MPI.BYTE])  # drop it: the next message is a header again
                 raise
-            wait(message.Irecv(spec), timeout, None, self.stop)
+            wait(message.Irecv(spec), timeout, None, self.stop, BUSY_SECONDS)
         if msg is None:
             raise ProtocolError(f"unknown message tag {tag} from rank {self.peer}")
         if announced != length:
             raise ProtocolError(f"{msg.name} carries {length} bytes, its header said {announced}")
         return Frame(msg, count, seq, version, payload)
 
+    def _wait_posted(self, request, n, msg, announced, timeout, status):
+        """Wait for a posted payload receive (into float32[n]); its size in bytes. One larger than
+        the vector is received in part and dropped (ProtocolError), so the next frame starts clean."""
+        try:
+            wait(request, timeout, status, self.stop, BUSY_SECONDS)
+        except self.MPI.Exception as e:
+            if e.Get_error_class() != self.MPI.ERR_TRUNCATE:
+                raise
+            said = f"{announced / 4:g} float32" if announced > 4 * n else "more than its header said"
+            raise ProtocolError(f"{msg.name} carries {said}, more than the {n} allowed") from None
+        return status.Get_count(self.MPI.BYTE)
+
     def _probe(self, tag, timeout, status):
         """Wait for the payload message with `tag` from our peer, without receiving it: its MPI.Message."""
-        return poll(lambda: self.comm.Improbe(self.peer, tag, status), timeout, self.stop, "payload")
+        return poll(lambda: self.comm.Improbe(self.peer, PAYLOAD_TAG + tag, status), timeout, self.stop, "payload",
+                    BUSY_SECONDS)
 
     def _buffer_for(self, msg, length, into):
         """(buffer spec, byte view) for a payload of `length` bytes of message type `msg`; ProtocolError if none fits."""
@@ -290,6 +344,7 @@ class MpiServer:
         except Exception as e:  # an MPI error: this rank is lost, the others go on
             reason = f"MPI error ({e})"
         finally:
+            channel.cancel_posted()
             if worker_id is not None:
                 self.ps.leave(worker_id, reason)
             self.ended[rank] = reason
@@ -380,7 +435,7 @@ class MpiClient(Client):
         self.MPI = import_mpi()
         self.comm, self.server, self.timeout = comm, server, timeout
         self.where = f"rank {server}"
-        self.channel = Channel(self.MPI, comm, server)
+        self.channel = Channel(self.MPI, comm, server, spin=BUSY_SECONDS)
         try:
             frame = self.channel.recv(timeout=greeting_timeout)
         except TimeoutError:
@@ -410,6 +465,8 @@ class MpiClient(Client):
         if isinstance(payload, dict):
             payload = json.dumps(payload).encode("utf-8")
         try:
+            if into is not None:
+                self.channel.post(Msg.PARAMS, into)
             self.channel.send(msg, payload, seq=self.seq, version=version, count=count, timeout=self.timeout)
             return self.channel.recv(into, timeout=self.timeout)
         except TimeoutError:

@@ -3,6 +3,7 @@
     ps = ParameterServer(params, model_name="tiny", fingerprint=model.fingerprint(), total_steps=2000)
     wid = ps.join(fingerprint, {"name": "host:1234"})     # Refused if the model differs
     version, done = ps.fetch_into(wid, buffer)              # a consistent copy of the parameters
+    with ps.fetch_snapshot(wid) as (params, version, done): ...   # the same, shared: no copy
     reply = ps.push(wid, grad_sum, base_version, batches=4)   # {"version", "lr", "done"}
     ps.leave(wid, "connection reset")
 
@@ -38,10 +39,13 @@ The rules:
 - Sync (the bulk-synchronous baseline): a push waits until every live worker has pushed once
   in this round; the SUM of the round's pushes is applied as ONE update (per image, the same
   step as async), then all are released.
-- Everything about a push is checked BEFORE the parameters are touched: a wrong size, a
-  non-finite value, a version from the future, more mini-batches than the worker's npush or an
-  unknown worker raise `Refused`, and the parameters stay bit-identical. An update whose RESULT
-  is not finite (two huge but finite pushes) is undone and refused the same way.
+- Everything about a push is checked BEFORE the parameters change: a wrong size, a non-finite
+  value, a version from the future, more mini-batches than the worker's npush or an unknown
+  worker raise `Refused`, and the parameters stay bit-identical. The update is computed into a
+  spare vector (`minasgd.ps.update`) and swapped in only if its result is finite, so a NaN/Inf
+  push, or two huge but finite pushes whose sum overflows, is refused the same way.
+- The current parameters are one read-only vector that every fetch of that version sends as it
+  is (no copy, no lock held while sending); an update never writes into a vector being sent.
 - Sync rounds have a deadline (`round_timeout`): a live worker that has not pushed by then is
   dropped from the round, which is applied without it, and from every later round until it
   pushes again (counted in its `missed_rounds`), so one silent peer cannot stall the run.
@@ -53,6 +57,7 @@ The rules:
 """
 
 import collections
+import contextlib
 import json
 import math
 import threading
@@ -64,6 +69,7 @@ from .. import checkpoint
 from ..backends import numpy_backend
 from ..optim import SGD, Adagrad, learning_rate
 from .protocol import clip
+from .update import CheckedUpdate, all_finite, count_not_finite
 
 
 STEPS_MEMORY = 100_000  # versions whose step count is kept for staleness (a worker older is capped)
@@ -112,46 +118,15 @@ def check_stats(numbers):
     return clean
 
 
-class FiniteUpdate:
-    """Wraps an optimizer: an update whose result is not finite is undone and raises Refused.
+def _frozen(vector):
+    """`vector`, made read-only: a parameter vector fetches may send (`ParameterServer.params`)."""
+    vector.flags.writeable = False
+    return vector
 
-    Each gradient is checked before it is applied, but two huge finite pushes can still overflow
-    the parameters (or the optimizer's state) to Inf. So `step` keeps a copy of both, applies the
-    update, and puts the copies back if anything came out NaN/Inf. Cost: two vector copies and
-    two finite checks per update (about 0.4 ms for alexnet-mini's 425k parameters, measured on
-    one core: the update itself takes about 0.6 ms).
-    """
 
-    def __init__(self, optimizer, num_params):
-        self.optimizer = optimizer
-        self.backup = np.empty(num_params, dtype=np.float32)
-        self.saved = None
-
-    def step(self, params, grads, lr):
-        state = self.optimizer.state()
-        if self.saved is None:
-            self.saved = {k: np.array(v, dtype=np.float32, copy=True) for k, v in state.items()}
-        else:
-            for k, v in state.items():
-                np.copyto(self.saved[k], v)
-        np.copyto(self.backup, params)
-        self.optimizer.step(params, grads, lr)
-        if np.isfinite(params).all() and all(np.isfinite(v).all() for v in self.optimizer.state().values()):
-            return
-        bad = np.count_nonzero(~np.isfinite(params))
-        np.copyto(params, self.backup)
-        self.optimizer.load_state({k: v.copy() for k, v in self.saved.items()})
-        what = f"{bad} parameters" if bad else "the optimizer's state"
-        raise Refused(f"the update would make {what} NaN/Inf; not applied")
-
-    def state(self):
-        return self.optimizer.state()
-
-    def load_state(self, state):
-        self.optimizer.load_state(state)
-
-    def __getattr__(self, name):  # the wrapped optimizer's own attributes (velocity, momentum...)
-        return getattr(self.optimizer, name)
+def _check_finite(grad):
+    if not all_finite(grad):
+        raise Refused(f"gradient has {count_not_finite(grad)} NaN/Inf values")
 
 
 class WorkerState:
@@ -179,8 +154,12 @@ class ParameterServer:
                  eval_every_steps=None, round_timeout=120.0):
         if optimizer not in ("sgd", "adagrad"):
             raise ValueError(f"unknown server optimizer {optimizer!r}; choose sgd or adagrad")
-        self.params = np.array(params, dtype=np.float32, copy=True)
+        # The current version's parameters: read-only, and never written again (fetches send this
+        # very vector). An update computes the next version into `spare` and swaps the two.
+        self.params = _frozen(np.array(params, dtype=np.float32, copy=True))
         self.num_params = self.params.size
+        self.spare = None  # a vector the next update may write (an older version nobody sends)
+        self.sending = collections.Counter()  # id(parameter vector) -> fetches sending it right now
         self.model_name, self.fingerprint = model_name, fingerprint
         self.total_steps, self.base_lr, self.warmup_steps = total_steps, lr, warmup_steps
         self.sync, self.staleness_lr, self.lr_scale = sync, staleness_lr, lr_scale
@@ -194,7 +173,7 @@ class ParameterServer:
             self.optimizer = SGD(numpy_backend, self.num_params, momentum=momentum, weight_decay=0.0)
         else:
             self.optimizer = Adagrad(numpy_backend, self.num_params)
-        self.optimizer = FiniteUpdate(self.optimizer, self.num_params)
+        self.optimizer = CheckedUpdate(self.optimizer)
         self.worker_config = dict(worker_config or {})
 
         self.cond = threading.Condition()
@@ -362,25 +341,28 @@ class ParameterServer:
                 self.workers[worker_id].fetches += 1
             return self.version, self.done
 
+    @contextlib.contextmanager
     def fetch_snapshot(self, worker_id):
-        """(params, version, done) where params is a read-only snapshot of the current version.
+        """`with ps.fetch_snapshot(wid) as (params, version, done):` send `params` to the worker.
 
-        Every fetch of the same version shares one snapshot: it is copied once, the first time a
-        version is fetched, and swapped for a new one after an update; the old array stays valid
-        for whoever is still sending it (nothing ever writes to it). A fetch therefore costs no
-        copy at all while the parameters do not change, and the lock is never held while sending.
+        `params` is the current version's vector itself (read-only), shared by every fetch of
+        that version: no copy at all, and the lock is not held while it is sent. An update never
+        writes into a vector that is being sent (`sending`), so the network may be as slow as it likes.
         """
         self.ready.wait()
         with self.cond:
-            snap = getattr(self, "_fetch_snapshot", None)
-            if snap is None or snap[1] != self.version:
-                params = self.params.copy()
-                params.flags.writeable = False
-                snap = self._fetch_snapshot = (params, self.version)
+            params, version, done = self.params, self.version, self.done
+            self.sending[id(params)] += 1
             self.fetches += 1
             if worker_id in self.workers:
                 self.workers[worker_id].fetches += 1
-            return snap[0], snap[1], self.done
+        try:
+            yield params, version, done
+        finally:
+            with self.cond:
+                self.sending[id(params)] -= 1
+                if not self.sending[id(params)]:
+                    del self.sending[id(params)]
 
     def push(self, worker_id, grad, base_version, batches=1):
         """Apply (async) or gather (sync) one pushed gradient sum; returns {"version", "lr", "done"}.
@@ -393,8 +375,8 @@ class ParameterServer:
             raise Refused(f"gradient must be float32[{self.num_params}], got {grad.dtype}{list(grad.shape)}")
         if batches < 1:
             raise Refused(f"a push must sum at least one mini-batch, got {batches}")
-        if not np.isfinite(grad).all():
-            raise Refused(f"gradient has {np.count_nonzero(~np.isfinite(grad))} NaN/Inf values")
+        if self.sync:  # (async: the update checks the gradient as it goes, `minasgd.ps.update`)
+            _check_finite(grad)
         with self.cond:
             worker = self.workers.get(worker_id)
             if worker is None or worker.left is not None:
@@ -402,16 +384,18 @@ class ParameterServer:
             if base_version > self.version:
                 raise Refused(f"gradient claims server version {base_version}, but the server is at {self.version}")
             if self.done:
+                _check_finite(grad)
                 self.discarded += 1
                 return self._reply()
-            # BEGIN SOLUTION task 6.1: staleness = mini-batches applied since the worker fetched (self.staleness_of(base_version)); count it in self.staleness (a Counter), worker.pushes, worker.last_staleness and self.pushes; in async mode (not self.sync) apply it at once with self._apply(grad, self.step_lr(batches, staleness), batches) and return self._reply()
+            # BEGIN SOLUTION task 6.1: staleness = mini-batches applied since the worker fetched (self.staleness_of(base_version)); in async mode (not self.sync) apply it at once with self._apply(grad, self.step_lr(batches, staleness), batches) (it raises Refused for a bad push: then nothing is counted); count it in self.staleness (a Counter), worker.pushes, worker.last_staleness and self.pushes; in async mode return self._reply()
             staleness = self.staleness_of(base_version)
+            if not self.sync:
+                self._apply(grad, self.step_lr(batches, staleness), batches)
             self.staleness[staleness] += 1
             worker.pushes += 1
             worker.last_staleness = staleness
             self.pushes += 1
             if not self.sync:
-                self._apply(grad, self.step_lr(batches, staleness), batches)
                 return self._reply()
             # END SOLUTION
             # Sync: add to this round, then wait until the round has been applied.
@@ -452,11 +436,11 @@ class ParameterServer:
             self._maybe_finish_round()
 
     def _apply(self, grad, lr, batches):
-        """One optimizer update (the caller holds the lock)."""
-        # BEGIN SOLUTION task 6.1: one optimizer step of self.params with grad at this lr (self.optimizer.step), then count it: version + 1, steps + batches (mini-batches in the push)
+        """One optimizer update (the caller holds the lock); Refused, changing nothing, if not finite."""
+        # BEGIN SOLUTION task 6.1: the parameters after one optimizer step with grad at this lr (self.params = self._updated(grad, lr)), then count it: version + 1, steps + batches (mini-batches in the push)
         if self.optimizer_name == "sgd":
             self.optimizer.optimizer.momentum = self.momentum**batches  # per mini-batch: m**k for a push of k
-        self.optimizer.step(self.params, grad, lr)
+        self.params = self._updated(grad, lr)
         self.version += 1
         self.steps += batches
         # END SOLUTION
@@ -465,6 +449,23 @@ class ParameterServer:
         if self.eval_every_steps and self.steps >= self.next_eval_step:
             self.eval_snapshots.append((self.params.copy(), self.version, self.steps))
             self.next_eval_step = (self.steps // self.eval_every_steps + 1) * self.eval_every_steps
+
+    def _updated(self, grad, lr):
+        """The parameters after one optimizer step, as a new read-only vector (caller holds the lock).
+
+        The current vector is never written (fetches may be sending it): the step is computed
+        into a spare one, the previous version's vector once no fetch sends it any more (else a
+        new one), and the current vector becomes the next spare. Refused if the result is not finite."""
+        out = self.spare
+        if out is None or self.sending[id(out)]:
+            out = np.empty(self.num_params, np.float32)
+        out.flags.writeable = True
+        error = self.optimizer.step_into(self.params, grad, lr, out)
+        if error:
+            self.spare = out
+            raise Refused(error)
+        self.spare = self.params
+        return _frozen(out)
 
     def _maybe_finish_round(self):
         """Sync mode: once every live worker has pushed, apply the round's sum (caller holds the lock)."""
@@ -556,7 +557,7 @@ class ParameterServer:
             raise ValueError(f"cannot resume: {ckpt['params'].size} parameters, the model has {self.num_params}")
         with self.cond:
             self.optimizer.load_state(ckpt["state"])
-            np.copyto(self.params, ckpt["params"])
+            self.params = _frozen(np.array(ckpt["params"], dtype=np.float32, copy=True))
             self.version, self.steps = int(meta["version"]), int(meta["steps"])
             for key in ("pushes", "fetches", "rejected", "discarded", "checkpoints"):
                 setattr(self, key, int(meta.get(key, 0)))

@@ -63,11 +63,12 @@ def serve_requests(ps, link, worker_id):
     while True:
         frame = link.recv()
         if frame.type == Msg.FETCH:
-            params, version, done = ps.fetch_snapshot(worker_id)  # shared, read-only: no copy
+            with ps.fetch_snapshot(worker_id) as (params, version, done):  # shared, read-only: no copy
+                if not done:
+                    link.send(Msg.PARAMS, params, seq=frame.seq, version=version)
             if done:
                 link.send_json(Msg.BYE, {"reason": "training finished"}, seq=frame.seq)
                 return link.finished("training finished")
-            link.send(Msg.PARAMS, params, seq=frame.seq, version=version)
         elif frame.type == Msg.PUSH:
             grad = frame.floats(ps.num_params)
             reply = ps.push(worker_id, grad, frame.version, batches=frame.count)
@@ -238,6 +239,11 @@ class Client:
     def _reconnect(self, error):
         """The server went away (`error`, a ConnectionLost): here, give up."""
         raise error
+
+
+# The server `minasgd bench ps` measures: the default run's (`--momentum-at worker`: the workers
+# keep the momentum, the server applies w -= lr * push), with so many steps that the lr stays put.
+BENCH_SERVER = {"model_name": "bench", "fingerprint": "bench", "total_steps": 10**12, "lr": 1e-6, "momentum": 0.0}
 
 
 def round_trips(client, grad, params):
