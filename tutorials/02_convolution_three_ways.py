@@ -99,8 +99,9 @@ if solved:
 # On a CPU that price is paid in time too: a matrix of hundreds of MB is written to main memory
 # and read back. The default `numpy` backend (`minasgd/backends/numpy_fast.py`) therefore does
 # im2col for a few images at a time, Caffe's way: each block fits in the CPU's cache, and the
-# columns are ordered (n, p, q), so the blocks of consecutive images sit side by side. That
-# alone took our CPU training step from 1.6x to about 1.2x PyTorch's time (docs/cpu.md).
+# columns are ordered (n, p, q), so the blocks of consecutive images sit side by side. With
+# im2col itself compiled as a loop, that took our CPU training step from 1.6x to about 1.2x
+# PyTorch's time (docs/cpu.md).
 
 # %%
 cols = ref.im2col(x, R, R, stride, pad)
