@@ -1,7 +1,7 @@
 """How many threads the BLAS under NumPy may use in a training process: decided once, and said.
 
-The rule, for every process that trains (a single-process run, each worker, each experiment
-run, the tutorials): ONE BLAS thread, unless the environment names a count in
+The rule, for every process that trains (a single-process run, each worker on either transport,
+the parameter server, each experiment run, the tutorials): ONE BLAS thread, unless the environment names a count in
 OPENBLAS_NUM_THREADS, OMP_NUM_THREADS or MKL_NUM_THREADS (the first one set wins).
 
 Why one: our matrix products are a few milliseconds each, and a multi-threaded BLAS spins

@@ -71,3 +71,61 @@ def test_single_process_training_runs_on_one_blas_thread_and_says_so(tmp_path, m
     said = [e["text"] for e in events if e["kind"] == "threads"]
     assert len(said) == 1 and said[0].startswith("BLAS threads: 1 (one per training process")
     assert threads.blas_threads() == before
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_every_worker_trains_on_one_blas_thread(monkeypatch):
+    """On any transport (local processes, `minasgd work`, MPI ranks): all go through connect_and_train."""
+    from minasgd.ps import worker as worker_module
+
+    for name in threads.ENV_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    seen = []
+
+    class RecordingWorker:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def run(self):
+            seen.append(threads.blas_threads())
+            return {}
+
+    class Client:
+        server_hello = {"model": "micro"}
+
+        def hello(self, fingerprint, info, num_params):
+            return {"worker_id": 1, "nsync": 1, "batch_size": 4, "lr": 0.1}
+
+        def close(self, why):
+            self.why = why
+
+    monkeypatch.setattr(worker_module, "Worker", RecordingWorker)
+    with threads.limit_blas_threads(2):
+        worker_module.connect_and_train(Client(), shard=(np.zeros((4, 3, 8, 8), np.float32), np.zeros(4, np.int32)))
+        assert threads.blas_threads() == 2  # put back afterwards
+    assert seen == [1]
+
+
+def test_the_parameter_server_runs_on_one_blas_thread(tmp_path, monkeypatch):
+    from minasgd.ps import launcher
+    from minasgd.train import TrainConfig
+
+    for name in threads.ENV_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    seen = []
+
+    def watch(*args, **kwargs):
+        seen.append(threads.blas_threads())
+        raise _Stop
+
+    monkeypatch.setattr(launcher, "watch", watch)
+    cfg = TrainConfig(dataset="shapes:64,16", data_root=str(tmp_path), model="micro", epochs=1, batch_size=16,
+                      out=str(tmp_path / "run"))
+    with threads.limit_blas_threads(2):
+        with pytest.raises(_Stop):
+            launcher.run_server(cfg, launcher.PsOptions(), local_workers=0)
+        assert threads.blas_threads() == 2
+    assert seen == [1]

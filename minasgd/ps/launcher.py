@@ -33,6 +33,7 @@ from pathlib import Path
 
 from .. import backends
 from ..rundir import RunDir, default_run_dir
+from ..threads import blas_threads_for_training
 from ..train import build_model, load_dataset
 from .monitor import Monitor
 from .run import Say, assign_devices, create_server, finish_run, ignore, server_start, watch
@@ -207,7 +208,15 @@ def run_server(cfg, opts, on_event=None, dataset=None, local_workers=0):
     `on_event(event)` hears, in order: "server_start" (where, what), "resumed" (with --resume),
     "serving" / "served" around the watch (from the Monitor: a live view may draw it), "done"
     (the summary); and "say" (a line of text, e.g. a warm start).
+
+    The server runs on one BLAS thread, like every training process (`minasgd.threads`): its
+    updates and evaluations are short, and spinning BLAS threads would take the workers' cores.
     """
+    with blas_threads_for_training():
+        return _run_server(cfg, opts, on_event, dataset, local_workers)
+
+
+def _run_server(cfg, opts, on_event, dataset, local_workers):
     on_event = on_event or ignore
     host, port = parse_address(opts.bind) if opts.bind else ("127.0.0.1", 0)
     listener = listen(host, port, opts.token)  # first, so a busy port fails fast

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 
+from ..threads import blas_threads_for_training
 from .mpi import MpiClient, MpiServer, ServerDidNotStart, final_barrier, import_mpi, refuse_all
 from .protocol import ProtocolError
 from .session import ServerError
@@ -35,7 +36,8 @@ def train_mpi(cfg, opts, on_event=None, dataset=None):
     comm = world.Dup()  # our own communicator: no other MPI traffic can match our tags
     worker_index_here = _worker_index_on_this_node(MPI, comm)  # collective: every rank calls it
     if rank == 0:
-        return _serve_rank0(MPI, comm, cfg, opts, on_event, dataset)
+        with blas_threads_for_training():  # as the socket server (`minasgd.ps.launcher.run_server`)
+            return _serve_rank0(MPI, comm, cfg, opts, on_event, dataset)
     _work(MPI, comm, cfg, opts, worker_index_here)
     return None
 

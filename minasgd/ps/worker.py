@@ -43,6 +43,7 @@ import numpy as np
 
 from .. import backends, data
 from ..model import Model
+from ..threads import blas_threads_for_training
 from ..train import TrainConfig, load_dataset, prepare_batch
 
 
@@ -172,7 +173,8 @@ def connect_and_train(client, *, backend="numpy", gpu=None, model_name=None, sha
                     momentum=config.get("momentum", 0.0), weight_decay=config.get("weight_decay", 0.0),
                     local_steps=config.get("local_steps", True), seed=model.seed)
     try:
-        numbers = worker.run()
+        with blas_threads_for_training():  # one BLAS thread per worker (`minasgd.threads`), on any transport
+            numbers = worker.run()
     except KeyboardInterrupt:
         client.close("interrupted")
         raise
