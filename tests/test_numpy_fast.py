@@ -64,7 +64,7 @@ def test_conv_backward_sees_an_input_changed_in_place_since_the_forward():
     wt = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
     y = fast.conv2d_forward(x, wt, np.zeros(4, np.float32), 1, 1)
     dy = rng.standard_normal(y.shape).astype(np.float32)
-    x[1, 2, 3, 4] += 5.0  # same array object, new values: the kept im2col matrix is stale
+    x[1, 2, 3, 4] += 5.0  # same array object, new values: nothing from the forward may be reused
     assert_close(fast.conv2d_backward(dy, x, wt, 1, 1)[1], ref.conv2d_backward(dy, x, wt, 1, 1)[1])
 
 
@@ -89,7 +89,7 @@ def test_fast_conv_gradcheck(case):
     x, wt, b = rng.standard_normal((n, c, h, w)), rng.standard_normal((k, c, r, s)), rng.standard_normal(k)
     cw = rng.standard_normal(fast.conv2d_forward(x, wt, b, stride, pad).shape)
     f = lambda: float((fast.conv2d_forward(x, wt, b, stride, pad) * cw).sum())
-    num_x, num_w = numeric_grad(f, x), numeric_grad(f, wt)  # perturbs x in place: the cache must notice
+    num_x, num_w = numeric_grad(f, x), numeric_grad(f, wt)  # perturbs x in place between calls
     dx, dw, db = fast.conv2d_backward(cw, x, wt, stride, pad)
     assert_close(dx, num_x, rtol=1e-5, atol=1e-6)
     assert_close(dw, num_w, rtol=1e-5, atol=1e-6)
