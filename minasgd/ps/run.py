@@ -36,7 +36,9 @@ def create_server(cfg, opts, model, train_size, run):
     if opts.momentum_at not in ("worker", "server"):
         raise ValueError(f"unknown --momentum-at {opts.momentum_at!r}; choose worker or server")
     sgd, on_server = opts.optimizer == "sgd", opts.momentum_at == "server"
-    momentum, lr_scale = worker_momentum(cfg.momentum, opts.workers, opts.nsync, opts.momentum_scaling)
+    # A sync round is never stale: its workers all start from the same parameters.
+    stale_nsync = 0 if opts.sync else opts.nsync
+    momentum, lr_scale = worker_momentum(cfg.momentum, opts.workers, stale_nsync, opts.momentum_scaling)
     if on_server:
         momentum, lr_scale = 0.0, 1.0
     if opts.lr_scaling == "workers":
