@@ -192,3 +192,16 @@ def test_worker_momentum_keeps_the_step_per_gradient_and_the_delay():
     # staleness (N - 1) x nsync = 4 mini-batches leaves 10 - 4 = 6 for momentum: (1 - 1/6)**2
     assert worker_momentum(0.9, 2, 4, "staleness")[0] == pytest.approx((5 / 6) ** 2)
     assert worker_momentum(0.9, 2, 16, "staleness")[0] == 0.0  # staleness alone is longer than the delay
+
+
+def test_worker_settings_say_what_lr_and_momentum_mean_with_workers():
+    from minasgd.ps.launcher import PsOptions
+    from minasgd.ps.run import worker_settings
+
+    m, scale = worker_settings(0.9, PsOptions(workers=2, nsync=4))  # the defaults: staleness, lr / N
+    assert m == pytest.approx((5 / 6) ** 2) and scale == pytest.approx((1 - m) / 0.1 / 2)
+    m, scale = worker_settings(0.9, PsOptions(workers=2, nsync=4, sync=True, lr_scaling="none"))
+    assert m == pytest.approx(0.81) and scale == pytest.approx(1.9)  # a sync round is not stale: m**N
+    assert worker_settings(0.9, PsOptions(workers=2, momentum_at="server", lr_scaling="none")) == (0.0, 1.0)
+    assert worker_settings(0.9, PsOptions(workers=4, optimizer="adagrad")) == (0.0, 1.0)
+    assert worker_settings(0.9, PsOptions(workers=1, nsync=300)) == (0.9, 1.0)  # one worker: one process
