@@ -39,7 +39,8 @@ def _add_server_arguments(p, bind_default, bind_help):
                         "on the server (they push gradients); a gradient's total step is the same "
                         "(default: %(default)s)")
     p.add_argument("--lr-scaling", default=D.lr_scaling, choices=["none", "workers", "staleness"],
-                   help="none: every mini-batch moves as far as in one process; workers: lr / N; "
+                   help="none: every mini-batch moves the parameters lr / (1 - momentum), as in one process; "
+                        "workers: lr / N; "
                         "staleness: a push of k mini-batches, s stale, moves k / (k + s) as far "
                         "(default: %(default)s)")
     p.add_argument("--momentum-scaling", default=D.momentum_scaling, choices=["staleness", "workers", "none"],
