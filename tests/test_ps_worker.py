@@ -198,8 +198,10 @@ def test_worker_settings_say_what_lr_and_momentum_mean_with_workers():
     from minasgd.ps.launcher import PsOptions
     from minasgd.ps.run import worker_settings
 
-    m, scale = worker_settings(0.9, PsOptions(workers=2, nsync=4))  # the defaults: staleness, lr / N
+    m, scale = worker_settings(0.9, PsOptions(workers=2, nsync=4, lr_scaling="workers"))  # staleness, lr / N
     assert m == pytest.approx((5 / 6) ** 2) and scale == pytest.approx((1 - m) / 0.1 / 2)
+    m, scale = worker_settings(0.9, PsOptions(workers=2))  # the defaults: nsync 1, staleness 1, full lr
+    assert m == pytest.approx((8 / 9) ** 2) and scale == pytest.approx((1 - m) / 0.1)
     m, scale = worker_settings(0.9, PsOptions(workers=2, nsync=4, sync=True, lr_scaling="none"))
     assert m == pytest.approx(0.81) and scale == pytest.approx(1.9)  # a sync round is not stale: m**N
     assert worker_settings(0.9, PsOptions(workers=2, momentum_at="server", lr_scaling="none")) == (0.0, 1.0)
