@@ -153,3 +153,13 @@ def test_speedups_are_paired_by_seed_factorised_and_censored():
     assert table[8]["seconds_to_target_censored"] == 1 and table[8]["seconds_to_target_mean"] == (500.0 + 30.0) / 2
     cells = report.summary_cells(analysis.summarize(rows))
     assert cells[1][8] == "2.50 ± 0.71" and cells[2][5].startswith("≥ 265.0") and cells[3][3] == "1 process"
+
+
+def test_the_factorisation_closes_when_the_whole_run_is_faster_than_the_way_to_target():
+    """Hardware efficiency is measured over the same stretch as the speed-up: a run whose
+    images/s over the whole run differ from its rate up to the target still factorises exactly."""
+    rows = [_row(1, 0, 100.0, 1000, ips=25.0), _row(2, 0, 40.0, 1200, ips=90.0)]  # to target: 10/s and 30/s
+    analysis.add_speedups(rows)
+    two = rows[1]
+    assert two["hardware_efficiency"] == pytest.approx(30.0 / (2 * 10.0))
+    assert two["measured_speedup"] == pytest.approx(two["workers"] * two["hardware_efficiency"] * two["statistical_efficiency"])

@@ -107,7 +107,7 @@ def markdown(result, images, image_prefix=""):
             "excluded) to the first evaluation at the target, interpolated between evaluations. A run that "
             "missed the target counts with its whole length (**≥**). Speed-ups are paired by seed against the "
             "1-worker run with the same nsync and factorised: **speed-up = N x hardware efficiency x "
-            "statistical efficiency**, hardware efficiency = images/s(N) / (N x images/s(1)) (this machine "
+            "statistical efficiency**, hardware efficiency = images/s(N) / (N x images/s(1)) up to the target (this machine "
             "and the server), statistical efficiency = images-to-target(1) / images-to-target(N) (the cost "
             "of asynchrony and staleness). **Projected** = N x statistical efficiency: an assumption of N "
             "independent devices and a free server, not a measurement. The last two columns compare with "
