@@ -59,3 +59,21 @@ def test_bootstrap_interval_contains_the_mean_and_narrows_with_more_seeds():
     assert low <= mean <= high and mean == pytest.approx(0.95)
     _, low5, high5 = claim.bootstrap_mean(np.tile([0.9, 1.0, 0.95], 5))
     assert high5 - low5 < high - low
+
+
+def test_the_command_line_passes_its_flags_to_both_commands(tmp_path, monkeypatch):
+    from minasgd.cli import main
+
+    seen = {}
+
+    def fake_run_claim(out, seeds, extra_args, on_event):
+        seen.update(out=out, seeds=seeds, extra=extra_args)
+        (out / "claim.json").parent.mkdir(parents=True, exist_ok=True)
+        (out / "claim.json").write_text(json.dumps({"seeds": seeds, "extra_args": extra_args}))
+        return claim.load_claim(out)
+
+    monkeypatch.setattr(claim, "run_claim", fake_run_claim)
+    assert main(["experiment", "claim", "--seeds", "2", "--epochs", "3", "--nsync", "4", "--out", str(tmp_path)]) == 0
+    assert seen["seeds"] == 2 and seen["extra"] == ["--epochs", "3", "--nsync", "4"]
+    assert claim.command("2-workers", 0, "D", seen["extra"]) == [
+        "minasgd", "train", "--workers", "2", "--seed", "0", "--epochs", "3", "--nsync", "4", "--out", "D", "--quiet"]

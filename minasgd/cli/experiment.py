@@ -21,7 +21,8 @@ def _int_list(text):
     return values
 
 
-CLAIM_PASSED = ("dataset", "model", "epochs", "data_root")  # given to both commands of `experiment claim`
+CLAIM_PASSED = ("dataset", "model", "epochs", "data_root", "nsync")  # given to both commands of `experiment claim`
+# (one process ignores --nsync: it names the 2-worker setting compared)
 
 
 def add_arguments(p):
@@ -65,8 +66,13 @@ def cmd_claim(args, console):
     else:
         extra = []
         for key in CLAIM_PASSED:
-            if getattr(args, key, None) is not None:
-                extra += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+            value = getattr(args, key, None)
+            if isinstance(value, list):  # --nsync K,K,...: the claim compares one setting
+                if len(value) != 1:
+                    raise SystemExit(f"experiment claim: --{key} takes one value, got {value}")
+                value = value[0]
+            if value is not None:
+                extra += [f"--{key.replace('_', '-')}", str(value)]
 
         def show(event):
             if event["kind"] == "run_start":
