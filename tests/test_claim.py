@@ -29,7 +29,7 @@ def test_the_table_is_computed_from_the_files(tmp_path):
     fake_run(tmp_path, "one-process", 1, 0.90, 120.0, [(640, 0.6), (1280, 0.9)])
     fake_run(tmp_path, "2-workers", 1, 0.90, 80.0, [(640, 0.6), (1280, 0.9)])
     table = claim.claim_table(claim.load_claim(tmp_path))
-    assert "| 0 | 80.0% | 100 | 76.0% | 50 | 0.950 | 2.00x |" in table
+    assert "| 0 | 80.0% | 100 | 76.0% | 50 | 0.950 | 2.00x | -/-; -/- |" in table
     assert "| 1 | 90.0% | 120 | 90.0% | 80 | 1.000 | 1.50x |" in table
     assert "| mean [95% bootstrap] |" in table and "0.975 [0.950, 1.000]" in table and "1.75 [1.50, 2.00]x" in table
     assert "| ratio | 0.750 | 0.975 |" in table  # (0.5 + 1.0) / 2 at 640 images, (0.95 + 1) / 2 at 1280

@@ -156,8 +156,16 @@ def pair_numbers(pair):
     return {"seed": pair["seed"], "acc_one": one["summary"]["test_accuracy"], "acc_two": two["summary"]["test_accuracy"],
             "accuracy_ratio": two["summary"]["test_accuracy"] / one["summary"]["test_accuracy"],
             "wall_one": one["info"]["wall_seconds"], "wall_two": two["info"]["wall_seconds"],
+            "load": [one["info"].get("load_before"), one["info"].get("load_after"),
+                     two["info"].get("load_before"), two["info"].get("load_after")],
             "time_ratio": one["info"]["wall_seconds"] / two["info"]["wall_seconds"],
             "per_image": {images: two["curve"][images] / one["curve"][images] for images in common}}
+
+
+def _loads(load):
+    """'2.9/2.9; 3.1/6.0': the 1-minute load averages around each command (other jobs on the machine)."""
+    text = ["-" if v is None else f"{v:.1f}" for v in load]
+    return f"{text[0]}/{text[1]}; {text[2]}/{text[3]}"
 
 
 def _interval(values, fmt):
@@ -173,16 +181,18 @@ def claim_table(result):
     first = result["pairs"][0]["one-process"]["info"]
     lines = [f"`minasgd train` (one process) against `minasgd train --workers 2`, extra arguments "
              f"`{' '.join(result['settings']['extra_args']) or '(none)'}`; code {first['commit']}, "
-             f"{first['machine']['cores']} cores ({first['machine']['processor']}).", "",
-             "| seed | one process: accuracy | wall s | 2 workers: accuracy | wall s | accuracy ratio | time ratio (1 / 2) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             f"{first['machine']['cores']} cores ({first['machine']['processor']}). A load average above the "
+             f"core count means other jobs shared the machine: wall times are then noisy.", "",
+             "| seed | one process: accuracy | wall s | 2 workers: accuracy | wall s | accuracy ratio | "
+             "time ratio (1 / 2) | load average at start/end (1 process; 2 workers) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['seed']} | {r['acc_one']:.1%} | {r['wall_one']:.0f} | {r['acc_two']:.1%} | "
-                     f"{r['wall_two']:.0f} | {r['accuracy_ratio']:.3f} | {r['time_ratio']:.2f}x |")
+                     f"{r['wall_two']:.0f} | {r['accuracy_ratio']:.3f} | {r['time_ratio']:.2f}x | {_loads(r['load'])} |")
     lines.append(f"| mean [95% bootstrap] | {_interval([r['acc_one'] for r in rows], '{:.1%}')} | | "
                  f"{_interval([r['acc_two'] for r in rows], '{:.1%}')} | | "
                  f"{_interval([r['accuracy_ratio'] for r in rows], '{:.3f}')} | "
-                 f"{_interval([r['time_ratio'] for r in rows], '{:.2f}')}x |")
+                 f"{_interval([r['time_ratio'] for r in rows], '{:.2f}')}x | |")
     images = sorted(set.intersection(*(set(r["per_image"]) for r in rows)))
     if images:
         lines += ["", "Test accuracy at equal images, 2 workers / one process (mean over seeds):", "",
