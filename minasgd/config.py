@@ -24,13 +24,27 @@ class TrainConfig:
     init: str | None = None
     out: str | None = None
     data_root: str | None = None
-    max_steps: int | None = None  # stop early (tests, quick looks)
+    max_steps: int | None = None  # stop early, with the schedule shortened to match (tests, quick looks)
+    # A warm start that keeps its schedule (the paper's): begin at the --init checkpoint's step
+    # count in this run's warm-up + cosine, instead of at step 0 of a fresh schedule.
+    continue_schedule: bool = False
+    stop_step: int | None = None  # stop at this step WITHOUT shortening the schedule (a mid-run snapshot)
     train_limit: int | None = None  # use only the first images of each split (tests, quick looks)
     test_limit: int | None = None
     log_every: int = 20
     eval_every: float = 1.0  # epochs between test evaluations (a fraction: at exact step counts)
     quiet: bool = False  # no live display (read by the command line and the parameter server's monitor)
     extra: dict = field(default_factory=dict)
+
+
+def step_range(cfg, schedule_steps, start_step=0):
+    """(first step, step to stop at) of a run whose lr schedule spans `schedule_steps`: from
+    `start_step` (a continued schedule) to the end, or to `cfg.stop_step`. ValueError if empty."""
+    last = min(schedule_steps, cfg.stop_step) if cfg.stop_step else schedule_steps
+    if not 0 <= start_step < last:
+        raise ValueError(f"nothing to train: the run would go from step {start_step} to step {last} "
+                         f"(of a {schedule_steps}-step schedule)")
+    return start_step, last
 
 
 def total_steps(cfg, train_size):

@@ -27,7 +27,7 @@ from dataclasses import asdict
 import numpy as np
 
 from . import backends, checkpoint, data
-from .config import TrainConfig, total_steps  # noqa: F401  (TrainConfig is imported from here too)
+from .config import TrainConfig, step_range, total_steps  # noqa: F401  (TrainConfig is imported from here too)
 from .model import Model
 from .optim import SGD, learning_rate
 from .rundir import RunDir, default_run_dir
@@ -75,6 +75,19 @@ def warm_start(model, path):
     return ckpt["meta"].get("steps", "?")
 
 
+def schedule_start(cfg):
+    """The step of the lr schedule a run begins at: the --init checkpoint's step count with
+    `continue_schedule` (the paper's warm start, mid-schedule), else 0."""
+    if not cfg.continue_schedule:
+        return 0
+    if not cfg.init:
+        raise ValueError("--continue-schedule needs --init (the checkpoint whose schedule to continue)")
+    steps = checkpoint.load(cfg.init)["meta"].get("steps")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"--continue-schedule: {cfg.init} does not say how many steps it was trained")
+    return steps
+
+
 def build_model(cfg, be, console=None):
     """The configured model, warm-started from cfg.init if set. `console` (anything with a
     `print(str)` method, or None) is told about a warm start."""
@@ -114,11 +127,12 @@ def _train(cfg, be, emit):
           "train_images": len(ds.train_y), "test_images": len(ds.test_y), "run_dir": str(run.path)})
 
     opt = SGD(be, model.num_params, cfg.momentum, cfg.weight_decay)
-    steps_per_epoch, last_step = total_steps(cfg, len(ds.train_y))
+    steps_per_epoch, schedule_steps = total_steps(cfg, len(ds.train_y))
+    first_step, last_step = step_range(cfg, schedule_steps, schedule_start(cfg))
     rng = np.random.default_rng(cfg.seed)
 
     eval_steps = max(1, round(cfg.eval_every * steps_per_epoch))
-    step, images, train_seconds = 0, 0, 0.0
+    step, images, train_seconds = first_step, 0, 0.0
     started = time.perf_counter()
     test_acc, test_loss, epoch = float("nan"), float("nan"), 0
 
@@ -135,17 +149,17 @@ def _train(cfg, be, emit):
         run.log(record)
         return record
 
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(first_step // steps_per_epoch + 1, cfg.epochs + 1):
         if step >= last_step:
             break
-        emit({"kind": "epoch_start", "epoch": epoch, "epochs": cfg.epochs,
-              "steps": min(steps_per_epoch, last_step - step)})
+        epoch_end = min(epoch * steps_per_epoch, last_step)  # (a continued schedule may begin mid-epoch)
+        emit({"kind": "epoch_start", "epoch": epoch, "epochs": cfg.epochs, "steps": epoch_end - step})
         t0 = time.perf_counter()
         for b, (x_u8, y_np) in enumerate(data.batches(ds.train_x, ds.train_y, cfg.batch_size, rng, drop_last=True)):
-            if step >= last_step:
+            if step >= epoch_end:
                 break
             x, y = prepare_batch(be, model, x_u8, y_np)
-            lr = learning_rate(step, last_step, cfg.lr, cfg.warmup_steps)
+            lr = learning_rate(step, schedule_steps, cfg.lr, cfg.warmup_steps)
             loss = model.loss_and_grad(x, y, step)
             opt.step(model.params, model.grads, lr)
             step += 1
@@ -159,7 +173,7 @@ def _train(cfg, be, emit):
                           "images": images, "images_per_second": images / elapsed, "time": time.perf_counter() - started}
                 run.log(record)
                 emit({**record, "batch": b + 1})
-            if step % eval_steps == 0 and b + 1 < steps_per_epoch and step < last_step:
+            if step % eval_steps == 0 and step < epoch_end:  # mid-epoch (the epoch's end evaluates below)
                 train_seconds += time.perf_counter() - t0  # a mid-epoch evaluation, off the clock
                 emit(evaluate_now(time.perf_counter()))
                 t0 = time.perf_counter()

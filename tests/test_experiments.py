@@ -49,7 +49,8 @@ def test_quick_sweep_writes_tables_plots_and_report(tmp_path, data_root, name):
     assert "| speed-up (vs 1 worker) | = N x hardware eff. | x statistical eff. |" in (out / "report.md").read_text()
     if name == "warmstart":
         assert len(result["pretrain"]) == 1 and (out / "pretrain-s0" / "model.npz").exists()
-        assert {r["group"] for r in runs} == {"single", "single-warm", "cold", "warm"}
+        assert {r["group"] for r in runs} == {"single", "single-warm", "cold", "warm", "warm-mnone"}
+        assert all(r["init"] for r in runs if r["group"] in ("warm", "warm-mnone", "single-warm"))
     if name == "staleness":
         assert {r["lr_scaling"] for r in runs if r["workers"] != "0"} == {"none", "staleness"} and result["staleness"]
     if name == "sync-vs-async":

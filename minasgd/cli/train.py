@@ -22,6 +22,11 @@ def add_train_arguments(p):
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--init", metavar="CKPT", help="start from a saved model.npz (warm start)")
+    p.add_argument("--continue-schedule", action="store_true",
+                   help="with --init: begin at the checkpoint's step count in this run's lr schedule "
+                        "(the paper's warm start, mid-schedule), not at step 0 of a fresh warm-up")
+    p.add_argument("--stop-at", type=int, metavar="STEP", dest="stop_step",
+                   help="one process: stop at this step without shortening the lr schedule (a mid-run snapshot)")
     p.add_argument("--out", metavar="DIR", help="run directory (default: runs/train-<time>)")
     p.add_argument("--data-root", metavar="DIR", help="where datasets live (default: $MINASGD_DATA or ./data)")
     p.add_argument("--max-steps", type=int, help="stop after this many steps")
@@ -44,6 +49,7 @@ def train_config(args):
                        epochs=args.epochs, batch_size=args.batch_size, lr=lr, momentum=momentum,
                        weight_decay=args.weight_decay, seed=args.seed, init=args.init, out=args.out,
                        data_root=args.data_root, max_steps=args.max_steps, train_limit=args.train_limit,
+                       continue_schedule=args.continue_schedule, stop_step=args.stop_step,
                        test_limit=args.test_limit, log_every=args.log_every, quiet=args.quiet)
 
 

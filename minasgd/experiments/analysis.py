@@ -91,6 +91,7 @@ def run_row(spec, run_dir, target, summary=None):
     return {
         "name": spec["name"], "group": spec["group"], "mode": spec["mode"], "workers": spec["workers"],
         "nsync": spec["nsync"], "lr_scaling": spec.get("lr_scaling", "none"), "seed": spec["seed"],
+        "momentum_scaling": spec.get("momentum_scaling", "staleness"),
         "init": spec.get("init") or "", "target_accuracy": target, "target_error": 1 - target,
         "final_accuracy": summary["test_accuracy"], "final_error": 1 - summary["test_accuracy"],
         "best_accuracy": max((p["accuracy"] for p in curve), default=summary["test_accuracy"]),
@@ -119,7 +120,8 @@ def _baseline(rows, row):
     uses async's: one worker is the same either way)."""
     same = [r for r in rows if r["workers"] == 1 and r["seed"] == row["seed"] and r["nsync"] == row["nsync"]]
     in_group = [r for r in same if r["group"] == row["group"] and r["lr_scaling"] == row["lr_scaling"]]
-    return (in_group or same or [None])[0]
+    family = [r for r in same if r["group"] == row["group"].split("-")[0]]  # an ablation: "warm-mnone" -> "warm"
+    return (in_group or family or same or [None])[0]
 
 
 def _single(rows, row):
@@ -170,7 +172,7 @@ SPEEDUP_FIELDS = ("measured_speedup", "hardware_efficiency", "statistical_effici
 # to-target numbers, and the whole-run number a censored run (target missed) counts with instead
 TARGET_FIELDS = {"seconds_to_target": "wall_seconds", "images_to_target": "images", "updates_to_target": "updates"}
 SUMMARY_FIELDS = tuple(TARGET_FIELDS) + SPEEDUP_FIELDS
-GROUP_KEY = ("group", "mode", "lr_scaling", "nsync", "workers")
+GROUP_KEY = ("group", "mode", "lr_scaling", "nsync", "workers", "momentum_scaling")
 
 
 def summarize(rows):
@@ -178,12 +180,12 @@ def summarize(rows):
     the to-target numbers a censored run counts with its whole length (`*_censored` says how many)."""
     keys = []
     for r in rows:
-        key = tuple(r[k] for k in GROUP_KEY)
+        key = tuple(r.get(k) for k in GROUP_KEY)
         if key not in keys:
             keys.append(key)
     table = []
     for key in keys:
-        runs = [r for r in rows if tuple(r[k] for k in GROUP_KEY) == key]
+        runs = [r for r in rows if tuple(r.get(k) for k in GROUP_KEY) == key]
         out = dict(zip(GROUP_KEY, key))
         out.update(seeds=len(runs), reached=sum(r["reached"] for r in runs), target_accuracy=runs[0]["target_accuracy"])
         for name, whole in TARGET_FIELDS.items():

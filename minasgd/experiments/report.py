@@ -26,7 +26,8 @@ def _worker_sgd(settings):
         if row["workers"] == 0:
             return f"m {settings.get('momentum', 0.9):g}, lr {settings['lr']:g}"
         opts = PsOptions(workers=row["workers"], nsync=row["nsync"], sync=row["mode"] == "sync",
-                         lr_scaling=row.get("lr_scaling", "none"))
+                         lr_scaling=row.get("lr_scaling", "none"),
+                         momentum_scaling=row.get("momentum_scaling", "staleness"))
         momentum, lr_scale = worker_settings(settings.get("momentum", 0.9), opts)
         return f"m {momentum:.3g}, lr {settings['lr'] * lr_scale:.3g}"
     return cell

@@ -4,7 +4,6 @@ already share the machine), each in its own folder, then the tables, the plots a
 
 import csv
 import json
-import math
 import shutil
 import time
 from pathlib import Path
@@ -30,11 +29,13 @@ def settings_from(name, quick=False, **overrides):
 # ------------------------------------------------------------------ one run
 
 def _train_config(s, spec, run_dir, init=None):
+    """The run's TrainConfig; a warm start (`init`) continues the pretrained model's schedule."""
     from ..train import TrainConfig
 
     return TrainConfig(dataset=s.dataset, model=s.model, backend=s.backend, gpu=s.gpu, epochs=s.epochs,
                        batch_size=s.batch_size, lr=s.lr, momentum=s.momentum, warmup_steps=s.warmup_steps,
-                       seed=spec["seed"], init=init, out=str(run_dir), data_root=s.data_root, max_steps=s.max_steps,
+                       seed=spec["seed"], init=init, continue_schedule=init is not None, out=str(run_dir),
+                       data_root=s.data_root, max_steps=s.max_steps,
                        eval_every=s.eval_every, quiet=True,
                        extra={"experiment": s.name, "spec": spec, "settings": _comparable(s), "code": _code()})
 
@@ -71,10 +72,11 @@ def _in_own_process(cfg):
 
 
 def _pretrain(s, spec, run_dir, train_size):
-    """Warm start's first phase: the single-process trainer for `pretrain_epochs` at `pretrain_lr`."""
+    """Warm start's first phase, as in the paper: the single-process trainer stopped after
+    `pretrain_epochs` of the run's own schedule (not annealed: the warm runs continue it)."""
     cfg = _train_config(s, spec, run_dir)
     steps = max(1, round(s.pretrain_epochs * (train_size // s.batch_size)))
-    cfg.epochs, cfg.max_steps, cfg.lr = math.ceil(s.pretrain_epochs), steps, s.pretrain_lr
+    cfg.stop_step = steps
     cfg.extra["settings"]["pretrain_steps"] = steps
     return _in_own_process(cfg)
 
@@ -91,7 +93,8 @@ def _distributed(s, spec, run_dir, dataset, exp_dir):
     init = str(exp_dir / spec["init"] / "model.npz") if spec.get("init") else None
     cfg = _train_config(s, spec, run_dir, init=init)
     opts = PsOptions(workers=spec["workers"], nsync=spec["nsync"], sync=spec["sync"],
-                     lr_scaling=spec["lr_scaling"], checkpoint_every=1e9, eval_every=s.eval_every)
+                     lr_scaling=spec["lr_scaling"], momentum_scaling=spec.get("momentum_scaling", "staleness"),
+                     checkpoint_every=1e9, eval_every=s.eval_every)
     return train_distributed(cfg, opts, dataset=dataset)
 
 

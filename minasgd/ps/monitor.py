@@ -71,9 +71,10 @@ class Monitor:
         self.eval_model.set_params(params)
         accuracy, loss = evaluate(self.eval_model, self.test_x, self.test_y)
         seconds = self.elapsed()
+        images = (steps - self.ps.start_step) * self.batch_size  # this run's (a continued schedule starts late)
         record = {"kind": "epoch", "epoch": steps / self.steps_per_epoch, "step": steps, "version": version,
-                  "test_accuracy": accuracy, "test_loss": loss, "images": steps * self.batch_size,
-                  "images_per_second": steps * self.batch_size / max(seconds, 1e-9), "time": seconds}
+                  "test_accuracy": accuracy, "test_loss": loss, "images": images,
+                  "images_per_second": images / max(seconds, 1e-9), "time": seconds}
         self.evals.append(record)
         self.run.log(record)
         stats = self.ps.stats()
@@ -86,7 +87,7 @@ class Monitor:
         stats = self.ps.stats()
         losses = [w["loss"] for w in stats["workers"] if w["alive"] and math.isfinite(w.get("loss", math.nan))]
         seconds = self.elapsed()
-        images = stats["steps"] * self.batch_size
+        images = (stats["steps"] - self.ps.start_step) * self.batch_size
         self.run.log({"kind": "step", "step": stats["steps"], "version": stats["version"],
                       "epoch": stats["steps"] / self.steps_per_epoch, "lr": stats["lr"],
                       "loss": sum(losses) / len(losses) if losses else None, "images": images,
@@ -101,10 +102,11 @@ class Monitor:
         last = self.evals[-1]
         stats = self.ps.stats()
         seconds = self.elapsed()
+        images = (stats["steps"] - self.ps.start_step) * self.batch_size  # this run's
         return {"test_accuracy": last["test_accuracy"], "test_loss": last["test_loss"],
                 "epochs": stats["steps"] / self.steps_per_epoch, "steps": stats["steps"],
-                "images": stats["steps"] * self.batch_size, "wall_seconds": seconds, "train_seconds": seconds,
-                "images_per_second": stats["steps"] * self.batch_size / max(seconds, 1e-9),
+                "images": images, "wall_seconds": seconds, "train_seconds": seconds,
+                "images_per_second": images / max(seconds, 1e-9),
                 "version": stats["version"], "pushes": stats["pushes"], "fetches": stats["fetches"],
                 "rejected": stats["rejected"], "discarded": stats["discarded"], "staleness": stats["staleness"],
                 "checkpoint_failures": stats["checkpoint_failures"],

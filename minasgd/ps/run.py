@@ -14,6 +14,7 @@ from dataclasses import asdict
 
 from .. import backends, checkpoint
 from ..rundir import RunDir
+from ..train import schedule_start
 from ..train import total_steps as count_steps
 from .server import ParameterServer
 
@@ -28,6 +29,8 @@ class WorkersGone(ChildProcessError):
 def create_server(cfg, opts, model, train_size, run):
     """The ParameterServer for this config (no transport yet)."""
     steps_per_epoch, total_steps = count_steps(cfg, train_size)
+    if cfg.stop_step:
+        raise ValueError("--stop-at is for one process (a mid-schedule snapshot); workers run to the end")
     if opts.lr_scaling not in LR_SCALINGS:
         raise ValueError(f"unknown --lr-scaling {opts.lr_scaling!r}; choose one of {', '.join(LR_SCALINGS)}")
     if opts.momentum_scaling not in MOMENTUM_SCALINGS:
@@ -45,6 +48,7 @@ def create_server(cfg, opts, model, train_size, run):
         checkpoint_path=run.model_path, checkpoint_every=opts.checkpoint_every,
         eval_every_steps=max(1, round(opts.eval_every * steps_per_epoch)),
         round_timeout=opts.round_timeout if opts.round_timeout is not None else opts.timeout,
+        start_step=schedule_start(cfg),
         # The workers run single-process training's SGD (--momentum, --weight-decay) locally and
         # push the steps they took; with Adagrad they push plain gradient sums and take no steps.
         worker_config={"model": model.name, "dataset": cfg.dataset, "batch_size": cfg.batch_size,

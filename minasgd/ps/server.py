@@ -156,7 +156,7 @@ class ParameterServer:
     def __init__(self, params, *, model_name, fingerprint, total_steps, lr=0.02, warmup_steps=0,
                  optimizer="sgd", momentum=0.0, lr_scale=1.0, sync=False, staleness_lr=False,
                  expected_workers=1, worker_config=None, checkpoint_path=None, checkpoint_every=60.0,
-                 eval_every_steps=None, round_timeout=120.0):
+                 eval_every_steps=None, round_timeout=120.0, start_step=0):
         if optimizer not in ("sgd", "adagrad"):
             raise ValueError(f"unknown server optimizer {optimizer!r}; choose sgd or adagrad")
         # The current version's parameters: read-only, and never written again (fetches send this
@@ -183,10 +183,11 @@ class ParameterServer:
         self.worker_config = dict(worker_config or {})
 
         self.cond = threading.Condition()
-        self.version = self.steps = 0
+        # `start_step`: a warm start that keeps its schedule begins at the snapshot's step count.
+        self.version, self.steps, self.start_step = 0, start_step, start_step
         self.pushes = self.fetches = self.rejected = self.discarded = 0
         self.staleness = collections.Counter()  # staleness in mini-batches -> number of pushes
-        self.steps_at_version = {0: 0}  # version -> steps then (the last STEPS_MEMORY versions)
+        self.steps_at_version = {0: start_step}  # version -> steps then (the last STEPS_MEMORY versions)
         self.workers = {}  # id -> WorkerState, including the last MAX_DEPARTED that left
         self.next_id = 1
         self.departed = 0  # workers that left and are no longer listed in `workers`
@@ -208,7 +209,7 @@ class ParameterServer:
         # Test evaluations at exact step counts: when an update crosses a multiple of
         # eval_every_steps, a copy of the parameters waits here for the monitor.
         self.eval_every_steps = eval_every_steps
-        self.next_eval_step = eval_every_steps
+        self.next_eval_step = eval_every_steps and (start_step // eval_every_steps + 1) * eval_every_steps
         self.eval_snapshots = collections.deque()  # (params copy, version, steps)
 
         self.checkpoint_path, self.checkpoint_every = checkpoint_path, checkpoint_every
