@@ -33,6 +33,7 @@ class TrainConfig:
     test_limit: int | None = None
     log_every: int = 20
     eval_every: float = 1.0  # epochs between test evaluations (a fraction: at exact step counts)
+    eval_train: int = 0  # also evaluate the first N training images at each evaluation (training error, as the paper plots)
     quiet: bool = False  # no live display (read by the command line and the parameter server's monitor)
     extra: dict = field(default_factory=dict)
 

@@ -68,6 +68,23 @@ def evaluate(model, x_u8, y, batch_size=256):
     return correct / n, loss_sum / n
 
 
+def train_sample(cfg, ds):
+    """(images, labels) whose accuracy is the run's training accuracy: the first `cfg.eval_train`
+    training images (None when off). Evaluated without dropout, like the test split."""
+    if not cfg.eval_train:
+        return None
+    return ds.train_x[: cfg.eval_train], ds.train_y[: cfg.eval_train]
+
+
+def evaluate_record(model, test, train=None):
+    """{"test_accuracy", "test_loss"} of the model, plus "train_accuracy", "train_loss" on `train`."""
+    accuracy, loss = evaluate(model, *test)
+    record = {"test_accuracy": accuracy, "test_loss": loss}
+    if train is not None:
+        record["train_accuracy"], record["train_loss"] = evaluate(model, *train)
+    return record
+
+
 def warm_start(model, path):
     """Load the saved parameters at `path` into the model; returns how many steps they were trained."""
     ckpt = checkpoint.load(path, expect_fingerprint=model.fingerprint())
@@ -132,6 +149,7 @@ def _train(cfg, be, emit):
     rng = np.random.default_rng(cfg.seed)
 
     eval_steps = max(1, round(cfg.eval_every * steps_per_epoch))
+    train_eval = train_sample(cfg, ds)
     step, images, train_seconds = first_step, 0, 0.0
     started = time.perf_counter()
     test_acc, test_loss, epoch = float("nan"), float("nan"), 0
@@ -141,10 +159,11 @@ def _train(cfg, be, emit):
         nonlocal test_acc, test_loss
         be.synchronize()
         seconds = train_seconds + time.perf_counter() - t0
-        test_acc, test_loss = evaluate(model, ds.test_x, ds.test_y)
+        accuracies = evaluate_record(model, (ds.test_x, ds.test_y), train_eval)
+        test_acc, test_loss = accuracies["test_accuracy"], accuracies["test_loss"]
         epoch_now = step // steps_per_epoch if step % steps_per_epoch == 0 else round(step / steps_per_epoch, 4)
-        record = {"kind": "epoch", "epoch": epoch_now, "step": step, "test_accuracy": test_acc,
-                  "test_loss": test_loss, "images": images, "images_per_second": images / max(seconds, 1e-9),
+        record = {"kind": "epoch", "epoch": epoch_now, "step": step, **accuracies,
+                  "images": images, "images_per_second": images / max(seconds, 1e-9),
                   "time": seconds}
         run.log(record)
         return record

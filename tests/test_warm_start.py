@@ -79,3 +79,22 @@ def test_workers_continue_the_schedule_too(tmp_path, dataset, monkeypatch):
     assert first_eval["step"] == 20 and first_eval["images"] == 8 * 16  # epoch 2 ends at step 20
     with pytest.raises(ValueError, match="--stop-at is for one process"):
         train_distributed(cfg(tmp_path, "x", stop_step=5), PsOptions(workers=1), dataset=dataset)
+
+
+def test_training_error_is_measured_beside_test_error(tmp_path, dataset, monkeypatch):
+    """--eval-train N: each evaluation also measures the first N training images (no dropout), in
+    one process and on the server, so a report can show training error as the paper does."""
+    from minasgd import backends, checkpoint
+    from minasgd.model import Model
+    from minasgd.ps.launcher import PsOptions, train_distributed
+    from minasgd.train import evaluate
+
+    run(cfg(tmp_path, "one", eval_train=32), dataset, monkeypatch)
+    train_distributed(cfg(tmp_path, "two", eval_train=32), PsOptions(workers=1, nsync=2), dataset=dataset)
+    for name in ("one", "two"):
+        records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        evals = [r for r in records if r["kind"] == "epoch"]
+        assert len(evals) == 3 and all(0 <= e["train_accuracy"] <= 1 and e["train_loss"] > 0 for e in evals)
+        model = Model("micro", backends.get("numpy"))
+        model.set_params(checkpoint.load(tmp_path / name / "model.npz")["params"])
+        assert evals[-1]["train_accuracy"] == evaluate(model, dataset.train_x[:32], dataset.train_y[:32])[0]

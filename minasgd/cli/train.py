@@ -25,6 +25,9 @@ def add_train_arguments(p):
     p.add_argument("--continue-schedule", action="store_true",
                    help="with --init: begin at the checkpoint's step count in this run's lr schedule "
                         "(the paper's warm start, mid-schedule), not at step 0 of a fresh warm-up")
+    p.add_argument("--eval-train", type=int, default=0, metavar="N",
+                   help="at each evaluation also measure the first N training images (training error, as "
+                        "the paper plots it; default: off)")
     p.add_argument("--stop-at", type=int, metavar="STEP", dest="stop_step",
                    help="one process: stop at this step without shortening the lr schedule (a mid-run snapshot)")
     p.add_argument("--out", metavar="DIR", help="run directory (default: runs/train-<time>)")
@@ -49,7 +52,7 @@ def train_config(args):
                        epochs=args.epochs, batch_size=args.batch_size, lr=lr, momentum=momentum,
                        weight_decay=args.weight_decay, seed=args.seed, init=args.init, out=args.out,
                        data_root=args.data_root, max_steps=args.max_steps, train_limit=args.train_limit,
-                       continue_schedule=args.continue_schedule, stop_step=args.stop_step,
+                       continue_schedule=args.continue_schedule, stop_step=args.stop_step, eval_train=args.eval_train,
                        test_limit=args.test_limit, log_every=args.log_every, quiet=args.quiet)
 
 

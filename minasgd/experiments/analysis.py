@@ -55,7 +55,8 @@ def load_curve(run_dir):
         if r.get("kind") == "epoch":
             curve.append({"time": float(r["time"]), "images": int(r["images"]),
                           "updates": int(r.get("version", r.get("step", 0))),
-                          "accuracy": float(r["test_accuracy"])})
+                          "accuracy": float(r["test_accuracy"]),
+                          "train_accuracy": float(r["train_accuracy"]) if "train_accuracy" in r else None})
     return curve
 
 
@@ -95,6 +96,7 @@ def run_row(spec, run_dir, target, summary=None):
         "init": spec.get("init") or "", "target_accuracy": target, "target_error": 1 - target,
         "final_accuracy": summary["test_accuracy"], "final_error": 1 - summary["test_accuracy"],
         "best_accuracy": max((p["accuracy"] for p in curve), default=summary["test_accuracy"]),
+        "final_train_error": 1 - curve[-1]["train_accuracy"] if curve and curve[-1]["train_accuracy"] is not None else None,
         "reached": hit is not None,
         "seconds_to_target": hit["time"] if hit else None,
         "images_to_target": hit["images"] if hit else None,
@@ -168,7 +170,8 @@ def add_speedups(rows):
 
 
 SPEEDUP_FIELDS = ("measured_speedup", "hardware_efficiency", "statistical_efficiency", "projected_speedup",
-                  "speedup_vs_single", "images_vs_single", "final_accuracy", "images_per_second", "mean_staleness")
+                  "speedup_vs_single", "images_vs_single", "final_accuracy", "final_train_error", "images_per_second",
+                  "mean_staleness")
 # to-target numbers, and the whole-run number a censored run (target missed) counts with instead
 TARGET_FIELDS = {"seconds_to_target": "wall_seconds", "images_to_target": "images", "updates_to_target": "updates"}
 SUMMARY_FIELDS = tuple(TARGET_FIELDS) + SPEEDUP_FIELDS

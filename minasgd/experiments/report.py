@@ -61,6 +61,8 @@ SUMMARY_COLUMNS = [  # (markdown header, terminal header, cell)
      lambda r: pm(r["images_vs_single_mean"], r["images_vs_single_std"])),
     ("final test error", "error", lambda r: "-" if r["final_accuracy_mean"] is None else
         pm(1 - r["final_accuracy_mean"], r["final_accuracy_std"], "{:.1%}")),
+    ("final training error", "train err", lambda r: pm(r.get("final_train_error_mean"), r.get("final_train_error_std"),
+                                                       "{:.1%}")),
     ("images/s", "img/s", lambda r: pm(r["images_per_second_mean"], None, "{:.0f}")),
     ("mean staleness (mini-batches)", "stale", lambda r: pm(r["mean_staleness_mean"], None, "{:.2f}")),
 ]

@@ -35,7 +35,7 @@ def _train_config(s, spec, run_dir, init=None):
     return TrainConfig(dataset=s.dataset, model=s.model, backend=s.backend, gpu=s.gpu, epochs=s.epochs,
                        batch_size=s.batch_size, lr=s.lr, momentum=s.momentum, warmup_steps=s.warmup_steps,
                        seed=spec["seed"], init=init, continue_schedule=init is not None, out=str(run_dir),
-                       data_root=s.data_root, max_steps=s.max_steps,
+                       data_root=s.data_root, max_steps=s.max_steps, eval_train=s.eval_train,
                        eval_every=s.eval_every, quiet=True,
                        extra={"experiment": s.name, "spec": spec, "settings": _comparable(s), "code": _code()})
 

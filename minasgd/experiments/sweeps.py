@@ -40,6 +40,7 @@ class Settings:
     workers: list = field(default_factory=lambda: [1, 2, 4, 8])
     nsync: list = field(default_factory=lambda: [1, 4, 16, 300])  # the paper used nsync >= 300
     eval_every: float = 0.25  # epochs' worth of mini-batches between test evaluations
+    eval_train: int = 500  # training images evaluated too (training error, as the paper plots)
     pretrain_epochs: float = 3.0  # warmstart: the first epochs of the run's schedule in one process
     data_root: str | None = None
     max_steps: int | None = None  # cap every run (quick mode)

@@ -34,7 +34,7 @@ from pathlib import Path
 from .. import backends
 from ..rundir import RunDir, default_run_dir
 from ..threads import blas_threads_for_training
-from ..train import build_model, load_dataset
+from ..train import build_model, load_dataset, train_sample
 from .monitor import Monitor
 from .run import Say, assign_devices, create_server, finish_run, ignore, server_start, watch
 from .run import WorkersGone, worker_momentum  # noqa: F401  (what this module's users catch and call)
@@ -246,7 +246,8 @@ def _run_server(cfg, opts, on_event, dataset, local_workers):
 
     steps_per_epoch = len(ds.train_y) // cfg.batch_size
     monitor = Monitor(ps, run, eval_model, ds.test_x, ds.test_y, steps_per_epoch, cfg.batch_size,
-                      address=tcp.address_text, on_event=on_event, eval_every=opts.eval_every)
+                      address=tcp.address_text, on_event=on_event, eval_every=opts.eval_every,
+                      train_sample=train_sample(cfg, ds))
     processes, finished, interrupted = [], False, threading.Event()
     try:
         with ctrl_c_sets(interrupted):

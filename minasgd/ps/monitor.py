@@ -23,7 +23,7 @@ the staleness histogram and per-worker numbers next to each "epoch" record.
 import math
 import time
 
-from ..train import evaluate
+from ..train import evaluate_record
 
 
 def _ignore(event):
@@ -32,9 +32,10 @@ def _ignore(event):
 
 class Monitor:
     def __init__(self, ps, run, eval_model, test_x, test_y, steps_per_epoch, batch_size, *,
-                 address="", on_event=None, eval_every=1.0, log_every=2.0):
+                 address="", on_event=None, eval_every=1.0, log_every=2.0, train_sample=None):
         self.ps, self.run = ps, run
         self.eval_model, self.test_x, self.test_y = eval_model, test_x, test_y
+        self.train_sample = train_sample  # (x, y): training accuracy at each evaluation too (`minasgd.train.train_sample`)
         self.steps_per_epoch, self.batch_size = steps_per_epoch, batch_size
         self.address = address  # what the dashboard calls this server
         self.on_event = on_event or _ignore
@@ -69,11 +70,11 @@ class Monitor:
         now; logs an "epoch" and a "server" record."""
         params, version, steps = snapshot or self.ps.snapshot()
         self.eval_model.set_params(params)
-        accuracy, loss = evaluate(self.eval_model, self.test_x, self.test_y)
+        accuracies = evaluate_record(self.eval_model, (self.test_x, self.test_y), self.train_sample)
         seconds = self.elapsed()
         images = (steps - self.ps.start_step) * self.batch_size  # this run's (a continued schedule starts late)
         record = {"kind": "epoch", "epoch": steps / self.steps_per_epoch, "step": steps, "version": version,
-                  "test_accuracy": accuracy, "test_loss": loss, "images": images,
+                  **accuracies, "images": images,
                   "images_per_second": images / max(seconds, 1e-9), "time": seconds}
         self.evals.append(record)
         self.run.log(record)

@@ -55,7 +55,7 @@ def _worker_index_on_this_node(MPI, comm):
 def _serve_rank0(MPI, comm, cfg, opts, on_event, dataset):
     from .. import backends
     from ..rundir import RunDir, default_run_dir
-    from ..train import build_model, load_dataset
+    from ..train import build_model, load_dataset, train_sample
     from .run import Say, assign_devices, create_server, finish_run, ignore, server_start, watch
     from .monitor import Monitor
 
@@ -78,7 +78,8 @@ def _serve_rank0(MPI, comm, cfg, opts, on_event, dataset):
         address = f"MPI rank 0 of {n + 1}"
         on_event(server_start(address, ps, opts, f"{n} worker ranks", eval_model, ds, run))
         monitor = Monitor(ps, run, eval_model, ds.test_x, ds.test_y, len(ds.train_y) // cfg.batch_size,
-                          cfg.batch_size, address=address, on_event=on_event, eval_every=opts.eval_every)
+                          cfg.batch_size, address=address, on_event=on_event, eval_every=opts.eval_every,
+                          train_sample=train_sample(cfg, ds))
         finished = False
         try:
             watch(ps, monitor, server.exits, "they left:")
