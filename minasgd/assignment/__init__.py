@@ -46,10 +46,10 @@ outputs with NaN, fail.
 """
 
 from .grading import Grade, grade, grading_dir, run_tests, short
-from .markers import cut, find_regions, restore_text
+from .markers import cut, find_regions, merge_regions, restore_text
 from .tasks import BY_ID, TASKS, AssignmentError, Task, parse_tasks
-from .tree import MANIFEST, catalogue, graded_files, make, read_manifest, restore, source_root
+from .tree import MANIFEST, catalogue, check_source_root, graded_files, make, read_manifest, restore, source_root
 
-__all__ = ["AssignmentError", "BY_ID", "Grade", "MANIFEST", "TASKS", "Task", "catalogue", "cut", "find_regions",
-           "grade", "graded_files", "grading_dir", "make", "parse_tasks", "read_manifest", "restore",
+__all__ = ["AssignmentError", "BY_ID", "Grade", "MANIFEST", "TASKS", "Task", "catalogue", "check_source_root", "cut", "find_regions",
+           "grade", "graded_files", "grading_dir", "make", "merge_regions", "parse_tasks", "read_manifest", "restore",
            "restore_text", "run_tests", "short", "source_root"]
