@@ -18,7 +18,8 @@ linear layer without copying a transpose:
        operand is STORED down a column of its tile (sa[tx, ty]): in v2 the 32 threads of a warp
        then write addresses TILE floats apart, which fall in the same few of shared memory's 32
        banks and are served one after another (an 8-way conflict at TILE 16, 32-way at 32). The
-       unused extra column shifts each row by one bank, so the same stores hit distinct banks.
+       unused extra column shifts each row by one bank: at TILE 32 the same stores hit distinct
+       banks; at TILE 16 (a warp spans two rows) they are still 2-way, down from 8-way.
        Same code, same arithmetic: only the shared arrays' row length differs (tutorial 10).
 
 Shapes: op(A) is (M, K), op(B) is (K, N), C is (M, N). The tile size is a compile-time

@@ -1,9 +1,10 @@
 """A race checker for kernels running on Numba's CUDA simulator, in the spirit of compute-sanitizer's racecheck.
 
 On a GPU, threads of a block run in any order between two `cuda.syncthreads()` barriers, and
-blocks run in any order (with no barrier between them at all). The simulator runs them in ONE
-order, so a kernel with a race usually still gives the right answer there. This checker watches
-every element access instead of the answer:
+blocks run in any order (with no barrier between them at all). The simulator runs a block's
+threads as Python threads taking turns, so whether a race shows in its answer is luck: a lost
+update (`+=` for an atomic) almost never does, a missing barrier on some launches only. This
+checker watches every element access instead of the answer, and reports a race on every launch:
 
     with racecheck.checking() as races:
         pool.maxpool2d_backward(dy, argmax, x.shape)

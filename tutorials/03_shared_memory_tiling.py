@@ -226,8 +226,10 @@ else:
 # - `cuda.syncthreads()` twice per slab: after loading (so the tile is complete) and after
 #   computing (so nobody overwrites a tile still being read). Every thread of the block must
 #   reach each one: never put it inside an `if` that only some threads take.
-# - The simulator's results do not show races (a missing syncthreads gives wrong numbers
-#   *sometimes*, on a GPU); the race checker `kernels/racecheck.py` does (tutorial 9).
+# - A missing syncthreads gives wrong numbers on the simulator too, but only on the launches
+#   where the threads happen to interleave badly (often, for this kernel; never guaranteed), and
+#   a missing atomic almost never shows there; the race checker `kernels/racecheck.py` reports
+#   both on every launch (tutorial 9).
 #
 # Next: tutorial 4, pooling, dropout and the loss, forward and backward.
 print("\ntutorial 3 done")
