@@ -43,9 +43,8 @@ rng = np.random.default_rng(0)
 # may read it before thread 2 has written it (a *read-after-write race*). The simulator runs a
 # block's threads as Python threads that take turns at unpredictable points, so a tree without
 # its barriers gives a different sum from launch to launch, often a wrong one but not always.
-# Whether a launch shows the bug is luck,
-# on the simulator as on a GPU; a race checker (which watches who touches what between barriers)
-# reports it on every launch.
+# Whether a launch shows the bug is luck, on the simulator as on a GPU; a race checker (which
+# watches who touches what between barriers) reports it on every launch.
 #
 # The tree's halving loop is an exercise (task 7.1): a student copy has a stub there, and the
 # check cell below says whether yours is right.
