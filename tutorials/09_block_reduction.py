@@ -11,9 +11,10 @@
 # 3. thread 0 of each block adds the block's total to the output with ONE `cuda.atomic.add`,
 #    because blocks cannot wait for each other inside a launch.
 #
-# The bias gradients and the mean loss use this pattern (`kernels/reduce.py:sum_over_batch`,
-# one block per output), and `kernels/reduce.py:block_sum` is the whole-array sum with the
-# atomic finish; in the course it is **task 7.1**.
+# The bias gradients and the mean loss use a simpler cousin (`kernels/reduce.py:sum_over_batch`,
+# one block per output, no atomic: thread 0 adds the block's partials one by one), and
+# `kernels/reduce.py:block_sum` is the whole-array sum with the tree and the atomic finish; in
+# the course it is **task 7.1**.
 # Run: `python tutorials/09_block_reduction.py` (a few seconds on the simulator).
 
 # %%
