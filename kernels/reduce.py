@@ -62,7 +62,7 @@ def block_sum_kernel(x, out):
         acc += x[i]
     partial[tid] = acc
     cuda.syncthreads()  # every partial is written before any thread reads a neighbour's
-    # BEGIN SOLUTION task 7.1: tree: half = BLOCK // 2; while half > 0: threads tid < half add partial[tid + half] into partial[tid]; EVERY thread then calls cuda.syncthreads() (outside the if); half //= 2. Finish: thread 0 adds partial[0] to out[0] with cuda.atomic.add (other blocks add theirs too)
+    # BEGIN SOLUTION task 7.1: out[0] ends up increased by the sum of this block's partials: combined inside the block through shared memory in log2(BLOCK) rounds, race-free, then added into out[0] once per block, safely against the other blocks
     half = BLOCK // 2
     while half > 0:
         if tid < half:

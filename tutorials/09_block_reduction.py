@@ -62,7 +62,7 @@ def tree_steps(x, steps):
     partial[tid] = x[tid]
     steps[0, tid] = partial[tid]
     cuda.syncthreads()
-    # BEGIN SOLUTION task 7.1: half = B // 2, step = 1; while half > 0: threads tid < half add partial[tid + half] into partial[tid]; every thread calls cuda.syncthreads(); steps[step, tid] = partial[tid]; half //= 2, step += 1
+    # BEGIN SOLUTION task 7.1: steps[j] holds the partials after halving round j (j = 1, 2, 3) and partial[0] ends with the block's sum, race-free
     half = B // 2
     step = 1
     while half > 0:
