@@ -22,9 +22,10 @@ from .tasks import BY_ID, AssignmentError
 COPY = ("minasgd", "kernels", "tests", "tutorials", ".ci", "pyproject.toml")  # what a student tree holds
 SCANNED = ("minasgd", "kernels", "tutorials")  # where solution regions may live
 GRADED = ("minasgd", "kernels")  # stubs here are graded; those in tutorials/ are exercises
-# Caches, tutorial outputs, and this tool's own test (instructor tooling: it needs the markers).
+# Caches, tutorial outputs, and this tool's own tests (instructor tooling: they need the markers, and the
+# attacks on the grader hold answers).
 IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".pytest_cache", "*.nbi", "*.nbc",
-                                "test_assignment.py", "out")
+                                "test_assignment.py", "test_assignment_*.py", "out")
 MANIFEST = ".assignment.json"
 OWN_PACKAGE = ("minasgd", "assignment")  # its docstrings and templates show markers: not solution files
 
