@@ -159,7 +159,7 @@ def test_manifest_has_no_instructor_path_and_restore_keeps_the_task_list(tmp_pat
     assert manifest["tasks"] == ["1.1", "3.1"] and manifest["restored"] == ["1.1"]
 
 
-def test_grading_uses_the_instructors_copy_of_everything_but_the_stubbed_files(tmp_path):
+def test_grading_uses_the_instructors_copy_of_everything_but_the_solution_regions(tmp_path):
     tree = tmp_path / "student"
     assignment.make(tree, ["1.1"])
     (tree / "minasgd" / "backends" / "numpy_backend.py").write_text("# fooled\n")
@@ -167,10 +167,12 @@ def test_grading_uses_the_instructors_copy_of_everything_but_the_stubbed_files(t
     (tree / "kernels" / "elementwise.py").write_text((tree / "kernels" / "elementwise.py").read_text() + "# mine\n")
     work = tmp_path / "work"
     work.mkdir()
-    assert assignment.grading_dir(tree, ROOT, work, ["1.1"]) == ["kernels/elementwise.py"]
+    assert list(assignment.grading_dir(tree, ROOT, work, "1.1")) == ["kernels/elementwise.py"]
     assert (work / "minasgd" / "backends" / "numpy_backend.py").read_text() == (ROOT / "minasgd" / "backends" / "numpy_backend.py").read_text()
     assert (work / "tests" / "test_cuda_kernels.py").read_text() == (ROOT / "tests" / "test_cuda_kernels.py").read_text()
-    assert (work / "kernels" / "elementwise.py").read_text().endswith("# mine\n")
+    graded = (work / "kernels" / "elementwise.py").read_text()
+    assert "# mine" not in graded and "TODO(task 1.1)" in graded  # only the regions are the student's (still stubs)
+    assert graded == assignment.cut((ROOT / "kernels" / "elementwise.py").read_text(), {"1.1"})
     assert (work / "kernels" / "pool.py").read_text() == (ROOT / "kernels" / "pool.py").read_text()
 
 

@@ -147,7 +147,8 @@ def clean_site_dirs(root, shadow):
 
 def child_env(root, extra):
     """A small environment: nothing that names the instructor's checkout, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if k in KEEP_ENV or (k.startswith("NUMBA_") and k != "NUMBA_CACHE_DIR")}
+    env = {k: v for k, v in os.environ.items()
+           if k in KEEP_ENV or (k.startswith("NUMBA_") and k not in ("NUMBA_CACHE_DIR", "NUMBA_ENABLE_CUDASIM"))}
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p and not _inside(p, root))
     env = {k: v for k, v in env.items() if str(root) not in v}
     env.update(extra, PYTHONDONTWRITEBYTECODE="1")
