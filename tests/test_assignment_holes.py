@@ -3,7 +3,7 @@ tried the way it fooled the grader before, and must now FAIL to fool it.
 
     in-process results     an atexit hook that rewrites the grades file (outside any region)
     no kernel at all       a launcher that uses NumPy when it sees the grading environment;
-                           host NumPy inside a kernel region, in a branch only the simulator takes
+                           host Python inside a kernel region, in a branch only the simulator takes
     hard-coded outputs     a table of the outputs for the local seed
     patching the checkers  replacing racecheck.checking from a graded file at import
     importable solution    what the grading child can see of the instructor's checkout
@@ -57,23 +57,22 @@ def by_task(grades):
 
 # ------------------------------------------------------------------ the attacks' code
 
-REWRITE_GRADES_AT_EXIT = '''
+# Python that marks every result in the grades file "passed" (run at exit, after the plugin wrote it).
+ALL_PASSED = (
+    "import glob, json, os\n"
+    "for path in glob.glob(os.path.join(os.getcwd(), 'grades*.json')) + [os.environ.get('MINASGD_GRADE_OUT', '')]:\n"
+    "    if path and os.path.exists(path):\n"
+    "        data = json.load(open(path))\n"
+    "        for r in data['results'].values():\n"
+    "            r['outcome'], r['message'] = 'passed', ''\n"
+    "        json.dump(data, open(path, 'w'))\n")
+
+REWRITE_GRADES_AT_EXIT = f"""
 
 import atexit as _atexit  # added by the student: every grade file says "passed" at exit
 
-
-def _all_passed():
-    import glob, json, os
-    for path in glob.glob(os.path.join(os.getcwd(), "grades*.json")) + [os.environ.get("MINASGD_GRADE_OUT", "")]:
-        if path and os.path.exists(path):
-            data = json.load(open(path))
-            for r in data["results"].values():
-                r["outcome"], r["message"] = "passed", ""
-            json.dump(data, open(path, "w"))
-
-
-_atexit.register(_all_passed)
-'''
+_atexit.register(exec, {ALL_PASSED!r}, {{}})
+"""
 
 NUMPY_WHEN_GRADED = '''
 
@@ -110,17 +109,17 @@ def _blind():
 _rc.checking = _blind
 '''
 
-HOST_NUMPY_IN_KERNEL = '''    if THREADS == 32:  # only on the simulator: host NumPy, no kernel work
+# Host Python inside the kernel, in a branch only the simulator takes (THREADS is 32 there,
+# 256 when compiling for a GPU): the same grades rewrite at exit, registered from the kernel.
+HOST_CODE_IN_KERNEL = f"""    if THREADS == 32:
         if start == 0:
-            y[:] = np.maximum(x[:], np.float32(0))
-    else:
-        for i in range(start, x.size, stride):
-            y[i] = float32(0)
-'''
-HOST_NUMPY_IN_KERNEL_BACKWARD = '''    if THREADS == 32:
-        if start == 0:
-            dx[:] = np.where(y[:] > 0, dy[:], np.float32(0))
-'''
+            __import__("atexit").register(exec, {ALL_PASSED!r}, {{}})
+    for i in range(start, x.size, stride):
+        y[i] = float32(0)
+"""
+ZEROS_BACKWARD = """    for i in range(start, dy.size, stride):
+        dx[i] = float32(0)
+"""
 
 PLAIN_ADD_THROUGH_VIEW = '''    for idx in range(start, dy.size, step):
         q = idx % q_
@@ -402,15 +401,16 @@ def test_code_outside_the_regions_changes_nothing(tmp_path):
 
 @pytest.mark.slow
 def test_host_code_in_a_kernel_and_the_wrong_algorithms_fail(tmp_path):
-    """1.1: host NumPy inside the kernel, in a branch only the simulator takes (THREADS is 32
-    there): it compiles for a GPU only if the compiler prunes that branch, so it must be refused.
+    """1.1: host Python inside the kernel (an atexit hook that marks every result passed), in a
+    branch only the simulator takes (THREADS is 32 there): it compiles for a GPU only if the
+    compiler prunes that branch, so it must be refused.
     3.2: the lost update written through dx.T. 5.1: the naive loop in the tiled kernel. 7.1: one
     atomic per thread. Each gives the right numbers; each must FAIL."""
     tree = tmp_path / "student"
     assignment.make(tree, ["1.1", "3.2", "5.1", "7.1"])
     elementwise = tree / "kernels" / "elementwise.py"
-    solve_with(elementwise, "1.1", HOST_NUMPY_IN_KERNEL, which=0)
-    solve_with(elementwise, "1.1", HOST_NUMPY_IN_KERNEL_BACKWARD, which=0)
+    solve_with(elementwise, "1.1", HOST_CODE_IN_KERNEL, which=0)
+    solve_with(elementwise, "1.1", ZEROS_BACKWARD, which=0)
     solve_with(tree / "kernels" / "pool.py", "3.2", PLAIN_ADD_THROUGH_VIEW)
     solve_with(tree / "kernels" / "gemm.py", "5.1", NAIVE_IN_TILED)
     solve_with(tree / "kernels" / "reduce.py", "7.1", ONE_ATOMIC_PER_THREAD)
