@@ -131,7 +131,10 @@ def clean_site_dirs(root, shadow):
     entries, so a child still finds numba or pytest installed there but not minasgd.
     """
     out = []
-    for n, entry in enumerate(p for p in sys.path if p and Path(p).is_dir() and "site-packages" in p):
+    for n, entry in enumerate(p for p in sys.path if p and Path(p).is_dir()):
+        packages = Path(entry).name in ("site-packages", "dist-packages")
+        if _inside(entry, root) and not packages:  # the checkout itself, its tests/ ...: never
+            continue
         entries = os.listdir(entry)
         if not _inside(entry, root) and not any(_minasgd_entry(e) for e in entries):
             out.append(entry)
