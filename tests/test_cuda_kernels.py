@@ -272,6 +272,7 @@ def test_relu_forward_backward(rng):
 @pytest.mark.parametrize("p,seed", [(0.5, 7), (0.25, 2**32 + 3), (0.0, 1), (0.9, 123456789)])
 @pytest.mark.task_1_2
 def test_dropout_mask_is_bit_identical(rng, p, seed):
+    seed += int(rng.integers(1 << 20))  # the mask depends on the seed: from the grading seed too, no table of masks passes
     x = randn(rng, 4, 37)
     y = elementwise.dropout(dev(x), p, seed, out=nan_out(x.shape))
     assert_equal(host(y), ref.dropout_forward(x, p, seed), "dropout forward")
