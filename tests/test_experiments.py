@@ -68,7 +68,11 @@ def _settings(name, data_root):
     return s
 
 
-def test_a_finished_sweep_is_skipped_and_the_docs_get_the_report(tmp_path, data_root, capsys):
+def test_a_finished_sweep_is_skipped_and_the_docs_get_the_report(tmp_path, data_root, capsys, monkeypatch):
+    from minasgd.experiments import runner
+
+    code = {"commit": "abc123", "dirty": False}
+    monkeypatch.setattr(runner, "_code", lambda: dict(code))  # as in a clean checkout
     out, doc = tmp_path / "w", tmp_path / "docs" / "paper.md"
     args = ["experiment", "workers", "--quick", "--out", str(out), "--data-root", data_root, "--workers", "2",
             "--nsync", "1"]
@@ -83,7 +87,16 @@ def test_a_finished_sweep_is_skipped_and_the_docs_get_the_report(tmp_path, data_
     text = doc.read_text()
     assert "STALE TEXT" not in text and text.count("<!-- experiment:workers begin -->") == 1 and text.endswith("after\n")
     assert "minasgd experiment workers" in text
+    # Other code (a new commit, or uncommitted changes) makes a different run: it runs again.
+    for changed in ({"commit": "def456", "dirty": False}, {"commit": "abc123", "dirty": True}):
+        code.update(changed)
+        capsys.readouterr()
+        assert main(args) == 0
+        assert "done before, skipped" not in capsys.readouterr().out
     # A changed setting is a different run: it runs again.
+    code.update(commit="abc123", dirty=False)
+    assert main(args) == 0
+    first = (out / "cold-ns1-w2-s0" / "summary.json").stat().st_mtime_ns
     assert main(args + ["--lr", "0.04"]) == 0
     assert (out / "cold-ns1-w2-s0" / "summary.json").stat().st_mtime_ns != first
 
@@ -140,3 +153,13 @@ def test_speedups_are_paired_by_seed_factorised_and_censored():
     assert table[8]["seconds_to_target_censored"] == 1 and table[8]["seconds_to_target_mean"] == (500.0 + 30.0) / 2
     cells = report.summary_cells(analysis.summarize(rows))
     assert cells[1][8] == "2.50 ± 0.71" and cells[2][5].startswith("≥ 265.0") and cells[3][3] == "1 process"
+
+
+def test_the_factorisation_closes_when_the_whole_run_is_faster_than_the_way_to_target():
+    """Hardware efficiency is measured over the same stretch as the speed-up: a run whose
+    images/s over the whole run differ from its rate up to the target still factorises exactly."""
+    rows = [_row(1, 0, 100.0, 1000, ips=25.0), _row(2, 0, 40.0, 1200, ips=90.0)]  # to target: 10/s and 30/s
+    analysis.add_speedups(rows)
+    two = rows[1]
+    assert two["hardware_efficiency"] == pytest.approx(30.0 / (2 * 10.0))
+    assert two["measured_speedup"] == pytest.approx(two["workers"] * two["hardware_efficiency"] * two["statistical_efficiency"])

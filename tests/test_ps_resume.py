@@ -143,7 +143,7 @@ def _run(tmp_path, folder, name, kill_at=None):
     port, out = _free_port(), tmp_path / name
     serve_args = ["--bind", f"127.0.0.1:{port}", "--workers", "2", "--dataset", f"folder:{folder}", "--model",
                   "micro", "--backend", "numpy", "--epochs", "150", "--batch-size", "16", "--lr", "0.005",
-                  "--checkpoint-every", "0.2"]
+                  "--checkpoint-every", "0.2", "--nsync", "4"]
     server = _minasgd("serve", *serve_args, "--out", str(out))
     workers = [_minasgd("work", "--server", f"127.0.0.1:{port}", "--backend", "numpy", "--shard", f"{i}/2",
                         "--reconnect", "15") for i in (1, 2)]
@@ -204,10 +204,10 @@ def test_train_with_workers_resumes_a_run(tmp_path):
     def cfg(epochs, **kw):
         return TrainConfig(model="micro", backend="numpy", epochs=epochs, batch_size=16, lr=0.02, quiet=True, **kw)
 
-    first = train_distributed(cfg(2, out=str(out)), PsOptions(workers=1), dataset=ds)
+    first = train_distributed(cfg(2, out=str(out)), PsOptions(workers=1, nsync=4), dataset=ds)
     meta = checkpoint.load(out / "model.npz")["meta"]
     assert first["steps"] == meta["steps"] == 20 and meta["format"] == 2
-    second = train_distributed(cfg(4), PsOptions(workers=1, resume=str(out)), dataset=ds)  # 2 more epochs
+    second = train_distributed(cfg(4), PsOptions(workers=1, nsync=4, resume=str(out)), dataset=ds)  # 2 more epochs
     assert second["steps"] == 40 and second["version"] == first["version"] + 5  # nsync 4: 5 more pushes
     assert second["pushes"] == first["pushes"] + 5
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

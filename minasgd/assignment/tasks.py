@@ -48,7 +48,7 @@ TASKS = (
          keyword="tiled", race_checked=True),
     Task("6.1", "parameter server", "Apply a push: the update, version and staleness accounting",
          "the server side of async SGD: staleness = mini-batches applied since the worker fetched; "
-         "a push of k mini-batches that is s stale moves k / (k + s) as far", host=True),
+         "with staleness_lr, a push of k mini-batches that is s stale is scaled by k / (k + s)", host=True),
     Task("7.1", "reduction", "Block sum: a shared-memory tree, then an atomic finish",
          "halving the partial sums with a barrier per step; one atomic add per block", race_checked=True),
 )

@@ -25,7 +25,9 @@ def _add_server_arguments(p, bind_default, bind_help):
     p.add_argument("--nsync", type=int, default=D.nsync,
                    help="mini-batches between a worker's syncs: nfetch = npush = nsync (default: %(default)s)")
     p.add_argument("--sync", action="store_true",
-                   help="bulk-synchronous baseline: average one push from every worker per update")
+                   help="bulk-synchronous baseline: one update per round, the SUM of one push from every "
+                        "worker (the same step per image as async); no staleness, so each worker's momentum "
+                        "is set for staleness 0")
     p.add_argument("--optimizer", default=D.optimizer, choices=["sgd", "adagrad"],
                    help="sgd: the workers run --lr/--momentum SGD and the server adds their steps; "
                         "adagrad: the server's Adagrad, as in Downpour SGD (--adagrad-lr; no momentum) "
@@ -37,7 +39,8 @@ def _add_server_arguments(p, bind_default, bind_help):
                         "on the server (they push gradients); a gradient's total step is the same "
                         "(default: %(default)s)")
     p.add_argument("--lr-scaling", default=D.lr_scaling, choices=["none", "workers", "staleness"],
-                   help="none: every mini-batch moves as far as in one process; workers: lr / N; "
+                   help="none: every mini-batch moves the parameters lr / (1 - momentum), as in one process; "
+                        "workers: lr / N; "
                         "staleness: a push of k mini-batches, s stale, moves k / (k + s) as far "
                         "(default: %(default)s)")
     p.add_argument("--momentum-scaling", default=D.momentum_scaling, choices=["staleness", "workers", "none"],

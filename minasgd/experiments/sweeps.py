@@ -33,7 +33,7 @@ class Settings:
     batch_size: int = 32
     lr: float = 0.02  # peak lr (warm-up + cosine over the run's mini-batches), as `minasgd train`
     momentum: float = 0.9  # the trainer's and every worker's SGD momentum
-    lr_scaling: str = "workers"  # the server's, as `minasgd train --lr-scaling`, for runs that don't sweep it
+    lr_scaling: str = "none"  # as `minasgd train --lr-scaling` (its default), for runs that don't sweep it
     warmup_steps: int = 100
     target: float = 0.3  # test ACCURACY that counts as "reached" (the paper talks of test error = 1 - this)
     seeds: int = 3

@@ -46,7 +46,10 @@ class PsOptions:
     """The parameter-server settings of `minasgd train --workers N` and `minasgd serve`."""
 
     workers: int = 2
-    nsync: int = 4  # nfetch = npush = nsync, as in the paper
+    # nfetch = npush = nsync, as in the paper. 1 by default: on one machine a push and a fetch cost
+    # about 1% of an alexnet-mini step, and nsync 1 keeps the staleness at N - 1 mini-batches
+    # (docs/paper.md, "Choosing the defaults").
+    nsync: int = 1
     nfetch: int | None = None
     npush: int | None = None
     sync: bool = False  # the bulk-synchronous baseline instead of async
@@ -61,10 +64,10 @@ class PsOptions:
     # docs/paper.md) also subtracts the delay that staleness adds; "workers" keeps one process's
     # time constant only; "none" runs m as given in every worker.
     momentum_scaling: str = "staleness"
-    # none | workers (lr / N, the default: docs/paper.md) | staleness (a push's lr * k / (k + staleness)).
-    # Staleness makes the single-process step too large: at 2 workers and nsync 4, lr / N reached
-    # 35% test accuracy at epoch 2 of the default run where the full lr reached 20%.
-    lr_scaling: str = "workers"
+    # none (the default: every mini-batch moves the parameters lr / (1 - m), as in one process) |
+    # workers (lr / N) | staleness (a push of k mini-batches, s stale, moves k / (k + s) as far).
+    # Chosen by measurement after the lr fix (docs/paper.md, "Choosing the defaults").
+    lr_scaling: str = "none"
     # The server's Adagrad lr (--lr is SGD's; Adagrad's steps have another scale). Tuned on tiny,
     # 2 workers at nsync 4, 4 epochs: 0.003 -> 14.8%, 0.01 -> 22.6%, 0.03 -> 30.6%, 0.1 diverged
     # (the SGD defaults: 29.6%).
