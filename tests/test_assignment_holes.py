@@ -456,15 +456,18 @@ def test_solutions_in_a_students_own_words_pass_grading_and_the_trees_own_suite(
 def test_a_graded_test_that_launches_no_graded_kernel_fails(tmp_path):
     """The second signal behind region-only grading: were a launcher ever graded (a region in
     host code), a launcher that computes on the host without launching the kernel would still
-    fail, because each graded test must launch a kernel of the graded file."""
+    fail, because each graded test must launch a kernel that holds the task's code (launching
+    another kernel of the file, here `fill`, does not count)."""
     tree = tmp_path / "student"
     assignment.make(tree, ["1.1"])
-    append(tree / "kernels" / "elementwise.py", NUMPY_WHEN_GRADED)
+    append(tree / "kernels" / "elementwise.py", NUMPY_WHEN_GRADED.replace(
+        "        y[:] = np.maximum(", "        launch_fill(y, 0.0)  # a kernel of the file, not the graded one\n        y[:] = np.maximum("))
     work = tmp_path / "work"
     work.mkdir()
     spans = assignment.grading_dir(tree, ROOT, work, "1.1")
     (work / "kernels" / "elementwise.py").write_text((tree / "kernels" / "elementwise.py").read_text())  # as if graded
     env = grading.child_env(ROOT, {"MINASGD_TEST_SEED": "7", "NUMBA_ENABLE_CUDASIM": "1",
-                                   "MINASGD_GRADE_FILES": json.dumps(sorted(spans))})
+                                   "MINASGD_GRADE_FILES": json.dumps(sorted(spans)),
+                                   "MINASGD_GRADE_KERNELS": json.dumps(["relu_backward_kernel", "relu_forward_kernel"])})
     g = grading.run_tests(work, "1.1", grading.clean_site_dirs(ROOT, tmp_path / "site"), env)
     assert not g.ok and "without launching any kernel" in g.first_failure, g

@@ -16,7 +16,7 @@ task with the compiler's message.
 
 Then a second child runs the task's grading tests (`task_1_1`, narrowed by the task's keyword)
 with the CUDA simulator on (`gpu=True`: a real GPU), and a plugin writes each test's outcome to
-a JSON file; a test that never launched a kernel of the graded files fails. Both children run
+a JSON file; on the simulator a test that never launched a kernel holding the task's regions fails. Both children run
 the base interpreter with `-I -S`, the folder first on sys.path and only site-packages folders
 without the instructor's editable install (`clean_site_dirs`), in an environment stripped of
 anything naming the instructor's checkout; test inputs come from a seed drawn at grading time
@@ -181,7 +181,8 @@ def short(message):
 
 
 def compile_regions(workdir, spans, site, env, timeout=600):
-    """'' if every region lies in a kernel that compiles for sm_90; else why not (one line)."""
+    """('', kernels holding the regions) if every region lies in a kernel that compiles for sm_90;
+    else (why not, in one line, [])."""
     files = sorted(spans)
     proc = run_child("compile_check", workdir, site, env, timeout, files=files)
     try:
@@ -190,16 +191,17 @@ def compile_regions(workdir, spans, site, env, timeout=600):
         raise AssignmentError(f"the compile check did not run: {(proc.stderr or proc.stdout).strip()[-500:]}") from None
     if report["missing"]:
         raise AssignmentError(f"grading kernel tasks needs the offline GPU compile: {report['missing']}")
-    kernels = report["kernels"]
+    kernels, homes = report["kernels"], set()
     for rel in files:
         for first, last in spans[rel]:
             home = [k for k in kernels if k["file"] == rel and k["first"] <= first and last <= k["last"]]
             if not home:
-                return f"{rel}: your code at lines {first}-{last} is not inside a kernel that compiles"
+                return f"{rel}: your code at lines {first}-{last} is not inside a kernel that compiles", []
             bad = next((k for k in home if k["error"]), None)
             if bad:
-                return f"{rel}: kernel {bad['name']} does not compile for a GPU ({bad['signature']}): {bad['error']}"
-    return ""
+                return f"{rel}: kernel {bad['name']} does not compile for a GPU ({bad['signature']}): {bad['error']}", []
+            homes.update(k["name"] for k in home)
+    return "", sorted(homes)
 
 
 def run_tests(workdir, task, site, env, timeout=1800):
@@ -243,11 +245,13 @@ def grade_one(tree, root, task, tmp, site, gpu, seed):
         spans = grading_dir(tree, root, workdir, task)
     except AssignmentError as e:
         return Grade(task).fail(str(e))
+    kernels = []
     if not BY_ID[task].host:
-        problem = compile_regions(workdir, spans, site, env)
+        problem, kernels = compile_regions(workdir, spans, site, env)
         if problem:
             return Grade(task).fail(f"not GPU code: {problem}")
     env["MINASGD_GRADE_FILES"] = json.dumps([] if BY_ID[task].host else sorted(spans))
+    env["MINASGD_GRADE_KERNELS"] = json.dumps(kernels)
     if gpu:
         env.update(MINASGD_TEST_GPU="1")
     else:

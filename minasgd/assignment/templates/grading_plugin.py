@@ -7,11 +7,12 @@ import pytest as _pytest
 
 _TASKS = _json.loads(_os.environ["MINASGD_GRADE_TASKS"])  # {marker: keyword or None}
 _GRADED = [str(_ROOT / f) for f in _json.loads(_os.environ.get("MINASGD_GRADE_FILES", "[]"))]  # kernel files
+_KERNELS = _json.loads(_os.environ.get("MINASGD_GRADE_KERNELS", "[]"))  # the kernels holding the regions ([]: any)
 _OWNERS, _RESULTS, _LAUNCHED = {}, {}, []
 
 
 def pytest_sessionstart(session):
-    """On the simulator, note each launch of a kernel defined in a graded file."""
+    """On the simulator, note each launch of a kernel (holding the task's regions) of a graded file."""
     if not _GRADED or _os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
         return
     from numba.cuda.simulator import kernel
@@ -19,7 +20,8 @@ def pytest_sessionstart(session):
     launch = kernel.FakeCUDAKernel.__call__
 
     def noted_launch(self, *args):
-        if not self._device and str(_Path(self.fn.__code__.co_filename).resolve()) in _GRADED:
+        mine = not _KERNELS or self.fn.__name__ in _KERNELS
+        if not self._device and mine and str(_Path(self.fn.__code__.co_filename).resolve()) in _GRADED:
             _LAUNCHED.append(self.fn.__name__)
         return launch(self, *args)
 
@@ -46,7 +48,7 @@ def pytest_runtest_makereport(item, call):
     if call.when == "call" and report.passed and _GRADED and _os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" \
             and not _LAUNCHED:
         report.outcome = "failed"
-        report.longrepr = "the test passed without launching any kernel of the graded file(s)"
+        report.longrepr = "the test passed without launching any kernel of the graded file(s) that holds the task's code"
 
 
 def pytest_runtest_logreport(report):
