@@ -291,7 +291,8 @@ def test_missing_atomic_grades_fail_naming_the_two_threads(tmp_path):
     if tid == 0:
         out[0] += partial[0]
 """)
-    grades = {g.task: g for g in assignment.grade(tree, ["3.2", "7.1"])}
+    # seed 1234: how many random cases happen to send two windows' gradients to one pixel depends on the inputs
+    grades = {g.task: g for g in assignment.grade(tree, ["3.2", "7.1"], seed=1234)}
     for task, least in (("3.2", 4), ("7.1", 2)):  # every case with overlapping windows / several blocks
         g = grades[task]
         assert not g.ok and g.failed >= least, g
