@@ -53,7 +53,7 @@ def conv2d_forward_naive(x, w, b, y, stride, pad):
     n_, c_, h_, w_ = x.shape
     k_, _, r_, s_ = w.shape
     p_, q_ = y.shape[2], y.shape[3]
-    # BEGIN SOLUTION task 2.1: grid-stride loop over the flat output index idx < y.size; decode idx into (n, k, p, q) (q fastest); acc = b[k] + sum over c, r, s of w[k, c, r, s] * x[n, c, p*stride - pad + r, q*stride - pad + s], skipping rows/columns outside the image (padding zeros); y[n, k, p, q] = acc
+    # BEGIN SOLUTION task 2.1: each y[n, k, p, q] is b[k] plus filter w[k] applied to the input window of output (p, q) at this stride, with inputs outside the image counting as 0 (zero padding), for any shape and any grid
     for idx in range(start, y.size, step):
         q = idx % q_
         p = (idx // q_) % p_
@@ -146,10 +146,10 @@ def conv2d_backward_data_naive(dy, w, dx, stride, pad):
         c = (idx // (w_ * h_)) % c_
         n = idx // (w_ * h_ * c_)
         acc = float32(0)
-        for k in range(k_):
-            for p in range(p_):
-                r = h + pad - p * stride
-                if 0 <= r < r_:
+        for p in range(p_):
+            r = h + pad - p * stride
+            if 0 <= r < r_:
+                for k in range(k_):
                     for q in range(q_):
                         s = col + pad - q * stride
                         if 0 <= s < s_:
@@ -172,13 +172,13 @@ def conv2d_backward_filter_naive(x, dy, dw, stride, pad):
         k = idx // (s_ * r_ * c_)
         acc = float32(0)
         for n in range(n_):
-            for p in range(p_):
-                h = p * stride - pad + r
-                if 0 <= h < h_:
-                    for q in range(q_):
-                        col = q * stride - pad + s
-                        if 0 <= col < w_:
-                            acc += dy[n, k, p, q] * x[n, c, h, col]
+            for pq in range(p_ * q_):  # every output position (p, q), q fastest
+                p = pq // q_
+                q = pq % q_
+                h = p * stride + r - pad  # the input pixel that met tap (r, s) at output (p, q)
+                col = q * stride + s - pad
+                if 0 <= h < h_ and 0 <= col < w_:
+                    acc += dy[n, k, p, q] * x[n, c, h, col]
         dw[k, c, r, s] = acc
 
 

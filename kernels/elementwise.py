@@ -40,7 +40,7 @@ def relu_forward_kernel(x, y):
     """y[i] = max(x[i], 0) over flat views; grid-stride loop."""
     start = cuda.grid(1)
     stride = cuda.gridsize(1)
-    # BEGIN SOLUTION task 1.1: grid-stride loop over i = start, start + stride, ... < x.size: y[i] = x[i] if x[i] > 0, else 0 (write the constant as float32(0))
+    # BEGIN SOLUTION task 1.1: every element of y is max(x, 0), for any size of x and any grid (constants as float32)
     for i in range(start, x.size, stride):
         v = x[i]
         y[i] = v if v > float32(0) else float32(0)
@@ -52,7 +52,7 @@ def relu_backward_kernel(dy, y, dx):
     """dx[i] = dy[i] if y[i] > 0 else 0 (the ReLU output decides); grid-stride loop."""
     start = cuda.grid(1)
     stride = cuda.gridsize(1)
-    # BEGIN SOLUTION task 1.1: grid-stride loop over i < dy.size: dx[i] = dy[i] where the forward output y[i] > 0, else float32(0)
+    # BEGIN SOLUTION task 1.1: every element of dx is dy where the forward output y was positive, else 0, for any size and any grid
     for i in range(start, dy.size, stride):
         dx[i] = dy[i] if y[i] > float32(0) else float32(0)
     # END SOLUTION
@@ -78,7 +78,7 @@ def dropout_kernel(x, y, seed, threshold, scale):
     """
     start = cuda.grid(1)
     stride = cuda.gridsize(1)
-    # BEGIN SOLUTION task 1.2: grid-stride loop over i < x.size: keep element i when hash32(seed, i) >= threshold (then y[i] = x[i] * scale), else y[i] = float32(0)
+    # BEGIN SOLUTION task 1.2: y is x * scale where the hash of (seed, element index) keeps the element (at or above threshold), else 0: bit-identical to the NumPy reference for any size and any grid
     for i in range(start, x.size, stride):
         if hash32(seed, i) >= threshold:
             y[i] = x[i] * scale

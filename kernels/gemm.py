@@ -18,7 +18,8 @@ linear layer without copying a transpose:
        operand is STORED down a column of its tile (sa[tx, ty]): in v2 the 32 threads of a warp
        then write addresses TILE floats apart, which fall in the same few of shared memory's 32
        banks and are served one after another (an 8-way conflict at TILE 16, 32-way at 32). The
-       unused extra column shifts each row by one bank, so the same stores hit distinct banks.
+       unused extra column shifts each row by one bank: at TILE 32 the same stores hit distinct
+       banks; at TILE 16 (a warp spans two rows) they are still 2-way, down from 8-way.
        Same code, same arithmetic: only the shared arrays' row length differs (tutorial 10).
 
 Shapes: op(A) is (M, K), op(B) is (K, N), C is (M, N). The tile size is a compile-time
@@ -77,7 +78,7 @@ def tiled_kernel(tile, pad=0):
         sa = cuda.shared.array((tile, width), float32)  # sa[i, kk] = op(A)[row0 + i, k0 + kk]
         sb = cuda.shared.array((tile, width), float32)  # sb[kk, j] = op(B)[k0 + kk, col0 + j]
 
-        # BEGIN SOLUTION task 5.1: for each K-slab k0 = 0, tile, 2*tile, ...: each thread stages one element of op(A) into sa and one of op(B) into sb (0 outside the matrices; a transposed operand is read as A[k, i] / B[j, k]), cuda.syncthreads(), acc += sum over kk of sa[ty, kk] * sb[kk, tx], cuda.syncthreads(); finally, inside the bounds, c[row, col] = acc (+ bias[col] if has_bias)
+        # BEGIN SOLUTION task 5.1: c[row, col] = (op(A) op(B))[row, col] (+ bias[col]) for this thread's element inside C, computed from the shared tiles sa and sb so that each element of A and B is loaded from global memory once per tile of C it feeds, race-free (a transposed operand is stored transposed)
         acc = float32(0)
         for k0 in range(0, k_dim, tile):
             # Stage one element of each operand. Consecutive tx read consecutive addresses:

@@ -35,7 +35,7 @@ def maxpool2d_forward_kernel(x, y, argmax, size, stride):
     step = cuda.gridsize(1)
     n_, c_, h_, w_ = x.shape
     p_, q_ = y.shape[2], y.shape[3]
-    # BEGIN SOLUTION task 3.1: grid-stride loop over the flat output index idx < y.size; decode (n, c, p, q); scan the size x size window at (p*stride, q*stride) row by row, taking a new max only when STRICTLY greater (ties keep the first); write y = the max and argmax = h * W + w of where it was
+    # BEGIN SOLUTION task 3.1: each y[n, c, p, q] is the max of its size x size window (at stride), and argmax[n, c, p, q] the flat position h * W + w of the FIRST element holding it, for any shape and any grid
     for idx in range(start, y.size, step):
         q = idx % q_
         p = (idx // q_) % p_
@@ -63,7 +63,7 @@ def maxpool2d_backward_scatter_kernel(dy, argmax, dx):
     step = cuda.gridsize(1)
     c_, w_ = dx.shape[1], dx.shape[3]
     p_, q_ = dy.shape[2], dy.shape[3]
-    # BEGIN SOLUTION task 3.2: grid-stride loop over the flat index idx < dy.size; decode (n, c, p, q); add dy[n, c, p, q] into dx at the argmax pixel (row at // W, column at % W) with cuda.atomic.add, since overlapping windows can send two gradients to one pixel
+    # BEGIN SOLUTION task 3.2: every dy[n, c, p, q] ends up added into dx at the pixel its window's argmax names, correct even when windows overlap and several outputs send their gradient to one pixel
     for idx in range(start, dy.size, step):
         q = idx % q_
         p = (idx // q_) % p_

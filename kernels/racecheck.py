@@ -1,9 +1,10 @@
 """A race checker for kernels running on Numba's CUDA simulator, in the spirit of compute-sanitizer's racecheck.
 
 On a GPU, threads of a block run in any order between two `cuda.syncthreads()` barriers, and
-blocks run in any order (with no barrier between them at all). The simulator runs them in ONE
-order, so a kernel with a race usually still gives the right answer there. This checker watches
-every element access instead of the answer:
+blocks run in any order (with no barrier between them at all). The simulator runs a block's
+threads as Python threads taking turns, so whether a race shows in its answer is luck: a lost
+update (`+=` for an atomic) almost never does, a missing barrier on some launches only. This
+checker watches every element access instead of the answer, and reports a race on every launch:
 
     with racecheck.checking() as races:
         pool.maxpool2d_backward(dy, argmax, x.shape)
@@ -20,7 +21,12 @@ That covers two threads writing one element without an atomic (global or shared 
 thread reading an element another thread of its block wrote since the last syncthreads (a
 missing barrier), and the reverse: overwriting what another thread has not finished reading.
 Global elements are identified by address, so two views of one buffer are one array; shared
-elements by address and block (each block has its own shared memory).
+elements by address and block (each block has its own shared memory). Views a kernel makes
+(`x.T`, `x.reshape(..)`, `x.ravel()`, `x[1:]`, `x.transpose()`) are watched like the array.
+
+It also counts what it sees (`Races.count`, `Races.launches`), so a test can check the
+algorithm and not only the answer: how many times a tiled GEMM reads each input element from
+global memory, how many atomics a block reduction does per block.
 
 It works by swapping a few simulator pieces while the `with` block runs: the kernel launch
 (to wrap array arguments), `cuda.shared.array`, `cuda.syncthreads` and the atomics. Kernels
@@ -28,6 +34,7 @@ run several times slower under it: keep shapes tiny. Only the simulator is check
 NUMBA_ENABLE_CUDASIM=1 before numba is imported).
 """
 
+import collections
 import contextlib
 import inspect
 import linecache
@@ -92,6 +99,8 @@ class Races:
     def __init__(self):
         self.found = []  # Race, at most one per (kernel, array element)
         self.launched = []  # kernel names, in launch order
+        self.launches = []  # (kernel name, grid dim, block dim), in launch order
+        self.counts = collections.Counter()  # (kernel, space, array, op) -> accesses
         self._lock = threading.Lock()
         self._elements = {}  # key -> (writes by thread, reads by thread): {(block, thread): Access}
         self._reported = set()
@@ -103,16 +112,24 @@ class Races:
             more = f" (and {len(self.found) - 1} more)" if len(self.found) > 1 else ""
             raise RaceError(f"{self.found[0]}{more}")
 
+    def count(self, kernel, space, op, array=None):
+        """How many accesses (op: "read", "write" or "atomic") kernel made to `space` ("global" or
+        "shared") memory, over every launch of it, of the array named `array` (default: any)."""
+        return sum(n for (k, s, a, o), n in self.counts.items()
+                   if k == kernel and s == space and o == op and (array is None or a == array))
+
     # -- recording (called from the simulated threads)
 
-    def _start(self, kernel):
+    def _start(self, kernel, grid=None, block=None):
         self._kernel = kernel
         self.launched.append(kernel)
+        self.launches.append((kernel, grid, block))
         self._elements = {}
 
     def _access(self, space, key, access):
         """Record `access` to the element `key` and report any race with an earlier access."""
         with self._lock:
+            self.counts[(self._kernel, space, access.array, access.op)] += 1
             writes, reads = self._elements.setdefault(key, ({}, {}))
             me = (access.block, access.thread)
             earlier = list(writes.values())
@@ -155,8 +172,21 @@ class Tracked:
         self._name, self._ary, self._space = name, ary, space
         self._base = ary.__array_interface__["data"][0]
 
-    def __getattr__(self, attr):  # shape, size, ndim, dtype ...
-        return getattr(self._ary, attr)
+    def __getattr__(self, attr):  # shape, size, ndim, dtype ... and views: .T, reshape(), ravel() ...
+        value = getattr(self._ary, attr)
+        if isinstance(value, np.ndarray):
+            return self._watched(value)
+        if callable(value):
+            def method(*args, **kwargs):
+                return self._watched(value(*args, **kwargs))
+            return method
+        return value
+
+    def _watched(self, value):
+        """A view of this array is watched too (its own strides give the same element addresses)."""
+        if isinstance(value, np.ndarray) and value.ndim and np.may_share_memory(value, self._ary):
+            return Tracked(self._name, value, self._space)
+        return value
 
     def __len__(self):
         return len(self._ary)
@@ -222,7 +252,7 @@ def checking():
         for name, a in zip(names, args):
             ary = a._ary if isinstance(a, FakeCUDAArray) else a
             wrapped.append(Tracked(name, ary, "global") if isinstance(ary, np.ndarray) and ary.ndim else a)
-        races._start(self.fn.__name__)
+        races._start(self.fn.__name__, tuple(self.grid_dim), tuple(self.block_dim))
         return launch(self, *wrapped)
 
     def checked_syncthreads(self):

@@ -2,7 +2,8 @@
 
     sum_over_batch  v1 block reduction: out[k] = scale * sum_{n, l} x[n, k, l]. One block per
                     output k (grid-stride over k). Its threads each sum a strided share of the
-                    N*L terms into a register, then halve the shared-memory partials log2(B) times.
+                    N*L terms into a register and leave it in shared memory; thread 0 adds the B
+                    partials in order (B adds by one thread; `block_sum` does that step as a tree).
     block_sum       the whole array to one number: out[0] = sum of x. Every thread of the grid
                     sums a grid-strided share into a register; each block tree-reduces its
                     partials in shared memory (a barrier per halving step), then its thread 0
@@ -30,7 +31,7 @@ BLOCK = THREADS  # threads per block, a power of two (a compile-time constant fo
 @cuda.jit(cache=True)
 def sum_over_batch_kernel(x3, out, scale):
     """out[k] = scale * sum_{n, l} x3[n, k, l]. Block b reduces k = b, b + gridDim, ...;
-    thread t adds terms t, t + BLOCK, ... of the N*L terms of that k, then the block tree-reduces.
+    thread t adds terms t, t + BLOCK, ... of the N*L terms of that k, then thread 0 adds the partials.
     """
     tid = cuda.threadIdx.x
     n_, k_, l_ = x3.shape
@@ -40,16 +41,13 @@ def sum_over_batch_kernel(x3, out, scale):
         for idx in range(tid, n_ * l_, BLOCK):
             acc += x3[idx // l_, k, idx % l_]
         partial[tid] = acc
-        cuda.syncthreads()
-        half = BLOCK // 2
-        while half > 0:
-            if tid < half:
-                partial[tid] += partial[tid + half]
-            cuda.syncthreads()
-            half //= 2
+        cuda.syncthreads()  # every partial is written before thread 0 reads them
         if tid == 0:
-            out[k] = partial[0] * scale
-        cuda.syncthreads()  # partial[0] is read before the next k overwrites it
+            total = float32(0)
+            for t in range(BLOCK):
+                total += partial[t]
+            out[k] = total * scale
+        cuda.syncthreads()  # the partials are read before the next k overwrites them
 
 
 @cuda.jit(cache=True)
@@ -64,7 +62,7 @@ def block_sum_kernel(x, out):
         acc += x[i]
     partial[tid] = acc
     cuda.syncthreads()  # every partial is written before any thread reads a neighbour's
-    # BEGIN SOLUTION task 7.1: tree: half = BLOCK // 2; while half > 0: threads tid < half add partial[tid + half] into partial[tid]; EVERY thread then calls cuda.syncthreads() (outside the if); half //= 2. Finish: thread 0 adds partial[0] to out[0] with cuda.atomic.add (other blocks add theirs too)
+    # BEGIN SOLUTION task 7.1: out[0] ends up increased by the sum of this block's partials: combined inside the block through shared memory in log2(BLOCK) rounds, race-free, then added into out[0] once per block, safely against the other blocks
     half = BLOCK // 2
     while half > 0:
         if tid < half:

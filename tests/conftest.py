@@ -65,6 +65,10 @@ def be(request):
     return backends.get(request.param)
 
 
+SEED = int(os.environ.get("MINASGD_TEST_SEED", "1234"))  # `minasgd assignment grade` draws a fresh one per run
+
+
 @pytest.fixture
 def rng():
-    return np.random.default_rng(1234)
+    """The tests' random inputs: seed 1234, or MINASGD_TEST_SEED (grading sets it, so no table of outputs passes)."""
+    return np.random.default_rng(SEED)

@@ -159,7 +159,7 @@ def test_manifest_has_no_instructor_path_and_restore_keeps_the_task_list(tmp_pat
     assert manifest["tasks"] == ["1.1", "3.1"] and manifest["restored"] == ["1.1"]
 
 
-def test_grading_uses_the_instructors_copy_of_everything_but_the_stubbed_files(tmp_path):
+def test_grading_uses_the_instructors_copy_of_everything_but_the_solution_regions(tmp_path):
     tree = tmp_path / "student"
     assignment.make(tree, ["1.1"])
     (tree / "minasgd" / "backends" / "numpy_backend.py").write_text("# fooled\n")
@@ -167,10 +167,12 @@ def test_grading_uses_the_instructors_copy_of_everything_but_the_stubbed_files(t
     (tree / "kernels" / "elementwise.py").write_text((tree / "kernels" / "elementwise.py").read_text() + "# mine\n")
     work = tmp_path / "work"
     work.mkdir()
-    assert assignment.grading_dir(tree, ROOT, work, ["1.1"]) == ["kernels/elementwise.py"]
+    assert list(assignment.grading_dir(tree, ROOT, work, "1.1")) == ["kernels/elementwise.py"]
     assert (work / "minasgd" / "backends" / "numpy_backend.py").read_text() == (ROOT / "minasgd" / "backends" / "numpy_backend.py").read_text()
     assert (work / "tests" / "test_cuda_kernels.py").read_text() == (ROOT / "tests" / "test_cuda_kernels.py").read_text()
-    assert (work / "kernels" / "elementwise.py").read_text().endswith("# mine\n")
+    graded = (work / "kernels" / "elementwise.py").read_text()
+    assert "# mine" not in graded and "TODO(task 1.1)" in graded  # only the regions are the student's (still stubs)
+    assert graded == assignment.cut((ROOT / "kernels" / "elementwise.py").read_text(), {"1.1"})
     assert (work / "kernels" / "pool.py").read_text() == (ROOT / "kernels" / "pool.py").read_text()
 
 
@@ -289,7 +291,8 @@ def test_missing_atomic_grades_fail_naming_the_two_threads(tmp_path):
     if tid == 0:
         out[0] += partial[0]
 """)
-    grades = {g.task: g for g in assignment.grade(tree, ["3.2", "7.1"])}
+    # seed 1234: how many random cases happen to send two windows' gradients to one pixel depends on the inputs
+    grades = {g.task: g for g in assignment.grade(tree, ["3.2", "7.1"], seed=1234)}
     for task, least in (("3.2", 4), ("7.1", 2)):  # every case with overlapping windows / several blocks
         g = grades[task]
         assert not g.ok and g.failed >= least, g
@@ -312,9 +315,9 @@ def test_round_trip_stubs_fail_their_grading_tests_and_restored_solutions_pass(t
     assert cli.main(["assignment", "restore", str(tree)]) == 0
     assert "TODO(task" not in (tree / "kernels" / "elementwise.py").read_text()
     capsys.readouterr()
-    assert cli.main(["assignment", "grade", str(tree)]) == 0  # the manifest still lists both tasks
+    assert cli.main(["assignment", "grade", str(tree), "--seed", "77"]) == 0  # the manifest still lists both tasks
     out = capsys.readouterr().out
-    assert "2 of 2 task(s) pass" in out and "FAIL" not in out
+    assert "2 of 2 task(s) pass" in out and "FAIL" not in out and "seed 77" in out
 
 
 @pytest.mark.slow

@@ -1,9 +1,14 @@
 """The race checker (kernels/racecheck.py): every kernel runs clean under it, and it catches the
-three classic bugs, planted into copies of the real kernel source:
+three classic bugs:
 
-    max-pool backward scatter without its atomic   (overlapping windows add into one pixel)
-    conv backward-filter without its atomic        (split-K blocks add into one dW element)
-    tiled GEMM without its second syncthreads      (the next slab overwrites a tile still being read)
+    a scatter without its atomic                   (two threads add into one element: a histogram)
+    conv backward-filter without its atomic        (split-K blocks add into one dW element; planted
+                                                    into a copy of the real kernel source)
+    a slab loop without its second syncthreads     (the next slab overwrites a tile still being read)
+
+and it follows views (`.T`, reshape, ravel, slices), so a race written through one is caught too.
+None of these tests depends on how a student words the code of a task: the kernels with bugs
+are written here (not one line of a task's answer) or planted outside every task's region.
 """
 
 import inspect
@@ -58,14 +63,23 @@ def test_every_kernel_runs_clean(rng):
 
 # ---------------------------------------------------------------- the planted bugs are caught
 
-def test_catches_pool_backward_without_atomic(rng):
-    bad = planted(pool, "cuda.atomic.add(dx, (n, c, at // w_, at % w_), dy[n, c, p, q])",
-                  "dx[n, c, at // w_, at % w_] += dy[n, c, p, q]")
-    x = np.zeros((1, 1, 5, 5), np.float32)
-    x[0, 0, 2, 2] = 1  # the max of all four overlapping 3x3 windows
-    y, am = pool.maxpool2d_forward(be.asarray(x))
-    msg = race_message(lambda: bad.maxpool2d_backward(y, am, x.shape))
-    assert "race in kernel maxpool2d_backward_scatter_kernel on global dx[0, 0, 2, 2]: " in msg, msg
+@cuda.jit
+def histogram_plain(values, counts):
+    """counts[v] += 1 for each value: two threads with the same value collide (a planted bug)."""
+    for i in range(cuda.grid(1), values.size, cuda.gridsize(1)):
+        counts[values[i]] += 1  # BUG: needs cuda.atomic.add(counts, values[i], 1)
+
+
+@cuda.jit
+def histogram_atomic(values, counts):
+    for i in range(cuda.grid(1), values.size, cuda.gridsize(1)):
+        cuda.atomic.add(counts, values[i], 1)
+
+
+def test_catches_a_scatter_without_atomic():
+    values = be.asarray(np.array([0, 2, 2, 1], np.int32))  # threads 1 and 2 both add into counts[2]
+    msg = race_message(lambda: histogram_plain[1, 4](values, be.asarray(np.zeros(3, np.int32))))
+    assert "race in kernel histogram_plain on global counts[2]: " in msg, msg
     assert msg.count("thread (") == 2 and msg.count("block (") == 2
 
 
@@ -77,12 +91,75 @@ def test_catches_conv_backward_filter_without_atomic(rng):
     assert "in different blocks" in msg
 
 
-def test_catches_tiled_gemm_without_second_syncthreads(rng):
-    bad = planted(gemm, "cuda.syncthreads()  # everyone is done reading", "pass  # everyone is done reading")
-    a, b = dev(rng, 4, 12), dev(rng, 12, 4)  # three K-slabs of a 4 x 4 tile
-    msg = race_message(lambda: bad.gemm(a, b, tile=4))
-    assert re.search(r"race in kernel gemm_tiled on shared s[ab]\[\d+, \d+\]", msg), msg
+def slab_sums(second_barrier):
+    """out[t] = sum over slabs of tile[(t + 1) % 4], the tile refilled from x each slab; without the
+    second barrier a thread refills its element while a neighbour may still be reading it."""
+    @cuda.jit
+    def slab_sum(x, out):
+        t = cuda.threadIdx.x
+        tile = cuda.shared.array(4, float32)
+        total = float32(0)
+        for s0 in range(0, x.size, 4):
+            tile[t] = x[s0 + t]
+            cuda.syncthreads()
+            total += tile[(t + 1) % 4]
+            if second_barrier:
+                cuda.syncthreads()
+        out[t] = total
+
+    return slab_sum
+
+
+def test_catches_a_slab_loop_without_second_syncthreads():
+    x = be.asarray(np.arange(12, dtype=np.float32))  # three slabs of four
+    msg = race_message(lambda: slab_sums(False)[1, 4](x, be.zeros(4)))
+    assert re.search(r"(write-after-read|read-after-write) race in kernel slab_sum on shared tile\[", msg), msg
     assert "with no cuda.syncthreads() between them" in msg
+    with racecheck.checking() as races:
+        slab_sums(True)[1, 4](x, be.zeros(4))
+    races.assert_clean()
+
+
+@cuda.jit
+def scatter_through_views(values, counts, how):
+    """The lost update of `histogram_plain`, written through a view of counts."""
+    for i in range(cuda.grid(1), values.size, cuda.gridsize(1)):
+        v = values[i]
+        if how == 0:
+            counts.T[v // 3, v % 3] += 1
+        elif how == 1:
+            counts.reshape(9)[v] += 1
+        elif how == 2:
+            counts.ravel()[v] += 1
+        elif how == 3:
+            counts[v // 3:, :][0, v % 3] += 1
+        else:
+            counts.transpose()[v % 3, v // 3] += 1
+
+
+@pytest.mark.parametrize("how", [0, 1, 2, 3, 4], ids=["T", "reshape", "ravel", "slice", "transpose"])
+def test_races_through_views_are_caught(how):
+    values = be.asarray(np.array([4, 7, 7, 1], np.int32))  # threads 1 and 2 both add into one element
+    counts = be.asarray(np.zeros((3, 3), np.int32))
+    msg = race_message(lambda: scatter_through_views[1, 4](values, counts, how))
+    assert "race in kernel scatter_through_views on global counts[" in msg, msg
+    assert "block (0, 0, 0) thread (1, 0, 0)" in msg and "thread (2, 0, 0)" in msg, msg
+
+
+def test_a_view_names_the_element_of_the_view_and_counts_accesses():
+    """Atomic adds through a view are no race; the checker counts every access by kernel and array."""
+    @cuda.jit
+    def add_through_t(values, counts):
+        i = cuda.grid(1)
+        cuda.atomic.add(counts.T, (values[i] % 3, values[i] // 3), 1)
+
+    values = be.asarray(np.array([4, 7, 7, 1], np.int32))
+    with racecheck.checking() as races:
+        add_through_t[2, 2](values, be.asarray(np.zeros((3, 3), np.int32)))
+    races.assert_clean()
+    assert races.count("add_through_t", "global", "atomic", "counts") == 4
+    assert races.count("add_through_t", "global", "read", "values") == 8  # each thread reads values[i] twice
+    assert races.launches == [("add_through_t", (2, 1, 1), (2, 1, 1))]
 
 
 def test_the_real_kernels_pass_where_the_planted_ones_fail(rng):

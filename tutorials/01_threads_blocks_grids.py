@@ -83,8 +83,7 @@ print("  threadIdx.x   :", thread_of.copy_to_host())
 def relu_kernel(x, y):
     i = cuda.grid(1)
     if i < x.size:  # the last block may stick out past the end of the array
-        v = x[i]
-        y[i] = v if v > float32(0) else float32(0)
+        y[i] = max(x[i], float32(0))
 
 
 n = C.pick(300, 2000)
@@ -109,8 +108,7 @@ print(f"relu over {n} elements with {blocks} blocks x {threads} threads "
 @cuda.jit
 def relu_no_guard(x, y):
     i = cuda.grid(1)
-    v = x[i]
-    y[i] = v if v > float32(0) else float32(0)
+    y[i] = max(x[i], float32(0))
 
 
 if SIM:

@@ -53,7 +53,7 @@ def conv_loops(x, w, b, stride, pad):
     p_ = (h_ + 2 * pad - r_) // stride + 1
     q_ = (w_ + 2 * pad - s_) // stride + 1
     y = np.zeros((n_, k_, p_, q_), dtype=np.float32)
-    # BEGIN SOLUTION task 2.1: four loops over (n, k, p, q): acc = b[k] + sum over c, r, s of w[k, c, r, s] * x[n, c, h, col] with h = p*stride - pad + r, col = q*stride - pad + s, skipping (h, col) outside the image; y[n, k, p, q] = acc
+    # BEGIN SOLUTION task 2.1: y[n, k, p, q] = b[k] plus filter w[k] applied to the input window of output (p, q), inputs outside the image counting as 0
     for n in range(n_):
         for k in range(k_):
             for p in range(p_):

@@ -81,7 +81,7 @@ def make_matmul_tiled(tile):
         # One shared array per line: the simulator makes two declared on one line the same array.
         sa = cuda.shared.array((tile, tile), float32)
         sb = cuda.shared.array((tile, tile), float32)
-        # BEGIN SOLUTION task 5.1: acc = float32(0); for each slab k0 = 0, tile, ...: sa[ty, tx] = a[row, k0 + tx] and sb[ty, tx] = b[k0 + ty, col] (float32(0) outside the matrices), cuda.syncthreads(), acc += sa[ty, kk] * sb[kk, tx] for kk < tile, cuda.syncthreads(); then c[row, col] = acc inside the bounds
+        # BEGIN SOLUTION task 5.1: c[row, col] = (a @ b)[row, col] inside the matrix, computed slab by slab from the shared tiles sa and sb, race-free
         acc = float32(0)
         for k0 in range(0, k_dim, tile):
             sa[ty, tx] = a[row, k0 + tx] if (row < m and k0 + tx < k_dim) else float32(0)
@@ -226,8 +226,10 @@ else:
 # - `cuda.syncthreads()` twice per slab: after loading (so the tile is complete) and after
 #   computing (so nobody overwrites a tile still being read). Every thread of the block must
 #   reach each one: never put it inside an `if` that only some threads take.
-# - The simulator's results do not show races (a missing syncthreads gives wrong numbers
-#   *sometimes*, on a GPU); the race checker `kernels/racecheck.py` does (tutorial 9).
+# - A missing syncthreads gives wrong numbers on the simulator too, but only on the launches
+#   where the threads happen to interleave badly (often, for this kernel; never guaranteed), and
+#   a missing atomic almost never shows there; the race checker `kernels/racecheck.py` reports
+#   both on every launch (tutorial 9).
 #
 # Next: tutorial 4, pooling, dropout and the loss, forward and backward.
 print("\ntutorial 3 done")

@@ -11,9 +11,10 @@
 # 3. thread 0 of each block adds the block's total to the output with ONE `cuda.atomic.add`,
 #    because blocks cannot wait for each other inside a launch.
 #
-# The bias gradients and the mean loss use this pattern (`kernels/reduce.py:sum_over_batch`,
-# one block per output), and `kernels/reduce.py:block_sum` is the whole-array sum with the
-# atomic finish; in the course it is **task 7.1**.
+# The bias gradients and the mean loss use a simpler cousin (`kernels/reduce.py:sum_over_batch`,
+# one block per output, no atomic: thread 0 adds the block's partials one by one), and
+# `kernels/reduce.py:block_sum` is the whole-array sum with the tree and the atomic finish; in
+# the course it is **task 7.1**.
 # Run: `python tutorials/09_block_reduction.py` (a few seconds on the simulator).
 
 # %%
@@ -40,9 +41,11 @@ rng = np.random.default_rng(0)
 # One block of 8 threads sums 8 numbers; after each halving step it copies its shared partials
 # to a row of `steps`, so we can watch the tree. The barrier after each step matters: in step
 # 2, thread 0 reads partial[2], which thread 2 wrote in step 1. Without the barrier thread 0
-# may read it before thread 2 has written it (a *read-after-write race*). The simulator happens
-# to run threads in an order where that works, so only a race checker (which watches who
-# touches what between barriers) can show such a bug without a GPU.
+# may read it before thread 2 has written it (a *read-after-write race*). The simulator runs a
+# block's threads as Python threads that take turns at unpredictable points, so a tree without
+# its barriers gives a different sum from launch to launch, often a wrong one but not always.
+# Whether a launch shows the bug is luck, on the simulator as on a GPU; a race checker (which
+# watches who touches what between barriers) reports it on every launch.
 #
 # The tree's halving loop is an exercise (task 7.1): a student copy has a stub there, and the
 # check cell below says whether yours is right.
@@ -59,7 +62,7 @@ def tree_steps(x, steps):
     partial[tid] = x[tid]
     steps[0, tid] = partial[tid]
     cuda.syncthreads()
-    # BEGIN SOLUTION task 7.1: half = B // 2, step = 1; while half > 0: threads tid < half add partial[tid + half] into partial[tid]; every thread calls cuda.syncthreads(); steps[step, tid] = partial[tid]; half //= 2, step += 1
+    # BEGIN SOLUTION task 7.1: steps[j] holds the partials after halving round j (j = 1, 2, 3) and partial[0] ends with the block's sum, race-free
     half = B // 2
     step = 1
     while half > 0:
@@ -99,11 +102,12 @@ for j, row in enumerate(steps):
     print(f"  {'inputs' if j == 0 else f'step {j}':>7}: " + " ".join(f"{v:4.0f}" if i < live else "   ." for i, v in enumerate(row)))
 print(f"sum of 1..{B} = {steps[-1][0]:.0f} after log2({B}) = 3 steps")
 
+
 # %% [markdown]
 # ## 2. The whole array: many blocks, one atomic per block
 #
 # `reduce.block_sum(x)` launches several blocks; each runs steps 1 and 2 on its share and
-# finishes with `cuda.atomic.add(out, 0, partial[0])`. An atomic add is a read-modify-write
+# finishes with one atomic add of its total into out[0]. An atomic add is a read-modify-write
 # that no other thread can interrupt. A plain `out[0] += partial[0]` is three steps (read,
 # add, write): two blocks can both read 0, both add, and the second write erases the first
 # (a *lost update*). Here is that interleaving, done by hand:
@@ -118,13 +122,14 @@ print(f"two blocks add {block_totals[0]:.0f} and {block_totals[1]:.0f} with a pl
       f"out = {out[0]:.0f} (should be {block_totals.sum():.0f})")
 
 # %% [markdown]
-# On the simulator a lost update is invisible: it runs one thread at a time, so every `+=`
-# reads the latest value and the count below comes out right. A missing barrier shows there
-# only when the thread order happens to expose it (here it does: thread 0 reads slot 1 before
-# thread 1 has written it). `kernels/racecheck.py` watches who reads and writes each element
-# between barriers instead of the result, and reports both. Two tiny kernels, each in a plain
-# and a correct version: 64 threads counting into one number, and threads reading a
-# neighbour's shared slot.
+# On the simulator a lost update almost never shows: its threads take turns, and a turn rarely
+# ends between the read and the write of a `+=`, so the count below usually comes out right. A
+# missing barrier shows there on the launches where the thread order happens to expose it: for
+# the shift below that is every launch, for a tree it is some launches, for other kernels none.
+# `kernels/racecheck.py` watches who reads and writes each element between barriers instead of
+# the result, and reports both on every launch. Two tiny kernels, each in a plain and a correct
+# version: 64 threads counting into one number, and threads reading a neighbour's shared slot;
+# each is launched 20 times, and the checker watches the first launch.
 
 # %%
 @cuda.jit
@@ -157,14 +162,21 @@ def shift_barrier(y):
 if SIM:
     from minasgd.kernels import racecheck
 
+    right = {count_plain: np.full(1, 64, np.float32), shift_no_barrier: (np.arange(64) + 1) % 64}
+    right[count_atomic], right[shift_barrier] = right[count_plain], right[shift_no_barrier]
     for kernel in (count_plain, count_atomic, shift_no_barrier, shift_barrier):
-        out = cuda.to_device(np.zeros(64, np.float32))
-        with racecheck.checking() as races:
-            kernel[1, 64](out)
-        result = out.copy_to_host()
-        value = f"out[0] = {result[0]:.0f}" if kernel in (count_plain, count_atomic) else f"y[0..3] = {result[:4]}"
-        verdict = f"RACE: {str(races.found[0])[:150]}..." if races.found else "no race"
-        print(f"  {kernel.__name__:17} {value:18} {verdict}")
+        good = 0
+        for launch in range(20):
+            out = cuda.to_device(np.zeros(64, np.float32))
+            if launch == 0:
+                with racecheck.checking() as races:
+                    kernel[1, 64](out)
+            else:
+                kernel[1, 64](out)
+            result = out.copy_to_host()[:right[kernel].size]
+            good += bool(np.array_equal(result, right[kernel]))
+        verdict = f"RACE: {str(races.found[0])[:110]}..." if races.found else "no race"
+        print(f"  {kernel.__name__:17} right in {good:2} of 20 launches  {verdict}")
 else:
     print("(the race checker runs on the simulator: NUMBA_ENABLE_CUDASIM=1)")
 
@@ -227,8 +239,9 @@ else:
 # - A block reduction: registers first, then a tree in shared memory with a barrier after
 #   every step (outside any `if`), then one atomic per block.
 # - Without the atomic, updates are lost; without the barriers, threads read partials that are
-#   not written yet. The simulator's results show neither; `kernels/racecheck.py` does (the
-#   course grades tasks 3.2, 5.1 and 7.1 under it).
+#   not written yet. The simulator's results hide the first and show the second only on some
+#   launches; `kernels/racecheck.py` reports both on every launch (the course grades tasks
+#   3.2, 5.1 and 7.1 under it).
 # - Atomics make float32 sums depend on the finishing order: close, not bit-identical.
 #
 # Next: tutorial 10, occupancy, resources and bank conflicts.

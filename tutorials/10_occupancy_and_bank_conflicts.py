@@ -84,8 +84,8 @@ for name, (threads, regs, smem) in USAGE.items():
 # ## 2. Occupancy on an H100
 #
 # Per SM an H100 (like the A100 and V100) holds at most 2,048 threads (64 warps) and 32
-# blocks, has 65,536 32-bit registers, and up to 228 KB of shared memory (a block may use 48 KB
-# of static shared memory). Registers are handed out per warp in chunks of 256. A block is
+# blocks and has 65,536 32-bit registers; its shared memory is up to 228 KB per SM (the A100
+# has 164 KB, the V100 96 KB), and a block may use 48 KB of static shared memory. Registers are handed out per warp in chunks of 256. A block is
 # resident only if ALL of its resources fit, so the number of blocks per SM is the smallest of
 # four limits:
 
@@ -115,8 +115,9 @@ for name, use in USAGE.items():
     print(f"  {name:24} {blocks:>9} {limit:>14} {o:>10.0%}")
 
 # %% [markdown]
-# The 16 x 16 GEMM tiles are limited by **registers**: 38 per thread x 256 threads = 10,240 per
-# block, so 6 blocks (1,536 threads, 75%) fit. The 32 x 32 tiles use 1,024 threads per block
+# The 16 x 16 GEMM tiles are limited by **registers**: 38 per thread is 38 x 32 = 1,216 per
+# warp, rounded up to 1,280 (chunks of 256), so a block of 8 warps takes 10,240 (not
+# 38 x 256 = 9,728), and 6 blocks (1,536 threads, 75%) fit. The 32 x 32 tiles use 1,024 threads per block
 # and 40-46 registers each, so only one block fits: 50%. Shared memory is nowhere near its
 # limit. More occupancy is not always faster (a kernel that reuses data from registers can be
 # fast at 50%), but a kernel at low occupancy with nothing else to hide its loads behind waits.
@@ -169,13 +170,15 @@ for tile in (16, 32):
 # The transposed store is the culprit: in v2 with T = 16 a warp's 32 threads write words
 # 16 apart, which land in only 4 banks (8-way conflict); with T = 32 all 32 land in ONE bank
 # (32-way: the store takes 32 times as long). Padding each row by one unused float (W = T + 1)
-# shifts every row by one bank, and the same stores spread over the banks. It is not free of
-# side effects: at T = 16 a warp spans two rows, and the row-wise stores `sa[ty, tx]` now
-# collide once (word 17 + 15 = 32 is in bank 0 with word 0): 2-way where v2 had none. At
-# T = 32 (a warp is one row) v3 is conflict-free everywhere. That one extra column is all
-# `tiled_padded` changes: `gemm.tiled_kernel(tile, pad=1)` builds it from the same code. It
-# costs 64-128 bytes of shared memory per block and, at T = 32, the compiler used 6 more
-# registers (table above), which did not change the occupancy.
+# shifts every row by one bank, and the same stores spread over the banks: at T = 32 (a warp
+# is one row) all 32 land in distinct banks. At T = 16 (the default) a warp spans two rows, so
+# the padded transposed store is still 2-way (word 15 x 17 + 1 = 256 of the second row is in
+# bank 0 with word 0 of the first): 2-way instead of 8-way, not conflict-free. The row-wise
+# stores `sa[ty, tx]` also collide once at T = 16 (word 17 + 15 = 32 is in bank 0 with word 0):
+# 2-way where v2 had none. At T = 32 v3 is conflict-free everywhere. That one extra column is
+# all `tiled_padded` changes: `gemm.tiled_kernel(tile, pad=1)` builds it from the same code. It
+# costs 128-256 bytes of shared memory per block (two tiles, T extra floats each) and, at
+# T = 32, the compiler used 6 more registers (table above), which did not change the occupancy.
 #
 # Which GEMMs stage a transposed operand? In a fully connected layer the forward pass
 # y = x W^T (`trans_b=True`) and the weight gradient dW = dy^T x (`trans_a=True`) do; the data

@@ -9,9 +9,11 @@ The package, one job per module, all plain functions that return values (the com
 flags and tables, is `minasgd/cli/assignment.py`):
 
     tasks.py      the tasks, their grading markers and their dependencies (the one place)
-    markers.py    solution regions in source text: find, cut into stubs, restore
+    markers.py    solution regions in source text: find, cut into stubs, restore, merge a student's back
     tree.py       a student tree: make it from the source checkout, restore answers into it
-    grading.py    grade a tree: the reference tests on the instructor's code + the student's stubbed files
+    grading.py    grade a tree: per task, the reference tests on the instructor's code with only the
+                  student's solution regions merged in, kernels compiled for a GPU first
+    child.py      what runs in the grading child processes (compile check, pytest, a probe)
     templates/    files written into trees: the student README, ASSIGNMENT.md, the root conftest.py
                   and the grading plugin
 
@@ -46,10 +48,10 @@ outputs with NaN, fail.
 """
 
 from .grading import Grade, grade, grading_dir, run_tests, short
-from .markers import cut, find_regions, restore_text
+from .markers import cut, find_regions, merge_regions, restore_text
 from .tasks import BY_ID, TASKS, AssignmentError, Task, parse_tasks
-from .tree import MANIFEST, catalogue, graded_files, make, read_manifest, restore, source_root
+from .tree import MANIFEST, catalogue, check_source_root, graded_files, make, read_manifest, restore, source_root
 
-__all__ = ["AssignmentError", "BY_ID", "Grade", "MANIFEST", "TASKS", "Task", "catalogue", "cut", "find_regions",
-           "grade", "graded_files", "grading_dir", "make", "parse_tasks", "read_manifest", "restore",
+__all__ = ["AssignmentError", "BY_ID", "Grade", "MANIFEST", "TASKS", "Task", "catalogue", "check_source_root", "cut", "find_regions",
+           "grade", "graded_files", "grading_dir", "make", "merge_regions", "parse_tasks", "read_manifest", "restore",
            "restore_text", "run_tests", "short", "source_root"]

@@ -12,7 +12,10 @@ region of a selected task by a TODO comment (the hint) and `raise NotImplemented
 and drops the marker lines of every other region, so the reference code runs unchanged.
 """
 
+import difflib
+import io
 import re
+import tokenize
 
 from .tasks import BY_ID, AssignmentError
 
@@ -103,3 +106,75 @@ def restore_text(student, reference, tasks, where="<text>"):
         i += 1
     missing = {t: len(solutions.get(t, [])) - used.get(t, 0) for t in tasks if len(solutions.get(t, [])) > used.get(t, 0)}
     return "\n".join(out), used, missing
+
+
+# ------------------------------------------------------------------ grading: the student's regions only
+
+def _region_problem(lines, indent):
+    """Why the student's lines cannot stand where a region stood (None if they can).
+
+    They must be whole statements (no string or bracket left open, so nothing after them is
+    swallowed) and every statement must be indented at least like the region, so it stays
+    inside the function the region is in (no module-level code: nothing of it runs at import).
+    """
+    text = "\n".join(lines) + "\n"
+    depth = 0
+    start = True
+    try:
+        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+            if tok.type in (tokenize.NEWLINE, tokenize.NL):
+                start = depth == 0
+                continue
+            if tok.type in (tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER):
+                continue
+            if start and depth == 0 and tok.start[1] < len(indent.expandtabs()):
+                return f"line {tok.start[0]} of your code is indented less than the stub was (it would leave the function)"
+            start = False
+            if tok.type == tokenize.OP and tok.string in "([{":
+                depth += 1
+            elif tok.type == tokenize.OP and tok.string in ")]}":
+                depth -= 1
+    except (tokenize.TokenError, IndentationError, SyntaxError) as e:
+        return f"your code does not end where the stub ended ({e.args[0]})"
+    return None
+
+
+def merge_regions(reference, student, task, where="<text>"):
+    """The reference text with the regions of `task` replaced by the student's code, and nothing else of theirs.
+
+    The student file was cut from the reference: each region became a two-line stub that the
+    student replaced. The k-th stub's replacement is what the student has between the lines
+    that came just before and just after that stub (found by aligning the two texts); it must
+    stay inside the region's function (see `_region_problem`). Edits anywhere else are ignored.
+    Returns (merged text, [(first, last) line of each region's code in it]); AssignmentError
+    when a stub cannot be found or the student's lines would leave the region's function.
+    """
+    regions = [r for r in find_regions(reference, where) if r.task == task]
+    template = ["\0begin"] + cut(reference, {task}, where).split("\n") + ["\0end"]
+    theirs = ["\0begin"] + student.split("\n") + ["\0end"]
+    matched = {}  # template line -> student line, for lines the two texts share
+    for a, b, n in difflib.SequenceMatcher(None, template, theirs, autojunk=False).get_matching_blocks():
+        matched.update({a + i: b + i for i in range(n)})
+    stubs = [i for i, line in enumerate(template) if TODO.match(line) and TODO.match(line)["task"] == task]
+    assert len(stubs) == len(regions), (where, task)
+    out, pos, spans = [], 1, []
+    for k, (s, r) in enumerate(zip(stubs, regions)):
+        before, after = matched.get(s - 1), matched.get(s + 2)
+        if before is None or after is None or after <= before:
+            raise AssignmentError(f"{where}: stub {k + 1} of task {task} cannot be found: the lines just before and "
+                                  f"after it must stay as `make` left them")
+        mine = theirs[before + 1:after]
+        problem = _region_problem(mine, r.indent)
+        if problem:
+            raise AssignmentError(f"{where}: task {task}, stub {k + 1}: {problem}")
+        out.extend(template[pos:s])
+        spans.append((len(out) + 1, max(len(out) + len(mine), len(out) + 1)))
+        out.extend(mine)
+        pos = s + 2
+    out.extend(template[pos:-1])
+    merged = "\n".join(out)
+    try:
+        compile(merged, where, "exec")
+    except SyntaxError as e:
+        raise AssignmentError(f"{where}: task {task}: not valid Python once merged (line {e.lineno}: {e.msg})") from None
+    return merged, spans

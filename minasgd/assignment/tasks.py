@@ -23,6 +23,7 @@ class Task:
     keyword: str | None = None  # narrows the marked tests to those whose name contains it
     needs: str | None = None  # a task whose code the grading tests also call
     race_checked: bool = False  # graded under the race checker too (an atomic or a barrier is the point)
+    host: bool = False  # Python run on the host, not a kernel: not compile-checked, graded last (docs/teaching.md)
 
     @property
     def marker(self):
@@ -46,7 +47,8 @@ TASKS = (
          "tiling: stage A and B slabs in shared memory, two syncthreads per slab, transposed operands",
          keyword="tiled", race_checked=True),
     Task("6.1", "parameter server", "Apply a push: the update, version and staleness accounting",
-         "the server side of async SGD: staleness = version now - version fetched, an lr divided by it"),
+         "the server side of async SGD: staleness = mini-batches applied since the worker fetched; "
+         "with staleness_lr, a push of k mini-batches that is s stale is scaled by k / (k + s)", host=True),
     Task("7.1", "reduction", "Block sum: a shared-memory tree, then an atomic finish",
          "halving the partial sums with a barrier per step; one atomic add per block", race_checked=True),
 )

@@ -22,9 +22,10 @@ from .tasks import BY_ID, AssignmentError
 COPY = ("minasgd", "kernels", "tests", "tutorials", ".ci", "pyproject.toml")  # what a student tree holds
 SCANNED = ("minasgd", "kernels", "tutorials")  # where solution regions may live
 GRADED = ("minasgd", "kernels")  # stubs here are graded; those in tutorials/ are exercises
-# Caches, tutorial outputs, and this tool's own test (instructor tooling: it needs the markers).
+# Caches, tutorial outputs, and this tool's own tests (instructor tooling: they need the markers, and the
+# attacks on the grader hold answers).
 IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".pytest_cache", "*.nbi", "*.nbc",
-                                "test_assignment.py", "out")
+                                "test_assignment.py", "test_assignment_*.py", "out")
 MANIFEST = ".assignment.json"
 OWN_PACKAGE = ("minasgd", "assignment")  # its docstrings and templates show markers: not solution files
 
@@ -37,10 +38,18 @@ def template(name):
 
 def source_root():
     """The source checkout this minasgd runs from (it holds kernels/ and tests/ next to minasgd/)."""
-    root = Path(__file__).resolve().parent.parent.parent
+    return check_source_root(Path(__file__).resolve().parent.parent.parent)
+
+
+def check_source_root(root):
+    """`root` if it is an instructor's source checkout; AssignmentError for anything else, a student tree too."""
+    root = Path(root)
     if not ((root / "kernels").is_dir() and (root / "tests").is_dir() and (root / "pyproject.toml").is_file()):
         raise AssignmentError(f"minasgd assignment needs a source checkout (git clone, then pip install -e .); "
                               f"{root} has no kernels/ and tests/")
+    if (root / MANIFEST).exists():
+        raise AssignmentError(f"{root} holds {MANIFEST}: it is a student tree, not the instructor's checkout "
+                              f"(run minasgd assignment from your own checkout's installation)")
     return root
 
 
@@ -88,7 +97,7 @@ def git_commit(root):
 
 def make(outdir, tasks, root=None, force=False):
     """Write a student tree for `tasks` to outdir; returns {task: [files with stubs]}."""
-    root = root or source_root()
+    root = check_source_root(root or source_root())
     outdir = Path(outdir)
     found = catalogue(root)
     lost = [t for t in tasks if t not in found]
@@ -173,7 +182,7 @@ def restore(tree, tasks, root=None):
     The manifest's task list (what `grade` checks by default) stays what the tree was made with;
     the restored tasks are recorded beside it.
     """
-    root = root or source_root()
+    root = check_source_root(root or source_root())
     tree = Path(tree)
     manifest = read_manifest(tree)
     result = {t: [0, 0] for t in tasks}

@@ -1,6 +1,7 @@
 """`minasgd assignment list|make|grade|restore`: the flags, and the package's plain functions
 (`minasgd.assignment`) turned into calls, tables and lines."""
 
+import secrets
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ def add_arguments(p):
     g.add_argument("tree", help="the student tree")
     g.add_argument("--tasks", help="default: the tasks the tree was made with (pass them: the tree's list is the student's)")
     g.add_argument("--gpu", action="store_true", help="run the kernels on a real GPU instead of the simulator")
+    g.add_argument("--seed", type=int, help="the seed of the tests' inputs (default: drawn now; the table says which)")
     r = sub.add_parser("restore", help="put the reference solutions back into a student tree")
     r.add_argument("tree", help="the student tree")
     r.add_argument("--tasks", help="default: every task the tree was made with")
@@ -86,10 +88,12 @@ def do_grade(args, console):
     if not tasks:
         raise AssignmentError("no tasks to grade")
     where = "real GPU" if args.gpu else "CUDA simulator"
+    seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     started = time.perf_counter()
     with console.status(f"grading task(s) {', '.join(tasks)} ({where})"):
-        grades = grade(args.tree, tasks, gpu=args.gpu)
-    table = Table(title=f"{args.tree}: {where}, {time.perf_counter() - started:.0f} s")
+        grades = grade(args.tree, tasks, gpu=args.gpu, seed=seed)
+    table = Table(title=f"{args.tree}: {where}, inputs from seed {seed} (--seed {seed} repeats them), "
+                        f"{time.perf_counter() - started:.0f} s")
     for col in ("task", "title", "tests passed", "result", "first failure"):
         table.add_column(col, justify="right" if col == "tests passed" else "left", overflow="fold")
     for g in grades:

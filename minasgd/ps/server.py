@@ -408,7 +408,7 @@ class ParameterServer:
                 _check_finite(grad)
                 self.discarded += 1
                 return self._reply()
-            # BEGIN SOLUTION task 6.1: staleness = mini-batches applied since the worker fetched (self.staleness_of(base_version)); in async mode (not self.sync) apply it at once with self._apply(grad, self.push_scale(batches, staleness), batches) (it raises Refused for a bad push: then nothing is counted); count it in self.staleness (a Counter), worker.pushes, worker.last_staleness and self.pushes; in async mode return self._reply()
+            # BEGIN SOLUTION task 6.1: the push's staleness (mini-batches applied since base_version) is counted in self.staleness, worker.pushes, worker.last_staleness and self.pushes; in async mode it is applied at once at the scale its size and staleness call for, and the reply returned; a refused push counts nothing
             staleness = self.staleness_of(base_version)
             if not self.sync:
                 self._apply(grad, self.push_scale(batches, staleness), batches)
@@ -458,7 +458,7 @@ class ParameterServer:
 
     def _apply(self, grad, scale, batches):
         """One optimizer update (the caller holds the lock); Refused, changing nothing, if not finite."""
-        # BEGIN SOLUTION task 6.1: the parameters after one optimizer step with grad at this scale (self.params = self._updated(grad, scale)), then count it: version + 1, steps + batches (mini-batches in the push)
+        # BEGIN SOLUTION task 6.1: self.params after one optimizer step with grad at this scale, and the counters (version, steps) after one update of `batches` mini-batches
         if self.optimizer_name == "sgd":
             self.optimizer.optimizer.momentum = self.momentum**batches  # per mini-batch: m**k for a push of k
         self.params = self._updated(grad, scale)
