@@ -406,6 +406,14 @@ class ServerView:
             live.__exit__(None, None, None)
             if not live.console.is_terminal:
                 live.console.line()  # a log file gets the last frame; end its line
+        elif kind == "stopped":
+            why = f"stopped by {event['signal']}" if event["signal"] else "stopped before training was over"
+            if event["checkpoint"]:
+                self.say(f"{why} at step {event['steps']}/{event['total_steps']} (version {event['version']}): "
+                         f"checkpoint {event['checkpoint']}; continue with --resume {event['run_dir']}")
+            else:
+                self.say(f"{why} at step {event['steps']}/{event['total_steps']}: no checkpoint written "
+                         f"({event['error'] or 'none configured'})")
         elif kind == "done":
             n = event["summary"]
             self.say(f"done: test accuracy {n['test_accuracy']:.2%}, {n['wall_seconds']:.0f} s, "

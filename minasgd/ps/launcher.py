@@ -18,8 +18,9 @@ What happens:
    (the command line's `minasgd.dashboard.ServerView` draws the live dashboard from it).
 5. When the server has applied `epochs` epochs of mini-batches it answers "done"; the workers
    say BYE and exit, and the run directory gets model.npz and summary.json with the server's
-   statistics. A worker that dies is dropped and the others carry on; Ctrl-C stops everything
-   after a final checkpoint.
+   statistics. A worker that dies is dropped and the others carry on. Ctrl-C, SIGTERM or SIGHUP
+   stop everything after a final checkpoint that `--resume` accepts; the workers hear "server
+   stopping" (not "training finished"), so `minasgd work` elsewhere keeps reconnecting.
 """
 
 import contextlib
@@ -36,7 +37,7 @@ from ..rundir import RunDir, default_run_dir
 from ..threads import blas_threads_for_training
 from ..train import build_model, load_dataset
 from .monitor import Monitor
-from .run import Say, assign_devices, create_server, finish_run, ignore, server_start, watch
+from .run import Say, assign_devices, check_options, create_server, finish_run, ignore, server_start, watch
 from .run import WorkersGone, worker_momentum  # noqa: F401  (what this module's users catch and call)
 from .tcp import TcpServer, listen, parse_address
 
@@ -114,23 +115,48 @@ def worker_process(index, address, token, shard_x, shard_y, backend, gpu, nsync,
         sys.exit(1)
 
 
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # each ends a server the same way: final checkpoint, resumable
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by a signal (after its final checkpoint); `exit_code` is 128 + its number."""
+
+    def __init__(self, signal_name, exit_code):
+        super().__init__(signal_name)
+        self.signal_name, self.exit_code = signal_name, exit_code
+
+
 @contextlib.contextmanager
-def ctrl_c_sets(flag):
-    """While inside, Ctrl-C (SIGINT) only sets `flag` (a threading.Event) instead of raising.
+def stop_signals_set(flag):
+    """While inside, SIGINT (Ctrl-C), SIGTERM and SIGHUP only set `flag` (a threading.Event) and
+    record which one came in `flag.signal` instead of raising or killing the process.
 
     A KeyboardInterrupt can strike anywhere, even between taking a lock and the `try` that would
-    release it, and the shutdown that follows then waits on that lock forever. So the watch loop
-    checks the flag and the run stops through the normal path: stop, checkpoint, clean exit.
-    (Outside the main thread signals cannot be caught; there this does nothing.)
+    release it, and the shutdown that follows then waits on that lock forever; SIGTERM and SIGHUP
+    would end the process with no checkpoint at all. So the watch loop checks the flag and the
+    run stops through the normal path: stop, checkpoint, clean exit. (Outside the main thread
+    signals cannot be caught; there this does nothing.)
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: flag.set())
+
+    def handler(signum, frame):
+        flag.signal = signal.Signals(signum).name
+        flag.set()
+
+    previous = {}
+    for name in STOP_SIGNALS:
+        if hasattr(signal, name):
+            previous[name] = signal.signal(getattr(signal, name), handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for name, handler_before in previous.items():
+            signal.signal(getattr(signal, name), handler_before)
+
+
+ctrl_c_sets = stop_signals_set  # its name before SIGTERM and SIGHUP joined SIGINT
 
 
 @contextlib.contextmanager
@@ -218,6 +244,7 @@ def run_server(cfg, opts, on_event=None, dataset=None, local_workers=0):
 
 def _run_server(cfg, opts, on_event, dataset, local_workers):
     on_event = on_event or ignore
+    check_options(opts)  # before anything is bound or loaded
     host, port = parse_address(opts.bind) if opts.bind else ("127.0.0.1", 0)
     listener = listen(host, port, opts.token)  # first, so a busy port fails fast
     try:
@@ -246,24 +273,30 @@ def _run_server(cfg, opts, on_event, dataset, local_workers):
                       address=tcp.address_text, on_event=on_event, eval_every=opts.eval_every)
     processes, finished, interrupted = [], False, threading.Event()
     try:
-        with ctrl_c_sets(interrupted):
+        with stop_signals_set(interrupted):
             if local_workers:
                 shards = [ds.shard(i, local_workers) for i in range(local_workers)]
                 processes = start_workers(tcp.address, opts.token, shards, backend, gpus, opts)
             watch(ps, monitor, lambda: [p.exitcode for p in processes], "exit codes", stop=interrupted)
         finished = not interrupted.is_set()
-    finally:  # also on Ctrl-C and errors: stop everything, keep a checkpoint
-        ps.stop()  # from here on every request hears "done"
+    finally:  # also on a signal and errors: stop everything, keep a checkpoint
+        # From here on every request hears "done" if training is over, else "server stopping"
+        # (the workers keep reconnecting to the server that resumes the run).
+        ps.stop(interrupted=not finished)
         stop_workers(processes, grace=15.0 if finished else 2.0)
         wait_for_goodbyes(ps, grace=5.0 if finished else 0.5)
         try:
             tcp.close()
         finally:
-            ps.checkpoint()  # whatever happened above
+            saved = ps.checkpoint()  # whatever happened above
         if not finished:
             run.close()
+            on_event({"kind": "stopped", "signal": getattr(interrupted, "signal", None), "version": ps.version,
+                      "steps": ps.steps, "total_steps": ps.total_steps, "checkpoint": str(saved) if saved else None,
+                      "error": ps.checkpoint_error, "run_dir": str(run.path)})
     if interrupted.is_set():
-        raise KeyboardInterrupt  # the CLI says "interrupted" and exits with 130
+        name = getattr(interrupted, "signal", "SIGINT")
+        raise Interrupted(name, 128 + getattr(signal, name, signal.SIGINT))  # the CLI says so, exits 128 + n
 
     return finish_run(cfg, opts, on_event, monitor, run, eval_model, ds, backend=backend,
                       device=f"{local_workers} local worker processes",

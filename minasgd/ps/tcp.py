@@ -42,15 +42,14 @@ import threading
 import time
 
 from .protocol import ConnectionClosed, Msg, ProtocolError, Receiver, clip, send_frame, send_json
-from .server import FINISHED, Refused
-from .session import (Client, ConnectionLost, ServerError, error_of, same_digest, serve_requests, server_proof,
-                      token_hmac)
+from .server import FINISHED, SERVER_FULL, STOPPING, Refused, Stopping
+from .session import (RETRY_LATER, Client, ConnectionLost, ServerError, error_of, same_digest, serve_requests,
+                      server_proof, token_hmac)
 
 __all__ = ["TcpServer", "TcpClient", "listen", "parse_address", "is_loopback", "ServerError", "ConnectionLost",
            "token_hmac", "server_proof", "same_digest"]  # the last five live in `session`, named here too
 
 MAX_PARAMS = 2**31  # the most parameters a worker believes a server's HELLO about
-SERVER_FULL = "server full"  # the start of the refusal beyond max_connections
 ACCEPT_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)  # accept() failures that pass
 
 
@@ -187,6 +186,9 @@ class TcpServer:
             sock.settimeout(self.timeout)
             rx.resize(4 * self.ps.num_params)
             reason = self._serve_requests(sock, rx, worker_id)
+        except Stopping as e:  # stopping before training is over: not the worker's fault
+            reason = STOPPING
+            self._refuse(sock, str(e))
         except (Refused, ProtocolError, ValueError, TypeError, RecursionError, OverflowError) as e:
             if isinstance(e, ConnectionClosed):
                 reason = "connection closed" if worker_id is None else f"hung up ({e})"
@@ -204,6 +206,10 @@ class TcpServer:
             reason = f"connection error ({e.strerror or e})"
         except MemoryError:
             reason = "out of memory"
+        except Exception as e:  # a bug of ours: one line in the events, ERROR to this worker, nobody else hurt
+            reason = f"internal error ({type(e).__name__}: {clip(e, 120)})"
+            self.ps.reject(who, reason)
+            self._refuse(sock, f"{reason}; the server goes on")
         finally:
             if worker_id is not None:
                 self.ps.leave(worker_id, reason)
@@ -313,8 +319,8 @@ class TcpClient(Client):
             raise ConnectionLost(f"{self.host}:{self.port} did not greet us in {self.timeout:g} s") from None
         if frame.type == Msg.ERROR:
             error = clip(error_of(frame))
-            # "server full" passes: worth trying again (a reconnect does), unlike other refusals
-            raise (ConnectionLost if error.startswith(SERVER_FULL) else ServerError)(
+            # "server full" / "server stopping" pass: worth trying again (a reconnect does), unlike other refusals
+            raise (ConnectionLost if error.startswith(RETRY_LATER) else ServerError)(
                 f"{self.host}:{self.port} refused us: {error}")
         if frame.type != Msg.HELLO:
             raise ServerError(f"{self.host}:{self.port} did not greet us with HELLO (got {frame.type.name})")
