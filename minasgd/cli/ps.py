@@ -46,8 +46,11 @@ def _add_server_arguments(p, bind_default, bind_help):
                         "aside); none: m (default: %(default)s)")
     p.add_argument("--bind", metavar="HOST:PORT", default=bind_default, help=bind_help)
     p.add_argument("--token", default=os.environ.get("MINASGD_TOKEN"),
-                   help="shared secret workers must prove (default: $MINASGD_TOKEN); needed to bind "
-                        "anything but loopback")
+                   help="shared secret workers must prove (default: $MINASGD_TOKEN); needed to bind anything "
+                        "but loopback. It decides who may join and proves the server to the workers; it does "
+                        "NOT encrypt: parameters, gradients and statistics cross the network in the clear, "
+                        "where anyone on the path can read them (and, past the handshake, alter them). Use an "
+                        "SSH tunnel or a VPN on a network you do not trust")
     p.add_argument("--timeout", type=float, default=D.timeout,
                    help="drop a worker silent for this many seconds (default: %(default)s)")
     p.add_argument("--checkpoint-every", type=float, default=D.checkpoint_every, metavar="SECONDS",
@@ -58,7 +61,10 @@ def _add_server_arguments(p, bind_default, bind_help):
                    help="continue the run in RUN_DIR from its model.npz: parameters, optimizer state, version, "
                         "steps, schedule, statistics (give the run's other options again)")
     p.add_argument("--max-connections", type=int, default=D.max_connections,
-                   help="connections at once; more are refused (default: %(default)s)")
+                   help="workers connected at once (past the handshake); more are refused (default: %(default)s)")
+    p.add_argument("--max-handshakes", type=int, default=D.max_handshakes,
+                   help="connections still in their handshake at once; a new one drops the oldest, so "
+                        "connections that never prove the token cannot keep a worker out (default: %(default)s)")
     p.add_argument("--handshake-timeout", type=float, default=D.handshake_timeout, metavar="SECONDS",
                    help="a new connection must finish its HELLO within this (default: %(default)s)")
     p.add_argument("--round-timeout", type=float, default=None, metavar="SECONDS",

@@ -76,7 +76,8 @@ class PsOptions:
     timeout: float = 120.0  # seconds of silence before a worker is dropped
     checkpoint_every: float = 60.0  # seconds
     eval_every: float = 1.0  # epochs' worth of mini-batches between test evaluations
-    max_connections: int = 256  # connections at once; more are refused with ERROR
+    max_connections: int = 256  # workers connected at once (past the handshake); more are refused with ERROR
+    max_handshakes: int = 64  # connections still in their handshake; a new one drops the oldest
     handshake_timeout: float = 10.0  # seconds, in total, a new connection has to finish HELLO
     round_timeout: float | None = None  # sync: seconds a round waits for a worker (default: timeout)
     reconnect: float = 60.0  # seconds a worker keeps trying to reach a server that went away
@@ -93,7 +94,7 @@ def start_server(cfg, opts, model, train_size, run, listener):
     """Create the ParameterServer for this config and serve it on `listener`; returns (ps, tcp)."""
     ps = create_server(cfg, opts, model, train_size, run)
     return ps, TcpServer(ps, listener, token=opts.token, timeout=opts.timeout, max_connections=opts.max_connections,
-                         handshake_timeout=opts.handshake_timeout).start()
+                         handshake_timeout=opts.handshake_timeout, max_handshakes=opts.max_handshakes).start()
 
 
 # ------------------------------------------------------------------ the workers

@@ -35,7 +35,8 @@ NUMBER_FLAGS = (("--timeout", "timeout", "positive", "seconds"),
                 ("--reconnect", "reconnect", "non-negative", "seconds"),
                 ("--adagrad-lr", "adagrad_lr", "positive", "(a learning rate)"))
 # (flag, attribute, lowest, highest)
-COUNT_FLAGS = (("--max-connections", "max_connections", 1, 1 << 20), ("--nsync", "nsync", 1, MAX_NPUSH),
+COUNT_FLAGS = (("--max-connections", "max_connections", 1, 1 << 20), ("--max-handshakes", "max_handshakes", 1, 1 << 16),
+               ("--nsync", "nsync", 1, MAX_NPUSH),
                ("--nfetch", "nfetch", 1, MAX_NPUSH), ("--npush", "npush", 1, MAX_NPUSH))
 
 

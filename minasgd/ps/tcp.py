@@ -22,12 +22,17 @@ random nonce from the server, and the server proves it too, answering the worker
 WELCOME: a worker with a token talks only to a server that knows it. The token itself never
 crosses the wire. (Nothing is encrypted: on an untrusted network use an SSH tunnel or a VPN.)
 
-No client can stop or starve the server: at most `max_connections` connections at once (more
-are refused with a clear ERROR); a connection gets `handshake_timeout` seconds IN TOTAL to
-finish its HELLO, and only then a parameter-sized buffer; control frames are bounded to
-64 KiB; when accept() fails (too many open files) the accept loop backs off and goes on, and a
-connection whose thread cannot start is dropped alone. Every connection has a timeout, so a
-stuck worker is dropped, and any frame the server rejects ends that worker's connection only.
+No client can stop or starve the server: at most `max_connections` workers at once (more are
+refused with a clear ERROR "server full"). A connection is not a worker until its HELLO proved
+the token: until then it is a `Handshake` in the accept thread's selector loop (no thread, no
+parameter-sized buffer), at most `max_handshakes` of them, the oldest dropped when a new one
+arrives, each with `handshake_timeout` seconds IN TOTAL; a HELLO that has arrived is read before
+new connections are accepted, so a flood of connections that never finish cannot keep out a
+worker, whose HELLO comes one round trip after ours. Control frames are bounded to 64 KiB; when
+accept() fails (too many open files) the loop drops the oldest handshake, backs off and goes on,
+and a connection whose thread cannot start is dropped alone. Every connection has a timeout, so
+a stuck worker is dropped, and any frame the server rejects (or a bug of ours it triggers) ends
+that worker's connection only, with an ERROR frame and one line in the server's events.
 
 A worker's client checks what the server sends (sizes, fields) and, given `reconnect` seconds,
 reconnects with backoff when the server goes away (a restarted `minasgd serve --resume`).
