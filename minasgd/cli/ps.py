@@ -151,6 +151,16 @@ def work(args, console):
     from ..ps.tcp import TcpClient
     from ..ps.worker import connect_and_train
 
+    import math
+
+    for flag, value, positive in (("--timeout", args.timeout, True), ("--connect-timeout", args.connect_timeout, False),
+                                  ("--reconnect", args.reconnect, False)):
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            raise ValueError(f"{flag} must be a {'positive' if positive else 'non-negative'} number of seconds, "
+                             f"got {value}")
+    for flag, value in (("--nsync", args.nsync), ("--nfetch", args.nfetch), ("--npush", args.npush)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
     index, sep, count = args.shard.partition("/")
     if not sep or not index.isdigit() or not count.isdigit() or not 1 <= int(index) <= int(count):
         raise ValueError(f"--shard wants I/N with 1 <= I <= N, got {args.shard!r}")
