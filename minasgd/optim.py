@@ -6,6 +6,7 @@ used on its parameter server; it runs in NumPy on the server.
 """
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -64,3 +65,35 @@ def learning_rate(step, total_steps, base_lr, warmup_steps=0):
         return base_lr * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """`learning_rate` for one run: the lr at any step count, `schedule(step)`.
+
+    The parameter server sends its workers the run's schedule (`as_dict`); each worker steps at
+    `schedule(server's step count + its own mini-batches since)`, so every local step follows the
+    same warm-up and cosine that single-process training follows."""
+
+    base_lr: float
+    total_steps: int
+    warmup_steps: int = 0
+
+    def __call__(self, step):
+        return learning_rate(step, self.total_steps, self.base_lr, self.warmup_steps)
+
+    def as_dict(self):
+        return {"base_lr": self.base_lr, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps}
+
+    @classmethod
+    def from_dict(cls, d):
+        """The schedule a server sent; ValueError (one line) if any field is missing or not sane."""
+        try:
+            base_lr, total, warmup = d["base_lr"], d["total_steps"], d["warmup_steps"]
+        except (TypeError, KeyError) as e:
+            raise ValueError(f"bad lr schedule {str(d)[:80]!r}: missing {e}") from None
+        if (isinstance(base_lr, bool) or not isinstance(base_lr, (int, float)) or not math.isfinite(base_lr)
+                or base_lr < 0 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                          for n in (total, warmup))):
+            raise ValueError(f"bad lr schedule {str(d)[:80]!r}")
+        return cls(float(base_lr), total, warmup)

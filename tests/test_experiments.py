@@ -68,7 +68,11 @@ def _settings(name, data_root):
     return s
 
 
-def test_a_finished_sweep_is_skipped_and_the_docs_get_the_report(tmp_path, data_root, capsys):
+def test_a_finished_sweep_is_skipped_and_the_docs_get_the_report(tmp_path, data_root, capsys, monkeypatch):
+    from minasgd.experiments import runner
+
+    code = {"commit": "abc123", "dirty": False}
+    monkeypatch.setattr(runner, "_code", lambda: dict(code))  # as in a clean checkout
     out, doc = tmp_path / "w", tmp_path / "docs" / "paper.md"
     args = ["experiment", "workers", "--quick", "--out", str(out), "--data-root", data_root, "--workers", "2",
             "--nsync", "1"]
@@ -83,7 +87,16 @@ def test_a_finished_sweep_is_skipped_and_the_docs_get_the_report(tmp_path, data_
     text = doc.read_text()
     assert "STALE TEXT" not in text and text.count("<!-- experiment:workers begin -->") == 1 and text.endswith("after\n")
     assert "minasgd experiment workers" in text
+    # Other code (a new commit, or uncommitted changes) makes a different run: it runs again.
+    for changed in ({"commit": "def456", "dirty": False}, {"commit": "abc123", "dirty": True}):
+        code.update(changed)
+        capsys.readouterr()
+        assert main(args) == 0
+        assert "done before, skipped" not in capsys.readouterr().out
     # A changed setting is a different run: it runs again.
+    code.update(commit="abc123", dirty=False)
+    assert main(args) == 0
+    first = (out / "cold-ns1-w2-s0" / "summary.json").stat().st_mtime_ns
     assert main(args + ["--lr", "0.04"]) == 0
     assert (out / "cold-ns1-w2-s0" / "summary.json").stat().st_mtime_ns != first
 

@@ -180,7 +180,7 @@ def test_the_conversation_and_a_refused_push(tmp_path, env):
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
     assert result["version"] == 1 and result["steps"] == 3 and result["pushes"] == 1 and result["rejected"] == 1
-    assert result["moved"] == pytest.approx([0.1, 0.1])  # lr 0.1 * the ones vector, momentum 0: only rank 1's push
+    assert result["moved"] == pytest.approx([1.0, 1.0])  # the ones vector as pushed, momentum 0: only rank 1's push
     assert result["ended"][0] == "training finished" and result["ended"][1].startswith("rejected:"), result["ended"]
 
 
@@ -214,5 +214,5 @@ def test_a_hostile_stats_gets_error_and_the_server_goes_on(tmp_path, env):
     done = mpiexec(3, [script], env, tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
-    assert result["pushes"] == 1 and result["rejected"] == 1 and result["moved"] == pytest.approx([0.1, 0.1])
+    assert result["pushes"] == 1 and result["rejected"] == 1 and result["moved"] == pytest.approx([1.0, 1.0])
     assert result["ended"][1].startswith("rejected: STATS field 'loss' is out of range"), result["ended"]

@@ -3,10 +3,10 @@
 #
 # The paper trains one model with several GPU "clients". Each has its own shard of the data
 # and a copy of the parameters; a central **parameter server** holds the master copy. Every
-# `nsync` mini-batches a client **pushes** the sum of its gradients and **fetches** fresh
-# parameters. Pushes are applied the moment they arrive (**asynchronous** SGD), so a push may
-# have been computed from parameters that other pushes have since changed: its **staleness**
-# is the number of updates it missed.
+# `nsync` mini-batches a client **pushes** what it learned since its last push and **fetches**
+# fresh parameters. Pushes are applied the moment they arrive (**asynchronous** SGD), so a push
+# may have been computed from parameters that other pushes have since changed: its
+# **staleness** is the number of mini-batches the server applied in between.
 #
 # Files: `minasgd/ps/protocol.py` (the wire format), `server.py` (the rules, no sockets),
 # `tcp.py` (the transport), `worker.py` (the client loop), `launcher.py` (`--workers N`).
@@ -65,10 +65,13 @@ b.close()
 # `staleness_lr=True` a push of k mini-batches that is s stale moves k / (k + s) as far, a
 # common fix (`--lr-scaling staleness`; the paper's answer is a warm start, tutorial 7).
 #
-# What a push holds: each worker runs single-process training's SGD with momentum locally and
-# pushes the sum of the steps it took, divided by its lr; the server subtracts lr * push. So
-# `--lr` and `--momentum` mean the same with workers as in one process, and one worker with
-# nsync 1 follows one process's path exactly (docs/paper.md, "One meaning of the learning rate").
+# What a push holds: each worker runs single-process training's SGD with momentum locally, each
+# step at the run's lr schedule for its step count, and pushes the sum of the steps it took:
+# exactly the displacement it moved. The server subtracts that sum as it is, never rescaled by
+# its own lr *now* (the schedule may have moved in between: during the warm-up another worker's
+# push can raise it 20x). So `--lr` and `--momentum` mean the same with workers as in one
+# process, and one worker with nsync 1 follows one process's path bit for bit. Below each
+# pretend push is a displacement of 0.1 per parameter.
 
 # %%
 n = 5
@@ -78,12 +81,14 @@ wa, wb = ps.join("toy:5", {"name": "A"}), ps.join("toy:5", {"name": "B"})
 buf = np.empty(n, np.float32)
 va, _ = ps.fetch_into(wa, buf)
 vb, _ = ps.fetch_into(wb, buf)
-ps.push(wa, np.ones(n, np.float32), base_version=va, batches=4)
-ps.push(wb, np.ones(n, np.float32), base_version=vb, batches=4)
-ps.push(wa, np.ones(n, np.float32), base_version=va, batches=4)  # A never re-fetched: 2 updates stale
+moved = np.full(n, 0.1, np.float32)  # what a worker's 4 local steps moved each parameter
+ps.push(wa, moved, base_version=va, batches=4)  # fresh: moves 0.1
+ps.push(wb, moved, base_version=vb, batches=4)  # 4 mini-batches stale: k / (k + s) = 4/8 of 0.1
+ps.push(wa, moved, base_version=va, batches=4)  # A never re-fetched: 8 stale, 4/12 of 0.1
 stats = ps.stats()
 print(f"after 3 pushes: version {stats['version']}, {stats['steps']} mini-batches, staleness histogram {stats['staleness']}")
-print(f"lr schedule at step 4: {learning_rate(4, 100, 0.1):.4f}; params now {ps.params}")
+print(f"params now {ps.params} (-0.1 - 0.05 - 0.0333); the workers' lr at step 12: "
+      f"{learning_rate(12, 100, 0.1):.4f} (the schedule they step with)")
 try:
     ps.push(wa, np.full(n, np.nan, np.float32), base_version=0)
 except Refused as e:
@@ -95,7 +100,7 @@ except Refused as e:
 # `minasgd train --workers 2` starts the server (threads in this process) and two worker
 # processes on this machine; each gets half the training images. A worker's loop
 # (`minasgd/ps/worker.py`): fetch, then nsync times {gradient of a batch, local SGD step with
-# momentum, add the step to a running sum}, then push the sum. `nsync` trades communication for staleness: pushing
+# momentum, add the step it took to a running sum}, then push the sum. `nsync` trades communication for staleness: pushing
 # rarely sends less data but makes each push staler and lets workers drift apart.
 #
 # We run it as a command (what you would type), on the NumPy backend, small.
@@ -123,17 +128,19 @@ print(f"{summary['workers']} workers, {summary['pushes']} pushes, {summary['step
 for w in summary["worker_stats"]:
     print(f"  worker {w['id']} ({w['name']}): {w['pushes']} pushes, {w['fetches']} fetches, "
           f"last staleness {w['last_staleness']}")
-sent = sum(w["pushes"] for w in summary["worker_stats"])
-print(f"the workers sent {sent} pushes; the server applied {summary['pushes']} and discarded "
-      f"{summary.get('discarded', sent - summary['pushes'])}: a push that arrives after the last scheduled "
-      "mini-batch is dropped (training is over; its reply tells the worker to stop)")
+applied = sum(w["pushes"] for w in summary["worker_stats"])  # the server's count per worker: applied pushes
+print(f"the server received {summary['pushes'] + summary['discarded']} pushes: it applied {summary['pushes']} "
+      f"({' + '.join(str(w['pushes']) for w in summary['worker_stats'])} by worker) and discarded "
+      f"{summary['discarded']}, a push that arrived after the last scheduled mini-batch (training was "
+      "over; its reply told the worker to stop)")
+assert applied == summary["pushes"]
 print(f"staleness of the applied pushes: {dict(sorted(hist.items()))}")
 
 # %% [markdown]
 # ## A picture: the staleness histogram
 #
-# With 2 workers pushing alternately, most pushes miss about one update (the other worker's).
-# With N workers, expect about N - 1.
+# Staleness counts mini-batches: with 2 workers pushing alternately at nsync 4, most pushes
+# miss the other worker's push, 4 mini-batches. With N workers expect about (N - 1) x nsync.
 
 # %%
 plt = C.pyplot()
@@ -141,7 +148,7 @@ ks = sorted(hist)
 if plt is not None:
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.bar(ks, [hist[k] for k in ks], color="tab:purple")
-    ax.set_xlabel("staleness (updates missed)")
+    ax.set_xlabel("staleness (mini-batches applied since the fetch)")
     ax.set_ylabel("pushes")
     ax.set_xticks(ks)
     ax.set_title(f"{summary['workers']} async workers, nsync {summary['nsync']}")

@@ -21,8 +21,13 @@ def _int_list(text):
     return values
 
 
+CLAIM_PASSED = ("dataset", "model", "epochs", "data_root")  # given to both commands of `experiment claim`
+
+
 def add_arguments(p):
-    p.add_argument("name", choices=NAMES, help="which experiment: " + ", ".join(NAMES))
+    p.add_argument("name", choices=(*NAMES, "claim"),
+                   help="which experiment: " + ", ".join(NAMES) + "; claim: `minasgd train` against "
+                        "`minasgd train --workers 2` as a user runs them, whole commands timed")
     p.add_argument("--out", metavar="DIR", help="experiment directory (default: runs/experiment-NAME)")
     p.add_argument("--quick", action="store_true", help="tiny everything (seconds per run): tests, a first look")
     p.add_argument("--seeds", type=int, help="runs per configuration, seeds 0..N-1 (default: 3; --quick: 1)")
@@ -44,13 +49,46 @@ def add_arguments(p):
     p.add_argument("--max-steps", type=int, help="cap the mini-batches of every run")
     p.add_argument("--data-root", metavar="DIR", help="where datasets live (default: $MINASGD_DATA or ./data)")
     p.add_argument("--fresh", action="store_true", help="run everything again (default: skip finished runs)")
+    p.add_argument("--report", action="store_true",
+                   help="claim: no runs, only the table from the files already in --out")
     p.add_argument("--docs", metavar="FILE.md",
                    help="also put the report into this markdown file (between <!-- experiment:NAME --> markers) "
                         "and the plots next to it in img/")
 
 
+def cmd_claim(args, console):
+    from ..experiments import claim
+
+    out = Path(args.out or Path("runs") / "experiment-claim")
+    if args.report:
+        result = claim.load_claim(out)
+    else:
+        extra = []
+        for key in CLAIM_PASSED:
+            if getattr(args, key, None) is not None:
+                extra += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+
+        def show(event):
+            if event["kind"] == "run_start":
+                console.print(f"$ {' '.join(event['command'])}")
+            else:
+                how = "reused" if event["reused"] else f"exit {event['exit']}"
+                console.print(f"  {event['name']}: {event['seconds']:.0f} s ({how})")
+
+        result = claim.run_claim(out, seeds=args.seeds or 3, extra_args=extra, on_event=show)
+    table = claim.claim_table(result)
+    console.print(table)
+    if args.docs:
+        claim.update_docs(args.docs, out, table)
+        console.print(f"table put into {args.docs}")
+    return 0
+
+
 def cmd_experiment(args, console):
     from ..dashboard import SweepView, experiment_table
+
+    if args.name == "claim":
+        return cmd_claim(args, console)
     from ..experiments import report
     from ..experiments.runner import run_sweep, settings_from
 

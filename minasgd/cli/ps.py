@@ -25,7 +25,9 @@ def _add_server_arguments(p, bind_default, bind_help):
     p.add_argument("--nsync", type=int, default=D.nsync,
                    help="mini-batches between a worker's syncs: nfetch = npush = nsync (default: %(default)s)")
     p.add_argument("--sync", action="store_true",
-                   help="bulk-synchronous baseline: average one push from every worker per update")
+                   help="bulk-synchronous baseline: one update per round, the SUM of one push from every "
+                        "worker (the same step per image as async); no staleness, so each worker's momentum "
+                        "is set for staleness 0")
     p.add_argument("--optimizer", default=D.optimizer, choices=["sgd", "adagrad"],
                    help="sgd: the workers run --lr/--momentum SGD and the server adds their steps; "
                         "adagrad: the server's Adagrad, as in Downpour SGD (--adagrad-lr; no momentum) "

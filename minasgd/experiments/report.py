@@ -17,6 +17,21 @@ def _mode(row):
     return row["mode"] + ("" if scaling == "none" else f" + lr/{'N' if scaling == 'workers' else 'staleness'}")
 
 
+def _worker_sgd(settings):
+    """The cell for one summary row: each worker's momentum and peak lr (`minasgd.ps.run.worker_settings`)."""
+    from ..ps.launcher import PsOptions
+    from ..ps.run import worker_settings
+
+    def cell(row):
+        if row["workers"] == 0:
+            return f"m {settings.get('momentum', 0.9):g}, lr {settings['lr']:g}"
+        opts = PsOptions(workers=row["workers"], nsync=row["nsync"], sync=row["mode"] == "sync",
+                         lr_scaling=row.get("lr_scaling", "none"))
+        momentum, lr_scale = worker_settings(settings.get("momentum", 0.9), opts)
+        return f"m {momentum:.3g}, lr {settings['lr'] * lr_scale:.3g}"
+    return cell
+
+
 def _workers(row):
     return "1 process" if row["workers"] == 0 else str(row["workers"])
 
@@ -72,8 +87,8 @@ def markdown(result, images, image_prefix=""):
     seeds = s["seeds"]
     out = [f"### `minasgd experiment {result['experiment']}`" + (" --quick" if s["quick"] else ""), "",
            f"{s['model']} on {s['dataset']}, backend {s['backend']}, {s['epochs']} epochs per run (all workers "
-           f"together), batch {s['batch_size']}, lr {s['lr']} and momentum {s.get('momentum', 0.9)} (as one process; "
-           f"workers: lr scaling {s.get('lr_scaling', 'none')}), evaluation every {s['eval_every']} epochs; "
+           f"together), batch {s['batch_size']}, --lr {s['lr']} and --momentum {s.get('momentum', 0.9)} (what "
+           f"each worker ran is in the table's first column), evaluation every {s['eval_every']} epochs; "
            f"{seeds} seed{'s' if seeds > 1 else ''} per configuration; target test error "
            f"**{1 - s['target']:.0%}** (accuracy {s['target']:.0%}). Machine: {m['cores']} cores "
            f"({m['processor']}), workers and server share them. Report made at commit {m.get('commit') or 'unknown'}.", ""]
@@ -83,7 +98,11 @@ def markdown(result, images, image_prefix=""):
         out += [f"Warm start: each seed first trains one process for {s['pretrain_epochs']} epochs "
                 f"({p[0]['images']} images, about {sum(x['seconds'] for x in p) / len(p):.0f} s, not counted "
                 f"in the times below), reaching test accuracy {accs}.", ""]
-    out += [_table([c for c, _, _ in SUMMARY_COLUMNS], summary_cells(result["summary"])), "",
+    sgd = _worker_sgd(s)
+    out += [_table(["each worker's SGD"] + [c for c, _, _ in SUMMARY_COLUMNS],
+                   [[sgd(row)] + cells for row, cells in zip(result["summary"], summary_cells(result["summary"]))]), "",
+            "Each worker's SGD: the momentum and peak lr every worker (or the one process) stepped with, "
+            "from --momentum and --lr through --momentum-scaling staleness and the run's --lr-scaling.", "",
             "Times are from the moment all workers joined (one process: training time, evaluations "
             "excluded) to the first evaluation at the target, interpolated between evaluations. A run that "
             "missed the target counts with its whole length (**≥**). Speed-ups are paired by seed against the "

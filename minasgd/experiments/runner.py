@@ -36,7 +36,15 @@ def _train_config(s, spec, run_dir, init=None):
                        batch_size=s.batch_size, lr=s.lr, momentum=s.momentum, warmup_steps=s.warmup_steps,
                        seed=spec["seed"], init=init, out=str(run_dir), data_root=s.data_root, max_steps=s.max_steps,
                        eval_every=s.eval_every, quiet=True,
-                       extra={"experiment": s.name, "spec": spec, "settings": _comparable(s)})
+                       extra={"experiment": s.name, "spec": spec, "settings": _comparable(s), "code": _code()})
+
+
+def _code():
+    """{"commit", "dirty"}: the code a run is made with; a run is reused only by the same, clean code."""
+    from .claim import code_version
+
+    commit, dirty = code_version()
+    return {"commit": commit, "dirty": dirty}
 
 
 def _comparable(s):
@@ -99,6 +107,9 @@ def finished_summary(run_dir, spec, s):
     settings = dict(summary.get("settings", {}))
     settings.pop("pretrain_steps", None)
     if summary.get("spec") != spec or settings != _comparable(s):
+        return None
+    code = summary.get("code") or {}
+    if code.get("dirty") or code.get("commit") is None or code != _code():  # other or unknown code: run again
         return None
     return summary
 

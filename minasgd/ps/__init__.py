@@ -1,9 +1,10 @@
 """The parameter server: asynchronous SGD across worker processes (Paine et al., 2013).
 
 N workers (the paper's GPU clients) each train the model on their own shard of the data and
-talk to one central server every `nsync` mini-batches: push the summed gradient, fetch fresh
-parameters. The server applies each push the moment it arrives (async, as in the paper and in
-DistBelief's Downpour SGD), or averages one push per worker per round (`--sync`, the baseline).
+talk to one central server every `nsync` mini-batches: push the sum of the steps they took
+(what they moved), fetch fresh parameters. The server applies each push the moment it arrives
+(async, as in the paper and in DistBelief's Downpour SGD), or the SUM of one push per worker per
+round (`--sync`, the baseline).
 
 Read it in this order; each module does one job:
 
@@ -12,7 +13,7 @@ Read it in this order; each module does one job:
                   checkpoints. No sockets: a transport calls join / fetch_into / push / leave
     tcp.py        TcpServer (one thread per worker) and TcpClient: frames <-> those calls
     mpi.py        the same over MPI (mpiexec): rank 0 serves, ranks 1..N are the workers
-    worker.py     Worker: fetch, nsync local steps accumulating the gradient, push, repeat
+    worker.py     Worker: fetch, nsync local steps summing what they moved, push, repeat
     monitor.py    test accuracy, metrics.jsonl, checkpoints (it draws nothing)
     run.py        what a run does whatever the transport: create_server, watch, finish_run
     launcher.py   `minasgd train --workers N`: the server here, N spawned worker processes

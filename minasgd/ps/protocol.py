@@ -24,7 +24,7 @@ A conversation (worker on the left):
     <- WELCOME {"worker_id", "version", "proof", config...}      proof: the server's hmac of both
                or ERROR {"error"}, then the server hangs up      nonces (with a token)
     -> FETCH                          <- PARAMS  float32[num_params], version
-    -> PUSH    float32[num_params]    <- ACK     {"lr", "done"}, version
+    -> PUSH    float32[num_params]    <- ACK     {"steps", "lr", "done"}, version
     -> STATS   {"loss", ...}          <- STATS   the server's statistics
     -> BYE     {"reason"}                                         either side, then it hangs up
 
@@ -45,7 +45,7 @@ import time
 import numpy as np
 
 MAGIC = b"MASG"
-PROTOCOL = 1
+PROTOCOL = 2  # 2: a PUSH carries the displacement the worker moved (was: velocities to scale by the lr)
 HEADER = struct.Struct("<4sBBHQQQ")  # magic, protocol, type, count, length, seq, version: 32 bytes
 MAX_JSON = 64 * 1024  # a control body is never bigger than this
 

@@ -66,15 +66,11 @@ def create_server(cfg, opts, model, train_size, run):
     if opts.momentum_at not in ("worker", "server"):
         raise ValueError(f"unknown --momentum-at {opts.momentum_at!r}; choose worker or server")
     sgd, on_server = opts.optimizer == "sgd", opts.momentum_at == "server"
-    momentum, lr_scale = worker_momentum(cfg.momentum, opts.workers, opts.nsync, opts.momentum_scaling)
-    if on_server:
-        momentum, lr_scale = 0.0, 1.0
-    if opts.lr_scaling == "workers":
-        lr_scale /= opts.workers
+    momentum, lr_scale = worker_settings(cfg.momentum, opts)
     ps = ParameterServer(
         model.get_params(), model_name=model.name, fingerprint=model.fingerprint(), total_steps=total_steps,
         lr=cfg.lr if sgd else opts.adagrad_lr, warmup_steps=cfg.warmup_steps, optimizer=opts.optimizer,
-        momentum=cfg.momentum if sgd and on_server else 0.0, lr_scale=lr_scale if sgd else 1.0,
+        momentum=cfg.momentum if sgd and on_server else 0.0, lr_scale=lr_scale,
         sync=opts.sync, staleness_lr=opts.lr_scaling == "staleness", expected_workers=opts.workers,
         checkpoint_path=run.model_path, checkpoint_every=opts.checkpoint_every,
         eval_every_steps=max(1, round(opts.eval_every * steps_per_epoch)),
@@ -82,11 +78,35 @@ def create_server(cfg, opts, model, train_size, run):
         # The workers run single-process training's SGD (--momentum, --weight-decay) locally and
         # push the steps they took; with Adagrad they push plain gradient sums and take no steps.
         worker_config={"model": model.name, "dataset": cfg.dataset, "batch_size": cfg.batch_size,
-                       "nsync": opts.nsync, "npush": opts.npush or opts.nsync, "momentum": momentum if sgd else 0.0, "local_steps": sgd,
+                       "nsync": opts.nsync, "npush": opts.npush or opts.nsync, "momentum": momentum,
+                       "local_steps": sgd,
                        "weight_decay": cfg.weight_decay, "seed": cfg.seed, "train_limit": cfg.train_limit})
     if opts.resume:
         resume_server(ps, opts.resume)
     return ps
+
+
+def worker_settings(momentum, opts):
+    """(each worker's SGD momentum, the factor on the lr schedule it steps with): what --lr and
+    --momentum mean with `opts.workers` workers, in one place for both transports and the reports.
+
+    - --optimizer adagrad: the workers take no steps (0, 1); the server's Adagrad has its own lr.
+    - --momentum-at server: the workers step without momentum, the server keeps it (0, 1).
+    - --momentum-at worker: `worker_momentum` (--momentum-scaling), with a staleness of
+      (N - 1) x nsync mini-batches, none with --sync (a round's workers start from the same parameters).
+    Then --lr-scaling workers divides the lr by N; --lr-scaling staleness is the server's
+    (a push of k mini-batches, s stale, is applied k / (k + s)).
+    """
+    if opts.optimizer != "sgd":
+        return 0.0, 1.0
+    if opts.momentum_at == "server":
+        per_worker, lr_scale = 0.0, 1.0
+    else:
+        per_worker, lr_scale = worker_momentum(momentum, opts.workers, 0 if opts.sync else opts.nsync,
+                                               opts.momentum_scaling)
+    if opts.lr_scaling == "workers":
+        lr_scale /= opts.workers
+    return per_worker, lr_scale
 
 
 def worker_momentum(momentum, workers, nsync=1, scaling="staleness"):
@@ -160,7 +180,9 @@ def watch(ps, monitor, worker_exits, what="exit codes", stop=None):
 def finish_run(cfg, opts, on_event, monitor, run, eval_model, ds, *, backend, device, workers, address):
     """The final evaluation, summary.json and the "done" event; returns the summary."""
     numbers = monitor.finish()
+    momentum, lr_scale = worker_settings(cfg.momentum, opts)
     summary = {**numbers, "backend": backend, "device": device,
+               "worker_momentum": momentum, "worker_peak_lr": cfg.lr * lr_scale if opts.optimizer == "sgd" else None,
                "model": eval_model.name, "num_params": eval_model.num_params, "dataset": ds.name,
                "workers": workers or len(numbers["worker_stats"]), "nsync": opts.nsync,
                "nfetch": opts.nfetch or opts.nsync, "npush": opts.npush or opts.nsync, "address": address,

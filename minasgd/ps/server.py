@@ -4,7 +4,7 @@
     wid = ps.join(fingerprint, {"name": "host:1234"})     # Refused if the model differs
     version, done = ps.fetch_into(wid, buffer)              # a consistent copy of the parameters
     with ps.fetch_snapshot(wid) as (params, version, done): ...   # the same, shared: no copy
-    reply = ps.push(wid, grad_sum, base_version, batches=4)   # {"version", "lr", "done"}
+    reply = ps.push(wid, step_sum, base_version, batches=4)   # {"version", "steps", "lr", "done"}
     ps.leave(wid, "connection reset")
 
 A transport (`minasgd.ps.tcp` over sockets, `minasgd.ps.mpi` over MPI) turns each worker's messages into
@@ -14,23 +14,28 @@ number of threads may call in at once.
 The rules:
 - Training starts when `expected_workers` have joined: until then FETCH waits.
 - `version` counts the updates applied; `steps` counts the mini-batches behind them. The
-  learning rate follows single-process training's warm-up + cosine schedule over `steps`, and
-  training is over when `steps` reaches `total_steps`.
+  learning rate follows single-process training's warm-up + cosine schedule over `steps`
+  (`minasgd.optim.Schedule`), and training is over when `steps` reaches `total_steps`.
+- A push is what the worker MOVED, applied as it is. Each worker runs the trainer's SGD locally,
+  at the schedule's lr for its own position in the run (the server's step count in its last
+  reply + its mini-batches since), and pushes the sum of the steps it took, lr_t * v_t summed
+  (its displacement, weight decay included; see `minasgd.ps.worker`). The server subtracts that
+  sum with an explicit scale, `push_scale`: 1, times k / (k + s) with `staleness_lr`, times
+  (1 - m**k) / (1 - m) with the server's momentum. It never multiplies a push by its own lr
+  *now*: the schedule may have moved since the worker stepped (warm-up, other workers' pushes),
+  and the parameters would move by another amount than the worker computed. With one worker the
+  server follows single-process training's path exactly (bit for bit at nsync 1).
 - Where the momentum lives (`--momentum-at`), with one meaning of --lr and --momentum m either
   way: every mini-batch's gradient moves the parameters lr / (1 - m) in total, spread over the
   following mini-batches exactly as in single-process training.
-  - worker: each worker runs the trainer's SGD with momentum locally and pushes the SUM of the
-    steps it took, divided by its lr (its "velocities", weight decay included; see
-    `minasgd.ps.worker`). The server subtracts lr * push: with one worker it follows
-    single-process training's path exactly, whatever nsync is. With N workers the launcher lowers
-    each worker's momentum and raises its lr (`lr_scale`) so that momentum's delay plus the
-    staleness match one process's delay (`minasgd.ps.launcher.worker_momentum`).
-  - server: workers push plain gradient sums; the server keeps ONE velocity for everyone, which
-    decays by m per mini-batch (m**k for a push of k): v = m**k v + push, w -= lr_k v, with
-    lr_k = lr (1 - m**k) / (1 - m). With nsync 1 that is single-process momentum SGD, fed by
-    several workers.
-  Extra scalings on top: `lr_scale` (e.g. 1/N for N workers), and Adagrad, as Downpour SGD had
-  on its server (then pushes are plain gradient sums and lr is Adagrad's).
+  - worker: each worker's local SGD has momentum. With N workers the launcher sets each
+    worker's momentum and lr (`minasgd.ps.run.worker_settings`).
+  - server: the workers' local SGD has no momentum; the server keeps ONE velocity of pushed
+    displacements for everyone, which decays by m per mini-batch (m**k for a push of k):
+    v = m**k v + push, w -= (1 - m**k) / (1 - m) v. With nsync 1 that is single-process
+    momentum SGD, fed by several workers.
+  - Adagrad (as Downpour SGD had on its server): the workers take no local steps and push plain
+    gradient sums, which the server's Adagrad applies at the schedule's lr now.
 - Staleness is counted in mini-batches: the server's step count now minus its step count when
   the worker fetched the parameters it computed from. With `staleness_lr` a push of k
   mini-batches that is s mini-batches stale moves k / (k + s) as far (1 with one worker; about
@@ -67,7 +72,7 @@ import numpy as np
 
 from .. import checkpoint
 from ..backends import numpy_backend
-from ..optim import SGD, Adagrad, learning_rate
+from ..optim import SGD, Adagrad, Schedule
 from .protocol import clip
 from .update import CheckedUpdate, all_finite, count_not_finite
 
@@ -233,6 +238,7 @@ class ParameterServer:
         self.sending = collections.Counter()  # id(parameter vector) -> fetches sending it right now
         self.model_name, self.fingerprint = model_name, fingerprint
         self.total_steps, self.base_lr, self.warmup_steps = total_steps, lr, warmup_steps
+        self.schedule = Schedule(lr, total_steps, warmup_steps)
         self.sync, self.staleness_lr, self.lr_scale = sync, staleness_lr, lr_scale
         self.optimizer_name = optimizer
         # Weight decay is already in the pushes, so the server adds none. `momentum` is per
@@ -301,7 +307,11 @@ class ParameterServer:
 
     def lr(self):
         """The run's learning rate now: single-process training's schedule at the server's step count."""
-        return learning_rate(self.steps, self.total_steps, self.base_lr, self.warmup_steps)
+        return self.schedule(self.steps)
+
+    def worker_schedule(self):
+        """The schedule the workers step with: the run's, times `lr_scale`."""
+        return Schedule(self.base_lr * self.lr_scale, self.total_steps, self.warmup_steps)
 
     def staleness_of(self, base_version):
         """Mini-batches applied since the worker fetched version `base_version` (never negative).
@@ -312,15 +322,23 @@ class ParameterServer:
         steps_then = self.steps_at_version.get(min(max(base_version, oldest), self.version))
         return max(0, self.steps - (self.steps if steps_then is None else steps_then))
 
-    def step_lr(self, batches, staleness):
-        """The lr this update is applied with (the caller holds the lock)."""
-        lr = self.lr() * self.lr_scale
-        if self.optimizer_name == "sgd" and self.momentum and batches > 1:
-            # velocity decays m**k per push of k: lr_k = lr (1 - m**k) / (1 - m) keeps a gradient's total
-            lr *= (1.0 - self.momentum**batches) / (1.0 - self.momentum)
+    def push_scale(self, batches, staleness):
+        """What a push of `batches` mini-batches, `staleness` mini-batches stale, is multiplied by
+        before it is subtracted (the caller holds the lock).
+
+        SGD: a push is the displacement the worker moved, so the scale is 1, whatever the
+        schedule did since it stepped; with the server's momentum a push of k carries the
+        (1 - m**k) / (1 - m) of the k mini-batches its decay m**k stands for. Adagrad: a push is a
+        plain gradient sum, stepped at the schedule's lr now. `staleness_lr`: times k / (k + s)."""
+        if self.optimizer_name == "adagrad":
+            scale = self.lr() * self.lr_scale
+        elif self.momentum and batches > 1:
+            scale = (1.0 - self.momentum**batches) / (1.0 - self.momentum)
+        else:
+            scale = 1.0
         if self.staleness_lr:
-            lr *= batches / (batches + staleness)
-        return lr
+            scale *= batches / (batches + staleness)
+        return scale
 
     def live_ids(self):
         return {wid for wid, w in self.workers.items() if w.left is None}
@@ -372,10 +390,12 @@ class ParameterServer:
         return npush
 
     def welcome(self, worker_id):
-        """What a worker needs to know to start: its id, the current lr and version, the run's settings."""
+        """What a worker needs to know to start: its id, the version and step count, the lr
+        schedule it steps with, the run's settings."""
         with self.cond:
             return {"worker_id": worker_id, "lr": self.lr() * self.lr_scale, "mode": self.mode,
-                    "version": self.version, **self.worker_config}
+                    "version": self.version, "steps": self.steps,
+                    "schedule": self.worker_schedule().as_dict(), **self.worker_config}
 
     def leave(self, worker_id, reason):
         """A worker is gone (said BYE, hung up, timed out). Training goes on with the others."""
@@ -470,10 +490,10 @@ class ParameterServer:
                 _check_finite(grad)
                 self.discarded += 1
                 return self._reply()
-            # BEGIN SOLUTION task 6.1: staleness = mini-batches applied since the worker fetched (self.staleness_of(base_version)); in async mode (not self.sync) apply it at once with self._apply(grad, self.step_lr(batches, staleness), batches) (it raises Refused for a bad push: then nothing is counted); count it in self.staleness (a Counter), worker.pushes, worker.last_staleness and self.pushes; in async mode return self._reply()
+            # BEGIN SOLUTION task 6.1: staleness = mini-batches applied since the worker fetched (self.staleness_of(base_version)); in async mode (not self.sync) apply it at once with self._apply(grad, self.push_scale(batches, staleness), batches) (it raises Refused for a bad push: then nothing is counted); count it in self.staleness (a Counter), worker.pushes, worker.last_staleness and self.pushes; in async mode return self._reply()
             staleness = self.staleness_of(base_version)
             if not self.sync:
-                self._apply(grad, self.step_lr(batches, staleness), batches)
+                self._apply(grad, self.push_scale(batches, staleness), batches)
             self.staleness[staleness] += 1
             worker.pushes += 1
             worker.last_staleness = staleness
@@ -516,12 +536,12 @@ class ParameterServer:
             self.round_excused |= missing
             self._maybe_finish_round()
 
-    def _apply(self, grad, lr, batches):
+    def _apply(self, grad, scale, batches):
         """One optimizer update (the caller holds the lock); Refused, changing nothing, if not finite."""
-        # BEGIN SOLUTION task 6.1: the parameters after one optimizer step with grad at this lr (self.params = self._updated(grad, lr)), then count it: version + 1, steps + batches (mini-batches in the push)
+        # BEGIN SOLUTION task 6.1: the parameters after one optimizer step with grad at this scale (self.params = self._updated(grad, scale)), then count it: version + 1, steps + batches (mini-batches in the push)
         if self.optimizer_name == "sgd":
             self.optimizer.optimizer.momentum = self.momentum**batches  # per mini-batch: m**k for a push of k
-        self.params = self._updated(grad, lr)
+        self.params = self._updated(grad, scale)
         self.version += 1
         self.steps += batches
         # END SOLUTION
@@ -531,7 +551,7 @@ class ParameterServer:
             self.eval_snapshots.append((self.params.copy(), self.version, self.steps))
             self.next_eval_step = (self.steps // self.eval_every_steps + 1) * self.eval_every_steps
 
-    def _updated(self, grad, lr):
+    def _updated(self, grad, scale):
         """The parameters after one optimizer step, as a new read-only vector (caller holds the lock).
 
         The current vector is never written (fetches may be sending it): the step is computed
@@ -541,7 +561,7 @@ class ParameterServer:
         if out is None or self.sending[id(out)]:
             out = np.empty(self.num_params, np.float32)
         out.flags.writeable = True
-        error = self.optimizer.step_into(self.params, grad, lr, out)
+        error = self.optimizer.step_into(self.params, grad, scale, out)
         if error:
             self.spare = out
             raise Refused(error)
@@ -553,7 +573,7 @@ class ParameterServer:
         if not self.round_members or not self.live_ids() - self.round_excused <= self.round_members:
             return
         try:
-            self._apply(self.round_sum, self.step_lr(self.round_batches, 0), self.round_batches)
+            self._apply(self.round_sum, self.push_scale(self.round_batches, 0), self.round_batches)
         except Refused as e:  # the sum overflowed the parameters: drop the round, keep the barrier moving
             self.log(f"sync round discarded: {e}")
             self.discarded += len(self.round_members)
@@ -582,8 +602,8 @@ class ParameterServer:
                 self.log(f"worker {wid} pushed in {worker.round_streak} rounds in a row: rounds wait for it again")
 
     def _reply(self):
-        # The lr a worker uses for its local steps until its next push.
-        return {"version": self.version, "lr": self.lr() * self.lr_scale, "done": self.done}
+        # "steps": where the run is, for the worker's own schedule; "lr": the workers' lr now (shown).
+        return {"version": self.version, "steps": self.steps, "lr": self.lr() * self.lr_scale, "done": self.done}
 
     # ------------------------------------------------------------------ checkpoints and shutdown
 

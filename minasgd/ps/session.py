@@ -106,7 +106,7 @@ class Client:
         self.introduction = None  # (fingerprint, info, num_params) from hello(), replayed on reconnect
         self.need_fetch = False  # after a reconnect: no push until fresh parameters were fetched
         self.finished = False  # a reconnect found the run over
-        self.last_reply = {"version": 0, "lr": 0.0, "done": False}
+        self.last_reply = {"version": 0, "steps": 0, "lr": 0.0, "done": False}
 
     def hello(self, fingerprint, info=None, num_params=None):
         """Introduce ourselves (and prove the token); returns the server's WELCOME config.
@@ -131,8 +131,9 @@ class Client:
                 self.token, bytes.fromhex(self.server_hello["nonce"]), my_nonce)):
             self._hang_up()
             raise ServerError(f"{self.where} could not prove it knows the token: not trusting it")
-        if isinstance(config.get("lr"), (int, float)):
-            self.last_reply["lr"] = config["lr"]
+        for key in ("lr", "steps"):
+            if isinstance(config.get(key), (int, float)):
+                self.last_reply[key] = config[key]
         return config
 
     def fetch_into(self, out):
@@ -155,7 +156,7 @@ class Client:
         return frame.version
 
     def push(self, grad, base_version, batches=1):
-        """Send a gradient sum computed from `base_version`; returns the server's {"version", "lr", "done"}.
+        """Send a step sum computed from `base_version`; returns the server's {"version", "steps", "lr", "done"}.
 
         After a reconnect, until the next fetch: not sent (it was computed from the old server's
         parameters); the reply is the last one seen, with "dropped": True.
@@ -163,10 +164,11 @@ class Client:
         if not self.need_fetch and not self.finished:
             try:
                 reply = self._json(self._request(Msg.PUSH, grad, version=base_version, count=batches))
-                lr, version = reply.get("lr"), reply.get("version")
+                lr, version, steps = reply.get("lr"), reply.get("version"), reply.get("steps")
                 if (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr)
-                        or not isinstance(version, int) or not isinstance(reply.get("done"), bool)):
-                    raise ServerError(f"{self.where} sent a bad ACK (lr, version, done): {clip(reply, 120)}")
+                        or not isinstance(version, int) or not isinstance(reply.get("done"), bool)
+                        or isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+                    raise ServerError(f"{self.where} sent a bad ACK (version, steps, lr, done): {clip(reply, 120)}")
                 self.last_reply = reply
                 return reply
             except ConnectionLost as e:

@@ -1,35 +1,41 @@
 """A worker (the paper's "GPU client"): fetch, train a few mini-batches locally, push, repeat.
 
-    worker = Worker(client, model, train_x, train_y, batch_size=64, npush=4, nfetch=4, lr=0.02)
+    worker = Worker(client, model, train_x, train_y, batch_size=64, npush=4, nfetch=4,
+                    schedule=Schedule(base_lr=0.02, total_steps=2000, warmup_steps=100))
     worker.run()            # until the server says training is over
 
-One round of the loop, on any backend (the model and the gradient sum stay on the device):
+One round of the loop, on any backend (the model and the step sum stay on the device):
 
     fetch the parameters (server version v)
     for each of nsync mini-batches:
+        lr = schedule(server's step count + mini-batches since)   the run's warm-up + cosine
         g = gradient of the batch + weight_decay * w
         v = momentum * v + g     the single-process trainer's SGD with momentum, run locally;
         w -= lr * v              v is kept across fetches, so momentum sees every gradient
-        step_sum += v
+        step_sum += lr * v       exactly what w just moved
     push step_sum, "computed from version v"      one device -> host copy per push
     step_sum = 0
 
-The push is the SUM of the steps the worker took (each step is lr * v), divided by lr, with the
-number of mini-batches in it. The server subtracts lr * step_sum (`minasgd.ps.server`), so with
-one worker the server's parameters follow exactly the path of single-process training with the
-same --lr and --momentum, whatever nsync is: one meaning of the learning rate everywhere. With
-N workers every mini-batch still moves the parameters as far as it would in one process; what
-differs is that it was computed from parameters a few mini-batches old (staleness).
+The push is the worker's displacement: the sum of the steps it took, each at the lr it took it
+with, and the number of mini-batches in it. The server subtracts it as it is (`minasgd.ps.server`,
+`push_scale`), so what the server applies is exactly what the worker moved, whatever the lr
+schedule did in between; with one worker the server's parameters follow the path of
+single-process training with the same --lr and --momentum, whatever nsync is (bit for bit at
+nsync 1). With N workers every mini-batch still moves the parameters as far as the worker moved
+them; what differs is that it was computed from parameters a few mini-batches old (staleness).
 
-With the server's Adagrad (Downpour SGD), momentum is 0: the push is the plain gradient sum,
-which Adagrad scales per parameter, and the worker takes no local steps (its parameters change
-only when it fetches), as Downpour's model replicas did.
+The lr of each local step is the run's schedule (`minasgd.optim.Schedule`, sent in WELCOME)
+at the worker's estimate of the run's step count: the server's count in its last reply plus the
+mini-batches this worker took since (other workers' progress since then shows at the next reply).
+
+With the server's Adagrad (Downpour SGD), the worker takes no local steps (its parameters change
+only when it fetches), as Downpour's model replicas did, and pushes the plain gradient sum, which
+Adagrad scales per parameter.
 `npush` and `nfetch` (both `nsync` by default, as in the paper) may differ: with nfetch > npush
 a worker pushes several times between fetches; with nfetch < npush it fetches more often.
-The local lr is the one the server sent with its last reply, so it follows the run's schedule.
 
 `client` is the transport: anything with `fetch_into(out) -> version or None`,
-`push(grad, base_version, batches) -> {"version", "lr", "done"}`, `stats(numbers) -> dict` and
+`push(step_sum, base_version, batches) -> {"version", "steps", "lr", "done"}`, `stats(numbers) -> dict` and
 `close(reason)`, plus `server_hello` (a dict with "model") and `hello(fingerprint, info) -> config`
 for `connect_and_train`. Two transports provide them: `minasgd.ps.tcp.TcpClient` (sockets) and
 `minasgd.ps.mpi.MpiClient` (MPI ranks).
@@ -43,13 +49,14 @@ import numpy as np
 
 from .. import backends, data
 from ..model import Model
+from ..optim import Schedule
 from ..threads import blas_threads_for_training
 from ..train import TrainConfig, load_dataset, prepare_batch
 
 
 class Worker:
-    def __init__(self, client, model, train_x, train_y, *, batch_size, npush, nfetch, lr,
-                 momentum=0.0, weight_decay=0.0, local_steps=True, seed=0, report_every=1.0):
+    def __init__(self, client, model, train_x, train_y, *, batch_size, npush, nfetch, schedule,
+                 start_step=0, momentum=0.0, weight_decay=0.0, local_steps=True, seed=0, report_every=1.0):
         if len(train_y) < batch_size:
             raise ValueError(f"a worker's shard has {len(train_y)} images, fewer than one batch of {batch_size}")
         if npush < 1 or nfetch < 1:
@@ -57,14 +64,17 @@ class Worker:
         self.client, self.model, self.be = client, model, model.be
         self.train_x, self.train_y = train_x, train_y
         self.batch_size, self.npush, self.nfetch = batch_size, npush, nfetch
-        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.schedule, self.momentum, self.weight_decay = schedule, momentum, weight_decay
+        self.server_steps = start_step  # the run's step count in the server's last reply
+        self.steps_since_reply = 0  # our mini-batches since then
+        self.lr = schedule(start_step)  # the lr of our last step (reported in STATS)
         self.local_steps = local_steps  # False with the server's Adagrad: only fetches move w
         self.rng = np.random.default_rng(seed)
         self.report_every = report_every
 
         n = model.num_params
         self.host_params = np.empty(n, dtype=np.float32)  # where fetched parameters land
-        self.grad_sum = self.be.zeros(n)  # sum of the steps (velocities) not pushed yet, on the device
+        self.grad_sum = self.be.zeros(n)  # what we moved since the last push (lr * v summed), on the device
         self.velocity = self.be.zeros(n)  # v = momentum * v + g + weight_decay * w, kept across syncs
         self.batches_in_sum = 0
         self.fetched_version = self.base_version = 0
@@ -96,10 +106,15 @@ class Worker:
         be, model = self.be, self.model
         x, labels = prepare_batch(be, model, x_u8, y)
         self.last_loss = model.loss_and_grad(x, labels, self.steps)
-        lr = self.lr if self.local_steps else 0.0
-        be.sgd_update(model.params, model.grads, self.velocity, lr, self.momentum, self.weight_decay)
-        be.axpy(self.grad_sum, 1.0, self.velocity)
+        if self.local_steps:  # SGD: step, and add exactly what w moved to the sum
+            self.lr = lr = self.schedule(self.server_steps + self.steps_since_reply)
+            be.sgd_update(model.params, model.grads, self.velocity, lr, self.momentum, self.weight_decay)
+            be.axpy(self.grad_sum, lr, self.velocity)
+        else:  # Adagrad on the server: no local step, push the gradient sum (weight decay included)
+            be.sgd_update(model.params, model.grads, self.velocity, 0.0, 0.0, self.weight_decay)
+            be.axpy(self.grad_sum, 1.0, self.velocity)
         self.steps += 1
+        self.steps_since_reply += 1
         self.batches_in_sum += 1
         self.images += len(y)
 
@@ -118,7 +133,7 @@ class Worker:
         return True
 
     def push(self):
-        """Send the gradient sum (one device -> host copy), start a new one, adopt the server's lr."""
+        """Send what we moved (one device -> host copy), start a new sum, learn the run's step count."""
         self.loss = float(self.be.to_numpy(self.last_loss)[0])
         if not np.isfinite(self.loss):
             raise FloatingPointError(f"loss became {self.loss} at step {self.steps}; try a smaller --lr")
@@ -127,7 +142,8 @@ class Worker:
         self.grad_sum = self.be.zeros(self.model.num_params)
         self.batches_in_sum = 0
         self.base_version = self.fetched_version  # the next gradients start from these parameters
-        self.lr = float(reply["lr"])
+        if not reply.get("dropped"):  # (a push dropped after a reconnect: the old count stays)
+            self.server_steps, self.steps_since_reply = int(reply["steps"]), 0
         self.pushes += 1
         if time.perf_counter() - self.last_report >= self.report_every or reply["done"]:
             self.client.stats(self.numbers())
@@ -169,7 +185,8 @@ def connect_and_train(client, *, backend="numpy", gpu=None, model_name=None, sha
         shard = (shard.train_x, shard.train_y)
     nsync = nsync or config["nsync"]
     worker = Worker(client, model, shard[0], shard[1], batch_size=config["batch_size"],
-                    npush=npush or nsync, nfetch=nfetch or nsync, lr=config["lr"],
+                    npush=npush or nsync, nfetch=nfetch or nsync, schedule=Schedule.from_dict(config.get("schedule")),
+                    start_step=config.get("steps", 0),
                     momentum=config.get("momentum", 0.0), weight_decay=config.get("weight_decay", 0.0),
                     local_steps=config.get("local_steps", True), seed=model.seed)
     try:

@@ -1,0 +1,206 @@
+"""The paper's claim as a user checks it: `minasgd train` against `minasgd train --workers 2`.
+
+    runs = run_claim(out_dir, seeds=3, dataset="shapes", extra_args=[], on_event=print_event)
+    table = claim_table(load_claim(out_dir))       # markdown, generated from the files only
+
+For each seed both commands run one after the other, as the README gives them: separate
+processes, the same --seed, everything else at its default (plus `extra_args` for both, e.g. a
+dataset or --epochs), each timed from start to exit (the whole command: start-up, data, worker
+processes, evaluations). Each run keeps its run directory (`metrics.jsonl`, `summary.json`;
+the model files are deleted to keep the results small) and a `run.json` with the exact command,
+the seed, the code version (git commit, and whether the tree had uncommitted changes), the
+machine (cores, processor, load average before and after) and the wall time. A finished run
+whose `run.json` names another code version or command is run again, never reused silently.
+
+What the table compares, per seed and as a mean with a bootstrap 95% interval over seeds:
+- the final test accuracy of 2 workers / that of one process (the goal: >= 0.95),
+- the whole command's wall time, one process / 2 workers (the goal: >= 1.3, i.e. <= 1/1.3),
+- test accuracy at equal images (each epoch), 2 workers / one process.
+"""
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+COMMANDS = {"one-process": [], "2-workers": ["--workers", "2"]}
+
+
+def code_version():
+    """(commit, dirty) of the checkout this module runs from; (None, None) outside git."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+    return commit, bool(status.strip()) if commit else None
+
+
+def machine():
+    return {"cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "processor": platform.processor() or platform.machine(), "python": platform.python_version(),
+            "system": platform.system()}
+
+
+def command(kind, seed, run_dir, extra_args):
+    return ["minasgd", "train", *COMMANDS[kind], "--seed", str(seed), *extra_args, "--out", str(run_dir), "--quiet"]
+
+
+def finished(run_dir, cmd, commit):
+    """The run's run.json if this exact command finished with this code, else None."""
+    try:
+        info = json.loads((Path(run_dir) / "run.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if info.get("command") != cmd or info.get("commit") != commit or info.get("dirty") or info.get("exit") != 0:
+        return None
+    return info
+
+
+def run_one(kind, seed, out_dir, extra_args, commit, dirty):
+    """Run one command to its end (a subprocess, timed whole); returns its run.json dict."""
+    run_dir = Path(out_dir) / f"{kind}-s{seed}"
+    cmd = command(kind, seed, run_dir, extra_args)
+    info = finished(run_dir, cmd, commit)
+    if info is not None:
+        return info, True
+    shutil.rmtree(run_dir, ignore_errors=True)
+    load_before = os.getloadavg()[0]
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "minasgd", *cmd[1:]], capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for big in run_dir.glob("model.npz*"):
+        big.unlink()
+    info = {"command": cmd, "kind": kind, "seed": seed, "exit": proc.returncode, "wall_seconds": wall,
+            "commit": commit, "dirty": dirty, "machine": machine(), "load_before": load_before,
+            "load_after": os.getloadavg()[0], "finished_at": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    if proc.returncode != 0:
+        info["stderr_tail"] = proc.stderr[-2000:]
+    (run_dir / "run.json").write_text(json.dumps(info, indent=1) + "\n")
+    return info, False
+
+
+def run_claim(out_dir, seeds=3, extra_args=(), on_event=None):
+    """Both commands for seeds 0..seeds-1, one after the other; returns load_claim(out_dir)."""
+    emit = on_event or (lambda event: None)
+    commit, dirty = code_version()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "claim.json").write_text(json.dumps({"seeds": seeds, "extra_args": list(extra_args)}, indent=1) + "\n")
+    for seed in range(seeds):
+        for kind in COMMANDS:
+            emit({"kind": "run_start", "name": f"{kind}-s{seed}", "command": command(kind, seed, "DIR", extra_args)})
+            info, reused = run_one(kind, seed, out_dir, list(extra_args), commit, dirty)
+            emit({"kind": "run_done", "name": f"{kind}-s{seed}", "reused": reused, "exit": info["exit"],
+                  "seconds": info["wall_seconds"]})
+    return load_claim(out_dir)
+
+
+# ------------------------------------------------------------------ from the files to a table
+
+def _curve(run_dir):
+    """{images: test accuracy} of a run's evaluations (metrics.jsonl "epoch" records)."""
+    curve = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("kind") == "epoch":
+            curve[int(record["images"])] = float(record["test_accuracy"])
+    return curve
+
+
+def load_claim(out_dir):
+    """Every finished pair in out_dir: {"pairs": [...], "settings": claim.json}."""
+    out_dir = Path(out_dir)
+    settings = json.loads((out_dir / "claim.json").read_text())
+    pairs = []
+    for seed in range(settings["seeds"]):
+        runs = {}
+        for kind in COMMANDS:
+            run_dir = out_dir / f"{kind}-s{seed}"
+            try:
+                info = json.loads((run_dir / "run.json").read_text())
+                summary = json.loads((run_dir / "summary.json").read_text())
+            except (OSError, json.JSONDecodeError):
+                break
+            runs[kind] = {"info": info, "summary": summary, "curve": _curve(run_dir)}
+        if len(runs) == len(COMMANDS):
+            pairs.append({"seed": seed, **runs})
+    return {"settings": settings, "pairs": pairs}
+
+
+def bootstrap_mean(values, samples=10_000, seed=0):
+    """(mean, low, high): the mean and a 95% percentile-bootstrap interval over `values`."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 2:
+        return float(values.mean()), float("nan"), float("nan")
+    draws = np.random.default_rng(seed).choice(values, size=(samples, len(values))).mean(axis=1)
+    return float(values.mean()), float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))
+
+
+def pair_numbers(pair):
+    one, two = pair["one-process"], pair["2-workers"]
+    common = sorted(set(one["curve"]) & set(two["curve"]))
+    return {"seed": pair["seed"], "acc_one": one["summary"]["test_accuracy"], "acc_two": two["summary"]["test_accuracy"],
+            "accuracy_ratio": two["summary"]["test_accuracy"] / one["summary"]["test_accuracy"],
+            "wall_one": one["info"]["wall_seconds"], "wall_two": two["info"]["wall_seconds"],
+            "time_ratio": one["info"]["wall_seconds"] / two["info"]["wall_seconds"],
+            "per_image": {images: two["curve"][images] / one["curve"][images] for images in common}}
+
+
+def _interval(values, fmt):
+    mean, low, high = bootstrap_mean(values)
+    return fmt.format(mean) + ("" if np.isnan(low) else f" [{fmt.format(low)}, {fmt.format(high)}]")
+
+
+def claim_table(result):
+    """The markdown tables: per seed, then the means with 95% bootstrap intervals; per image."""
+    rows = [pair_numbers(p) for p in result["pairs"]]
+    if not rows:
+        return "No finished pair of runs yet.\n"
+    first = result["pairs"][0]["one-process"]["info"]
+    lines = [f"`minasgd train` (one process) against `minasgd train --workers 2`, extra arguments "
+             f"`{' '.join(result['settings']['extra_args']) or '(none)'}`; code {first['commit']}, "
+             f"{first['machine']['cores']} cores ({first['machine']['processor']}).", "",
+             "| seed | one process: accuracy | wall s | 2 workers: accuracy | wall s | accuracy ratio | time ratio (1 / 2) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['seed']} | {r['acc_one']:.1%} | {r['wall_one']:.0f} | {r['acc_two']:.1%} | "
+                     f"{r['wall_two']:.0f} | {r['accuracy_ratio']:.3f} | {r['time_ratio']:.2f}x |")
+    lines.append(f"| mean [95% bootstrap] | {_interval([r['acc_one'] for r in rows], '{:.1%}')} | | "
+                 f"{_interval([r['acc_two'] for r in rows], '{:.1%}')} | | "
+                 f"{_interval([r['accuracy_ratio'] for r in rows], '{:.3f}')} | "
+                 f"{_interval([r['time_ratio'] for r in rows], '{:.2f}')}x |")
+    images = sorted(set.intersection(*(set(r["per_image"]) for r in rows)))
+    if images:
+        lines += ["", "Test accuracy at equal images, 2 workers / one process (mean over seeds):", "",
+                  "| images | " + " | ".join(f"{i:,}" for i in images) + " |",
+                  "| --- | " + " | ".join("---" for _ in images) + " |",
+                  "| ratio | " + " | ".join(f"{np.mean([r['per_image'][i] for r in rows]):.3f}" for i in images) + " |"]
+    return "\n".join(lines) + "\n"
+
+
+def update_docs(doc_path, out_dir, table):
+    """Put `table` into the markdown file between <!-- claim:OUT begin --> and <!-- claim:OUT end -->
+    (appended if the markers are missing), saying which command regenerates it."""
+    import re
+
+    doc, key = Path(doc_path), Path(out_dir).as_posix()
+    begin, end = f"<!-- claim:{key} begin -->", f"<!-- claim:{key} end -->"
+    block = (f"{begin}\n<!-- generated from the files in {key} by `minasgd experiment claim --out {key} "
+             f"--report --docs {doc_path}`; do not edit by hand -->\n\n{table}\n{end}")
+    old = doc.read_text() if doc.exists() else ""
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    doc.write_text(pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block + "\n")

@@ -1,0 +1,61 @@
+"""`minasgd experiment claim`: the table comes from the run files alone, and a run made by other
+code or another command is never reused."""
+
+import json
+
+import numpy as np
+import pytest
+
+from minasgd.experiments import claim
+
+
+def fake_run(out, kind, seed, accuracy, wall, curve, commit="abc", cmd=None):
+    run_dir = out / f"{kind}-s{seed}"
+    run_dir.mkdir(parents=True)
+    cmd = cmd or claim.command(kind, seed, run_dir, [])
+    (run_dir / "run.json").write_text(json.dumps({"command": cmd, "kind": kind, "seed": seed, "exit": 0,
+                                                  "wall_seconds": wall, "commit": commit, "dirty": False,
+                                                  "machine": {"cores": 2, "processor": "x86_64"}}))
+    (run_dir / "summary.json").write_text(json.dumps({"test_accuracy": accuracy}))
+    (run_dir / "metrics.jsonl").write_text("".join(
+        json.dumps({"kind": "epoch", "images": images, "test_accuracy": acc}) + "\n" for images, acc in curve))
+    return run_dir, cmd
+
+
+def test_the_table_is_computed_from_the_files(tmp_path):
+    (tmp_path / "claim.json").write_text(json.dumps({"seeds": 2, "extra_args": ["--epochs", "2"]}))
+    fake_run(tmp_path, "one-process", 0, 0.80, 100.0, [(640, 0.5), (1280, 0.8)])
+    fake_run(tmp_path, "2-workers", 0, 0.76, 50.0, [(640, 0.25), (1280, 0.76)])
+    fake_run(tmp_path, "one-process", 1, 0.90, 120.0, [(640, 0.6), (1280, 0.9)])
+    fake_run(tmp_path, "2-workers", 1, 0.90, 80.0, [(640, 0.6), (1280, 0.9)])
+    table = claim.claim_table(claim.load_claim(tmp_path))
+    assert "| 0 | 80.0% | 100 | 76.0% | 50 | 0.950 | 2.00x |" in table
+    assert "| 1 | 90.0% | 120 | 90.0% | 80 | 1.000 | 1.50x |" in table
+    assert "| mean [95% bootstrap] |" in table and "0.975 [0.950, 1.000]" in table and "1.75 [1.50, 2.00]x" in table
+    assert "| ratio | 0.750 | 0.975 |" in table  # (0.5 + 1.0) / 2 at 640 images, (0.95 + 1) / 2 at 1280
+    assert "`--epochs 2`" in table
+
+
+def test_an_unfinished_pair_is_left_out(tmp_path):
+    (tmp_path / "claim.json").write_text(json.dumps({"seeds": 2, "extra_args": []}))
+    fake_run(tmp_path, "one-process", 0, 0.8, 10.0, [(64, 0.8)])
+    fake_run(tmp_path, "2-workers", 0, 0.8, 10.0, [(64, 0.8)])
+    fake_run(tmp_path, "one-process", 1, 0.8, 10.0, [(64, 0.8)])  # its 2-workers run never finished
+    assert [p["seed"] for p in claim.load_claim(tmp_path)["pairs"]] == [0]
+
+
+def test_a_run_of_other_code_or_another_command_is_not_reused(tmp_path):
+    run_dir, cmd = fake_run(tmp_path, "one-process", 0, 0.8, 10.0, [(64, 0.8)], commit="abc")
+    assert claim.finished(run_dir, cmd, "abc") is not None
+    assert claim.finished(run_dir, cmd, "def") is None  # another code version
+    assert claim.finished(run_dir, cmd + ["--epochs", "1"], "abc") is None  # another command
+    info = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**info, "dirty": True}))
+    assert claim.finished(run_dir, cmd, "abc") is None  # uncommitted code: no way to say which
+
+
+def test_bootstrap_interval_contains_the_mean_and_narrows_with_more_seeds():
+    mean, low, high = claim.bootstrap_mean([0.9, 1.0, 0.95])
+    assert low <= mean <= high and mean == pytest.approx(0.95)
+    _, low5, high5 = claim.bootstrap_mean(np.tile([0.9, 1.0, 0.95], 5))
+    assert high5 - low5 < high - low
