@@ -39,7 +39,9 @@ The rules:
 - Staleness is counted in mini-batches: the server's step count now minus its step count when
   the worker fetched the parameters it computed from. With `staleness_lr` a push of k
   mini-batches that is s mini-batches stale moves k / (k + s) as far (1 with one worker; about
-  1/N with N workers that push in turn).
+  1/N with N workers that push in turn). A base version older than the server remembers (before
+  a resume, or STEPS_MEMORY versions back) counts from the oldest it does; the histogram counts
+  staleness exactly below EXACT_STALENESS and in power-of-two buckets above (`staleness_bucket`).
 - Async (the paper): each push is applied the moment it arrives.
 - Sync (the bulk-synchronous baseline): a push waits until every live worker has pushed once
   in this round; the SUM of the round's pushes is applied as ONE update (per image, the same
@@ -52,13 +54,20 @@ The rules:
 - The current parameters are one read-only vector that every fetch of that version sends as it
   is (no copy, no lock held while sending); an update never writes into a vector being sent.
 - Sync rounds have a deadline (`round_timeout`): a live worker that has not pushed by then is
-  dropped from the round, which is applied without it, and from every later round until it
-  pushes again (counted in its `missed_rounds`), so one silent peer cannot stall the run.
+  dropped from the round, which is applied without it, and from every later round (counted in
+  its `missed_rounds`; its pushes still count) until it has pushed in 2 rounds in a row, 4 after
+  a second miss, 8 after a third...: one silent or flaky peer cannot stall the run.
+- A push sums at most the run's npush mini-batches (`max_npush`: the run's --npush, else
+  --nsync), whatever the worker declares, so no peer spends the run's steps faster than sized.
 - No peer can grow the server's memory without bound: names are cut to MAX_NAME characters,
   STATS must match STATS_FIELDS, and only the last MAX_DEPARTED workers that left are kept.
+  Every peer string (names, reasons) is made safe (`protocol.clip`) before it is kept or logged.
+- `stop(interrupted=True)` (a signal, an error): every request then hears STOPPING ("server
+  stopping"), never "training finished", so the workers reconnect to the resumed server.
 - The checkpoint holds the whole state (parameters, optimizer state, version, steps, counters,
-  staleness histogram; docs/checkpoint.md): `resume()` continues a run where it was saved. A
-  checkpoint that cannot be written is reported and retried at the next interval.
+  staleness histogram; docs/checkpoint.md): `resume()` continues a run where it was saved,
+  after checking every field (`check_meta`, finite vectors). A checkpoint that cannot be
+  written is reported and retried at the next interval.
 """
 
 import collections
