@@ -603,6 +603,9 @@ def test_12_bad_arrays_are_one_line(tmp_path, case):
         tracemalloc.stop()
     assert "\n" not in str(e.value) and peak < 10 * 2**20
     assert ps.version == 0 and np.isfinite(ps.params).all()
+    if case == "NaN params":  # refused by the loader itself too (a warm start, --init, reads only that)
+        with pytest.raises(checkpoint.CheckpointError, match="NaN"):
+            checkpoint.load(tmp_path / "model.npz")
 
 
 def test_12_a_zip_bomb_is_refused_before_it_is_read(tmp_path):
