@@ -411,10 +411,11 @@ class ServerView:
             if event["checkpoint"]:
                 self.console.print(f"{why} at step {event['steps']}/{event['total_steps']} (version {event['version']}): "
                                    f"checkpoint {event['checkpoint']}; continue with --resume {event['run_dir']}",
-                                   markup=False, highlight=False)
+                                   markup=False, highlight=False, soft_wrap=True)
             else:
                 self.console.print(f"{why} at step {event['steps']}/{event['total_steps']}: no checkpoint written "
-                                   f"({event['error'] or 'none configured'})", markup=False, highlight=False)
+                                   f"({event['error'] or 'none configured'})", markup=False, highlight=False,
+                                   soft_wrap=True)
         elif kind == "done":
             n = event["summary"]
             self.say(f"done: test accuracy {n['test_accuracy']:.2%}, {n['wall_seconds']:.0f} s, "
