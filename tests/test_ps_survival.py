@@ -289,7 +289,7 @@ def test_4_an_interrupted_server_says_stopping_to_every_request(tmp_path, serve)
     frame = request(other, other_rx, Msg.FETCH)
     assert frame.type == Msg.ERROR and frame.json()["error"].startswith("server stopping")
     with pytest.raises(ServerError, match="server stopping") as e:  # a (re)joining worker: come back later
-        TcpClient(tcp.address, timeout=3).hello(FP, {})
+        TcpClient(tcp.address, timeout=3, connect_timeout=0.5).hello(FP, {})
     assert type(e.value).__name__ == "ConnectionLost"
     finished = make_ps(total_steps=1)  # whereas a finished run says so
     finished.steps = 1
@@ -455,6 +455,31 @@ def join_times_under_attack(serve, attackers, tries=10, **tcp_options):
 def test_8_a_worker_with_the_token_joins_while_the_handshake_slots_are_attacked(serve, attackers, options):
     joined = join_times_under_attack(serve, attackers, **options)
     assert len(joined) >= 9
+
+
+def test_8b_a_worker_dropped_during_its_handshake_tries_again(serve, monkeypatch):
+    """Under a flood the oldest handshake may be dropped before our HELLO arrives: the worker
+    connects again (for up to its connect timeout) instead of giving up."""
+    ps = make_ps()
+    tcp = serve(ps, token=TOKEN)
+    read_hello, dropped = TcpServer._read_hello, []
+
+    def drop_twice(self, handshake):
+        if len(dropped) < 2:
+            dropped.append(handshake.who)
+            self._end_handshake(handshake.sock)
+            handshake.sock.close()
+            return
+        read_hello(self, handshake)
+
+    monkeypatch.setattr(TcpServer, "_read_hello", drop_twice)
+    t0 = time.monotonic()
+    client = TcpClient(tcp.address, TOKEN, timeout=3, connect_timeout=5)
+    assert client.hello(FP, {"name": "real"})["worker_id"] == 1
+    assert len(dropped) == 2 and time.monotonic() - t0 < 1.0
+    client.close()
+    with pytest.raises(ServerError, match="token"):  # a refusal is not retried
+        TcpClient(tcp.address, "wrong", timeout=3, connect_timeout=5).hello(FP, {})
 
 
 # ------------------------------------------------------------------ 9. sync: a peer that skips every other round

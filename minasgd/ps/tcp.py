@@ -60,6 +60,7 @@ __all__ = ["TcpServer", "TcpClient", "listen", "parse_address", "is_loopback", "
            "token_hmac", "server_proof", "same_digest"]  # the last five live in `session`, named here too
 
 MAX_PARAMS = 2**31  # the most parameters a worker believes a server's HELLO about
+LISTEN_BACKLOG = 1024  # connections the kernel queues before accept() (a full queue drops a SYN: a 1 s retry)
 ACCEPT_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)  # accept() failures that pass
 
 
@@ -86,7 +87,7 @@ def listen(host, port, token=None):
         raise ValueError(f"refusing to listen on {host} without --token: anyone who can reach it could "
                          f"send parameters (bind 127.0.0.1, or give a token)")
     try:
-        return socket.create_server((host, port))
+        return socket.create_server((host, port), backlog=LISTEN_BACKLOG)
     except OSError as e:
         reason = "address already in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e)).lower()
         raise OSError(f"cannot listen on {host}:{port}: {reason}") from None
@@ -523,7 +524,39 @@ class TcpClient(Client):
         self.host, self.port = parse_address(address) if isinstance(address, str) else address
         self.where = f"{self.host}:{self.port}"
         self.timeout, self.reconnect = timeout, reconnect
-        self._open(connect_timeout)
+        # Until the first WELCOME, a connection the server drops (its handshake slots crowded by
+        # connections that never finish, or "server full") is tried again for `connect_timeout` s.
+        self.join_deadline, self.join_pause = time.monotonic() + connect_timeout, 0.025
+        self._open_until_greeted(connect_timeout)
+
+    def _open_until_greeted(self, connect_timeout):
+        while True:
+            try:
+                return self._open(connect_timeout)
+            except ConnectionLost as e:
+                self._pause_before_joining_again(e)
+
+    def _pause_before_joining_again(self, error):
+        """Before the first WELCOME: wait a little (50 ms, doubling to 1 s), or raise `error`
+        once `connect_timeout` has run out."""
+        self.join_pause = min(1.0, 2 * self.join_pause)
+        if time.monotonic() + self.join_pause > self.join_deadline:
+            raise error
+        time.sleep(self.join_pause)
+
+    def hello(self, fingerprint, info=None, num_params=None):
+        """`Client.hello`; the first one is tried again on a new connection while the server drops
+        us before WELCOME, for up to `connect_timeout` s (a reconnect has its own loop)."""
+        if self.introduction is not None:
+            return super().hello(fingerprint, info, num_params)
+        while True:
+            try:
+                return super().hello(fingerprint, info, num_params)
+            except ConnectionLost as e:
+                self.introduction = None
+                self.sock.close()
+                self._pause_before_joining_again(e)
+                self._open_until_greeted(max(0.0, self.join_deadline - time.monotonic()))
 
     def _open(self, connect_timeout):
         """Connect and read the server's HELLO, checking every field we use."""
