@@ -406,6 +406,8 @@ class ServerView:
             live.__exit__(None, None, None)
             if not live.console.is_terminal:
                 live.console.line()  # a log file gets the last frame; end its line
+        elif kind == "warning":  # said even when quiet
+            self.console.print(f"warning: {event['text']}", markup=False, highlight=False, soft_wrap=True)
         elif kind == "stopped":  # said even when quiet: where the run can be resumed from
             why = f"stopped by {event['signal']}" if event["signal"] else "stopped before training was over"
             if event["checkpoint"]:

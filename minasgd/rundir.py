@@ -66,9 +66,17 @@ class RunDir:
         return checkpoint.save(self.model_path, model_name, fingerprint, params, meta)
 
     def write_summary(self, summary):
+        """Write summary.json atomically; OSError with one clear line (and no .tmp left) if the disk refuses."""
         tmp = self.summary_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, self.summary_path)
+        try:
+            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+            os.replace(tmp, self.summary_path)
+        except OSError as e:
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
+            raise OSError(f"cannot write {self.summary_path}: {e.strerror or e}") from None
 
     def close(self):
         if self._metrics is not None:

@@ -306,7 +306,12 @@ from minasgd.rundir import RunDir
 run = RunDir(sys.argv[1])
 resource.setrlimit(resource.RLIMIT_FSIZE, (3000, resource.RLIM_INFINITY))
 results = [run.log({"kind": "step", "step": i, "pad": "x" * 100}) for i in range(40)]
-print(json.dumps({"results": results, "error": run.log_error}))
+try:
+    run.write_summary({"pad": "x" * 10000})
+    summary_error = None
+except OSError as e:
+    summary_error = str(e)
+print(json.dumps({"results": results, "error": run.log_error, "summary_error": summary_error}))
 """
 
 
@@ -317,6 +322,8 @@ def test_5_a_failed_metrics_write_is_a_warning_not_the_end(tmp_path):
     report = json.loads(done.stdout)
     assert report["results"][0] is True and report["results"][-1] is False
     assert "metrics.jsonl" in report["error"]
+    assert report["summary_error"].startswith("cannot write") and "summary.json" in report["summary_error"]
+    assert not (tmp_path / "run" / "summary.json.tmp").exists()
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines(keepends=True)
     assert lines and all(line.endswith("\n") and json.loads(line)["kind"] == "step" for line in lines)  # whole lines
 
@@ -747,3 +754,12 @@ def test_14_the_tcp_server_refuses_them_too():
         with pytest.raises(ValueError):
             TcpServer(make_ps(), listener, **options)
         listener.close()
+
+
+def test_serve_help_says_what_the_token_does_not_protect(capsys):
+    from minasgd.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "NOT encrypt" in text and "in the clear" in text and "SSH tunnel or a VPN" in text

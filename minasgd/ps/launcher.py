@@ -234,7 +234,9 @@ def run_server(cfg, opts, on_event=None, dataset=None, local_workers=0):
     With local_workers=0 (`minasgd serve`) the workers are `minasgd work` processes elsewhere.
     `on_event(event)` hears, in order: "server_start" (where, what), "resumed" (with --resume),
     "serving" / "served" around the watch (from the Monitor: a live view may draw it), "done"
-    (the summary); and "say" (a line of text, e.g. a warm start).
+    (the summary); and "say" (a line of text, e.g. a warm start). When things go wrong:
+    "warning" (a last checkpoint or metrics line the disk refused) and "stopped" (a signal or an
+    error ended the run early: which signal, the step, the final checkpoint's path or why there is none).
 
     The server runs on one BLAS thread, like every training process (`minasgd.threads`): its
     updates and evaluations are short, and spinning BLAS threads would take the workers' cores.

@@ -180,6 +180,9 @@ def watch(ps, monitor, worker_exits, what="exit codes", stop=None):
 def finish_run(cfg, opts, on_event, monitor, run, eval_model, ds, *, backend, device, workers, address):
     """The final evaluation, summary.json and the "done" event; returns the summary."""
     numbers = monitor.finish()
+    for problem in (monitor.ps.checkpoint_error, getattr(monitor.run, "log_error", None)):
+        if problem:  # the last checkpoint or metrics line failed: the operator must hear it, quiet or not
+            on_event({"kind": "warning", "text": problem})
     momentum, lr_scale = worker_settings(cfg.momentum, opts)
     summary = {**numbers, "backend": backend, "device": device,
                "worker_momentum": momentum, "worker_peak_lr": cfg.lr * lr_scale if opts.optimizer == "sgd" else None,
