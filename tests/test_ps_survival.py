@@ -272,6 +272,23 @@ def test_3_4_every_stop_signal_checkpoints_and_workers_keep_reconnecting(tmp_pat
         worker_log.close()
 
 
+def test_3b_a_signal_the_process_ignores_stays_ignored():
+    """`nohup minasgd serve` ignores SIGHUP: logging out must not stop the server then."""
+    from minasgd.ps.launcher import stop_signals_set
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        flag = threading.Event()
+        with stop_signals_set(flag):
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
+            os.kill(os.getpid(), signal.SIGTERM)
+            wait_for(flag.is_set)
+        assert flag.signal == "SIGTERM" and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
 def test_4_an_interrupted_server_says_stopping_to_every_request(tmp_path, serve):
     ps = make_ps(sync=True, round_timeout=30.0)
     ps.expected_workers = 2

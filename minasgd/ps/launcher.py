@@ -135,8 +135,9 @@ def stop_signals_set(flag):
     A KeyboardInterrupt can strike anywhere, even between taking a lock and the `try` that would
     release it, and the shutdown that follows then waits on that lock forever; SIGTERM and SIGHUP
     would end the process with no checkpoint at all. So the watch loop checks the flag and the
-    run stops through the normal path: stop, checkpoint, clean exit. (Outside the main thread
-    signals cannot be caught; there this does nothing.)
+    run stops through the normal path: stop, checkpoint, clean exit. A signal this process
+    ignores stays ignored (`nohup` ignores SIGHUP: the server then outlives the terminal, as
+    before). (Outside the main thread signals cannot be caught; there this does nothing.)
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -148,7 +149,7 @@ def stop_signals_set(flag):
 
     previous = {}
     for name in STOP_SIGNALS:
-        if hasattr(signal, name):
+        if hasattr(signal, name) and signal.getsignal(getattr(signal, name)) is not signal.SIG_IGN:
             previous[name] = signal.signal(getattr(signal, name), handler)
     try:
         yield

@@ -161,6 +161,8 @@ class TcpServer:
         for _, thread in connections:
             thread.join(timeout=2.0)
         self.wake_w.close()
+        if not self.thread.is_alive():
+            self.wake_r.close()  # (the accept thread closes it too; twice is harmless)
 
     # --- the accept thread: accepting, and every handshake, in one selector loop (no thread each)
 
