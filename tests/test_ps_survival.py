@@ -246,8 +246,12 @@ def test_3_4_every_stop_signal_checkpoints_and_workers_keep_reconnecting(tmp_pat
             assert time.monotonic() < deadline and server.poll() is None, "the run did not get going"
             time.sleep(0.1)
         server.send_signal(getattr(signal, signame))
+        time.sleep(0.05)  # and again while it shuts down (an impatient operator): the checkpoint still comes
+        if server.poll() is None:
+            server.send_signal(getattr(signal, signame))
         output = server.communicate(timeout=30)[0]
-        assert server.returncode == 128 + getattr(signal, signame), output
+        # 128 + n; or killed by the second signal after all was saved and said, before the exit
+        assert server.returncode in (128 + getattr(signal, signame), -getattr(signal, signame)), output
         assert f"stopped by {signame}" in output and "--resume" in output and "Traceback" not in output, output
         final = checkpoint.load(out / "model.npz")["meta"]  # the final checkpoint
         assert final["format"] == 2 and meta["steps"] <= final["steps"] < final["total_steps"]

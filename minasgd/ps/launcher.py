@@ -276,29 +276,31 @@ def _run_server(cfg, opts, on_event, dataset, local_workers):
     monitor = Monitor(ps, run, eval_model, ds.test_x, ds.test_y, steps_per_epoch, cfg.batch_size,
                       address=tcp.address_text, on_event=on_event, eval_every=opts.eval_every)
     processes, finished, interrupted = [], False, threading.Event()
-    try:
-        with stop_signals_set(interrupted):
+    # The handlers stay until the final checkpoint is written: a second signal cannot cut it short.
+    with stop_signals_set(interrupted):
+        try:
             if local_workers:
                 shards = [ds.shard(i, local_workers) for i in range(local_workers)]
                 processes = start_workers(tcp.address, opts.token, shards, backend, gpus, opts)
             watch(ps, monitor, lambda: [p.exitcode for p in processes], "exit codes", stop=interrupted)
-        finished = not interrupted.is_set()
-    finally:  # also on a signal and errors: stop everything, keep a checkpoint
-        # From here on every request hears "done" if training is over, else "server stopping"
-        # (the workers keep reconnecting to the server that resumes the run).
-        ps.stop(interrupted=not finished)
-        stop_workers(processes, grace=15.0 if finished else 2.0)
-        wait_for_goodbyes(ps, grace=5.0 if finished else 0.5)
-        try:
-            tcp.close()
-        finally:
-            saved = ps.checkpoint()  # whatever happened above
-        if not finished:
-            run.close()
-            on_event({"kind": "stopped", "signal": getattr(interrupted, "signal", None), "version": ps.version,
-                      "steps": ps.steps, "total_steps": ps.total_steps, "checkpoint": str(saved) if saved else None,
-                      "error": ps.checkpoint_error, "run_dir": str(run.path)})
-    if interrupted.is_set():
+            finished = not interrupted.is_set()
+        finally:  # also on a signal and errors: stop everything, keep a checkpoint
+            # From here on every request hears "done" if training is over, else "server stopping"
+            # (the workers keep reconnecting to the server that resumes the run).
+            ps.stop(interrupted=not finished)
+            stop_workers(processes, grace=15.0 if finished else 2.0)
+            wait_for_goodbyes(ps, grace=5.0 if finished else 0.5)
+            try:
+                tcp.close()
+            finally:
+                saved = ps.checkpoint()  # whatever happened above
+            if not finished:
+                run.close()
+                on_event({"kind": "stopped", "signal": getattr(interrupted, "signal", None), "version": ps.version,
+                          "steps": ps.steps, "total_steps": ps.total_steps,
+                          "checkpoint": str(saved) if saved else None, "error": ps.checkpoint_error,
+                          "run_dir": str(run.path)})
+    if not finished and interrupted.is_set():
         name = getattr(interrupted, "signal", "SIGINT")
         raise Interrupted(name, 128 + getattr(signal, name, signal.SIGINT))  # the CLI says so, exits 128 + n
 
