@@ -104,7 +104,8 @@ def add_work_arguments(p):
     p.add_argument("--gpu", type=int, default=None, help="GPU index for the cuda backend")
     p.add_argument("--nsync", type=int, help="nfetch = npush = K (default: the server's)")
     p.add_argument("--nfetch", type=int, help="mini-batches between fetches (default: --nsync)")
-    p.add_argument("--npush", type=int, help="mini-batches between pushes (default: --nsync)")
+    p.add_argument("--npush", type=int, help="mini-batches between pushes (default: --nsync); at most the "
+                                             "server's npush (its --npush, else --nsync), or it refuses us")
     p.add_argument("--shard", metavar="I/N", default="1/1", help="train on the I-th of N shards (default: %(default)s)")
     p.add_argument("--data-root", metavar="DIR", help="where datasets live (default: $MINASGD_DATA or ./data)")
     p.add_argument("--model", help="the model (default: the server's; a different one is refused)")
