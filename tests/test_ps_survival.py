@@ -190,6 +190,29 @@ def test_2b_a_bug_in_a_request_is_one_error_frame_not_a_traceback(serve, monkeyp
     client.close()
 
 
+def test_2c_a_bug_in_a_handshake_drops_that_connection_only(serve, monkeypatch):
+    ps = make_ps()
+    tcp = serve(ps, token=TOKEN)
+    check_token = TcpServer._check_token
+
+    def broken(self, hello, nonce):
+        if hello.get("name") == "trigger":
+            raise KeyError("oops")
+        return check_token(self, hello, nonce)
+
+    monkeypatch.setattr(TcpServer, "_check_token", broken)
+    sock = socket.create_connection(tcp.address, timeout=3)
+    rx = Receiver(sock)
+    rx.recv()
+    send_json(sock, Msg.HELLO, {"fingerprint": FP, "name": "trigger"}, seq=1)
+    assert sock.recv(1 << 16) == b""  # dropped
+    wait_for(lambda: ps.rejected == 1)
+    assert "internal error in the handshake (KeyError" in ps.recent_events(1)[0][1] and tcp.thread.is_alive()
+    client = TcpClient(tcp.address, TOKEN, timeout=3)
+    assert client.hello(FP, {"name": "real"})["worker_id"] == 1
+    client.close()
+
+
 # ------------------------------------------------------------------ 3, 4. signals
 
 @pytest.fixture(scope="module")

@@ -185,7 +185,7 @@ class TcpServer:
                     if key.data == "listener":
                         listener_ready = True
                     elif isinstance(key.data, Handshake):
-                        self._read_hello(key.data)
+                        self._guarded(self._read_hello, key.data.sock, key.data.who, key.data)
                     elif key.data == "refusing":
                         self._drain(key.fileobj)
                 self._expire()
@@ -225,8 +225,20 @@ class TcpServer:
                         self._drop_oldest_handshake("dropped: out of file descriptors")
                 time.sleep(pause)
                 return pause
-            self._admit(sock, peer)
+            self._guarded(self._admit, sock, f"{peer[0]}:{peer[1]}", sock, peer)
         return 0.0
+
+    def _guarded(self, step, sock, who, *args):
+        """`step(*args)` for one connection; a bug of ours it hits (any exception) drops that
+        connection with one line in the events, and the accept loop goes on for everyone else."""
+        try:
+            step(*args)
+        except Exception as e:
+            self.ps.reject(who, f"internal error in the handshake ({type(e).__name__}: {clip(e, 120)})")
+            self._end_handshake(sock)
+            with self.lock:
+                self.connections.pop(sock, None)
+            sock.close()
 
     def _admit(self, sock, peer):
         """Greet a new connection with our HELLO and start its handshake, or refuse it (the
