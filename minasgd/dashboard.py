@@ -406,6 +406,18 @@ class ServerView:
             live.__exit__(None, None, None)
             if not live.console.is_terminal:
                 live.console.line()  # a log file gets the last frame; end its line
+        elif kind == "warning":  # said even when quiet
+            self.console.print(f"warning: {event['text']}", markup=False, highlight=False, soft_wrap=True)
+        elif kind == "stopped":  # said even when quiet: where the run can be resumed from
+            why = f"stopped by {event['signal']}" if event["signal"] else "stopped before training was over"
+            if event["checkpoint"]:
+                self.console.print(f"{why} at step {event['steps']}/{event['total_steps']} (version {event['version']}): "
+                                   f"checkpoint {event['checkpoint']}; continue with --resume {event['run_dir']}",
+                                   markup=False, highlight=False, soft_wrap=True)
+            else:
+                self.console.print(f"{why} at step {event['steps']}/{event['total_steps']}: no checkpoint written "
+                                   f"({event['error'] or 'none configured'})", markup=False, highlight=False,
+                                   soft_wrap=True)
         elif kind == "done":
             n = event["summary"]
             self.say(f"done: test accuracy {n['test_accuracy']:.2%}, {n['wall_seconds']:.0f} s, "

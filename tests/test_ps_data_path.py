@@ -70,7 +70,7 @@ def test_fetches_of_one_version_share_one_read_only_snapshot_and_an_update_swaps
         for _ in range(3):  # more updates while the first fetch is still sending: it is never written
             ps.push(wid, np.zeros(6, np.float32), ps.version)
         np.testing.assert_array_equal(first, kept)  # whoever still sends the old one sends what it fetched
-    np.testing.assert_array_equal(ps.params, kept - 0.5)
+    np.testing.assert_array_equal(ps.params, kept - 1.0)  # a push is the displacement, applied as it is (issue 20)
     out = np.empty(6, np.float32)
     assert ps.fetch_into(wid, out)[0] == version + 4
     np.testing.assert_array_equal(out, ps.params)
@@ -86,4 +86,4 @@ def test_an_update_reuses_the_vector_of_a_version_nobody_sends_any_more():
             vectors.add(id(params))
         ps.push(wid, np.ones(6, np.float32), version)
     assert len(vectors) == 2  # two vectors, taking turns: no allocation per update
-    np.testing.assert_array_equal(ps.params, np.arange(6) - 6 * 0.5)
+    np.testing.assert_array_equal(ps.params, np.arange(6) - 6 * 1.0)  # six displacements of 1 (issue 20)

@@ -172,8 +172,12 @@ def test_2_accept_loop_survives_emfile_and_a_failed_thread_start(serve, monkeypa
         return start(thread)
 
     monkeypatch.setattr(threading.Thread, "start", start_or_fail)
-    victim = socket.create_connection(tcp.address, timeout=3)
-    assert victim.recv(1) == b""  # that one connection is dropped...
+    victim = socket.create_connection(tcp.address, timeout=3)  # a thread only after its HELLO (issue 22)
+    victim_rx = Receiver(victim)
+    assert victim_rx.recv().type == Msg.HELLO
+    send_json(victim, Msg.HELLO, {"fingerprint": FP, "name": "victim"}, seq=1)
+    with pytest.raises(protocol.ConnectionClosed):
+        victim_rx.recv()  # that one connection is dropped...
     victim.close()
     assert failed and tcp.thread.is_alive()
     assert_serves_a_real_worker(ps, tcp)  # ...and the next one is served
@@ -185,12 +189,12 @@ def test_2_accept_loop_survives_emfile_and_a_failed_thread_start(serve, monkeypa
 
 def test_3a_connections_are_capped_with_a_clear_refusal(serve):
     ps, tcp = serve(max_connections=4)
-    idle = [socket.create_connection(tcp.address, timeout=3) for _ in range(4)]
+    workers = [hostile(tcp, name=f"w{i}")[0] for i in range(4)]  # past the handshake: the 4 slots are taken
     wait_for(lambda: len(tcp.connections) == 4)
     extra = socket.create_connection(tcp.address, timeout=3)
     assert "server full" in error_of(Receiver(extra).recv())
     extra.close()
-    for sock in idle:
+    for sock in workers:
         sock.close()
     wait_for(lambda: not tcp.connections)
     assert_serves_a_real_worker(ps, tcp)
@@ -228,9 +232,10 @@ def test_3c_no_parameter_sized_buffer_before_the_handshake(serve, monkeypatch):
     monkeypatch.setattr(Receiver, "resize", lambda self, n: (sizes.append(n), resize(self, n))[1])
     ps, tcp = serve(n=100_000)
     idle = [socket.create_connection(tcp.address, timeout=3) for _ in range(3)]
-    wait_for(lambda: len(tcp.connections) == 3)
+    wait_for(lambda: len(tcp.handshakes) == 3)
     time.sleep(0.1)
-    assert max(sizes) <= MAX_JSON, "an unauthenticated connection got a parameter-sized buffer"
+    assert max(sizes, default=0) <= MAX_JSON, "an unauthenticated connection got a parameter-sized buffer"
+    assert not tcp.connections, "an unauthenticated connection got a thread"
     for sock in idle:
         sock.close()
 
@@ -369,8 +374,19 @@ def test_6_a_silent_peer_is_dropped_from_the_sync_round(serve):
     console = Console(record=True, width=200)
     console.print(ServerDashboard(monitor_for(ps)).render())
     assert "missed 1 sync round" in console.export_text()  # said so on the dashboard
-    answer(silent, silent_rx, Msg.PUSH, np.zeros(N, np.float32), count=1, version=2)  # pushes: waited for again
-    assert 1 not in ps.round_excused
+    # It pushes again: its pushes count, and after 2 rounds in a row rounds wait for it again
+    # (not at once: a peer pushing every other round would stall every round it skips; issue 22).
+    for version in (2, 3):
+        assert 1 in ps.round_excused
+        replies = []
+        thread = threading.Thread(target=lambda: replies.append(answer(
+            silent, silent_rx, Msg.PUSH, np.zeros(N, np.float32), count=1, version=version)))
+        thread.start()
+        wait_for(lambda: 1 in ps.round_members)
+        assert client.push(np.full(N, 1e-3, np.float32), version, batches=1)["version"] == version + 1
+        thread.join()
+        assert replies[0].type == Msg.ACK
+    assert 1 not in ps.round_excused and ps.workers[1].round_streak == 2
     client.close()
     silent.close()
 

@@ -139,7 +139,7 @@ CONVERSATION = textwrap.dedent("""
     if rank == 0:
         start = np.arange(N, dtype=np.float32) / N
         ps = ParameterServer(start, model_name="toy", fingerprint=FP, total_steps=3, lr=0.1, momentum=0.0,
-                             expected_workers=2, worker_config={"batch_size": 8, "nsync": 2})
+                             expected_workers=2, worker_config={"batch_size": 8, "nsync": 3})  # npush 3 allowed
         server = MpiServer(ps, comm, timeout=20).start()
         server.join(grace=60)
         moved = start - ps.params

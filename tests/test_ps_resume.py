@@ -224,7 +224,9 @@ def test_a_reconnecting_worker_waits_out_a_full_server():
     server.close()
     server = TcpServer(make_ps(), listen(*address), timeout=5, max_connections=1).start()
     try:
-        squatter = socket.create_connection(address, timeout=3)  # takes the only slot
+        squatter = TcpClient(address, timeout=3)  # a worker: takes the only slot (a handshake would not)
+        squatter.hello(FP, {"name": "squatter"}, num_params=N)
+        squatter = squatter.sock
         time.sleep(0.1)
         threading.Timer(0.8, squatter.close).start()
         t0 = time.monotonic()

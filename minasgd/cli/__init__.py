@@ -91,9 +91,10 @@ def main(argv=None):
         # escape: the message may quote a peer (a server's ERROR), never to be read as markup
         console.print(f"[red]minasgd {args.command}: {escape(str(e))}[/]", highlight=False, soft_wrap=True)
         return 2
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]")
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or a server's SIGTERM / SIGHUP (`minasgd.ps.launcher.Interrupted`)
+        name = getattr(e, "signal_name", None)
+        console.print(f"[yellow]interrupted{f' ({name})' if name else ''}[/]")
+        return getattr(e, "exit_code", 130)
 
 
 if __name__ == "__main__":

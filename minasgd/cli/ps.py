@@ -49,8 +49,11 @@ def _add_server_arguments(p, bind_default, bind_help):
                         "aside); none: m (default: %(default)s)")
     p.add_argument("--bind", metavar="HOST:PORT", default=bind_default, help=bind_help)
     p.add_argument("--token", default=os.environ.get("MINASGD_TOKEN"),
-                   help="shared secret workers must prove (default: $MINASGD_TOKEN); needed to bind "
-                        "anything but loopback")
+                   help="shared secret workers must prove (default: $MINASGD_TOKEN); needed to bind anything "
+                        "but loopback. It decides who may join and proves the server to the workers; it does "
+                        "NOT encrypt: parameters, gradients and statistics cross the network in the clear, "
+                        "where anyone on the path can read them (and, past the handshake, alter them). Use an "
+                        "SSH tunnel or a VPN on a network you do not trust")
     p.add_argument("--timeout", type=float, default=D.timeout,
                    help="drop a worker silent for this many seconds (default: %(default)s)")
     p.add_argument("--checkpoint-every", type=float, default=D.checkpoint_every, metavar="SECONDS",
@@ -61,7 +64,10 @@ def _add_server_arguments(p, bind_default, bind_help):
                    help="continue the run in RUN_DIR from its model.npz: parameters, optimizer state, version, "
                         "steps, schedule, statistics (give the run's other options again)")
     p.add_argument("--max-connections", type=int, default=D.max_connections,
-                   help="connections at once; more are refused (default: %(default)s)")
+                   help="workers connected at once (past the handshake); more are refused (default: %(default)s)")
+    p.add_argument("--max-handshakes", type=int, default=D.max_handshakes,
+                   help="connections still in their handshake at once; a new one drops the oldest, so "
+                        "connections that never prove the token cannot keep a worker out (default: %(default)s)")
     p.add_argument("--handshake-timeout", type=float, default=D.handshake_timeout, metavar="SECONDS",
                    help="a new connection must finish its HELLO within this (default: %(default)s)")
     p.add_argument("--round-timeout", type=float, default=None, metavar="SECONDS",
@@ -99,7 +105,8 @@ def add_work_arguments(p):
     p.add_argument("--gpu", type=int, default=None, help="GPU index for the cuda backend")
     p.add_argument("--nsync", type=int, help="nfetch = npush = K (default: the server's)")
     p.add_argument("--nfetch", type=int, help="mini-batches between fetches (default: --nsync)")
-    p.add_argument("--npush", type=int, help="mini-batches between pushes (default: --nsync)")
+    p.add_argument("--npush", type=int, help="mini-batches between pushes (default: --nsync); at most the "
+                                             "server's npush (its --npush, else --nsync), or it refuses us")
     p.add_argument("--shard", metavar="I/N", default="1/1", help="train on the I-th of N shards (default: %(default)s)")
     p.add_argument("--data-root", metavar="DIR", help="where datasets live (default: $MINASGD_DATA or ./data)")
     p.add_argument("--model", help="the model (default: the server's; a different one is refused)")
@@ -148,6 +155,16 @@ def work(args, console):
     from ..ps.tcp import TcpClient
     from ..ps.worker import connect_and_train
 
+    import math
+
+    for flag, value, positive in (("--timeout", args.timeout, True), ("--connect-timeout", args.connect_timeout, False),
+                                  ("--reconnect", args.reconnect, False)):
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            raise ValueError(f"{flag} must be a {'positive' if positive else 'non-negative'} number of seconds, "
+                             f"got {value}")
+    for flag, value in (("--nsync", args.nsync), ("--nfetch", args.nfetch), ("--npush", args.npush)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
     index, sep, count = args.shard.partition("/")
     if not sep or not index.isdigit() or not count.isdigit() or not 1 <= int(index) <= int(count):
         raise ValueError(f"--shard wants I/N with 1 <= I <= N, got {args.shard!r}")

@@ -18,8 +18,9 @@ What happens:
    (the command line's `minasgd.dashboard.ServerView` draws the live dashboard from it).
 5. When the server has applied `epochs` epochs of mini-batches it answers "done"; the workers
    say BYE and exit, and the run directory gets model.npz and summary.json with the server's
-   statistics. A worker that dies is dropped and the others carry on; Ctrl-C stops everything
-   after a final checkpoint.
+   statistics. A worker that dies is dropped and the others carry on. Ctrl-C, SIGTERM or SIGHUP
+   stop everything after a final checkpoint that `--resume` accepts; the workers hear "server
+   stopping" (not "training finished"), so `minasgd work` elsewhere keeps reconnecting.
 """
 
 import contextlib
@@ -36,7 +37,7 @@ from ..rundir import RunDir, default_run_dir
 from ..threads import blas_threads_for_training
 from ..train import build_model, load_dataset, train_sample
 from .monitor import Monitor
-from .run import Say, assign_devices, create_server, finish_run, ignore, server_start, watch
+from .run import Say, assign_devices, check_options, create_server, finish_run, ignore, server_start, watch
 from .run import WorkersGone, worker_momentum  # noqa: F401  (what this module's users catch and call)
 from .tcp import TcpServer, listen, parse_address
 
@@ -78,7 +79,8 @@ class PsOptions:
     timeout: float = 120.0  # seconds of silence before a worker is dropped
     checkpoint_every: float = 60.0  # seconds
     eval_every: float = 1.0  # epochs' worth of mini-batches between test evaluations
-    max_connections: int = 256  # connections at once; more are refused with ERROR
+    max_connections: int = 256  # workers connected at once (past the handshake); more are refused with ERROR
+    max_handshakes: int = 64  # connections still in their handshake; a new one drops the oldest
     handshake_timeout: float = 10.0  # seconds, in total, a new connection has to finish HELLO
     round_timeout: float | None = None  # sync: seconds a round waits for a worker (default: timeout)
     reconnect: float = 60.0  # seconds a worker keeps trying to reach a server that went away
@@ -95,7 +97,7 @@ def start_server(cfg, opts, model, train_size, run, listener):
     """Create the ParameterServer for this config and serve it on `listener`; returns (ps, tcp)."""
     ps = create_server(cfg, opts, model, train_size, run)
     return ps, TcpServer(ps, listener, token=opts.token, timeout=opts.timeout, max_connections=opts.max_connections,
-                         handshake_timeout=opts.handshake_timeout).start()
+                         handshake_timeout=opts.handshake_timeout, max_handshakes=opts.max_handshakes).start()
 
 
 # ------------------------------------------------------------------ the workers
@@ -117,23 +119,49 @@ def worker_process(index, address, token, shard_x, shard_y, backend, gpu, nsync,
         sys.exit(1)
 
 
+STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")  # each ends a server the same way: final checkpoint, resumable
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by a signal (after its final checkpoint); `exit_code` is 128 + its number."""
+
+    def __init__(self, signal_name, exit_code):
+        super().__init__(signal_name)
+        self.signal_name, self.exit_code = signal_name, exit_code
+
+
 @contextlib.contextmanager
-def ctrl_c_sets(flag):
-    """While inside, Ctrl-C (SIGINT) only sets `flag` (a threading.Event) instead of raising.
+def stop_signals_set(flag):
+    """While inside, SIGINT (Ctrl-C), SIGTERM and SIGHUP only set `flag` (a threading.Event) and
+    record which one came in `flag.signal` instead of raising or killing the process.
 
     A KeyboardInterrupt can strike anywhere, even between taking a lock and the `try` that would
-    release it, and the shutdown that follows then waits on that lock forever. So the watch loop
-    checks the flag and the run stops through the normal path: stop, checkpoint, clean exit.
-    (Outside the main thread signals cannot be caught; there this does nothing.)
+    release it, and the shutdown that follows then waits on that lock forever; SIGTERM and SIGHUP
+    would end the process with no checkpoint at all. So the watch loop checks the flag and the
+    run stops through the normal path: stop, checkpoint, clean exit. A signal this process
+    ignores stays ignored (`nohup` ignores SIGHUP: the server then outlives the terminal, as
+    before). (Outside the main thread signals cannot be caught; there this does nothing.)
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: flag.set())
+
+    def handler(signum, frame):
+        flag.signal = signal.Signals(signum).name
+        flag.set()
+
+    previous = {}
+    for name in STOP_SIGNALS:
+        if hasattr(signal, name) and signal.getsignal(getattr(signal, name)) is not signal.SIG_IGN:
+            previous[name] = signal.signal(getattr(signal, name), handler)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for name, handler_before in previous.items():
+            signal.signal(getattr(signal, name), handler_before)
+
+
+ctrl_c_sets = stop_signals_set  # its name before SIGTERM and SIGHUP joined SIGINT
 
 
 @contextlib.contextmanager
@@ -210,7 +238,9 @@ def run_server(cfg, opts, on_event=None, dataset=None, local_workers=0):
     With local_workers=0 (`minasgd serve`) the workers are `minasgd work` processes elsewhere.
     `on_event(event)` hears, in order: "server_start" (where, what), "resumed" (with --resume),
     "serving" / "served" around the watch (from the Monitor: a live view may draw it), "done"
-    (the summary); and "say" (a line of text, e.g. a warm start).
+    (the summary); and "say" (a line of text, e.g. a warm start). When things go wrong:
+    "warning" (a last checkpoint or metrics line the disk refused) and "stopped" (a signal or an
+    error ended the run early: which signal, the step, the final checkpoint's path or why there is none).
 
     The server runs on one BLAS thread, like every training process (`minasgd.threads`): its
     updates and evaluations are short, and spinning BLAS threads would take the workers' cores.
@@ -221,6 +251,7 @@ def run_server(cfg, opts, on_event=None, dataset=None, local_workers=0):
 
 def _run_server(cfg, opts, on_event, dataset, local_workers):
     on_event = on_event or ignore
+    check_options(opts)  # before anything is bound or loaded
     host, port = parse_address(opts.bind) if opts.bind else ("127.0.0.1", 0)
     listener = listen(host, port, opts.token)  # first, so a busy port fails fast
     try:
@@ -249,25 +280,33 @@ def _run_server(cfg, opts, on_event, dataset, local_workers):
                       address=tcp.address_text, on_event=on_event, eval_every=opts.eval_every,
                       train_sample=train_sample(cfg, ds))
     processes, finished, interrupted = [], False, threading.Event()
-    try:
-        with ctrl_c_sets(interrupted):
+    # The handlers stay until the final checkpoint is written: a second signal cannot cut it short.
+    with stop_signals_set(interrupted):
+        try:
             if local_workers:
                 shards = [ds.shard(i, local_workers) for i in range(local_workers)]
                 processes = start_workers(tcp.address, opts.token, shards, backend, gpus, opts)
             watch(ps, monitor, lambda: [p.exitcode for p in processes], "exit codes", stop=interrupted)
-        finished = not interrupted.is_set()
-    finally:  # also on Ctrl-C and errors: stop everything, keep a checkpoint
-        ps.stop()  # from here on every request hears "done"
-        stop_workers(processes, grace=15.0 if finished else 2.0)
-        wait_for_goodbyes(ps, grace=5.0 if finished else 0.5)
-        try:
-            tcp.close()
-        finally:
-            ps.checkpoint()  # whatever happened above
-        if not finished:
-            run.close()
-    if interrupted.is_set():
-        raise KeyboardInterrupt  # the CLI says "interrupted" and exits with 130
+            finished = not interrupted.is_set()
+        finally:  # also on a signal and errors: stop everything, keep a checkpoint
+            # From here on every request hears "done" if training is over, else "server stopping"
+            # (the workers keep reconnecting to the server that resumes the run).
+            ps.stop(interrupted=not finished)
+            stop_workers(processes, grace=15.0 if finished else 2.0)
+            wait_for_goodbyes(ps, grace=5.0 if finished else 0.5)
+            try:
+                tcp.close()
+            finally:
+                saved = ps.checkpoint()  # whatever happened above
+            if not finished:
+                run.close()
+                on_event({"kind": "stopped", "signal": getattr(interrupted, "signal", None), "version": ps.version,
+                          "steps": ps.steps, "total_steps": ps.total_steps,
+                          "checkpoint": str(saved) if saved else None, "error": ps.checkpoint_error,
+                          "run_dir": str(run.path)})
+    if not finished and interrupted.is_set():
+        name = getattr(interrupted, "signal", "SIGINT")
+        raise Interrupted(name, 128 + getattr(signal, name, signal.SIGINT))  # the CLI says so, exits 128 + n
 
     return finish_run(cfg, opts, on_event, monitor, run, eval_model, ds, backend=backend,
                       device=f"{local_workers} local worker processes",

@@ -17,7 +17,8 @@ metrics.jsonl gets the same record kinds as single-process training, with the se
 `eval_every` epochs' worth of mini-batches: test accuracy and loss of the copy of the parameters
 the server set aside at the first update that reached that step count, so evaluations land at
 exact step counts however late the monitor looks), plus "server" records with
-the staleness histogram and per-worker numbers next to each "epoch" record.
+the staleness histogram and per-worker numbers next to each "epoch" record. A record the disk
+refuses (full, read-only) is a warning in the server's events, not the end of the run.
 """
 
 import math
@@ -43,6 +44,7 @@ class Monitor:
         self.log_every = log_every
         self.next_eval, self.next_log = self.eval_steps, time.monotonic() + log_every
         self.evals = []  # the "epoch" records, in order
+        self.log_warned = False  # metrics.jsonl is failing and the server's events say so
 
     # ------------------------------------------------------------------ the loop's body
 
@@ -62,8 +64,19 @@ class Monitor:
         failures = self.ps.checkpoint_failures
         self.ps.maybe_checkpoint()
         if self.ps.checkpoint_failures > failures:  # warned on the dashboard (ps.stats()); logged here
-            self.run.log({"kind": "warning", "step": self.ps.steps, "time": self.elapsed(),
-                          "warning": self.ps.checkpoint_error})
+            self.log({"kind": "warning", "step": self.ps.steps, "time": self.elapsed(),
+                      "warning": self.ps.checkpoint_error})
+
+    def log(self, record):
+        """Append `record` to metrics.jsonl; if the disk refuses it, say so once in the server's
+        events (the dashboard shows them) and go on, and say when it works again."""
+        if self.run.log(record) is False:
+            if not self.log_warned:
+                self.log_warned = True
+                self.ps.log(f"{self.run.log_error}; training goes on, metrics are lost until it works again")
+        elif self.log_warned:
+            self.log_warned = False
+            self.ps.log("metrics.jsonl is written again")
 
     def evaluate(self, snapshot=None):
         """Test accuracy of `snapshot` (params, version, steps), by default the server's parameters
@@ -77,9 +90,9 @@ class Monitor:
                   **accuracies, "images": images,
                   "images_per_second": images / max(seconds, 1e-9), "time": seconds}
         self.evals.append(record)
-        self.run.log(record)
+        self.log(record)
         stats = self.ps.stats()
-        self.run.log({"kind": "server", "step": steps, "version": version, "time": seconds,
+        self.log({"kind": "server", "step": steps, "version": version, "time": seconds,
                       **{k: stats[k] for k in ("pushes", "fetches", "rejected", "staleness", "workers")}})
         self.next_eval = (steps // self.eval_steps + 1) * self.eval_steps
         return record
@@ -89,7 +102,7 @@ class Monitor:
         losses = [w["loss"] for w in stats["workers"] if w["alive"] and math.isfinite(w.get("loss", math.nan))]
         seconds = self.elapsed()
         images = (stats["steps"] - self.ps.start_step) * self.batch_size
-        self.run.log({"kind": "step", "step": stats["steps"], "version": stats["version"],
+        self.log({"kind": "step", "step": stats["steps"], "version": stats["version"],
                       "epoch": stats["steps"] / self.steps_per_epoch, "lr": stats["lr"],
                       "loss": sum(losses) / len(losses) if losses else None, "images": images,
                       "images_per_second": images / max(seconds, 1e-9), "time": seconds})

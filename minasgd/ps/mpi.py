@@ -75,7 +75,7 @@ import time
 import numpy as np
 
 from .protocol import MAX_JSON, Frame, Msg, ProtocolError, clip
-from .server import Refused
+from .server import STOPPING, Refused, Stopping
 from .session import Client, ServerError, serve_requests
 
 FLOAT_MESSAGES = (Msg.PARAMS, Msg.PUSH)  # their payload is float32[num_params]; everything else JSON
@@ -332,6 +332,9 @@ class MpiServer:
             worker_id = self._handshake(channel, rank, shard)
             who = f"worker {worker_id}"
             reason = self._serve_requests(channel, worker_id)
+        except Stopping as e:  # stopping before training is over: not the worker's fault
+            reason = STOPPING
+            self._refuse(channel, str(e))
         except (Refused, ProtocolError, ValueError, TypeError, RecursionError, OverflowError) as e:
             error = clip(e if isinstance(e, (Refused, ProtocolError)) else f"bad request ({type(e).__name__})")
             reason = f"rejected: {error}"

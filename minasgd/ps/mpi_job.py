@@ -85,7 +85,7 @@ def _serve_rank0(MPI, comm, cfg, opts, on_event, dataset):
             watch(ps, monitor, server.exits, "they left:")
             finished = True
         finally:  # also on Ctrl-C and errors: stop everything, keep a checkpoint
-            ps.stop()  # from here on every request hears "done"
+            ps.stop(interrupted=not finished)  # from here on every request hears "done" (or "server stopping")
             server.join(grace=15.0 if finished else 2.0)
             ps.checkpoint()
             if not finished:

@@ -138,9 +138,20 @@ def send_json(sock, msg, body, seq=0, version=0):
 
 
 def clip(text, limit=200):
-    """`text` as a str of at most `limit` characters (peer-supplied strings echoed back or logged)."""
+    """`text` made safe for a terminal, a log and JSON: printable characters only, at most `limit` of them.
+
+    The one function every peer-supplied string goes through before it is echoed back, logged, put
+    in an event, metrics.jsonl, summary.json or the dashboard. Control characters (C0, DEL, C1:
+    ESC starts terminal escape sequences such as OSC 52 clipboard writes or CSI 2J), format
+    characters (bidirectional overrides), lone surrogates (valid JSON, but no UTF-8 encodes them)
+    and line or paragraph separators each become "?"; a longer text is cut and ends in "...".
+    """
     text = str(text)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    if len(text) > limit:
+        text = text[: max(0, limit - 3)] + "..."
+    if text.isprintable():  # the common case, checked in C
+        return text
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 # ------------------------------------------------------------------ receiving

@@ -9,6 +9,7 @@
 `minasgd.ps.launcher.run_server` for the events); nothing here touches a terminal.
 """
 
+import math
 import time
 from dataclasses import asdict
 
@@ -16,7 +17,7 @@ from .. import backends, checkpoint
 from ..rundir import RunDir
 from ..train import schedule_start
 from ..train import total_steps as count_steps
-from .server import ParameterServer
+from .server import MAX_NPUSH, ParameterServer
 
 LR_SCALINGS = ("none", "workers", "staleness")
 MOMENTUM_SCALINGS = ("staleness", "workers", "none")
@@ -26,8 +27,37 @@ class WorkersGone(ChildProcessError):
     """Every worker process exited before training was over."""
 
 
+# (flag, attribute, "positive" (> 0) or "non-negative" (>= 0), unit); finite either way
+NUMBER_FLAGS = (("--timeout", "timeout", "positive", "seconds"),
+                ("--handshake-timeout", "handshake_timeout", "positive", "seconds"),
+                ("--round-timeout", "round_timeout", "positive", "seconds"),
+                ("--checkpoint-every", "checkpoint_every", "non-negative", "seconds (0: only at the end)"),
+                ("--eval-every", "eval_every", "positive", "epochs"),
+                ("--reconnect", "reconnect", "non-negative", "seconds"),
+                ("--adagrad-lr", "adagrad_lr", "positive", "(a learning rate)"))
+# (flag, attribute, lowest, highest)
+COUNT_FLAGS = (("--max-connections", "max_connections", 1, 1 << 20), ("--max-handshakes", "max_handshakes", 1, 1 << 16),
+               ("--nsync", "nsync", 1, MAX_NPUSH),
+               ("--nfetch", "nfetch", 1, MAX_NPUSH), ("--npush", "npush", 1, MAX_NPUSH))
+
+
+def check_options(opts):
+    """Refuse, with one line, a setting with which the server would run but nobody could train:
+    a zero, negative or NaN timeout, no connections allowed, an nsync of 0 ... (None: the default)."""
+    for flag, name, kind, unit in NUMBER_FLAGS:
+        value = getattr(opts, name, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value < 0 or (value == 0 and kind == "positive")):
+            raise ValueError(f"{flag} must be a {kind} number {unit}, got {value}")
+    for flag, name, low, high in COUNT_FLAGS:
+        value = getattr(opts, name, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high):
+            raise ValueError(f"{flag} must be an integer from {low} to {high}, got {value}")
+
+
 def create_server(cfg, opts, model, train_size, run):
     """The ParameterServer for this config (no transport yet)."""
+    check_options(opts)
     steps_per_epoch, total_steps = count_steps(cfg, train_size)
     if cfg.stop_step:
         raise ValueError("--stop-at is for one process (a mid-schedule snapshot); workers run to the end")
@@ -52,7 +82,8 @@ def create_server(cfg, opts, model, train_size, run):
         # The workers run single-process training's SGD (--momentum, --weight-decay) locally and
         # push the steps they took; with Adagrad they push plain gradient sums and take no steps.
         worker_config={"model": model.name, "dataset": cfg.dataset, "batch_size": cfg.batch_size,
-                       "nsync": opts.nsync, "momentum": momentum, "local_steps": sgd,
+                       "nsync": opts.nsync, "npush": opts.npush or opts.nsync, "momentum": momentum,
+                       "local_steps": sgd,
                        "weight_decay": cfg.weight_decay, "seed": cfg.seed, "train_limit": cfg.train_limit})
     if opts.resume:
         resume_server(ps, opts.resume)
@@ -106,8 +137,11 @@ def worker_momentum(momentum, workers, nsync=1, scaling="staleness"):
 
 
 def resume_server(ps, run_dir):
-    """Load RUN_DIR/model.npz (a full-state checkpoint) into `ps`; one clear line if it cannot."""
+    """Load RUN_DIR/model.npz (a full-state checkpoint) into `ps`; one clear line if it cannot.
+    Temporary files a crash left behind while writing a checkpoint are removed first."""
     path = RunDir.model_path_in(run_dir)
+    for name in checkpoint.remove_stale_temporaries(path):
+        ps.log(f"removed {name}, left by a checkpoint that was being written when the server died")
     try:
         ps.resume(checkpoint.load(path, expect_fingerprint=ps.fingerprint))
     except (checkpoint.CheckpointError, ValueError) as e:
@@ -150,6 +184,9 @@ def watch(ps, monitor, worker_exits, what="exit codes", stop=None):
 def finish_run(cfg, opts, on_event, monitor, run, eval_model, ds, *, backend, device, workers, address):
     """The final evaluation, summary.json and the "done" event; returns the summary."""
     numbers = monitor.finish()
+    for problem in (monitor.ps.checkpoint_error, getattr(monitor.run, "log_error", None)):
+        if problem:  # the last checkpoint or metrics line failed: the operator must hear it, quiet or not
+            on_event({"kind": "warning", "text": problem})
     momentum, lr_scale = worker_settings(cfg.momentum, opts)
     summary = {**numbers, "backend": backend, "device": device,
                "worker_momentum": momentum, "worker_peak_lr": cfg.lr * lr_scale if opts.optimizer == "sgd" else None,

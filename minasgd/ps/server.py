@@ -39,7 +39,9 @@ The rules:
 - Staleness is counted in mini-batches: the server's step count now minus its step count when
   the worker fetched the parameters it computed from. With `staleness_lr` a push of k
   mini-batches that is s mini-batches stale moves k / (k + s) as far (1 with one worker; about
-  1/N with N workers that push in turn).
+  1/N with N workers that push in turn). A base version older than the server remembers (before
+  a resume, or STEPS_MEMORY versions back) counts from the oldest it does; the histogram counts
+  staleness exactly below EXACT_STALENESS and in power-of-two buckets above (`staleness_bucket`).
 - Async (the paper): each push is applied the moment it arrives.
 - Sync (the bulk-synchronous baseline): a push waits until every live worker has pushed once
   in this round; the SUM of the round's pushes is applied as ONE update (per image, the same
@@ -52,13 +54,20 @@ The rules:
 - The current parameters are one read-only vector that every fetch of that version sends as it
   is (no copy, no lock held while sending); an update never writes into a vector being sent.
 - Sync rounds have a deadline (`round_timeout`): a live worker that has not pushed by then is
-  dropped from the round, which is applied without it, and from every later round until it
-  pushes again (counted in its `missed_rounds`), so one silent peer cannot stall the run.
+  dropped from the round, which is applied without it, and from every later round (counted in
+  its `missed_rounds`; its pushes still count) until it has pushed in 2 rounds in a row, 4 after
+  a second miss, 8 after a third...: one silent or flaky peer cannot stall the run.
+- A push sums at most the run's npush mini-batches (`max_npush`: the run's --npush, else
+  --nsync), whatever the worker declares, so no peer spends the run's steps faster than sized.
 - No peer can grow the server's memory without bound: names are cut to MAX_NAME characters,
   STATS must match STATS_FIELDS, and only the last MAX_DEPARTED workers that left are kept.
+  Every peer string (names, reasons) is made safe (`protocol.clip`) before it is kept or logged.
+- `stop(interrupted=True)` (a signal, an error): every request then hears STOPPING ("server
+  stopping"), never "training finished", so the workers reconnect to the resumed server.
 - The checkpoint holds the whole state (parameters, optimizer state, version, steps, counters,
-  staleness histogram; docs/checkpoint.md): `resume()` continues a run where it was saved. A
-  checkpoint that cannot be written is reported and retried at the next interval.
+  staleness histogram; docs/checkpoint.md): `resume()` continues a run where it was saved,
+  after checking every field (`check_meta`, finite vectors). A checkpoint that cannot be
+  written is reported and retried at the next interval.
 """
 
 import collections
@@ -78,10 +87,16 @@ from .update import CheckedUpdate, all_finite, count_not_finite
 
 
 STEPS_MEMORY = 100_000  # versions whose step count is kept for staleness (a worker older is capped)
+EXACT_STALENESS = 128  # staleness values the histogram counts one by one; above, power-of-two buckets
 
 
 class Refused(Exception):
     """A request the server will not serve; the one-line message goes back to the worker."""
+
+
+class Stopping(Refused):
+    """The server is stopping before training is over (a signal, an error): the worker should
+    reconnect to the server that resumes the run, not believe training is done."""
 
 
 MAX_NAME = 64  # characters of a worker's name that are kept
@@ -93,13 +108,34 @@ MAX_INT = 2**53  # reported integers and floats stay below this (exact in a floa
 STATS_FIELDS = {"loss": float, "steps": int, "images": int, "pushes": int, "fetches": int,
                 "images_per_second": float, "lr": float, "seconds": float, "reconnects": int}
 FINISHED = "training is already finished"  # the refusal a (re)joining worker gets at the end
+STOPPING = "server stopping"  # the start of what every request hears from a server stopping early
+SERVER_FULL = "server full"  # the start of the refusal beyond max_connections (a transport's)
+MAX_EVENT = 400  # characters of an event's text that are kept
 CHECKPOINT_FORMAT = 2  # meta["format"] of a full-state checkpoint (docs/checkpoint.md)
 
 
 def clean_name(name, default):
-    """A peer-supplied name as printable text of at most MAX_NAME characters."""
-    text = "".join(c if c.isprintable() else "?" for c in str(name)[:MAX_NAME])
-    return text or default
+    """A peer-supplied name as safe printable text (`protocol.clip`) of at most MAX_NAME characters."""
+    return clip(name, MAX_NAME) or default
+
+
+def staleness_bucket(staleness):
+    """The histogram key a staleness counts under: itself below EXACT_STALENESS, else the largest
+    power of two not above it (128 counts 128..255, 256 counts 256..511, ...). So the histogram
+    has at most ~180 keys, however stale a peer claims to be."""
+    staleness = int(staleness)
+    return staleness if staleness < EXACT_STALENESS else 1 << (staleness.bit_length() - 1)
+
+
+class StalenessHistogram(collections.Counter):
+    """staleness (mini-batches) -> pushes, bounded: `histogram[s] += 1` counts s in its bucket
+    (`staleness_bucket`), so no peer can grow metrics.jsonl or the checkpoint with new keys."""
+
+    def __getitem__(self, staleness):
+        return super().__getitem__(staleness_bucket(staleness))
+
+    def __setitem__(self, staleness, count):
+        super().__setitem__(staleness_bucket(staleness), count)
 
 
 def check_stats(numbers):
@@ -123,6 +159,49 @@ def check_stats(numbers):
     return clean
 
 
+RESUMED_COUNTERS = ("pushes", "fetches", "rejected", "discarded", "checkpoints")  # optional in meta, 0 if absent
+
+
+def check_meta(meta, optimizer):
+    """A format-2 checkpoint's `meta` (docs/checkpoint.md), checked field by field; returns a clean
+    copy (every number an int or a finite float in range). ValueError (one line) on anything else:
+    a wrong type, a negative or huge version (no frame header could carry it), a histogram that is
+    not {"staleness": count} or has too many keys."""
+    def fail(what):
+        raise ValueError(f"cannot resume: the checkpoint's meta {what}")
+
+    def count(key, default=None):
+        value = meta.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT:
+            fail(f"{key!r} must be an integer from 0 to 2**53, got {clip(value, 40)}")
+        return value
+
+    if not isinstance(meta, dict):
+        fail(f"must be a JSON object, got {type(meta).__name__}")
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError("cannot resume: the checkpoint holds only parameters (use --init for a warm start)")
+    if meta.get("optimizer") != optimizer:
+        raise ValueError(f"cannot resume: the checkpoint's server optimizer is {clip(meta.get('optimizer'), 40)}, "
+                         f"this run's is {optimizer}")
+    clean = dict(meta, version=count("version"), steps=count("steps"))
+    for key in RESUMED_COUNTERS:
+        clean[key] = count(key, 0)
+    seconds = meta.get("train_seconds", 0.0)
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds <= MAX_INT:
+        fail(f"'train_seconds' must be a number from 0 to 2**53, got {clip(seconds, 40)}")
+    clean["train_seconds"] = float(seconds)
+    histogram = meta.get("staleness", {})
+    if not isinstance(histogram, dict) or len(histogram) > 4 * EXACT_STALENESS:
+        fail("'staleness' must be an object of at most a few hundred {\"staleness\": pushes}")
+    for key, value in histogram.items():
+        if not (key.isascii() and key.isdigit() and len(key) <= 16):
+            fail(f"'staleness' has a key {clip(key, 20)!r} that is not a staleness")
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT:
+            fail(f"'staleness' counts must be integers from 0 to 2**53, got {clip(value, 40)}")
+    clean["staleness"] = dict(histogram)
+    return clean
+
+
 def _frozen(vector):
     """`vector`, made read-only: a parameter vector fetches may send (`ParameterServer.params`)."""
     vector.flags.writeable = False
@@ -142,6 +221,7 @@ class WorkerState:
         self.joined = time.time()
         self.left = None  # None while connected, else why it left
         self.fetches = self.pushes = self.missed_rounds = 0
+        self.round_streak = 0  # sync: rounds in a row this worker pushed in (see `_update_excused`)
         self.last_staleness = 0
         self.report = {}  # the worker's own numbers: loss, images, images_per_second, ...
 
@@ -181,18 +261,24 @@ class ParameterServer:
             self.optimizer = Adagrad(numpy_backend, self.num_params)
         self.optimizer = CheckedUpdate(self.optimizer)
         self.worker_config = dict(worker_config or {})
+        # The most mini-batches one push may sum: the run's npush (else nsync), so a peer that
+        # declares more cannot spend the run's steps faster than the run was sized for.
+        self.max_npush = min(MAX_NPUSH, int(self.worker_config.get("npush") or self.worker_config.get("nsync")
+                                            or MAX_NPUSH))
 
         self.cond = threading.Condition()
         # `start_step`: a warm start that keeps its schedule begins at the snapshot's step count.
         self.version, self.steps, self.start_step = 0, start_step, start_step
         self.pushes = self.fetches = self.rejected = self.discarded = 0
-        self.staleness = collections.Counter()  # staleness in mini-batches -> number of pushes
+        self.staleness = StalenessHistogram()  # staleness in mini-batches -> number of pushes
         self.steps_at_version = {0: start_step}  # version -> steps then (the last STEPS_MEMORY versions)
+        self.first_version = 0  # the oldest version ever in steps_at_version (the resumed one)
         self.workers = {}  # id -> WorkerState, including the last MAX_DEPARTED that left
         self.next_id = 1
         self.departed = 0  # workers that left and are no longer listed in `workers`
         self.events = collections.deque(maxlen=100)  # (time, text): joins, leaves, rejections
         self.stopped = False
+        self.interrupted = False  # stopped before training was over: workers hear STOPPING, not "finished"
         self.started = time.time()
         # Nobody gets parameters before `expected_workers` have joined, so they all start together.
         self.expected_workers = expected_workers
@@ -238,11 +324,13 @@ class ParameterServer:
         return Schedule(self.base_lr * self.lr_scale, self.total_steps, self.warmup_steps)
 
     def staleness_of(self, base_version):
-        """Mini-batches applied since the worker fetched version `base_version`."""
-        steps_then = self.steps_at_version.get(base_version)
-        if steps_then is None:  # older than we remember: count from the oldest version kept
-            steps_then = self.steps_at_version[max(0, self.version - STEPS_MEMORY + 1)]
-        return self.steps - steps_then
+        """Mini-batches applied since the worker fetched version `base_version` (never negative).
+
+        A version older than the server remembers (more than STEPS_MEMORY versions back, or from
+        before a resume) counts from the oldest version it does remember: capped, never a KeyError."""
+        oldest = max(self.first_version, self.version - STEPS_MEMORY + 1)
+        steps_then = self.steps_at_version.get(min(max(base_version, oldest), self.version))
+        return max(0, self.steps - (self.steps if steps_then is None else steps_then))
 
     def push_scale(self, batches, staleness):
         """What a push of `batches` mini-batches, `staleness` mini-batches stale, is multiplied by
@@ -266,7 +354,8 @@ class ParameterServer:
         return {wid for wid, w in self.workers.items() if w.left is None}
 
     def log(self, text):
-        self.events.append((time.time(), text))
+        """Keep an event for the dashboard; its text is made safe (`clip`) whatever it quotes."""
+        self.events.append((time.time(), clip(text, MAX_EVENT)))
 
     def recent_events(self, n):
         with self.cond:
@@ -287,7 +376,7 @@ class ParameterServer:
         npush = self._allowed_npush(info)
         with self.cond:
             if self.done:
-                raise Refused(FINISHED)
+                raise Stopping(f"{STOPPING}: try again later") if self.interrupted else Refused(FINISHED)
             wid, self.next_id = self.next_id, self.next_id + 1
             self.workers[wid] = WorkerState(wid, clean_name(info.get("name", ""), f"worker {wid}"), npush)
             self.log(f"worker {wid} ({self.workers[wid].name}) joined")
@@ -303,10 +392,11 @@ class ParameterServer:
 
     def _allowed_npush(self, info):
         """The most mini-batches this worker may sum per push: its declared "npush" (HELLO), else
-        the run's nsync; never more than MAX_NPUSH."""
-        npush = info.get("npush", self.worker_config.get("nsync", MAX_NPUSH))
-        if isinstance(npush, bool) or not isinstance(npush, int) or not 1 <= npush <= MAX_NPUSH:
-            raise Refused(f"npush must be an integer from 1 to {MAX_NPUSH}")
+        the run's; never more than the run's npush (`max_npush`: its --npush, else --nsync)."""
+        npush = info.get("npush", self.max_npush)
+        if isinstance(npush, bool) or not isinstance(npush, int) or not 1 <= npush <= self.max_npush:
+            raise Refused(f"npush must be an integer from 1 to {self.max_npush} (this server's --nsync/--npush), "
+                          f"got {clip(npush, 30)}")
         return npush
 
     def welcome(self, worker_id):
@@ -405,6 +495,8 @@ class ParameterServer:
             if base_version > self.version:
                 raise Refused(f"gradient claims server version {base_version}, but the server is at {self.version}")
             if self.done:
+                if self.interrupted:
+                    raise Stopping(f"{STOPPING}: push not applied; reconnect and fetch again")
                 _check_finite(grad)
                 self.discarded += 1
                 return self._reply()
@@ -428,18 +520,16 @@ class ParameterServer:
             while self.version == my_round and not self.stopped:
                 self.cond.wait(timeout=min(1.0, self.round_timeout))
                 self._enforce_round_deadline(my_round)
+            if self.version == my_round and self.interrupted:  # stopped before the round was applied
+                raise Stopping(f"{STOPPING}: the sync round was not applied; reconnect and fetch again")
             return self._reply()
 
     def _check_batches(self, worker_id, batches):
-        """A push may sum from 1 to the worker's npush mini-batches (a forged count could end the run).
-        A worker excused from sync rounds (it missed a deadline) is waited for again once it pushes."""
+        """A push may sum from 1 to the worker's npush mini-batches (a forged count could end the run)."""
         worker = self.workers.get(worker_id)
-        limit = worker.npush if worker is not None else MAX_NPUSH
+        limit = worker.npush if worker is not None else self.max_npush
         if batches > limit:
             raise Refused(f"a push may sum at most {limit} mini-batches (this worker's npush), got {batches}")
-        if self.round_excused:
-            with self.cond:
-                self.round_excused.discard(worker_id)
 
     def _enforce_round_deadline(self, my_round):
         """Sync mode, waiting for round `my_round` (caller holds the lock): once the round is
@@ -451,8 +541,8 @@ class ParameterServer:
             missing = self.live_ids() - self.round_members - self.round_excused
             for wid in sorted(missing):
                 self.workers[wid].missed_rounds += 1
-                self.log(f"worker {wid} missed the sync round's {self.round_timeout:g} s deadline: "
-                         f"rounds go on without it until it pushes")
+                self.log(f"worker {wid} missed the sync round's {self.round_timeout:g} s deadline: rounds go on "
+                         f"without it until it pushes in {self._rounds_to_return(wid)} rounds in a row")
             self.round_excused |= missing
             self._maybe_finish_round()
 
@@ -497,10 +587,29 @@ class ParameterServer:
         except Refused as e:  # the sum overflowed the parameters: drop the round, keep the barrier moving
             self.log(f"sync round discarded: {e}")
             self.discarded += len(self.round_members)
-            self.version += 1
+            self.version += 1  # a new version with the same parameters and steps, remembered as any other
+            self.steps_at_version[self.version] = self.steps
+            self.steps_at_version.pop(self.version - STEPS_MEMORY, None)
+        self._update_excused()
         self.round_sum[...] = 0
         self.round_members, self.round_batches = set(), 0
         self.cond.notify_all()
+
+    def _rounds_to_return(self, worker_id):
+        """Rounds in a row an excused worker must push in before rounds wait for it again: 2 after
+        its first missed deadline, doubling with each one after (at most 1024), so a peer that
+        skips every other round costs a few deadlines in all, not one per skipped round."""
+        return 2 ** min(self.workers[worker_id].missed_rounds, 10)
+
+    def _update_excused(self):
+        """Sync mode, as a round is applied (caller holds the lock): count each live worker's
+        rounds in a row, and wait again for an excused one that has pushed in enough of them."""
+        for wid in self.live_ids():
+            worker = self.workers[wid]
+            worker.round_streak = worker.round_streak + 1 if wid in self.round_members else 0
+            if wid in self.round_excused and worker.round_streak >= self._rounds_to_return(wid):
+                self.round_excused.discard(wid)
+                self.log(f"worker {wid} pushed in {worker.round_streak} rounds in a row: rounds wait for it again")
 
     def _reply(self):
         # "steps": where the run is, for the worker's own schedule; "lr": the workers' lr now (shown).
@@ -565,28 +674,39 @@ class ParameterServer:
     def resume(self, ckpt):
         """Continue from a full-state checkpoint (`minasgd.checkpoint.load`'s dict): parameters,
         optimizer state, version, steps (so the lr schedule's position), counters, staleness.
-        ValueError (one line) if it is not a full-state checkpoint of this model and optimizer."""
-        meta = ckpt["meta"]
+
+        Everything is checked before anything changes (`check_meta`, finite parameters and
+        optimizer state of the right shapes): ValueError (one line) if it is not a sound
+        full-state checkpoint of this model and optimizer, and the server stays as it was."""
         if ckpt["fingerprint"] != self.fingerprint:
-            raise ValueError(f"cannot resume: the checkpoint is for {ckpt['fingerprint']}, not {self.fingerprint}")
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError("cannot resume: the checkpoint holds only parameters (use --init for a warm start)")
-        if meta.get("optimizer") != self.optimizer_name:
-            raise ValueError(f"cannot resume: the checkpoint's server optimizer is {meta.get('optimizer')}, "
-                             f"this run's is {self.optimizer_name}")
-        if ckpt["params"].shape != self.params.shape:
-            raise ValueError(f"cannot resume: {ckpt['params'].size} parameters, the model has {self.num_params}")
+            raise ValueError(f"cannot resume: the checkpoint is for {clip(ckpt['fingerprint'], 100)}, "
+                             f"not {self.fingerprint}")
+        meta = check_meta(ckpt["meta"], self.optimizer_name)
+        params = np.asarray(ckpt["params"])
+        if params.shape != self.params.shape:
+            raise ValueError(f"cannot resume: {params.size} parameters, the model has {self.num_params}")
+        if not all_finite(np.ascontiguousarray(params, dtype=np.float32)):
+            raise ValueError(f"cannot resume: the parameters hold {count_not_finite(params)} NaN/Inf values")
+        for name, vector in ckpt["state"].items():
+            vector = np.asarray(vector, dtype=np.float32)
+            if vector.shape != self.params.shape or not all_finite(vector) or (name == "sum_sq" and (vector < 0).any()):
+                raise ValueError(f"cannot resume: optimizer state {clip(name, 40)!r} is not a finite "
+                                 f"float32[{self.num_params}] of the right sign")
+        staleness = StalenessHistogram()
+        for key, count in meta["staleness"].items():
+            staleness[int(key)] += count
         with self.cond:
-            self.optimizer.load_state(ckpt["state"])
-            self.params = _frozen(np.array(ckpt["params"], dtype=np.float32, copy=True))
-            self.version, self.steps = int(meta["version"]), int(meta["steps"])
+            self.optimizer.load_state(ckpt["state"])  # ValueError, changing nothing, if a vector is missing
+            self.params = _frozen(np.array(params, dtype=np.float32, copy=True))
+            self.version, self.steps = meta["version"], meta["steps"]
             for key in ("pushes", "fetches", "rejected", "discarded", "checkpoints"):
-                setattr(self, key, int(meta.get(key, 0)))
-            self.staleness = collections.Counter({int(k): int(v) for k, v in meta.get("staleness", {}).items()})
+                setattr(self, key, meta[key])
+            self.staleness = staleness
             self.steps_at_version = {self.version: self.steps}
+            self.first_version = self.version  # pushes based on older versions count from here
             if self.eval_every_steps:
                 self.next_eval_step = (self.steps // self.eval_every_steps + 1) * self.eval_every_steps
-            self.resumed_from = dict(meta)
+            self.resumed_from = meta
             self.log(f"resumed at version {self.version}, step {self.steps}/{self.total_steps}")
 
     def maybe_checkpoint(self):
@@ -595,9 +715,14 @@ class ParameterServer:
             return self.checkpoint()
         return None
 
-    def stop(self):
-        """End training now: waiting pushes are released and every later request hears 'done'."""
+    def stop(self, interrupted=False):
+        """End training now: waiting pushes are released and every later request hears 'done'.
+
+        `interrupted`: the server stops before training is over (a signal, an error): then every
+        request hears STOPPING instead, so the workers keep reconnecting (for their --reconnect
+        seconds) to the server that resumes the run, rather than exiting as if it were finished."""
         with self.cond:
+            self.interrupted = self.interrupted or (interrupted and self.steps < self.total_steps)
             self.stopped = True
             self.begin()  # nobody waits for workers that will not come
             self.cond.notify_all()

@@ -28,7 +28,9 @@ import math
 import os
 
 from .protocol import FrameTooLarge, Msg, ProtocolError, clip
-from .server import STATS_FIELDS
+from .server import SERVER_FULL, STATS_FIELDS, STOPPING, Stopping
+
+RETRY_LATER = (SERVER_FULL, STOPPING)  # refusals that mean "come back": a reconnecting worker does
 
 
 class ServerError(ConnectionError):
@@ -59,13 +61,17 @@ def same_digest(proof, expected):
 
 def serve_requests(ps, link, worker_id):
     """Answer FETCH, PUSH and STATS until BYE; returns why the worker left. Errors propagate: the
-    transport turns them into an ERROR frame and ends this worker only."""
+    transport turns them into an ERROR frame and ends this worker only. A server stopping before
+    training is over raises `Stopping` (the transport answers ERROR "server stopping...", not BYE
+    "training finished"), which a worker takes as a reason to reconnect."""
     while True:
         frame = link.recv()
         if frame.type == Msg.FETCH:
             with ps.fetch_snapshot(worker_id) as (params, version, done):  # shared, read-only: no copy
                 if not done:
                     link.send(Msg.PARAMS, params, seq=frame.seq, version=version)
+            if done and ps.interrupted:
+                raise Stopping(f"{STOPPING}: training is not over; reconnect to the resumed server")
             if done:
                 link.send_json(Msg.BYE, {"reason": "training finished"}, seq=frame.seq)
                 return link.finished("training finished")
@@ -209,7 +215,10 @@ class Client:
                 raise
             raise ServerError(f"{self.where} sent a bad reply to {msg.name}: {e}") from None
         if frame.type == Msg.ERROR:
-            raise ServerError(f"the server refused {msg.name}: {clip(error_of(frame))}")
+            error = clip(error_of(frame))
+            # "server stopping" / "server full": worth coming back (a reconnect does), unlike other refusals
+            raise (ConnectionLost if error.startswith(RETRY_LATER) else ServerError)(
+                f"the server refused {msg.name}: {error}")
         if frame.seq != self.seq:
             raise ServerError(f"{self.where} answered message {frame.seq}, expected {self.seq}")
         return frame
