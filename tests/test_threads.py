@@ -97,7 +97,8 @@ def test_every_worker_trains_on_one_blas_thread(monkeypatch):
         server_hello = {"model": "micro"}
 
         def hello(self, fingerprint, info, num_params):
-            return {"worker_id": 1, "nsync": 1, "batch_size": 4, "lr": 0.1}
+            return {"worker_id": 1, "nsync": 1, "batch_size": 4, "lr": 0.1,
+                    "schedule": {"base_lr": 0.1, "total_steps": 10, "warmup_steps": 0}}
 
         def close(self, why):
             self.why = why
