@@ -32,6 +32,7 @@ from minasgd.ps.run import check_options, resume_server
 from minasgd.ps.server import ParameterServer, Refused
 from minasgd.ps.tcp import ServerError, TcpClient, TcpServer, listen, token_hmac
 from minasgd.rundir import RunDir
+from test_ps_hostile import FakeRun, wait_for
 
 N = 200
 FP = "toy:200:abc"
@@ -93,21 +94,6 @@ def hostile(tcp, name="attacker", token=None, **hello):
 def request(sock, rx, msg, payload=b"", count=0, version=0, seq=2):
     send_frame(sock, msg, payload, seq=seq, count=count, version=version)
     return rx.recv()
-
-
-def wait_for(condition, seconds=5.0):
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
-class FakeRun:
-    def __init__(self):
-        self.records = []
-
-    def log(self, record):
-        self.records.append(record)
 
 
 def assert_safe(text):
