@@ -2,6 +2,7 @@
 `minasgd.experiments.run_sweep`; the bar, the lines and the table are `minasgd.dashboard`'s)."""
 
 import argparse
+import shlex
 from pathlib import Path
 
 from ..experiments.sweeps import NAMES
@@ -52,6 +53,11 @@ def add_arguments(p):
     p.add_argument("--fresh", action="store_true", help="run everything again (default: skip finished runs)")
     p.add_argument("--report", action="store_true",
                    help="claim: no runs, only the table from the files already in --out")
+    p.add_argument("--worker-args", metavar="'ARGS'", default="",
+                   help="claim: arguments for the 2-worker command only, e.g. '--sync' or '--lr-scaling workers' "
+                        "(a 2-worker setting to compare with the same one process)")
+    p.add_argument("--compare", nargs="+", metavar="DIR",
+                   help="claim: no runs, one row per claim directory (their settings side by side)")
     p.add_argument("--docs", metavar="FILE.md",
                    help="also put the report into this markdown file (between <!-- experiment:NAME --> markers) "
                         "and the plots next to it in img/")
@@ -60,6 +66,15 @@ def add_arguments(p):
 def cmd_claim(args, console):
     from ..experiments import claim
 
+    if args.compare:
+        table = claim.compare_table([claim.load_claim(d) for d in args.compare])
+        console.print(table)
+        if args.docs:
+            dirs = " ".join(Path(d).as_posix() for d in args.compare)
+            claim.update_docs(args.docs, dirs, table, marker="compare " + dirs,
+                              regenerate=f"minasgd experiment claim --compare {dirs} --docs {args.docs}")
+            console.print(f"table put into {args.docs}")
+        return 0
     out = Path(args.out or Path("runs") / "experiment-claim")
     if args.report:
         result = claim.load_claim(out)
@@ -81,7 +96,11 @@ def cmd_claim(args, console):
                 how = "reused" if event["reused"] else f"exit {event['exit']}"
                 console.print(f"  {event['name']}: {event['seconds']:.0f} s ({how})")
 
-        result = claim.run_claim(out, seeds=args.seeds or 3, extra_args=extra, on_event=show)
+        try:
+            worker_args = shlex.split(args.worker_args)
+        except ValueError as e:
+            raise SystemExit(f"experiment claim: --worker-args {args.worker_args!r}: {e}")
+        result = claim.run_claim(out, seeds=args.seeds or 3, extra_args=extra, worker_args=worker_args, on_event=show)
     table = claim.claim_table(result)
     console.print(table)
     if args.docs:
