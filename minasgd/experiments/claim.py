@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .analysis import bootstrap_mean
+
 COMMANDS = {"one-process": [], "2-workers": ["--workers", "2"]}
 
 
@@ -145,15 +147,6 @@ def load_claim(out_dir):
         if len(runs) == len(COMMANDS):
             pairs.append({"seed": seed, **runs})
     return {"settings": settings, "pairs": pairs}
-
-
-def bootstrap_mean(values, samples=10_000, seed=0):
-    """(mean, low, high): the mean and a 95% percentile-bootstrap interval over `values`."""
-    values = np.asarray(values, dtype=np.float64)
-    if len(values) < 2:
-        return float(values.mean()), float("nan"), float("nan")
-    draws = np.random.default_rng(seed).choice(values, size=(samples, len(values))).mean(axis=1)
-    return float(values.mean()), float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))
 
 
 def pair_numbers(pair):
