@@ -52,7 +52,8 @@ def add_arguments(p):
     p.add_argument("--data-root", metavar="DIR", help="where datasets live (default: $MINASGD_DATA or ./data)")
     p.add_argument("--fresh", action="store_true", help="run everything again (default: skip finished runs)")
     p.add_argument("--report", action="store_true",
-                   help="claim: no runs, only the table from the files already in --out")
+                   help="no runs: only the tables and report from the finished runs already in --out "
+                        "(a sweep's report then names the code that made them)")
     p.add_argument("--worker-args", metavar="'ARGS'", default="",
                    help="claim: arguments for the 2-worker command only, e.g. '--sync' or '--lr-scaling workers' "
                         "(a 2-worker setting to compare with the same one process)")
@@ -119,7 +120,8 @@ def cmd_experiment(args, console):
 
     s = settings_from(args.name, quick=args.quick, **{k: getattr(args, k, None) for k in OVERRIDES})
     exp_dir = Path(args.out or Path("runs") / f"experiment-{s.name}")
-    result, failed = run_sweep(s, exp_dir, fresh=args.fresh, docs=args.docs, on_event=SweepView(console))
+    result, failed = run_sweep(s, exp_dir, fresh=args.fresh, docs=args.docs, on_event=SweepView(console),
+                               report_only=args.report)
     console.print(experiment_table(result, report.SUMMARY_COLUMNS, report.summary_cells))
     if args.docs:
         console.print(f"report and plots put into {args.docs}")
