@@ -15,10 +15,15 @@ touches, and on a GPU what a load costs follows from those addresses alone:
   bank; threads reading the same word share it (a broadcast, free). 1 way = conflict-free.
 
 So this module records, during a real simulated launch, the addresses of each request, and
-counts. A request is identified by (block, warp, instruction, n): the instruction is the
-kernel's source line with the array and the operation (load / store / atomic), and n counts
-how many times this thread has executed it, so iteration k of a loop in one thread meets
-iteration k of the same loop in its warp's other threads (as the warp runs them together).
+counts. A request is identified by (block, warp, instruction, site, n): the instruction is the
+kernel's source line with the array and the operation (load / store / atomic); the site is
+the bytecode offset of the access in that line (`s[0] + s[j]` is two requests); n is how many
+times the thread has executed that line so far. So iteration n of a loop in one thread meets
+iteration n of the same loop in its warp's other threads, as the warp runs them together, even
+when a condition makes some threads skip one load of the line (`dy[i] if y[i] > 0 else 0`).
+A thread's executions of a line are counted from its accesses: a new one starts when its
+previous access was on another line, or at the same or a later place in this one. (So a line
+executed without any access, by some threads only, is not counted for those: a rare pattern.)
 
     from minasgd.kernels import memprofile
 
@@ -39,8 +44,11 @@ Only the simulator can be profiled (set NUMBA_ENABLE_CUDASIM=1 before numba is i
 kernels run several times slower under it than plain simulation: keep shapes tiny.
 """
 
+import bisect
 import collections
 import contextlib
+import dis
+import functools
 import linecache
 import sys
 import threading
@@ -104,14 +112,29 @@ class Instruction:
 OPS = {"read": "load", "write": "store", "atomic": "atomic"}
 
 
+@functools.lru_cache(maxsize=None)
+def _access_sites(code):
+    """Bytecode offsets of the instructions of `code` that can access an array: subscripts and calls."""
+    return [i.offset for i in dis.get_instructions(code) if "SUBSCR" in i.opname or i.opname.startswith("CALL")]
+
+
+def _site(frame):
+    """The access instruction a frame is executing. (Python 3.11 inlines a Python `__getitem__` and
+    then reports the last inline-cache word of the subscript as f_lasti: map it back.)"""
+    sites = _access_sites(frame.f_code)
+    i = bisect.bisect_right(sites, frame.f_lasti) - 1
+    return sites[i] if i >= 0 else frame.f_lasti
+
+
 class Profile:
     """The requests of every kernel launched inside one `profiling()` block (a racecheck recorder)."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self.launches = []  # (kernel, grid, block), in launch order
-        self._requests = collections.defaultdict(list)  # (launch, block, warp, Instruction, n) -> byte ranges
-        self._executed = collections.Counter()  # (launch, block, thread, Instruction) -> times so far
+        self._requests = collections.defaultdict(list)  # (launch, block, warp, Instruction, site, n) -> byte ranges
+        self._executions = collections.Counter()  # (launch, block, thread, file, line) -> executions so far
+        self._last = {}  # (launch, block, thread) -> (file, line, site) of the thread's previous access
 
     def _start(self, kernel, grid=None, block=None):
         self.launches.append((kernel, grid, block))
@@ -128,11 +151,16 @@ class Profile:
         x, y, z = access.thread
         warp = (x + y * bx + z * bx * by) // WARP
         allocation = key[0] - access.offset  # the array's start: the same for every view of it
+        site = _site(frame)
         with self._lock:
-            who = (launch, access.block, access.thread, instruction)
-            n = self._executed[who]
-            self._executed[who] = n + 1
-            self._requests[(launch, access.block, warp, instruction, n)].append(
+            thread = (launch, access.block, access.thread)
+            line = (*thread, instruction.file, instruction.line)
+            last = self._last.get(thread)
+            if last is None or last[:2] != line[3:] or site <= last[2]:  # a new execution of the line
+                self._executions[line] += 1
+            self._last[thread] = (instruction.file, instruction.line, site)
+            n = self._executions[line]
+            self._requests[(launch, access.block, warp, instruction, site, n)].append(
                 (allocation, access.offset, access.size))
 
     # -- what was seen
@@ -144,10 +172,11 @@ class Profile:
     def instructions(self, kernel=None):
         """An `InstructionStats` per memory instruction of `kernel` (default: every kernel), in source order."""
         stats = {}
-        in_order = sorted(self._requests, key=lambda k: (k[0], k[1], k[2], k[4]))  # launch, block, warp, n
-        for launch, block, warp, ins, n in in_order:
+        in_order = sorted(self._requests, key=lambda r: (r[0], r[1], r[2], r[5], r[4]))  # launch, block, warp, n, site
+        for request in in_order:
+            ins = request[3]
             if kernel is None or ins.kernel == kernel:
-                stats.setdefault(ins, InstructionStats(ins)).add(self._requests[(launch, block, warp, ins, n)])
+                stats.setdefault(ins, InstructionStats(ins)).add(self._requests[request])
         return sorted(stats.values(), key=lambda s: (s.instruction.kernel, s.instruction.file, s.instruction.line,
                                                      s.instruction.array, s.instruction.op))
 

@@ -109,6 +109,28 @@ def test_each_loop_iteration_is_its_own_request():
     assert (load.requests, load.sectors_per_request) == (2 * 4, 4.0)
 
 
+@cuda.jit
+def masked_loop(a, b, out):
+    """Iteration k: out[j] = a[j] if b[j] > 0 else 0, j = 32k + i; b makes even threads load a in
+    iteration 0 and odd threads in iteration 1 (relu backward's pattern, in a loop)."""
+    i = cuda.threadIdx.x
+    for k in range(2):
+        j = k * 32 + i
+        out[j] = a[j] if b[j] > float32(0) else float32(0)
+
+
+def test_a_load_some_threads_skip_is_grouped_by_loop_iteration_not_by_count():
+    a = np.arange(64, dtype=np.float32)
+    b = np.where((np.arange(64) + np.arange(64) // 32) % 2 == 0, 1, -1).astype(np.float32)
+    out = cuda.device_array(64, np.float32)
+    with memprofile.profiling() as prof:
+        masked_loop[1, 32](cuda.to_device(a), cuda.to_device(b), out)
+    np.testing.assert_array_equal(out.copy_to_host(), np.where(b > 0, a, 0))
+    load = only(prof, "masked_loop", "global", "load", "a")
+    # one request per iteration, 16 threads each: 4 sectors (all of a[32k : 32k + 32]), half the bytes used
+    assert (load.requests, load.sectors_per_request, load.efficiency) == (2, 4.0, 0.5)
+
+
 def test_a_global_broadcast_moves_one_sector():
     @cuda.jit
     def broadcast(x, y):
