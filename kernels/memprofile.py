@@ -15,15 +15,15 @@ touches, and on a GPU what a load costs follows from those addresses alone:
   bank; threads reading the same word share it (a broadcast, free). 1 way = conflict-free.
 
 So this module records, during a real simulated launch, the addresses of each request, and
-counts. A request is identified by (block, warp, instruction, site, n): the instruction is the
-kernel's source line with the array and the operation (load / store / atomic); the site is
-the bytecode offset of the access in that line (`s[0] + s[j]` is two requests); n is how many
-times the thread has executed that line so far. So iteration n of a loop in one thread meets
-iteration n of the same loop in its warp's other threads, as the warp runs them together, even
-when a condition makes some threads skip one load of the line (`dy[i] if y[i] > 0 else 0`).
-A thread's executions of a line are counted from its accesses: a new one starts when its
-previous access was on another line, or at the same or a later place in this one. (So a line
-executed without any access, by some threads only, is not counted for those: a rare pattern.)
+counts. A request is identified by (block, warp, instruction, site, iteration): the
+instruction is the kernel's source line with the array and the operation (load / store /
+atomic); the site is the bytecode offset of the access in that line (`s[0] + s[j]` is two
+requests); the iteration says which execution of the line this is, as a warp lines them up:
+the thread's counts of the iterations of the loops around the line (or, outside any loop, of
+the line itself). A line tracer on the kernel's frame counts them, from before its first line
+(as a debugger would), so iteration n of one thread meets iteration n of the warp's other
+threads even when a condition makes some of them skip a load or take the other branch in
+some iterations (`dy[i] if y[i] > 0 else 0`, dropout's if / else in a grid-stride loop).
 
     from minasgd.kernels import memprofile
 
@@ -44,16 +44,18 @@ Only the simulator can be profiled (set NUMBA_ENABLE_CUDASIM=1 before numba is i
 kernels run several times slower under it than plain simulation: keep shapes tiny.
 """
 
-import bisect
+import ast
 import collections
 import contextlib
-import dis
 import functools
 import linecache
 import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numba
+import numpy
 
 from . import racecheck
 
@@ -63,6 +65,8 @@ BANKS = 32  # shared-memory banks
 BANK_BYTES = 4  # bytes per bank word
 
 _RACECHECK_FILE = racecheck.__file__
+_NOT_THE_KERNEL = (str(Path(numba.__file__).parent), str(Path(numpy.__file__).parent), threading.__file__,
+                   _RACECHECK_FILE, __file__)  # the simulator's frames run before the kernel's
 
 
 # ---------------------------------------------------------------- what a request costs
@@ -112,18 +116,54 @@ class Instruction:
 OPS = {"read": "load", "write": "store", "atomic": "atomic"}
 
 
+def _count_lines():
+    """Start counting, in the simulated thread calling it, its executions of each line of the kernel.
+
+    A line tracer goes on the first frame outside the simulator and threading (the kernel's), then tracing
+    switches to `getattr` for every later frame: getattr(frame, "call", None) is None, so no other
+    frame is traced, at the cost of a C call per call. Counts: `thread.memprofile_lines[0]`."""
+    counts = collections.Counter()
+
+    def count(frame, event, arg):
+        if event == "line":
+            counts[(frame.f_code.co_filename, frame.f_lineno)] += 1
+        return count
+
+    def on_call(frame, event, arg):
+        if frame.f_code.co_filename.startswith(_NOT_THE_KERNEL):
+            return None
+        sys.settrace(getattr)
+        return count
+
+    threading.current_thread().memprofile_lines = (counts, count)
+    sys.settrace(on_call)
+
+
+def _line_counts(frame):
+    """This simulated thread's executions of each (file, line) so far. A frame not traced yet (a device
+    function's) gets the tracer at its first access, counting the line running now as one execution."""
+    counts, count = threading.current_thread().memprofile_lines
+    if frame.f_trace is not count:
+        frame.f_trace = count
+        counts[(frame.f_code.co_filename, frame.f_lineno)] += 1
+    return counts
+
+
 @functools.lru_cache(maxsize=None)
-def _access_sites(code):
-    """Bytecode offsets of the instructions of `code` that can access an array: subscripts and calls."""
-    return [i.offset for i in dis.get_instructions(code) if "SUBSCR" in i.opname or i.opname.startswith("CALL")]
+def _loops(file):
+    """(header line, last line) of every for / while loop in a source file (none if it does not parse)."""
+    try:
+        tree = ast.parse("".join(linecache.getlines(file)))
+    except (SyntaxError, ValueError):
+        return ()
+    return tuple((node.lineno, node.end_lineno) for node in ast.walk(tree) if isinstance(node, (ast.For, ast.While)))
 
 
-def _site(frame):
-    """The access instruction a frame is executing. (Python 3.11 inlines a Python `__getitem__` and
-    then reports the last inline-cache word of the subscript as f_lasti: map it back.)"""
-    sites = _access_sites(frame.f_code)
-    i = bisect.bisect_right(sites, frame.f_lasti) - 1
-    return sites[i] if i >= 0 else frame.f_lasti
+def _iteration(counts, file, line):
+    """Which execution of `line` this is, as a warp would line it up: the iteration counts of the
+    loops around it (their header lines' executions), or the line's own count outside loops."""
+    headers = sorted(h for h, end in _loops(file) if h < line <= end)
+    return tuple(counts[(file, h)] for h in headers) or (counts[(file, line)],)
 
 
 class Profile:
@@ -133,11 +173,12 @@ class Profile:
         self._lock = threading.Lock()
         self.launches = []  # (kernel, grid, block), in launch order
         self._requests = collections.defaultdict(list)  # (launch, block, warp, Instruction, site, n) -> byte ranges
-        self._executions = collections.Counter()  # (launch, block, thread, file, line) -> executions so far
-        self._last = {}  # (launch, block, thread) -> (file, line, site) of the thread's previous access
 
     def _start(self, kernel, grid=None, block=None):
         self.launches.append((kernel, grid, block))
+
+    def _thread_started(self):
+        _count_lines()
 
     def _access(self, space, key, access):
         """Called by the simulated thread doing `access`: file it under its warp's request."""
@@ -151,15 +192,9 @@ class Profile:
         x, y, z = access.thread
         warp = (x + y * bx + z * bx * by) // WARP
         allocation = key[0] - access.offset  # the array's start: the same for every view of it
-        site = _site(frame)
+        site = frame.f_lasti  # which access of the line (the offset of its bytecode instruction)
+        n = _iteration(_line_counts(frame), instruction.file, instruction.line)
         with self._lock:
-            thread = (launch, access.block, access.thread)
-            line = (*thread, instruction.file, instruction.line)
-            last = self._last.get(thread)
-            if last is None or last[:2] != line[3:] or site <= last[2]:  # a new execution of the line
-                self._executions[line] += 1
-            self._last[thread] = (instruction.file, instruction.line, site)
-            n = self._executions[line]
             self._requests[(launch, access.block, warp, instruction, site, n)].append(
                 (allocation, access.offset, access.size))
 

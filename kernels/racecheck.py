@@ -242,7 +242,8 @@ def watching(recorder):
     """Send every access of the kernels launched inside the block to `recorder`, and yield it.
 
     A recorder has a `_lock` (threading.Lock), `_start(kernel, grid, block)` (called at each
-    launch) and `_access(space, key, access)` (called from the simulated thread doing the access):
+    launch) and `_access(space, key, access)` (called from the simulated thread doing the access),
+    and may have `_thread_started()` (called in each simulated thread before the kernel runs):
     `Races` is one, `minasgd.kernels.memprofile.Profile` another.
     """
     global _active
@@ -311,6 +312,14 @@ def watching(recorder):
         (kernelapi.FakeCUDAShared, "array"): checked_shared_array,
     }
     patches.update({(kernelapi.FakeCUDAAtomic, op): checked_atomic(op) for op in ATOMICS})
+    if hasattr(recorder, "_thread_started"):
+        thread_run = saved[(kernel.BlockThread, "run")] = kernel.BlockThread.run
+
+        def started_run(self):
+            recorder._thread_started()
+            thread_run(self)
+
+        patches[(kernel.BlockThread, "run")] = started_run
     _active = races
     for (cls, attr), fn in patches.items():
         setattr(cls, attr, fn)

@@ -131,6 +131,71 @@ def test_a_load_some_threads_skip_is_grouped_by_loop_iteration_not_by_count():
     assert (load.requests, load.sectors_per_request, load.efficiency) == (2, 4.0, 0.5)
 
 
+@cuda.jit
+def branchy_loop(a, b, out):
+    """Dropout's pattern: a grid-stride loop whose two branches each do their own store."""
+    for j in range(cuda.grid(1), out.size, cuda.gridsize(1)):
+        if b[j] > float32(0):
+            out[j] = a[j]
+        else:
+            out[j] = float32(0)
+
+
+def test_branches_some_threads_take_in_some_iterations_are_grouped_by_iteration():
+    """Thread i keeps element i in iteration 0 only when i is even, in iteration 1 only when i is
+    odd: counting each thread's executions of the line (not the loop's iterations) would put
+    iteration 1 of the odd threads with iteration 0 of the even ones, in one 8-sector request."""
+    a = np.arange(64, dtype=np.float32)
+    b = np.where((np.arange(64) + np.arange(64) // 32) % 2 == 0, 1, -1).astype(np.float32)
+    out = cuda.device_array(64, np.float32)
+    with memprofile.profiling() as prof:
+        branchy_loop[1, 32](cuda.to_device(a), cuda.to_device(b), out)
+    np.testing.assert_array_equal(out.copy_to_host(), np.where(b > 0, a, 0))
+    load = only(prof, "branchy_loop", "global", "load", "a")
+    assert (load.requests, load.sectors_per_request, load.efficiency) == (2, 4.0, 0.5)
+    stores = [s for s in prof.instructions("branchy_loop") if s.instruction.op == "store"]
+    assert [(s.requests, s.sectors_per_request) for s in stores] == [(2, 4.0), (2, 4.0)]
+
+
+@cuda.jit
+def late_first_access(a, out):
+    """Odd threads touch memory for the first time in iteration 1 (the even ones in iteration 0)."""
+    i = cuda.threadIdx.x
+    for k in range(2):
+        if (i + k) % 2 == 0:
+            out[k * 32 + i] = a[k * 32 + i]
+
+
+def test_a_thread_whose_first_access_is_in_a_later_iteration_is_counted_from_the_start():
+    a, out = cuda.to_device(np.arange(64, dtype=np.float32)), cuda.to_device(np.zeros(64, np.float32))
+    with memprofile.profiling() as prof:
+        late_first_access[1, 32](a, out)
+    load = only(prof, "late_first_access", "global", "load")
+    assert (load.requests, load.sectors_per_request, load.efficiency) == (2, 4.0, 0.5)
+
+
+@cuda.jit(device=True)
+def fetch(x, j):
+    return x[j]
+
+
+@cuda.jit
+def loop_through_a_device_function(x, y):
+    i = cuda.threadIdx.x
+    acc = float32(0)
+    for k in range(3):
+        acc += fetch(x, k * 32 + i)
+    y[i] = acc
+
+
+def test_an_access_in_a_device_function_is_one_request_per_call():
+    x, y = cuda.to_device(np.ones(96, np.float32)), cuda.device_array(32, np.float32)
+    with memprofile.profiling() as prof:
+        loop_through_a_device_function[1, 32](x, y)
+    load = only(prof, "loop_through_a_device_function", "global", "load")
+    assert (load.requests, load.sectors_per_request, load.instruction.line) == (3, 4.0, fetch.py_func.__code__.co_firstlineno + 2)
+
+
 def test_a_global_broadcast_moves_one_sector():
     @cuda.jit
     def broadcast(x, y):
