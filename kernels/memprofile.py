@@ -371,7 +371,7 @@ def profile_cases(cases, gpu="H200"):
 
 
 COLUMNS = ("case", "version", "kernels", "gld sect/req", "gld eff", "gst sect/req", "gst eff",
-           "smem ld ways", "smem st ways", "FLOPs", "bytes moved", "FLOP/B", "roofline us", "limit")
+           "smem ld ways", "smem st ways", "FLOPs", "bytes moved", "FLOP/B", "roofline GFLOP/s", "limit")
 
 
 def table_cells(row):
@@ -385,7 +385,7 @@ def table_cells(row):
             num(row["global_store_sectors_per_request"], ".2f"), num(row["global_store_efficiency"], ".0%"),
             num(row["shared_load_ways_per_request"], ".2f"), num(row["shared_store_ways_per_request"], ".2f"),
             num(row["flops"], ",.0f"), f"{row['bytes_moved']:,}", num(r["intensity"], ".2f"),
-            f"{r['seconds'] * 1e6:.4f}", r["limit"]]
+            num(r["flops_per_s"] and r["flops_per_s"] / 1e9, ",.0f"), r["limit"]]
 
 
 def caption(gpu="H200"):
@@ -393,8 +393,9 @@ def caption(gpu="H200"):
     return (f"All figures modelled on the CUDA simulator from the addresses each warp touches (not measured). "
             f"sect/req: 32-byte sectors per warp request (4 = 32 coalesced floats); eff: bytes asked / bytes moved; "
             f"ways: shared-memory passes per warp request (1 = no bank conflict); bytes moved: every request's "
-            f"sectors (no cache reuse); roofline: max(FLOPs / peak FP32, bytes / peak bandwidth) on the {g.name} "
-            f"({g.source}).")
+            f"sectors (no cache reuse); FLOPs declared by the case (2 per multiply-add; '-': memory-bound op, "
+            f"not declared); roofline: the most FLOP/s those FLOPs and bytes allow, min(peak FP32, FLOP/B x peak "
+            f"bandwidth), on the {g.name} ({g.source}); limit: which of the two binds.")
 
 
 def format_table(rows, gpu="H200"):

@@ -91,6 +91,32 @@ def test_warps_are_32_consecutive_linear_thread_ids():
 
 
 @cuda.jit
+def copy_3d(x, y):
+    tx, ty, tz = cuda.threadIdx.x, cuda.threadIdx.y, cuda.threadIdx.z
+    y[tz, ty, tx] = x[tz, ty, tx]
+
+
+def test_a_3d_block_is_cut_into_warps_by_x_then_y_then_z():
+    """A (4, 4, 4) block: linear id x + 4 y + 16 z, so warp 0 is z = 0, 1 and reads 32 consecutive floats."""
+    x, y = cuda.to_device(np.arange(64, dtype=np.float32).reshape(4, 4, 4)), cuda.device_array((4, 4, 4), np.float32)
+    with memprofile.profiling() as prof:
+        copy_3d[1, (4, 4, 4)](x, y)
+    load = only(prof, "copy_3d", "global", "load")
+    assert (load.requests, load.sectors_per_request, load.efficiency) == (2, 4.0, 1.0)
+
+
+def test_eight_byte_elements_take_twice_the_sectors():
+    """32 consecutive float64 are 256 bytes: 8 sectors, all used; every other one: 16 sectors, half used."""
+    x = cuda.to_device(np.arange(128, dtype=np.float64))
+    for stride, expect in ((1, (8.0, 1.0)), (2, (16.0, 0.5))):
+        y = cuda.device_array(32, np.float64)
+        with memprofile.profiling() as prof:
+            copy_strided[1, 32](x, y, stride)
+        load = only(prof, "copy_strided", "global", "load")
+        assert (load.sectors_per_request, load.efficiency) == expect
+
+
+@cuda.jit
 def loop_reads(x, y):
     """Each thread reads x[k * 64 + i] for k = 0..3: four coalesced requests per warp, not one of 16 sectors."""
     i = cuda.threadIdx.x
