@@ -119,9 +119,10 @@ OPS = {"read": "load", "write": "store", "atomic": "atomic"}
 def _count_lines():
     """Start counting, in the simulated thread calling it, its executions of each line of the kernel.
 
-    A line tracer goes on the first frame outside the simulator and threading (the kernel's), then tracing
-    switches to `getattr` for every later frame: getattr(frame, "call", None) is None, so no other
-    frame is traced, at the cost of a C call per call. Counts: `thread.memprofile_lines[0]`."""
+    A line tracer goes on the first frame outside the simulator and threading (the kernel's);
+    then tracing switches to `getattr` for every later frame: getattr(frame, "call", None) is
+    None, so no other frame is traced, at the cost of a C call per call. Called by racecheck in
+    each simulated thread before the kernel starts. Counts: `thread.memprofile_lines[0]`."""
     counts = collections.Counter()
 
     def count(frame, event, arg):
