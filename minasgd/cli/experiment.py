@@ -55,7 +55,8 @@ def add_arguments(p):
                    help="no runs: only the tables and report from the finished runs already in --out "
                         "(a sweep's report then names the code that made them)")
     p.add_argument("--worker-args", metavar="'ARGS'", default="",
-                   help="claim: arguments for the 2-worker command only, e.g. '--sync' or '--lr-scaling workers' "
+                   help="claim: arguments for the 2-worker command only, e.g. --worker-args=--sync or "
+                        "--worker-args='--lr-scaling workers' (with '=': argparse takes a lone --flag for its own) "
                         "(a 2-worker setting to compare with the same one process)")
     p.add_argument("--compare", nargs="+", metavar="DIR",
                    help="claim: no runs, one row per claim directory (their settings side by side)")
