@@ -95,12 +95,12 @@ def test_worker_args_reach_only_the_2_worker_command(tmp_path, monkeypatch):
     assert main(["experiment", "claim", "--epochs", "3", "--worker-args", "--lr-scaling workers --sync",
                  "--out", str(tmp_path)]) == 0
     assert seen["workers"] == ["--lr-scaling", "workers", "--sync"]
-    assert main(["experiment", "claim", "--worker-args=--sync", "--out", str(tmp_path)]) == 0  # a lone flag, as the help says
-    assert seen["workers"] == ["--sync"]
     one = claim.command("one-process", 1, "D", seen["extra"], seen["workers"])
     two = claim.command("2-workers", 1, "D", seen["extra"], seen["workers"])
     assert "--sync" not in one and "--lr-scaling" not in one
     assert two[:7] == ["minasgd", "train", "--workers", "2", "--lr-scaling", "workers", "--sync"]
+    assert main(["experiment", "claim", "--worker-args=--sync", "--out", str(tmp_path)]) == 0  # a lone flag, as the help says
+    assert seen["workers"] == ["--sync"]
 
 
 def test_the_comparison_has_one_row_per_directory_from_its_files(tmp_path):
