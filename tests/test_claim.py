@@ -118,3 +118,20 @@ def test_the_comparison_has_one_row_per_directory_from_its_files(tmp_path):
     assert rows[0].startswith("| `minasgd train --workers 2` | 2 |") and "0.600 [" in rows[0]
     assert rows[1].startswith("| `minasgd train --workers 2 --sync` | 2 |") and "0.925 [" in rows[1]
     assert rows[0].endswith("| 0.50, 0.60 |") and "2.00 [2.00, 2.00]x" in rows[0]
+
+
+def test_compare_also_tabulates_plain_run_directories(tmp_path, capsys):
+    from minasgd.cli import main
+
+    for name, acc, extra in (("a", 0.8, {"worker_momentum": 0.79, "worker_peak_lr": 0.042}), ("b", 0.9, {})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps({
+            "test_accuracy": acc, "workers": 2, "nsync": 1, "config": {"epochs": 6, "seed": 0, "lr": 0.02, "momentum": 0.9},
+            "ps": {"lr_scaling": "none", "momentum_scaling": "staleness"}, **extra}))
+    table = claim.runs_table([tmp_path / "a", tmp_path / "b"])
+    assert "| a | 2 | 1 | none | staleness | m 0.79, lr 0.042 | 6 | 0 | 80.0% |" in table
+    assert "| b | 2 | 1 | none | staleness | not recorded (--momentum 0.9, --lr 0.02) | 6 | 0 | 90.0% |" in table
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "claim.json").write_text("{}")
+    with pytest.raises(SystemExit, match="not both"):
+        main(["experiment", "claim", "--compare", str(tmp_path / "a"), str(tmp_path / "c")])

@@ -59,7 +59,8 @@ def add_arguments(p):
                         "--worker-args='--lr-scaling workers' (with '=': argparse takes a lone --flag for its own) "
                         "(a 2-worker setting to compare with the same one process)")
     p.add_argument("--compare", nargs="+", metavar="DIR",
-                   help="claim: no runs, one row per claim directory (their settings side by side)")
+                   help="claim: no runs, one row per claim directory (their settings side by side), or per "
+                        "`minasgd train` run directory")
     p.add_argument("--docs", metavar="FILE.md",
                    help="also put the report into this markdown file (between <!-- experiment:NAME --> markers) "
                         "and the plots next to it in img/")
@@ -69,7 +70,12 @@ def cmd_claim(args, console):
     from ..experiments import claim
 
     if args.compare:
-        table = claim.compare_table([claim.load_claim(d) for d in args.compare])
+        kinds = {(Path(d) / "claim.json").exists() for d in args.compare}
+        if len(kinds) != 1:
+            raise SystemExit("experiment claim --compare: give claim directories (with claim.json) or run "
+                             "directories (with summary.json), not both")
+        table = (claim.compare_table([claim.load_claim(d) for d in args.compare]) if kinds == {True}
+                 else claim.runs_table(args.compare))
         console.print(table)
         if args.docs:
             dirs = " ".join(Path(d).as_posix() for d in args.compare)

@@ -232,6 +232,23 @@ def compare_table(results):
     return head + "\n\n" + "\n".join(lines) + "\n"
 
 
+def runs_table(run_dirs):
+    """One row per run directory (a `minasgd train` run's summary.json): its settings as the
+    workers ran them and its final test accuracy, from the files alone."""
+    lines = ["| run | workers | nsync | lr scaling | momentum scaling | each worker's SGD | epochs | seed | "
+             "final test accuracy |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for run_dir in run_dirs:
+        summary = json.loads((Path(run_dir) / "summary.json").read_text())
+        cfg, ps = summary.get("config", {}), summary.get("ps") or {}
+        workers = summary.get("workers", 0)
+        sgd = (f"m {summary['worker_momentum']:.3g}, lr {summary['worker_peak_lr']:.3g}" if "worker_momentum" in summary
+               else f"not recorded (--momentum {cfg.get('momentum')}, --lr {cfg.get('lr')})")
+        lines.append(f"| {Path(run_dir).name} | {workers or '1 process'} | {summary.get('nsync', '-')} | "
+                     f"{ps.get('lr_scaling', '-')} | {ps.get('momentum_scaling', '-')} | {sgd} | {cfg.get('epochs')} | "
+                     f"{cfg.get('seed')} | {summary['test_accuracy']:.1%} |")
+    return "\n".join(lines) + "\n"
+
+
 def update_docs(doc_path, out_dir, table, marker=None, regenerate=None):
     """Put `table` into the markdown file between <!-- claim:OUT begin --> and <!-- claim:OUT end -->
     (appended if the markers are missing), saying which command regenerates it."""
