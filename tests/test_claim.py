@@ -131,6 +131,10 @@ def test_compare_also_tabulates_plain_run_directories(tmp_path, capsys):
     table = claim.runs_table([tmp_path / "a", tmp_path / "b"])
     assert "| a | 2 | 1 | none | staleness | m 0.79, lr 0.042 | 6 | 0 | 80.0% |" in table
     assert "| b | 2 | 1 | none | staleness | not recorded (--momentum 0.9, --lr 0.02) | 6 | 0 | 90.0% |" in table
+    doc = tmp_path / "paper.md"
+    doc.write_text(f"x\n<!-- claim:compare {tmp_path.as_posix()} begin -->\nold\n<!-- claim:compare {tmp_path.as_posix()} end -->\ny\n")
+    assert main(["experiment", "claim", "--compare", str(tmp_path), "--docs", str(doc)]) == 0  # a folder of runs
+    assert "old" not in doc.read_text() and table in doc.read_text() and doc.read_text().endswith("y\n")
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "claim.json").write_text("{}")
     with pytest.raises(SystemExit, match="not both"):

@@ -66,10 +66,19 @@ def add_arguments(p):
                         "and the plots next to it in img/")
 
 
+def _run_dirs(path):
+    """[path] if it is a claim or run directory, else its subdirectories that are (sorted)."""
+    if (path / "claim.json").exists() or (path / "summary.json").exists() or not path.is_dir():
+        return [path]
+    return sorted(d for d in path.iterdir() if (d / "claim.json").exists() or (d / "summary.json").exists())
+
+
 def cmd_claim(args, console):
     from ..experiments import claim
 
     if args.compare:
+        given = " ".join(Path(d).as_posix() for d in args.compare)
+        args.compare = [run for d in args.compare for run in _run_dirs(Path(d))]
         kinds = {(Path(d) / "claim.json").exists() for d in args.compare}
         if len(kinds) != 1:
             raise SystemExit("experiment claim --compare: give claim directories (with claim.json) or run "
@@ -78,9 +87,8 @@ def cmd_claim(args, console):
                  else claim.runs_table(args.compare))
         console.print(table)
         if args.docs:
-            dirs = " ".join(Path(d).as_posix() for d in args.compare)
-            claim.update_docs(args.docs, dirs, table, marker="compare " + dirs,
-                              regenerate=f"minasgd experiment claim --compare {dirs} --docs {args.docs}")
+            claim.update_docs(args.docs, given, table, marker="compare " + given,
+                              regenerate=f"minasgd experiment claim --compare {given} --docs {args.docs}")
             console.print(f"table put into {args.docs}")
         return 0
     out = Path(args.out or Path("runs") / "experiment-claim")
