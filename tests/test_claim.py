@@ -104,10 +104,10 @@ def test_worker_args_reach_only_the_2_worker_command(tmp_path, monkeypatch):
 
 
 def test_the_comparison_has_one_row_per_directory_from_its_files(tmp_path):
-    for name, worker_args, (a, b) in (("plain", [], (0.5, 0.7)), ("sync", ["--sync"], (0.9, 0.95))):
+    for name, worker_args, (a, b), more in (("plain", [], (0.5, 0.7), []), ("sync", ["--sync"], (0.9, 0.95), ["--nsync", "4"])):
         d = tmp_path / name
         d.mkdir()
-        (d / "claim.json").write_text(json.dumps({"seeds": 2, "extra_args": ["--epochs", "2"],
+        (d / "claim.json").write_text(json.dumps({"seeds": 2, "extra_args": ["--epochs", "2", *more],
                                                   "worker_args": worker_args}))
         for seed, acc in enumerate((a, b)):
             fake_run(d, "one-process", seed, 1.0, 100.0, [(64, 0.5), (128, 1.0)])
@@ -116,7 +116,8 @@ def test_the_comparison_has_one_row_per_directory_from_its_files(tmp_path):
     rows = [line for line in table.splitlines() if line.startswith("| `minasgd")]
     assert len(rows) == 2
     assert rows[0].startswith("| `minasgd train --workers 2` | 2 |") and "0.600 [" in rows[0]
-    assert rows[1].startswith("| `minasgd train --workers 2 --sync` | 2 |") and "0.925 [" in rows[1]
+    assert rows[1].startswith("| `minasgd train --workers 2 --sync` (both: `--nsync 4`) | 2 |") and "0.925 [" in rows[1]
+    assert table.startswith("Both commands with the extra arguments `--epochs 2`;")
     assert rows[0].endswith("| 0.50, 0.60 |") and "2.00 [2.00, 2.00]x" in rows[0]
 
 

@@ -211,23 +211,28 @@ def compare_table(results):
     """One row per claim directory (each a 2-worker setting against the same one process): the
     2-worker command, seeds, mean accuracies and ratios with 95% bootstrap intervals, and the
     accuracy ratio at equal images after each evaluation."""
+    extras = [list(r["settings"]["extra_args"]) for r in results]
+    shared = 0  # the extra arguments all rows share (a common prefix) go in the header
+    while extras and all(len(e) > shared and e[shared] == extras[0][shared] for e in extras):
+        shared += 1
     lines = ["| 2-worker command | seeds | code | one process: accuracy | 2 workers: accuracy | accuracy ratio | "
              "time ratio (1 / 2) | accuracy ratio at equal images (each evaluation) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for result in results:
+    for result, extra in zip(results, extras):
         rows = [pair_numbers(p) for p in result["pairs"]]
         if not rows:
             continue
+        own = "".join(" " + a for a in extra[shared:])  # given to both commands, but not shared by all rows
         images = sorted(set.intersection(*(set(r["per_image"]) for r in rows)))
         per_image = ", ".join(f"{np.mean([r['per_image'][i] for r in rows]):.2f}" for i in images)
         commits = sorted({p[k]["info"]["commit"] for p in result["pairs"] for k in COMMANDS})
-        lines.append(f"| `minasgd train --workers 2{_worker_args(result)}` | {len(rows)} | {', '.join(commits)} | "
+        lines.append(f"| `minasgd train --workers 2{_worker_args(result)}`{f' (both: `{own.strip()}`)' if own else ''} | {len(rows)} | {', '.join(commits)} | "
                      f"{_interval([r['acc_one'] for r in rows], '{:.1%}')} | "
                      f"{_interval([r['acc_two'] for r in rows], '{:.1%}')} | "
                      f"{_interval([r['accuracy_ratio'] for r in rows], '{:.3f}')} | "
                      f"{_interval([r['time_ratio'] for r in rows], '{:.2f}')}x | {per_image} |")
-    extras = sorted({" ".join(r["settings"]["extra_args"]) for r in results})
-    head = (f"Both commands with the extra arguments `{' | '.join(extras) or '(none)'}`; the same seeds "
+    common = " ".join(extras[0][:shared]) if extras else ""
+    head = (f"Both commands with the extra arguments `{common or '(none)'}`; the same seeds "
             f"0..N-1 for every row; mean [95% bootstrap interval] over seeds.")
     return head + "\n\n" + "\n".join(lines) + "\n"
 
