@@ -25,7 +25,8 @@ import numpy as np
 from .. import backends
 from ..model import Model
 from ..timer import rate
-from .launcher import PsOptions, blas_threads
+from ..threads import blas_threads_for_children
+from .launcher import PsOptions
 from .session import BENCH_SERVER
 
 OPS = ("push", "fetch", "push+fetch")
@@ -72,7 +73,7 @@ def _start(target, n):
 
     ctx = multiprocess.get_context("spawn")
     port_queue, stop_event = ctx.Queue(), ctx.Event()
-    with blas_threads(1):
+    with blas_threads_for_children(1):
         process = ctx.Process(target=target, args=(n, port_queue, stop_event), daemon=True)
         process.start()
     return process, stop_event, port_queue.get(timeout=60)
@@ -169,7 +170,7 @@ def speedup(model, backend, gpu, epochs, train_limit, nsync, target, workers_lis
         t0 = time.perf_counter()
         if workers == 0:  # in a fresh process with the same BLAS threads a single worker gets
             ctx = multiprocess.get_context("spawn")
-            with blas_threads(max(1, cores - 1)), ctx.Pool(1) as pool:
+            with blas_threads_for_children(max(1, cores - 1)), ctx.Pool(1) as pool:
                 summary = pool.apply(_single_process, (cfg,))
         else:
             summary = train_distributed(cfg, PsOptions(workers=workers, nsync=nsync))
@@ -321,7 +322,7 @@ def hostile(n, workers=2, idle=500, malformed=200, seconds=3.0, rounds=3):
 
     ctx = multiprocess.get_context("spawn")
     port_queue, stop_server = ctx.Queue(), ctx.Event()
-    with blas_threads(1):
+    with blas_threads_for_children(1):
         server = ctx.Process(target=_hostile_ps_process, args=(n, port_queue, stop_server, idle + workers + 16),
                              daemon=True)
         server.start()

@@ -74,8 +74,7 @@ import time
 
 import numpy as np
 
-from .protocol import MAX_JSON, Frame, Msg, ProtocolError, clip
-from .server import STOPPING, Refused, Stopping
+from .protocol import MAX_JSON, REFUSED, STOPPING_TEXT, Frame, Msg, ProtocolError, Refused, Stopping, clip, error_body
 from .session import Client, ServerError, serve_requests
 
 FLOAT_MESSAGES = (Msg.PARAMS, Msg.PUSH)  # their payload is float32[num_params]; everything else JSON
@@ -333,13 +332,13 @@ class MpiServer:
             who = f"worker {worker_id}"
             reason = self._serve_requests(channel, worker_id)
         except Stopping as e:  # stopping before training is over: not the worker's fault
-            reason = STOPPING
-            self._refuse(channel, str(e))
+            reason = STOPPING_TEXT
+            self._refuse(channel, str(e), e.code)
         except (Refused, ProtocolError, ValueError, TypeError, RecursionError, OverflowError) as e:
             error = clip(e if isinstance(e, (Refused, ProtocolError)) else f"bad request ({type(e).__name__})")
             reason = f"rejected: {error}"
             self.ps.reject(who, error)
-            self._refuse(channel, error)
+            self._refuse(channel, error, getattr(e, "code", REFUSED))
         except TimeoutError:
             reason = f"silent for {self.timeout:g} s (timed out)"
         except Closing:
@@ -386,10 +385,10 @@ class MpiServer:
             pass
         return reason
 
-    def _refuse(self, channel, error):
+    def _refuse(self, channel, error, code=REFUSED):
         """Send ERROR, then read what the worker still sends until its BYE (for up to 2 seconds)."""
         try:
-            channel.send_json(Msg.ERROR, {"error": clip(error)}, timeout=2.0)
+            channel.send_json(Msg.ERROR, error_body(error, code), timeout=2.0)
         except Exception:
             return
         self._wait_for_bye(channel, "", seconds=2.0)
@@ -419,7 +418,7 @@ def refuse_all(MPI, comm, error, timeout=5.0):
     """Rank 0 could not start serving: every worker gets ERROR instead of HELLO (and exits 1)."""
     for rank in range(1, comm.Get_size()):
         try:
-            Channel(MPI, comm, rank).send_json(Msg.ERROR, {"error": error}, timeout=timeout)
+            Channel(MPI, comm, rank).send_json(Msg.ERROR, error_body(error), timeout=timeout)
         except (TimeoutError, Closing):
             pass
 

@@ -17,7 +17,8 @@ from .. import backends, checkpoint
 from ..rundir import RunDir
 from ..train import schedule_start
 from ..train import total_steps as count_steps
-from .server import MAX_NPUSH, ParameterServer
+from .protocol import MAX_NPUSH
+from .server import ParameterServer
 
 LR_SCALINGS = ("none", "workers", "staleness")
 MOMENTUM_SCALINGS = ("staleness", "workers", "none")

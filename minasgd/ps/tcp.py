@@ -52,8 +52,8 @@ import time
 
 from .protocol import (HEADER, MAGIC, MAX_JSON, PROTOCOL, ConnectionClosed, Frame, Msg, ProtocolError, Receiver, clip,
                        send_frame, send_json)
-from .server import FINISHED, SERVER_FULL, STOPPING, Refused, Stopping
-from .session import (RETRY_LATER, Client, ConnectionLost, ServerError, error_of, same_digest, serve_requests,
+from .protocol import FINISHED, REFUSED, SERVER_FULL, SERVER_FULL_TEXT, STOPPING_TEXT, Refused, Stopping, error_body
+from .session import (Client, ConnectionLost, ServerError, refusal, same_digest, serve_requests,
                       server_proof, token_hmac)
 
 __all__ = ["TcpServer", "TcpClient", "listen", "parse_address", "is_loopback", "ServerError", "ConnectionLost",
@@ -267,8 +267,8 @@ class TcpServer:
 
     def _refuse_full(self, sock, who):
         self.refused += 1
-        self.ps.reject(who, f"{SERVER_FULL} ({self.max_connections} connections)")
-        self._refuse_now(sock, f"{SERVER_FULL}: {self.max_connections} connections; try later")
+        self.ps.reject(who, f"{SERVER_FULL_TEXT} ({self.max_connections} connections)")
+        self._refuse_now(sock, f"{SERVER_FULL_TEXT}: {self.max_connections} connections; try later", SERVER_FULL)
 
     def _drop_oldest_handshake(self, reason):
         sock, handshake = next(iter(self.handshakes.items()))
@@ -325,7 +325,7 @@ class TcpServer:
             error = clip(e if isinstance(e, (Refused, ProtocolError)) else f"bad HELLO ({type(e).__name__})")
             self.ps.reject(handshake.who, error)
             self._end_handshake(sock)
-            self._refuse_now(sock, error)
+            self._refuse_now(sock, error, getattr(e, "code", REFUSED))
             return
         self._end_handshake(sock)
         with self.lock:
@@ -365,13 +365,13 @@ class TcpServer:
             self.ps.reject(who, f"no thread for it ({e})")
             sock.close()
 
-    def _refuse_now(self, sock, error):
+    def _refuse_now(self, sock, error, code=REFUSED):
         """Send ERROR without waiting, then read and drop what the peer still sends for up to a
         second before closing (closing with unread data would reset the connection, which can
         destroy the ERROR frame before the peer reads it). At most `max_handshakes` at a time."""
         try:
             sock.setblocking(False)
-            _send_now(sock, Msg.ERROR, {"error": clip(error)})
+            _send_now(sock, Msg.ERROR, error_body(error, code))
             sock.shutdown(socket.SHUT_WR)
         except OSError:
             sock.close()
@@ -413,8 +413,8 @@ class TcpServer:
             rx.resize(4 * self.ps.num_params)  # a parameter-sized buffer only now
             reason = self._serve_requests(sock, rx, worker_id)
         except Stopping as e:  # stopping before training is over: not the worker's fault
-            reason = STOPPING
-            self._refuse(sock, str(e))
+            reason = STOPPING_TEXT
+            self._refuse(sock, str(e), e.code)
         except (Refused, ProtocolError, ValueError, TypeError, RecursionError, OverflowError) as e:
             if isinstance(e, ConnectionClosed):
                 reason = "connection closed" if worker_id is None else f"hung up ({e})"
@@ -422,7 +422,7 @@ class TcpServer:
                 error = clip(e if isinstance(e, (Refused, ProtocolError)) else f"bad request ({type(e).__name__})")
                 reason = f"rejected: {error}"
                 self.ps.reject(who, error)
-                self._refuse(sock, error)
+                self._refuse(sock, error, getattr(e, "code", REFUSED))
         except TimeoutError:
             reason = f"silent for {self.timeout:g} s (timed out)"
         except OSError as e:
@@ -440,14 +440,14 @@ class TcpServer:
             with self.lock:
                 self.connections.pop(sock, None)
 
-    def _refuse(self, sock, error):
+    def _refuse(self, sock, error, code=REFUSED):
         """Send ERROR, then read and drop whatever the peer still sends for up to a second.
 
         Closing a socket with unread data makes the kernel reset the connection, which can
         destroy the ERROR frame before the peer reads it; draining first avoids that.
         """
         try:
-            send_json(sock, Msg.ERROR, {"error": clip(error)})
+            send_json(sock, Msg.ERROR, error_body(error, code))
             sock.shutdown(socket.SHUT_WR)
             sock.settimeout(0.1)
             deadline = time.monotonic() + 1.0
@@ -582,11 +582,8 @@ class TcpClient(Client):
             raise ConnectionLost(f"{self.host}:{self.port} hung up before greeting us") from None
         except TimeoutError:
             raise ConnectionLost(f"{self.host}:{self.port} did not greet us in {self.timeout:g} s") from None
-        if frame.type == Msg.ERROR:
-            error = clip(error_of(frame))
-            # "server full" / "server stopping" pass: worth trying again (a reconnect does), unlike other refusals
-            raise (ConnectionLost if error.startswith(RETRY_LATER) else ServerError)(
-                f"{self.host}:{self.port} refused us: {error}")
+        if frame.type == Msg.ERROR:  # "server full" / "server stopping": a ConnectionLost, worth trying again
+            raise refusal(frame, f"{self.host}:{self.port} refused us")
         if frame.type != Msg.HELLO:
             raise ServerError(f"{self.host}:{self.port} did not greet us with HELLO (got {frame.type.name})")
         hello = frame.json()
@@ -629,9 +626,9 @@ class TcpClient(Client):
                 config = self.hello(fingerprint, info, num_params)
                 break
             except (ConnectionLost, OSError) as e:
-                if isinstance(e, ServerError) and FINISHED in str(e):
+                if isinstance(e, ServerError) and e.code == FINISHED:
                     self.finished = True  # the run ended while we were away: nothing lost
-                    self.say(f"{self.host}:{self.port} says {FINISHED}")
+                    self.say(f"{self.host}:{self.port} says training is already finished")
                     return
                 if isinstance(e, ServerError) and not isinstance(e, ConnectionLost):
                     raise  # the server refused us: do not insist
