@@ -8,9 +8,16 @@ round (`--sync`, the baseline).
 
 Read it in this order; each module does one job:
 
-    protocol.py   the wire format: a 32-byte header + raw float32 or a small JSON body
-    server.py     ParameterServer: the parameters, the optimizer, staleness, the sync barrier,
-                  checkpoints. No sockets: a transport calls join / fetch_into / push / leave
+    protocol.py   the wire format: a 32-byte header + raw float32 or a small JSON body, and the
+                  words both sides share (Refused and its codes, STATS_FIELDS)
+    server.py     ParameterServer: the lock and the counters around five units, each one job:
+      update.py     the update rule: what a push means, its scale, the checked out-of-place step
+      sync.py       the sync round: its sum, members, deadline, excused workers
+      registry.py   the workers: ids, names, npush, who is connected, their STATS
+      staleness.py  staleness in mini-batches and its bounded histogram
+      resume.py     checkpoints of the whole state and the checks before a resume
+                  No sockets: a transport calls join / fetch_into / push / leave
+    session.py    what the messages mean: the server's request loop and a worker's Client
     tcp.py        TcpServer (one thread per worker) and TcpClient: frames <-> those calls
     mpi.py        the same over MPI (mpiexec): rank 0 serves, ranks 1..N are the workers
     worker.py     Worker: fetch, nsync local steps summing what they moved, push, repeat
