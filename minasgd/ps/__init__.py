@@ -16,6 +16,7 @@ Read it in this order; each module does one job:
       registry.py   the workers: ids, names, npush, who is connected, their STATS
       staleness.py  staleness in mini-batches and its bounded histogram
       resume.py     checkpoints of the whole state and the checks before a resume
+      stats.py      the statistics the dashboard, metrics.jsonl and a worker's STATS see
                   No sockets: a transport calls join / fetch_into / push / leave
     session.py    what the messages mean: the server's request loop and a worker's Client
     tcp.py        TcpServer (one thread per worker) and TcpClient: frames <-> those calls

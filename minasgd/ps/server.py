@@ -17,54 +17,45 @@ that each do one job, with no lock of their own (read them for the details):
     registry.py   the workers: ids, names, npush, who is connected, their STATS (`check_stats`)
     staleness.py  staleness in mini-batches (version -> steps) and its bounded histogram
     resume.py     checkpoints of the whole state, and the checks before a resume
+    stats.py      the statistics: what the dashboard, metrics.jsonl and a worker's STATS see
     protocol.py   the words both sides share: Refused and its codes, STATS_FIELDS, MAX_NPUSH
 
-The rules:
+The rules (each unit's docstring has the details):
 - Training starts when `expected_workers` have joined: until then FETCH waits.
-- `version` counts the updates applied; `steps` counts the mini-batches behind them. The
-  learning rate follows single-process training's warm-up + cosine schedule over `steps`
-  (`minasgd.optim.Schedule`), and training is over when `steps` reaches `total_steps`.
-- A push is what the worker MOVED (`minasgd.ps.worker`): the sum of its local SGD steps at the
-  schedule's lr for its own position in the run (weight decay included), applied as it is
-  (`minasgd.ps.update`). The server never multiplies a push by its own lr *now*. With one worker
-  the server follows single-process training's path exactly (bit for bit at nsync 1). What --lr
-  and --momentum mean with N workers is decided in one place, `minasgd.ps.run.worker_settings`:
-  the workers' momentum and `lr_scale`, the factor on the schedule they step with.
-- Async (the paper): each push is applied the moment it arrives, staleness counted in mini-batches.
-- Sync (the bulk-synchronous baseline): a push waits until every live worker has pushed once in
-  this round; the SUM of the round's pushes is applied as ONE update, then all are released
-  (`minasgd.ps.sync`: deadlines, excused workers).
-- Everything about a push is checked BEFORE the parameters change: a wrong size, a non-finite
-  value, a version from the future, more mini-batches than the worker's npush or an unknown
-  worker raise `Refused`, and the parameters stay bit-identical; so does an update whose result
-  is not finite (two huge but finite pushes).
-- The current parameters are one read-only vector that every fetch of that version sends as it
-  is (no copy, no lock held while sending); an update never writes into a vector being sent.
-- No peer can grow the server's memory without bound (`minasgd.ps.registry`); every peer string
-  is made safe (`protocol.clip`) before it is kept or logged.
+- `version` counts the updates applied; `steps` the mini-batches behind them. The lr follows
+  single-process training's schedule over `steps`; training is over when `steps` reaches `total_steps`.
+- A push is what the worker MOVED (`minasgd.ps.worker`), applied as it is (`update.py`); with one
+  worker the server follows single-process training's path exactly (bit for bit at nsync 1).
+  What --lr and --momentum mean with N workers is decided in one place,
+  `minasgd.ps.run.worker_settings`: the workers' momentum and `lr_scale`.
+- Async (the paper): each push is applied the moment it arrives. Sync (the baseline): the SUM of
+  one push per live worker is applied as ONE update (`sync.py`: deadlines, excused workers).
+- Everything about a push is checked BEFORE the parameters change (size, finiteness, version,
+  npush, worker): `Refused`, and the parameters stay bit-identical, also when the result of the
+  update would not be finite.
+- Fetches send the current read-only vector itself, without a copy or the lock; an update never
+  writes into a vector being sent.
 - `stop(interrupted=True)` (a signal, an error): every request then hears STOPPING ("server
   stopping"), never "training finished", so the workers reconnect to the resumed server.
 """
 
 import collections
 import contextlib
-import json
 import threading
 import time
 
 import numpy as np
 
 from ..optim import Schedule
-from .protocol import (FINISHED_TEXT, MAX_NPUSH, SERVER_FULL_TEXT, STATS_FIELDS, STOPPING_TEXT, Finished,  # noqa: F401
-                       Refused, Stopping, clip)
-from .registry import MAX_DEPARTED, MAX_NAME, WorkerRegistry, WorkerState, check_stats, clean_name  # noqa: F401
-from .resume import CHECKPOINT_FORMAT, Checkpointer, check_checkpoint, check_meta  # noqa: F401
-from .staleness import EXACT_STALENESS, STEPS_MEMORY, StalenessHistogram, VersionClock, staleness_bucket  # noqa: F401
+from .protocol import FINISHED_TEXT, MAX_NPUSH, STOPPING_TEXT, Finished, Refused, Stopping, clip
+from .registry import WorkerRegistry, check_stats
+from .resume import CHECKPOINT_FORMAT, Checkpointer, check_checkpoint
+from .staleness import StalenessHistogram, VersionClock
+from .stats import server_stats, stats_reply
 from .sync import SyncRound
 from .update import UpdateRule, all_finite, count_not_finite, frozen
 
-FINISHED, STOPPING, SERVER_FULL = FINISHED_TEXT, STOPPING_TEXT, SERVER_FULL_TEXT  # the refusals' texts
-MAX_REPLY = 48 * 1024  # bytes of a STATS reply (a control frame may carry protocol.MAX_JSON, 64 KiB)
+FINISHED, STOPPING = FINISHED_TEXT, STOPPING_TEXT  # what a refused (re)join and a stopping server say
 MAX_EVENT = 400  # characters of an event's text that are kept
 
 
@@ -74,8 +65,7 @@ def _check_finite(grad):
 
 
 def _part(unit, name):
-    """A property that reads and writes `self.<unit>.<name>`: the state a unit owns, under the
-    name the server has always shown it by (`ps.round_members`, `ps.checkpoint_every`, ...)."""
+    """A property for `self.<unit>.<name>`: the state a unit owns, under the server's name for it."""
     return property(lambda self: getattr(getattr(self, unit), name),
                     lambda self, value: setattr(getattr(self, unit), name, value))
 
@@ -436,33 +426,12 @@ class ParameterServer:
             self.begin()  # nobody waits for workers that will not come
             self.cond.notify_all()
 
-    # ------------------------------------------------------------------ statistics
+    # ------------------------------------------------------------------ statistics (`minasgd.ps.stats`)
 
     def stats(self, max_workers=None):
-        """Everything worth showing or keeping, as plain JSON-able values.
-
-        `max_workers`: list only the first this many workers (the reply to a worker's STATS, which
-        must stay within a control frame's 64 KiB); `workers_listed` < `workers_total` then.
-        """
-        with self.cond:
-            return {
-                "mode": self.mode, "optimizer": self.optimizer_name, "version": self.version,
-                "steps": self.steps, "total_steps": self.total_steps, "lr": self.lr(), "done": self.done,
-                "pushes": self.pushes, "fetches": self.fetches, "rejected": self.rejected,
-                "discarded": self.discarded, "checkpoints": self.checkpoints,
-                "checkpoint_failures": self.checkpoint_failures, "checkpoint_error": self.checkpoint_error,
-                "staleness": self.staleness.as_json(),
-                "workers": self.registry.listed(max_workers),
-                "workers_total": self.registry.total(), "departed_unlisted": self.departed,
-                "seconds": time.time() - self.started,
-            }
+        """Everything worth showing or keeping, as plain JSON-able values (`stats.server_stats`)."""
+        return server_stats(self, max_workers)
 
     def stats_reply(self):
-        """The answer to a worker's STATS: `stats()` with at most 32 workers listed. Each entry is
-        bounded (MAX_NAME, STATS_FIELDS), so the reply stays under MAX_REPLY (48 KiB) and a
-        control frame's protocol.MAX_JSON (64 KiB); a histogram with very many staleness values
-        is left out rather than overflow it."""
-        reply = self.stats(max_workers=32)
-        if len(json.dumps(reply)) > MAX_REPLY:
-            reply["staleness"] = {}
-        return reply
+        """The answer to a worker's STATS (`stats.stats_reply`): bounded to fit a control frame."""
+        return stats_reply(self)
