@@ -388,6 +388,8 @@ class ServerView:
         kind = event["kind"]
         if kind == "say":
             self.say(event["text"])
+        elif kind == "warm_start":
+            self.say(f"warm start from {event['init']} ({event['steps']} steps trained)")
         elif kind == "server_start":
             e = event
             self.say(f"parameter server on {e['address']} ({e['mode']}, {e['optimizer']}, nsync {e['nsync']}); "

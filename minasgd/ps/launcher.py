@@ -37,7 +37,7 @@ from ..rundir import RunDir, default_run_dir
 from ..threads import blas_threads_for_training
 from ..train import build_model, load_dataset, train_sample
 from .monitor import Monitor
-from .run import Say, assign_devices, check_options, create_server, finish_run, ignore, server_start, watch
+from .run import assign_devices, check_options, create_server, finish_run, ignore, server_start, watch
 from .run import WorkersGone, worker_momentum  # noqa: F401  (what this module's users catch and call)
 from .tcp import TcpServer, listen, parse_address
 
@@ -220,7 +220,7 @@ def run_server(cfg, opts, on_event=None, dataset=None, local_workers=0):
     With local_workers=0 (`minasgd serve`) the workers are `minasgd work` processes elsewhere.
     `on_event(event)` hears, in order: "server_start" (where, what), "resumed" (with --resume),
     "serving" / "served" around the watch (from the Monitor: a live view may draw it), "done"
-    (the summary); and "say" (a line of text, e.g. a warm start). When things go wrong:
+    (the summary); "warm_start" {"init", "steps"}; and "say" (a line of text). When things go wrong:
     "warning" (a last checkpoint or metrics line the disk refused) and "stopped" (a signal or an
     error ended the run early: which signal, the step, the final checkpoint's path or why there is none).
 
@@ -239,7 +239,7 @@ def _run_server(cfg, opts, on_event, dataset, local_workers):
     try:
         backend, gpus = assign_devices(cfg.backend, cfg.gpu, local_workers)
         ds = dataset or load_dataset(cfg)
-        eval_model = build_model(cfg, backends.get("numpy"), Say(on_event))  # the server's side is NumPy
+        eval_model = build_model(cfg, backends.get("numpy"), on_event)  # the server's side is NumPy
         if opts.resume and cfg.out and Path(cfg.out) != Path(opts.resume):
             raise ValueError("--resume continues the run in RUN_DIR: leave out --out")
         if opts.resume and cfg.init:

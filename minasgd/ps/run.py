@@ -210,15 +210,5 @@ def server_start(address, ps, opts, workers, eval_model, ds, run):
             "run_dir": str(run.path)}
 
 
-class Say:
-    """Turns `print(text)` (what `minasgd.train.build_model` tells about a warm start) into a "say" event."""
-
-    def __init__(self, on_event):
-        self.on_event = on_event
-
-    def print(self, text):
-        self.on_event({"kind": "say", "text": text})
-
-
 def ignore(event):
     pass
