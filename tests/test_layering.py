@@ -268,8 +268,8 @@ def test_the_checker_catches_planted_violations(tmp_path):
 # A worker's side of the parameter server: what it needs is the wire vocabulary (`ps/protocol.py`)
 # and the conversation (`ps/session.py`), never the server's internals. `ps/tcp.py` and `ps/mpi.py`
 # hold a client and a server side each; neither side needs the server module.
-CLIENT_MODULES = ("minasgd.ps.session", "minasgd.ps.worker", "minasgd.ps.tcp", "minasgd.ps.mpi",
-                  "minasgd.ps.protocol")
+CLIENT_MODULES = ("minasgd.ps.session", "minasgd.ps.worker", "minasgd.ps.tcp_client", "minasgd.ps.tcp",
+                  "minasgd.ps.mpi", "minasgd.ps.protocol")
 SERVER_MODULE = "minasgd.ps.server"
 
 

@@ -19,7 +19,8 @@ Read it in this order; each module does one job:
       stats.py      the statistics the dashboard, metrics.jsonl and a worker's STATS see
                   No sockets: a transport calls join / fetch_into / push / leave
     session.py    what the messages mean: the server's request loop and a worker's Client
-    tcp.py        TcpServer (one thread per worker) and TcpClient: frames <-> those calls
+    tcp.py        TcpServer (one thread per worker): frames <-> those calls; its accept thread
+                  and handshakes in tcp_accept.py; tcp_client.py the worker's TcpClient
     mpi.py        the same over MPI (mpiexec): rank 0 serves, ranks 1..N are the workers
     worker.py     Worker: fetch, nsync local steps summing what they moved, push, repeat
     monitor.py    test accuracy, metrics.jsonl, checkpoints (it draws nothing)
