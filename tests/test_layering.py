@@ -269,7 +269,7 @@ def test_the_checker_catches_planted_violations(tmp_path):
 # and the conversation (`ps/session.py`), never the server's internals. `ps/tcp.py` and `ps/mpi.py`
 # hold a client and a server side each; neither side needs the server module.
 CLIENT_MODULES = ("minasgd.ps.session", "minasgd.ps.worker", "minasgd.ps.tcp_client", "minasgd.ps.tcp",
-                  "minasgd.ps.mpi", "minasgd.ps.protocol")
+                  "minasgd.ps.mpi_client", "minasgd.ps.mpi", "minasgd.ps.protocol")
 SERVER_MODULE = "minasgd.ps.server"
 
 

@@ -22,6 +22,7 @@ Read it in this order; each module does one job:
     tcp.py        TcpServer (one thread per worker): frames <-> those calls; its accept thread
                   and handshakes in tcp_accept.py; tcp_client.py the worker's TcpClient
     mpi.py        the same over MPI (mpiexec): rank 0 serves, ranks 1..N are the workers
+                  (their MpiClient in mpi_client.py)
     worker.py     Worker: fetch, nsync local steps summing what they moved, push, repeat
     monitor.py    test accuracy, metrics.jsonl, checkpoints (it draws nothing)
     run.py        what a run does whatever the transport: create_server, watch, finish_run

@@ -12,7 +12,8 @@ import sys
 
 import numpy as np
 
-from .mpi import MpiClient, MpiServer, final_barrier, import_mpi, mpiexec_command, poll
+from .mpi import MpiServer, final_barrier, import_mpi, mpiexec_command, poll
+from .mpi_client import MpiClient
 from .session import BENCH_SERVER, round_trips
 
 TAG_RAW = 110  # the bare Send/Recv baseline

@@ -12,7 +12,8 @@ import sys
 import numpy as np
 
 from ..threads import blas_threads_for_training
-from .mpi import MpiClient, MpiServer, ServerDidNotStart, final_barrier, import_mpi, refuse_all
+from .mpi import MpiServer, ServerDidNotStart, final_barrier, import_mpi, refuse_all
+from .mpi_client import MpiClient
 from .protocol import ProtocolError
 from .session import ServerError
 

@@ -38,7 +38,7 @@ a worker pushes several times between fetches; with nfetch < npush it fetches mo
 `push(step_sum, base_version, batches) -> {"version", "steps", "lr", "done"}`, `stats(numbers) -> dict` and
 `close(reason)`, plus `server_hello` (a dict with "model") and `hello(fingerprint, info) -> config`
 for `connect_and_train`. Two transports provide them: `minasgd.ps.tcp.TcpClient` (sockets) and
-`minasgd.ps.mpi.MpiClient` (MPI ranks).
+`minasgd.ps.mpi_client.MpiClient` (MPI ranks).
 """
 
 import os
