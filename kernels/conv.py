@@ -25,10 +25,8 @@ Backward
               into chunks (grid z); each block reduces its chunk in shared-memory tiles and adds its
               partial result into dW with cuda.atomic.add (dW is zeroed first).
     bias   `reduce.sum_over_batch` (db[k] = sum over n, p, q of dy).
-All backward functions overwrite their output (never accumulate into it).
-
-Deterministic (the same bits every run, `VERSIONS_OF`): all but backward filter v2 when a weight's
-sum is split (splits > 1): the partial sums arrive through atomics in any order (the last bits differ).
+All backward functions overwrite their output. All versions are deterministic (`VERSIONS_OF`) but
+backward filter v2 with splits > 1: the split sums arrive through atomics in any order.
 """
 
 import functools
@@ -317,15 +315,10 @@ def launch_backward_filter_tiled(dy, x, dw, stride, pad, tile=TILE, splits=None)
 
 def signatures():
     """What the launchers above pass (see `common.Signature`), for every tile size in use."""
-    sigs = [
-        Signature("conv2d_forward_naive", "v1 naive", conv2d_forward_naive, (F4, F4, F1, F4, INT, INT), THREADS),
-        Signature("conv2d_backward_data_naive", "v1 naive", conv2d_backward_data_naive,
-                  (F4, F4, F4, INT, INT), THREADS),
-        Signature("conv2d_backward_data_gather", "v2 gather", conv2d_backward_data_gather,
-                  (F4, F4, F4, INT, INT), THREADS),
-        Signature("conv2d_backward_filter_naive", "v1 naive", conv2d_backward_filter_naive,
-                  (F4, F4, F4, INT, INT), THREADS),
-    ]
+    sigs = [Signature("conv2d_forward_naive", "v1 naive", conv2d_forward_naive, (F4, F4, F1, F4, INT, INT), THREADS)]
+    sigs += [Signature(kernel.py_func.__name__, label, kernel, (F4, F4, F4, INT, INT), THREADS) for label, kernel in (
+        ("v1 naive", conv2d_backward_data_naive), ("v2 gather", conv2d_backward_data_gather),
+        ("v1 naive", conv2d_backward_filter_naive))]
     for t in TILES:
         sigs += [
             Signature(f"conv2d_forward_tiled {t}x{t}", "v2 tiled", forward_tiled_kernel(t),
@@ -430,10 +423,9 @@ def _layer_cases(L, ref, tiles, make):
     sizes, flops = {"x": x.shape, "w": w.shape, "y": y_ref.shape}, 2.0 * y_ref.size * w[0].size
 
     def case(what, v, launch, expect, tile=0):
-        return Case("conv", f"{L['name']} {what}", v.name, f"{L['name']} {what} {v.label}"
-                    + (f" {tile}x{tile}" if tile else ""), launch, sizes, expect, flops, "GFLOP/s",
-                    deterministic=v.deterministic, default=v.default, tile=tile or None, size=size,
-                    extra={"stride": s, "pad": p})
+        return Case("conv", f"{L['name']} {what}", v.name, f"{L['name']} {what} {v.label}" + (f" {tile}x{tile}" if tile
+                    else ""), launch, sizes, expect, flops, "GFLOP/s", deterministic=v.deterministic,
+                    default=v.default, tile=tile or None, size=size, extra={"stride": s, "pad": p})
 
     def each(op):  # (version, tile): the tiled versions at every tile size
         return [(v, t) for v in VERSIONS_OF[op] for t in (tiles if v.name == "tiled" else (0,))]

@@ -33,5 +33,5 @@ Read it in this order; each module does one job:
 Nothing here touches a terminal or parses arguments: the runs report through `on_event`
 callbacks and the benches return numbers. The flags and the handlers of `train --workers`,
 `serve`, `work` and `bench ps` are in `minasgd/cli/ps.py` and `minasgd/cli/bench.py`; the live
-server dashboard and the tables are in `minasgd/dashboard.py` (ServerView, ServerDashboard).
+server dashboard and the tables are in `minasgd/dashboard/` (ServerView, ServerDashboard: `dashboard/server.py`).
 """
