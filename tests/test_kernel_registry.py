@@ -85,3 +85,31 @@ def test_the_check_catches_a_planted_version_without_a_case(monkeypatch):
     real = conv.cases
     monkeypatch.setattr(conv, "cases", lambda *args: [c for c in real(*args) if c.version != "gather"])
     assert uncovered(registry.cases(TINY, ref, (4,), families=("conv",)))["conv"] == ({"gather"}, set())
+
+
+def kernel_modules_on_disk():
+    """The modules of kernels/ that define a `@cuda.jit` function, by name."""
+    import re
+    from pathlib import Path
+
+    here = Path(registry.__file__).parent
+    return sorted(p.stem for p in here.glob("*.py") if re.search(r"^\s*@cuda\.jit", p.read_text(), re.M))
+
+
+def test_no_kernel_module_escapes_the_registry():
+    """An attack on the registry: a new kernels/*.py with kernels but left out of FAMILIES would
+    escape the workbench, the benchmark, the compile check and the race check. It cannot."""
+    assert set(kernel_modules_on_disk()) <= {*registry.FAMILIES, registry.COMMON}
+    assert {m.__name__.rpartition(".")[2] for m in registry.modules()} == {*registry.FAMILIES, registry.COMMON}
+
+
+def test_the_escape_check_sees_a_planted_module(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    planted = Path(registry.__file__).parent / "zz_planted_batchnorm.py"
+    planted.write_text("from numba import cuda\n\n\n@cuda.jit\ndef batchnorm_kernel(x):\n    pass\n")
+    try:
+        assert "zz_planted_batchnorm" in kernel_modules_on_disk()
+        assert not set(kernel_modules_on_disk()) <= {*registry.FAMILIES, registry.COMMON}
+    finally:
+        planted.unlink()

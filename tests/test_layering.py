@@ -302,3 +302,14 @@ def test_the_client_check_catches_a_planted_server_import():
     assert reaches(planted, "minasgd.ps.tcp", SERVER_MODULE)[-2:] == ["minasgd.ps.protocol", SERVER_MODULE]
     planted = dict(edges, **{"minasgd.ps.worker": edges["minasgd.ps.worker"] + [(SERVER_MODULE, 9)]})
     assert reaches(planted, "minasgd.ps.worker", SERVER_MODULE) == ["minasgd.ps.worker", SERVER_MODULE]
+
+
+def test_clients_do_not_reach_the_server_by_a_name_in_a_string():
+    """An attack on the import check: `importlib.import_module("minasgd.ps.server")` (or
+    `__import__`) is no import statement, so the graph would not see it; no client names it."""
+    modules = module_files()
+    for m in CLIENT_MODULES:
+        text = modules[m].read_text()
+        strings = {n.value for n in ast.walk(ast.parse(text)) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+        assert not {s for s in strings if s == SERVER_MODULE or s.endswith(".server")}, m
+        assert "import_module" not in text and "__import__" not in text, m
