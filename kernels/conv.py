@@ -35,7 +35,7 @@ from numba import cuda, float32
 
 from . import reduce, shapes
 from .common import F1, F2, F4, INT, MAX_BLOCKS, SIM, THREADS, TILES, Signature, bounded, ceil_div, fill, grid_1d, output
-from .registry import Case, Version, dims, version_of
+from .registry import Case, Version, dims, pick
 
 TILE = 16  # the implicit-GEMM tile: 16 x 16 = 256 threads per block
 
@@ -348,7 +348,7 @@ VERSIONS, DATA_VERSIONS, FILTER_VERSIONS = (tuple(v.name for v in VERSIONS_OF[op
 
 def conv2d_forward(x, w, b, stride=1, pad=0, out=None, version="tiled", tile=TILE):
     # x: (N, C, H, W), w: (K, C, R, S), b: (K,) -> y: (N, K, P, Q)
-    version_of("conv2d_forward", version)
+    pick(VERSIONS_OF, "conv2d_forward", version)
     y_shape = shapes.conv2d_output_shape(x.shape, w.shape, stride, pad, b.shape)
     y = output(y_shape, x.dtype, out, "conv2d_forward out")
     if not y.size:
@@ -362,7 +362,7 @@ def conv2d_forward(x, w, b, stride=1, pad=0, out=None, version="tiled", tile=TIL
 
 def conv2d_backward_data(dy, w, x_shape, stride=1, pad=0, out=None, version="gather"):
     # dy: (N, K, P, Q), w: (K, C, R, S) -> dx: (N, C, H, W) (fresh unless out is given); deterministic
-    version_of("conv2d_backward_data", version)
+    pick(VERSIONS_OF, "conv2d_backward_data", version)
     shapes.check_same_shape("conv2d_backward dy", dy.shape, shapes.conv2d_output_shape(x_shape, w.shape, stride, pad))
     dx = output(x_shape, dy.dtype, out, "conv2d_backward_data out")
     if not dx.size:
@@ -377,7 +377,7 @@ def conv2d_backward_data(dy, w, x_shape, stride=1, pad=0, out=None, version="gat
 def conv2d_backward_filter(dy, x, w_shape, stride=1, pad=0, out=None, tile=TILE, splits=None, version="tiled"):
     # dy: (N, K, P, Q), x: (N, C, H, W) -> dw: (K, C, R, S) (overwritten, fresh unless out is given)
     # naive: deterministic; tiled: deterministic only with splits=1 (atomics add the split sums)
-    version_of("conv2d_backward_filter", version)
+    pick(VERSIONS_OF, "conv2d_backward_filter", version)
     shapes.check_same_shape("conv2d_backward dy", dy.shape, shapes.conv2d_output_shape(x.shape, w_shape, stride, pad))
     dw = output(w_shape, dy.dtype, out, "conv2d_backward_filter out")
     if not dw.size:

@@ -31,7 +31,7 @@ import functools
 from numba import cuda, float32
 
 from .common import BOOL, F1, F2, THREADS, TILES, Signature, grid_1d, output
-from .registry import Case, Version, dims, version_of
+from .registry import Case, Version, dims, pick
 
 TILE = 16  # 16 x 16 = 256 threads per block
 
@@ -151,7 +151,7 @@ VERSIONS = tuple(v.name for v in VERSIONS_OF["gemm"])
 
 def gemm(a, b, trans_a=False, trans_b=False, bias=None, out=None, version="tiled", tile=TILE):
     """C = op(A) @ op(B) (+ bias[None, :]) -> (M, N) float32 device array (fresh unless out is given)."""
-    version_of("gemm", version)
+    pick(VERSIONS_OF, "gemm", version)
     m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
     kb, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
     if k != kb:

@@ -23,7 +23,7 @@ from numba import cuda, float32
 from . import shapes
 
 from .common import F4, I4, INT, THREADS, Signature, fill, grid_1d, output
-from .registry import Case, Version, dims, version_of
+from .registry import Case, Version, dims, pick
 
 
 # ---------------------------------------------------------------- kernels
@@ -159,7 +159,7 @@ def maxpool2d_forward(x, size=3, stride=2, out=None, out_argmax=None):
 def maxpool2d_backward(dy, argmax, x_shape, out=None, version="scatter", size=None, stride=None):
     """dy, argmax: (N, C, P, Q) -> dx: (N, C, H, W). version "scatter" (the backend's) needs only
     argmax; "gather" (deterministic) needs the window `size` and `stride` too."""
-    version_of("maxpool2d_backward", version)
+    pick(VERSIONS_OF, "maxpool2d_backward", version)
     shapes.check_same_shape("maxpool2d_backward argmax", argmax.shape, dy.shape)
     if version == "gather":
         if size is None or stride is None:

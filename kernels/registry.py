@@ -112,14 +112,21 @@ def versions(families=FAMILIES):
     return [v for f in families for vs in module(f).VERSIONS_OF.values() for v in vs]
 
 
-def version_of(op, name):
-    """The Version `name` of public function `op`; ValueError naming the choices if there is none."""
-    family = next((f for f in FAMILIES if op in module(f).VERSIONS_OF), None)
-    choices = module(family).VERSIONS_OF[op] if family else ()
-    for v in choices:
+def pick(versions_of, op, name):
+    """The Version `name` of public function `op` in a module's VERSIONS_OF (what its public
+    function checks `version=` with: a short loop, no import); ValueError naming the choices."""
+    for v in versions_of[op]:
         if v.name == name:
             return v
-    raise ValueError(f"{op}: unknown version {name!r}; choose one of {tuple(v.name for v in choices)}")
+    raise ValueError(f"{op}: unknown version {name!r}; choose one of {tuple(v.name for v in versions_of[op])}")
+
+
+def version_of(op, name):
+    """The Version `name` of public function `op`, whichever family declares it."""
+    family = next((f for f in FAMILIES if op in module(f).VERSIONS_OF), None)
+    if family is None:
+        raise ValueError(f"no kernel module declares {op!r}")
+    return pick(module(family).VERSIONS_OF, op, name)
 
 
 def default_version(op):
