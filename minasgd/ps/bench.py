@@ -6,7 +6,7 @@
    process: no header, no checks, no optimizer). The ratio is ours / raw. With `--transport mpi`
    the same three operations also go through the MPI transport (`minasgd.ps.mpi`: two ranks of an
    `mpiexec -n 2` started here) and through bare MPI Send/Recv, and the table adds MPI / socket.
-   The server is configured as the default run's (`--momentum-at worker`, `session.BENCH_SERVER`):
+   The server is configured as the default run's (`--momentum-at worker`, `bench_common.BENCH_SERVER`):
    it checks each push and applies w -= lr * push, with no velocity of its own.
 2. Speed-up: images/s and the time to reach `--target` test accuracy for `--workers-list`
    (default 1,2,4) on the shapes dataset, with single-process training as the first row.
@@ -27,7 +27,7 @@ from ..model import Model
 from ..timer import rate
 from ..threads import blas_threads_for_children
 from .launcher import PsOptions
-from .session import BENCH_SERVER
+from .bench_common import BENCH_SERVER
 
 OPS = ("push", "fetch", "push+fetch")
 
@@ -90,7 +90,7 @@ def goodput(n, seconds=1.5, rounds=ROUNDS):
     Both servers run at once; every round times each operation on ours, then on the raw socket,
     for seconds / rounds each, so a busy moment of the machine hits both. Rates are medians.
     """
-    from .session import round_trips
+    from .bench_common import round_trips
     from .tcp import TcpClient
 
     grad = np.full(n, 1e-3, np.float32)

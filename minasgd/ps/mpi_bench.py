@@ -14,7 +14,7 @@ import numpy as np
 
 from .mpi import MpiServer, final_barrier, import_mpi, mpiexec_command, poll
 from .mpi_client import MpiClient
-from .session import BENCH_SERVER, round_trips
+from .bench_common import BENCH_SERVER, round_trips
 
 TAG_RAW = 110  # the bare Send/Recv baseline
 
