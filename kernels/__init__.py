@@ -27,7 +27,9 @@ each module's `if __name__ == "__main__":` block only calls it.
 
 Each module has the same layout: the kernels (naive first, then optimized), then the host
 launchers that pick the grid and block (`launch_<what>_<version>`: the name says which kernel
-it launches, and it takes its arguments in the public function's order), then `VERSIONS_OF`
+it launches; a launcher and its kernel take the public function's inputs in its order, then the
+outputs, then the scalars: `conv2d_backward_filter(dy, x, ...)` launches `(dy, x, dw, stride,
+pad)`), then `VERSIONS_OF`
 (each public function's versions: name, label, launcher, determinism, the backend's default)
 and the public functions that `minasgd.backends.cuda_backend` calls, each choosing its kernel
 by `version=`. Public functions take numba device arrays and an optional `out=` buffer (cases
