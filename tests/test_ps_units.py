@@ -21,7 +21,7 @@ N = 8
 
 def test_sgd_push_is_applied_as_it_is_whatever_the_lr():
     rule = UpdateRule(N)
-    assert rule.scale(batches=4, staleness=9, lr_now=123.0) == 1.0
+    assert rule.scale(batches=4, staleness=9, lr_now=lambda: 123.0) == 1.0
     params = np.ones(N, np.float32)
     new = rule.step(params, np.full(N, 0.25, np.float32), 1.0, 4)
     assert np.array_equal(new, np.full(N, 0.75, np.float32)) and not new.flags.writeable
@@ -31,9 +31,9 @@ def test_sgd_push_is_applied_as_it_is_whatever_the_lr():
 def test_server_momentum_decays_per_mini_batch():
     """v = m**k v + push, w -= (1 - m**k) / (1 - m) v: a push of 3 after a push of 1."""
     m, rule = 0.5, UpdateRule(N, momentum=0.5)
-    w = rule.step(np.zeros(N, np.float32), np.ones(N, np.float32), rule.scale(1, 0, 0.1), 1)
+    w = rule.step(np.zeros(N, np.float32), np.ones(N, np.float32), rule.scale(1, 0, lambda: 0.1), 1)
     assert np.allclose(w, -1.0) and np.allclose(rule.optimizer.velocity, 1.0)
-    scale = rule.scale(3, 0, 0.1)
+    scale = rule.scale(3, 0, lambda: 0.1)
     assert scale == pytest.approx((1 - m**3) / (1 - m))
     w = rule.step(w, np.ones(N, np.float32), scale, 3)
     assert np.allclose(rule.optimizer.velocity, m**3 * 1.0 + 1.0)
@@ -42,8 +42,8 @@ def test_server_momentum_decays_per_mini_batch():
 
 
 def test_adagrad_steps_at_the_lr_now_and_staleness_shrinks_a_push():
-    assert UpdateRule(N, optimizer="adagrad", lr_scale=0.5).scale(2, 0, lr_now=0.2) == pytest.approx(0.1)
-    assert UpdateRule(N, staleness_lr=True).scale(batches=2, staleness=6, lr_now=1.0) == pytest.approx(0.25)
+    assert UpdateRule(N, optimizer="adagrad", lr_scale=0.5).scale(2, 0, lr_now=lambda: 0.2) == pytest.approx(0.1)
+    assert UpdateRule(N, staleness_lr=True).scale(batches=2, staleness=6, lr_now=lambda: 1.0) == pytest.approx(0.25)
 
 
 def test_a_non_finite_result_changes_nothing():

@@ -156,7 +156,7 @@ class ParameterServer:
     def push_scale(self, batches, staleness):
         """What a push of `batches` mini-batches, `staleness` stale, is multiplied by before it is
         subtracted (`minasgd.ps.update.UpdateRule.scale`; the caller holds the lock)."""
-        return self.update.scale(batches, staleness, self.lr())
+        return self.update.scale(batches, staleness, self.lr)
 
     def live_ids(self):
         return self.registry.live_ids()

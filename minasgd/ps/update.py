@@ -1,7 +1,7 @@
 """The server's update rule, whole: how far a push moves the parameters, and the checked step.
 
     rule = UpdateRule(num_params, optimizer="sgd", momentum=0.0, staleness_lr=False, lr_scale=1.0)
-    scale = rule.scale(batches=4, staleness=2, lr_now=schedule(steps))
+    scale = rule.scale(batches=4, staleness=2, lr_now=lambda: schedule(steps))
     params = rule.step(params, grad, scale, batches, in_use=lambda v: False)  # a NEW read-only vector
 
 What a push means (`minasgd.ps.server` says who sends what):
@@ -70,9 +70,10 @@ class UpdateRule:
 
     def scale(self, batches, staleness, lr_now):
         """What a push of `batches` mini-batches, `staleness` mini-batches stale, is multiplied by
-        before it is subtracted; `lr_now`: the run's schedule at the server's step count."""
+        before it is subtracted; `lr_now()`: the run's schedule at the server's step count (only
+        Adagrad asks: an SGD push is a displacement, never scaled by the lr now)."""
         if self.name == "adagrad":
-            scale = lr_now * self.lr_scale
+            scale = lr_now() * self.lr_scale
         elif self.momentum and batches > 1:
             scale = (1.0 - self.momentum**batches) / (1.0 - self.momentum)
         else:
