@@ -22,7 +22,7 @@ A conversation (worker on the left):
     -> HELLO   {"fingerprint", "name", "npush", "hmac", "nonce"} hmac of the server's nonce with the
                                                                   token, and our own nonce
     <- WELCOME {"worker_id", "version", "proof", config...}      proof: the server's hmac of both
-               or ERROR {"error"}, then the server hangs up      nonces (with a token)
+               or ERROR {"error", "code"}, then it hangs up      nonces (with a token)
     -> FETCH                          <- PARAMS  float32[num_params], version
     -> PUSH    float32[num_params]    <- ACK     {"steps", "lr", "done"}, version
     -> STATS   {"loss", ...}          <- STATS   the server's statistics
@@ -30,6 +30,8 @@ A conversation (worker on the left):
 
 Once training is over the server answers FETCH with BYE. Any request the server rejects
 (bad header, wrong payload size, non-finite gradient...) gets ERROR and the connection closes.
+An ERROR's "error" is one line for people; its "code" (REFUSED, FINISHED, STOPPING, SERVER_FULL)
+is what a client acts on: it never reads meaning into the words, which may quote a peer's strings.
 
 Bounds: only PARAMS and PUSH may carry more than MAX_JSON (64 KiB); a control frame announcing
 more is refused from its header alone. A JSON body nested too deeply is refused like any other
@@ -45,7 +47,8 @@ import time
 import numpy as np
 
 MAGIC = b"MASG"
-PROTOCOL = 2  # 2: a PUSH carries the displacement the worker moved (was: velocities to scale by the lr)
+PROTOCOL = 3  # 3: an ERROR body carries a "code" that clients act on (was: its words were matched)
+#              2: a PUSH carries the displacement the worker moved (was: velocities to scale by the lr)
 HEADER = struct.Struct("<4sBBHQQQ")  # magic, protocol, type, count, length, seq, version: 32 bytes
 MAX_JSON = 64 * 1024  # a control body is never bigger than this
 
