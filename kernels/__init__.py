@@ -12,6 +12,8 @@
     softmax      softmax + cross-entropy: one thread per row, max-subtracted
     optim        SGD with momentum and weight decay over the flat parameter vector
     racecheck    a race checker for the CUDA simulator (missing atomics, missing syncthreads)
+    memprofile   what each warp's memory accesses would cost on a GPU, from the simulator's addresses:
+                 32-byte sectors per request, coalescing, shared-memory bank conflicts, a roofline
     resources    every kernel compiled offline for real GPUs: registers, shared memory, occupancy
     shapes       output shapes and input checks (pure Python; the backends and layers use them too)
     dropout_hash the dropout mask's uint32 hash in NumPy (the kernel's twin; the reference uses it)

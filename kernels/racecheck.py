@@ -40,7 +40,7 @@ import inspect
 import linecache
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numba import config
@@ -62,6 +62,9 @@ class Access:
     op: str  # "read", "write" or "atomic"
     array: str
     index: tuple
+    # Where the element lives, for profilers (kernels/memprofile.py); the race checker ignores them.
+    offset: int = field(default=0, compare=False)  # bytes from the start of its allocation
+    size: int = field(default=4, compare=False)  # bytes (the element's itemsize)
 
     def ordered_before(self, other):
         """True if a barrier separates self from a later access `other` (same block, later epoch)."""
@@ -171,6 +174,10 @@ class Tracked:
     def __init__(self, name, ary, space):
         self._name, self._ary, self._space = name, ary, space
         self._base = ary.__array_interface__["data"][0]
+        root = ary
+        while isinstance(root.base, np.ndarray):  # the array that owns the memory: the allocation
+            root = root.base
+        self._allocation = root.__array_interface__["data"][0]
 
     def __getattr__(self, attr):  # shape, size, ndim, dtype ... and views: .T, reshape(), ravel() ...
         value = getattr(self._ary, attr)
@@ -201,7 +208,8 @@ class Tracked:
         block, thread, epoch = _who()
         address = self._base + sum(i * s for i, s in zip(idx, self._ary.strides))
         key = (address,) if self._space == "global" else (address, block)
-        _active._access(self._space, key, Access(block, thread, epoch, op, self._name, idx))
+        _active._access(self._space, key, Access(block, thread, epoch, op, self._name, idx,
+                                                 address - self._allocation, self._ary.itemsize))
 
     def __getitem__(self, index):
         value = self._ary[index]
@@ -225,17 +233,45 @@ def _shared_name(frame):
 @contextlib.contextmanager
 def checking():
     """Record every kernel launched inside the block; yields a `Races` (call `assert_clean()`)."""
+    with watching(Races()) as races:
+        yield races
+
+
+@contextlib.contextmanager
+def watching(recorder):
+    """Send every access of the kernels launched inside the block to `recorder`, and yield it.
+
+    A recorder has a `_lock` (threading.Lock), `_start(kernel, grid, block)` (called at each
+    launch) and `_access(space, key, access)` (called from the simulated thread doing the access),
+    and may have `_thread_started()` (called in each simulated thread before the kernel runs):
+    `Races` is one, `minasgd.kernels.memprofile.Profile` another.
+    """
     global _active
     if not config.ENABLE_CUDASIM:
         raise RuntimeError("racecheck needs the CUDA simulator: set NUMBA_ENABLE_CUDASIM=1 before numba is imported")
     if _active is not None:
         raise RuntimeError("racecheck.checking() blocks cannot be nested")
+    saved, patches = _patches(recorder)
+    _active = recorder
+    for (cls, attr), fn in patches.items():
+        setattr(cls, attr, fn)
+    try:
+        yield recorder
+    finally:
+        for (cls, attr), fn in saved.items():
+            setattr(cls, attr, fn)
+        _active = None
+
+
+def _patches(recorder):
+    """(saved, patches): the simulator's methods `watching` replaces, as they are, and their
+    replacements that report every launch and access to `recorder`: {(class, attribute): function}."""
     from numba.cuda import types
     from numba.cuda.np import numpy_support
     from numba.cuda.simulator import kernel, kernelapi
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
 
-    races = Races()
+    races = recorder
     saved = {
         (kernel.FakeCUDAKernel, "__call__"): kernel.FakeCUDAKernel.__call__,
         (kernel.BlockThread, "syncthreads"): kernel.BlockThread.syncthreads,
@@ -291,12 +327,12 @@ def checking():
         (kernelapi.FakeCUDAShared, "array"): checked_shared_array,
     }
     patches.update({(kernelapi.FakeCUDAAtomic, op): checked_atomic(op) for op in ATOMICS})
-    _active = races
-    for (cls, attr), fn in patches.items():
-        setattr(cls, attr, fn)
-    try:
-        yield races
-    finally:
-        for (cls, attr), fn in saved.items():
-            setattr(cls, attr, fn)
-        _active = None
+    if hasattr(recorder, "_thread_started"):
+        thread_run = saved[(kernel.BlockThread, "run")] = kernel.BlockThread.run
+
+        def started_run(self):
+            recorder._thread_started()
+            thread_run(self)
+
+        patches[(kernel.BlockThread, "run")] = started_run
+    return saved, patches

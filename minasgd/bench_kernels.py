@@ -19,6 +19,12 @@ line saying so and times nothing: simulator timings are meaningless.
 sm_80 (A100) and sm_90 (H100) (see `minasgd.kernels.resources`): registers per thread, static
 shared memory, spills, the block size its launcher uses, and the theoretical occupancy those
 allow. docs/gpu.md explains the numbers and which kernel is limited by what.
+
+`minasgd bench kernels --simulated` needs no GPU either: every case (ours and the other version)
+at the tiny shapes of Model("micro"), batch 2, launched on the CUDA simulator under
+`minasgd.kernels.memprofile`, which models from the addresses each warp touches the global
+sectors per request, coalescing efficiency, shared-memory bank conflicts, bytes moved and a
+roofline bound on an H200 (`simulated_result`).
 """
 
 import time
@@ -107,7 +113,7 @@ class TorchTwins:
 
         if case.name.endswith("forward"):
             return lambda: F.conv2d(x, w, b, s, p)
-        return lambda: backward([True, False, False] if "data" in case.name else [False, True, True])
+        return lambda: backward([True, False, False] if "data" in case.name else [False, True, False])  # dw only, as ours
 
     def _pool(self, case):
         torch, F = self.torch, self.F
@@ -290,3 +296,35 @@ def run(backend_device=None):
     result = {"device": device, "batch": BATCH, "torch": torch_device is not None,
               "first_call": compile_info, "kernels": rows, "tile_sweep": tile_sweep()}
     return result
+
+
+# ---------------------------------------------------------------- simulated: what the memory system would see
+
+SIMULATED_MODEL, SIMULATED_BATCH = "micro", 2
+
+
+def simulated_rows(cases, gpu="H200"):
+    """`memprofile.profile_cases` over benchmark cases (ours, then the other version where there is
+    one), their FLOPs declared by the cases that count GFLOP/s (None for the memory-bound ones)."""
+    from minasgd.kernels import memprofile
+
+    runs = []
+    for case in cases:
+        flops = case.work if case.unit == "GFLOP/s" else None
+        runs.append((f"{case.name} ({case.shape})", "ours", case.ours, flops))
+        if case.alt is not None:
+            runs.append((f"{case.name} ({case.shape})", case.alt_name, case.alt, flops))
+    return memprofile.profile_cases(runs, gpu)
+
+
+def simulated_result(model=SIMULATED_MODEL, batch=SIMULATED_BATCH, gpu="H200", only=None):
+    """`--simulated`: {"model", "batch", "gpu", "kernels": simulated_rows(...)} on the CUDA simulator,
+    for the cases whose name contains `only` (default: every case). `minasgd.dashboard.show_kernel_profile`
+    draws it. Every figure is modelled, none measured."""
+    from numba import config
+
+    if not config.ENABLE_CUDASIM:
+        return {"skipped": "the memory profile runs on the CUDA simulator: set NUMBA_ENABLE_CUDASIM=1 "
+                           "before numba is imported (`minasgd bench kernels --simulated` does)"}
+    cases = [c for c in build_cases(model, batch) if only is None or only in c.name]
+    return {"model": model, "batch": batch, "gpu": gpu, "kernels": simulated_rows(cases, gpu)}

@@ -7,7 +7,9 @@ On a GPU the shapes are the layers of Model("alexnet-mini") at batch 128; every 
 is validated (outputs pre-filled with NaN, the first mismatches reported with their indices),
 then, once all match, timed (median of several samples). On the CUDA simulator
 (NUMBA_ENABLE_CUDASIM=1) the shapes are Model("micro")'s at batch 2 and nothing is timed:
-simulator timings mean nothing.
+simulator timings mean nothing; instead each version is launched once more (tiled ones with
+16 x 16 blocks) under `minasgd.kernels.memprofile`, which prints what the memory system would
+see: sectors per warp request, coalescing, bank conflicts (modelled, not measured).
 
 What is validated is each kernel module's own `cases()` (every version at the model's shapes,
 `minasgd.kernels.registry`): this module only runs them. Why the loop is here and not in
@@ -95,8 +97,10 @@ def validate(cfg, sim):
 
 # ---------------------------------------------------------------- the loop
 
-def run(op, validate_only=None, model=None, batch=None, tiles=None, out=print):
+def run(op, validate_only=None, model=None, batch=None, tiles=None, out=print, profile=False):
     """Validate every configuration of `op`, then (on a GPU, unless validate_only) time them.
+    On the simulator with `profile`, then print the modelled memory profile of every configuration
+    at PROFILE_TILE (see `profile_table`).
 
     Returns {"op", "device", "mismatches": [(label, message)], "timings": [{"label", "ms", "rate", "unit"}]}.
     """
@@ -124,6 +128,9 @@ def run(op, validate_only=None, model=None, batch=None, tiles=None, out=print):
     if validate_only:
         if sim:
             out("(the simulator: nothing timed, its timings mean nothing)")
+            if profile:
+                out(profile_table(registry.cases(layer_shapes(model, batch), numpy_backend, (PROFILE_TILE,),
+                                                 families=(op,))))
         return result
     for cfg in configs:
         seconds = median_seconds(cfg.launch, repeats=7, calls=5, sync=cuda.synchronize)
@@ -133,10 +140,23 @@ def run(op, validate_only=None, model=None, batch=None, tiles=None, out=print):
     return result
 
 
+PROFILE_TILE = 16  # the tile the backend uses: a 16 x 16 block is 8 whole warps (a 4 x 4 one is half a warp)
+
+
+def profile_table(configs):
+    """The modelled memory profile (kernels/memprofile.py) of one launch of each case, as text."""
+    from .kernels import memprofile
+
+    rows = memprofile.profile_cases([(cfg.label, "", cfg.launch, cfg.work if cfg.unit == "GFLOP/s" else None)
+                                     for cfg in configs])
+    return memprofile.format_table(rows)
+
+
 def main(op, argv=None):
-    """`python -m minasgd.kernels.<op> [--validate-only]`: exit status 0 when every version matches."""
+    """`python -m minasgd.kernels.<op> [--validate-only]`: exit status 0 when every version matches.
+    On the simulator, without --validate-only, the memory profile of every version follows."""
     argv = sys.argv[1:] if argv is None else argv
-    result = run(op, validate_only=True if "--validate-only" in argv else None)
+    result = run(op, validate_only=True if "--validate-only" in argv else None, profile="--validate-only" not in argv)
     return 1 if result["mismatches"] else 0
 
 

@@ -66,8 +66,8 @@ def test_the_command_line_passes_its_flags_to_both_commands(tmp_path, monkeypatc
 
     seen = {}
 
-    def fake_run_claim(out, seeds, extra_args, on_event):
-        seen.update(out=out, seeds=seeds, extra=extra_args)
+    def fake_run_claim(out, seeds, extra_args, worker_args, on_event):
+        seen.update(out=out, seeds=seeds, extra=extra_args, workers=worker_args)
         (out / "claim.json").parent.mkdir(parents=True, exist_ok=True)
         (out / "claim.json").write_text(json.dumps({"seeds": seeds, "extra_args": extra_args}))
         return claim.load_claim(out)
@@ -77,3 +77,65 @@ def test_the_command_line_passes_its_flags_to_both_commands(tmp_path, monkeypatc
     assert seen["seeds"] == 2 and seen["extra"] == ["--epochs", "3", "--nsync", "4"]
     assert claim.command("2-workers", 0, "D", seen["extra"]) == [
         "minasgd", "train", "--workers", "2", "--seed", "0", "--epochs", "3", "--nsync", "4", "--out", "D", "--quiet"]
+
+
+def test_worker_args_reach_only_the_2_worker_command(tmp_path, monkeypatch):
+    from minasgd.cli import main
+
+    seen = {}
+
+    def fake_run_claim(out, seeds, extra_args, worker_args, on_event):
+        seen.update(extra=extra_args, workers=worker_args)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "claim.json").write_text(json.dumps({"seeds": seeds, "extra_args": extra_args,
+                                                    "worker_args": worker_args}))
+        return claim.load_claim(out)
+
+    monkeypatch.setattr(claim, "run_claim", fake_run_claim)
+    assert main(["experiment", "claim", "--epochs", "3", "--worker-args", "--lr-scaling workers --sync",
+                 "--out", str(tmp_path)]) == 0
+    assert seen["workers"] == ["--lr-scaling", "workers", "--sync"]
+    one = claim.command("one-process", 1, "D", seen["extra"], seen["workers"])
+    two = claim.command("2-workers", 1, "D", seen["extra"], seen["workers"])
+    assert "--sync" not in one and "--lr-scaling" not in one
+    assert two[:7] == ["minasgd", "train", "--workers", "2", "--lr-scaling", "workers", "--sync"]
+    assert main(["experiment", "claim", "--worker-args=--sync", "--out", str(tmp_path)]) == 0  # a lone flag, as the help says
+    assert seen["workers"] == ["--sync"]
+
+
+def test_the_comparison_has_one_row_per_directory_from_its_files(tmp_path):
+    for name, worker_args, (a, b) in (("plain", [], (0.5, 0.7)), ("sync", ["--sync"], (0.9, 0.95))):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "claim.json").write_text(json.dumps({"seeds": 2, "extra_args": ["--epochs", "2"],
+                                                  "worker_args": worker_args}))
+        for seed, acc in enumerate((a, b)):
+            fake_run(d, "one-process", seed, 1.0, 100.0, [(64, 0.5), (128, 1.0)])
+            fake_run(d, "2-workers", seed, acc, 50.0, [(64, 0.25), (128, acc)])
+    table = claim.compare_table([claim.load_claim(tmp_path / "plain"), claim.load_claim(tmp_path / "sync")])
+    rows = [line for line in table.splitlines() if line.startswith("| `minasgd")]
+    assert len(rows) == 2
+    assert rows[0].startswith("| `minasgd train --workers 2` | 2 |") and "0.600 [" in rows[0]
+    assert rows[1].startswith("| `minasgd train --workers 2 --sync` | 2 |") and "0.925 [" in rows[1]
+    assert rows[0].endswith("| 0.50, 0.60 |") and "2.00 [2.00, 2.00]x" in rows[0]
+
+
+def test_compare_also_tabulates_plain_run_directories(tmp_path, capsys):
+    from minasgd.cli import main
+
+    for name, acc, extra in (("a", 0.8, {"worker_momentum": 0.79, "worker_peak_lr": 0.042}), ("b", 0.9, {})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps({
+            "test_accuracy": acc, "workers": 2, "nsync": 1, "config": {"epochs": 6, "seed": 0, "lr": 0.02, "momentum": 0.9},
+            "ps": {"lr_scaling": "none", "momentum_scaling": "staleness"}, **extra}))
+    table = claim.runs_table([tmp_path / "a", tmp_path / "b"])
+    assert "| a | 2 | 1 | none | staleness | m 0.79, lr 0.042 | 6 | 0 | 80.0% |" in table
+    assert "| b | 2 | 1 | none | staleness | not recorded (--momentum 0.9, --lr 0.02) | 6 | 0 | 90.0% |" in table
+    doc = tmp_path / "paper.md"
+    doc.write_text(f"x\n<!-- claim:compare {tmp_path.as_posix()} begin -->\nold\n<!-- claim:compare {tmp_path.as_posix()} end -->\ny\n")
+    assert main(["experiment", "claim", "--compare", str(tmp_path), "--docs", str(doc)]) == 0  # a folder of runs
+    assert "old" not in doc.read_text() and table in doc.read_text() and doc.read_text().endswith("y\n")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "claim.json").write_text("{}")
+    with pytest.raises(SystemExit, match="not both"):
+        main(["experiment", "claim", "--compare", str(tmp_path / "a"), str(tmp_path / "c")])

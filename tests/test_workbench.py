@@ -51,3 +51,5 @@ def test_python_dash_m_runs_the_workbench():
                           text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "All results match." in done.stdout
+    # then, on the simulator, the memory profile of the version it just validated (kernels/memprofile.py)
+    assert "modelled (CUDA simulator, not measured)" in done.stdout and "softmax_xent_kernel" in done.stdout

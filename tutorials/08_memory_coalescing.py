@@ -16,10 +16,13 @@
 # strided reads, counts the sectors each warp touches, and then explains the odd-looking
 # transposed stores in `kernels/gemm.py`'s tiled kernel.
 #
-# Files: `kernels/gemm.py` (the tiled GEMM's staging). Run:
-# `python tutorials/08_memory_coalescing.py` (about 15 s on the simulator). The simulator
-# runs warps as 32 Python threads and has no memory system, so it shows which addresses each
-# warp reads, never how long that takes; on a GPU the last cell times both copies.
+# Files: `kernels/gemm.py` (the tiled GEMM's staging), `kernels/memprofile.py` (the profiler).
+# Run: `python tutorials/08_memory_coalescing.py` (about 15 s on the simulator). The simulator
+# runs warps as 32 Python threads and has no memory system, so it cannot say how long a load
+# takes. But it sees every address: `minasgd.kernels.memprofile` records, while the kernels
+# below really run, the addresses each warp asks for at each load, and counts the sectors a
+# GPU would move for them. Those counts are *modelled* (what the addresses imply), not
+# measured; on a GPU the last cell times both copies.
 
 # %%
 import os
@@ -33,17 +36,21 @@ import numpy as np  # noqa: E402
 from numba import config, cuda  # noqa: E402
 
 import _common as C  # noqa: E402
+from minasgd.kernels import gemm, memprofile  # noqa: E402
 
 SIM = bool(config.ENABLE_CUDASIM)
 GPU = not SIM and cuda.is_available()
 rng = np.random.default_rng(0)
+
 WARP = 32
 SECTOR = 32  # bytes
 
 
-def sectors(addresses):
-    """How many 32-byte sectors a warp's byte addresses fall in."""
-    return len(np.unique(np.asarray(addresses) // SECTOR))
+def load_of(prof, kernel, array):
+    """The profiler's statistics of the (one) global load of `array` in `kernel`."""
+    [stats] = [s for s in prof.instructions(kernel)
+               if s.instruction.space == "global" and s.instruction.op == "load" and s.instruction.array == array]
+    return stats
 
 
 # %% [markdown]
@@ -53,8 +60,6 @@ def sectors(addresses):
 # thread i reads. `copy_unit` reads x[i]. `copy_strided` reads the array column by column as
 # if it were an (n / s) x s matrix: thread i reads x[(i % rows) * s + i // rows], so
 # neighbouring threads read addresses s floats apart. Both write y[i] (coalesced).
-# A third kernel computes the same index expressions but stores them instead of loading, so we
-# can look at the addresses each warp would ask for.
 
 # %%
 @cuda.jit
@@ -72,15 +77,6 @@ def copy_strided(x, y, s):
         y[i] = x[(i % rows) * s + i // rows]
 
 
-@cuda.jit
-def read_index(index, s):
-    """index[i] = the element copy_unit (s = 1) or copy_strided (s > 1) reads in thread i."""
-    i = cuda.grid(1)
-    rows = index.size // s
-    if i < index.size:
-        index[i] = i if s == 1 else (i % rows) * s + i // rows
-
-
 n = C.pick(1024, 4096)
 x = rng.standard_normal(n).astype(np.float32)
 d_x, d_y = cuda.to_device(x), cuda.device_array(n, np.float32)
@@ -94,20 +90,24 @@ print(f"copy_strided (s = {s}): equal to the column-by-column order: {np.array_e
 # %% [markdown]
 # ## 2. What a warp's 32 loads become
 #
-# For each stride, the sectors touched by each warp's 32 reads (4-byte floats), averaged over
-# the warps, and the fraction of the moved bytes the kernel actually uses.
+# For each stride, one block of 128 threads (4 warps) runs the copy again under the profiler:
+# the 32-byte sectors each warp's load of x touches (its *request*), averaged over the
+# requests, and the share of the moved bytes the kernel asked for. Every number in the table
+# comes from the addresses the kernel issued (`prof.instructions(...)`), not from its formula.
 
 # %%
-print(f"  {'stride':>6} {'sectors/warp':>13} {'bytes moved':>12} {'bytes used':>11} {'efficiency':>11}")
+print(f"  {'stride':>6} {'sectors/request':>16} {'bytes moved':>12} {'bytes used':>11} {'efficiency':>11}   (modelled)")
 rows = []
 for s in (1, 2, 4, 8, 16, 32):
-    d_index = cuda.device_array(n, np.int64)
-    read_index[n // 128, 128](d_index, s)
-    index = d_index.copy_to_host()
-    per_warp = [sectors(4 * index[w:w + WARP]) for w in range(0, n, WARP)]
-    mean = float(np.mean(per_warp))
+    with memprofile.profiling() as prof:
+        if s == 1:
+            copy_unit[1, 128](d_x, d_y)
+        else:
+            copy_strided[1, 128](d_x, d_y, s)
+    load = load_of(prof, "copy_unit" if s == 1 else "copy_strided", "x")
+    mean = load.sectors_per_request
     rows.append((s, mean))
-    print(f"  {s:>6} {mean:>13.1f} {mean * SECTOR:>12.0f} {WARP * 4:>11} {WARP * 4 / (mean * SECTOR):>10.0%}")
+    print(f"  {s:>6} {mean:>16.1f} {mean * SECTOR:>12.0f} {load.asked // load.requests:>11} {load.efficiency:>10.0%}")
 
 # %% [markdown]
 # From stride 8 on, every thread of a warp gets its own sector: the memory system moves 1024
@@ -134,26 +134,35 @@ for s in (1, 2, 4, 8, 16, 32):
 # The tile ends up the same; only who loads what changes. The price of the coalesced choice is
 # paid in shared memory instead: thread tx writes sa[tx, ty], 16 floats away from its
 # neighbour's, which makes *bank conflicts* (tutorial 10, and the padded v3 of the GEMM).
+#
+# Below, `stage_natural` does the first, and the real `gemm.gemm(..., trans_a=True)` the
+# second; the profiler reports the sectors of each one's load of A. (A is 16 x 16 here: with
+# any M of 8 floats or more the counts are the same as at alexnet-mini's M = 1152.)
 
 # %%
-M, TILE = 1152, 16  # A^T of alexnet-mini's first fully connected layer, dW = dy^T x: K = batch
+TILE = 16
 
 
-def warp_addresses(layout, warp, k0=0, row0=0):
-    """Byte addresses the 32 threads of one warp (of a 16 x 16 block) load from A (K x M, row-major)."""
-    t = np.arange(warp * WARP, (warp + 1) * WARP)
-    tx, ty = t % TILE, t // TILE
-    if layout == "natural":
-        k, i = k0 + tx, row0 + ty
-    else:
-        k, i = k0 + ty, row0 + tx
-    return 4 * (k * M + i)
+@cuda.jit
+def stage_natural(a, out):
+    """One 16 x 16 tile of op(A) = A^T staged the natural way: thread (tx, ty) loads A[tx, ty]."""
+    tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+    sa = cuda.shared.array((16, 16), np.float32)
+    sa[ty, tx] = a[tx, ty]
+    cuda.syncthreads()
+    out[ty, tx] = sa[ty, tx]
 
 
-for layout in ("natural", "gemm.py"):
-    per_warp = [sectors(warp_addresses(layout, w)) for w in range(TILE * TILE // WARP)]
-    print(f"  {layout:8} staging of A^T: {np.mean(per_warp):4.1f} sectors per warp load "
-          f"({WARP * 4} bytes used of {np.mean(per_warp) * SECTOR:.0f} moved)")
+a = rng.standard_normal((TILE, TILE)).astype(np.float32)  # A stored (K, M): op(A) = A^T
+d_a, d_out = cuda.to_device(a), cuda.device_array((TILE, TILE), np.float32)
+with memprofile.profiling() as prof:
+    stage_natural[1, (TILE, TILE)](d_a, d_out)
+    c = gemm.gemm(d_a, cuda.to_device(np.eye(TILE, dtype=np.float32)), trans_a=True, version="tiled", tile=TILE)
+assert np.array_equal(d_out.copy_to_host(), a.T) and np.allclose(c.copy_to_host(), a.T)
+for layout, kernel in (("natural", "stage_natural"), ("gemm.py", "gemm_tiled")):
+    load = load_of(prof, kernel, "a")
+    print(f"  {layout:8} staging of A^T: {load.sectors_per_request:4.1f} sectors per warp load "
+          f"({load.asked // load.requests} bytes used of {load.sectors_per_request * SECTOR:.0f} moved; modelled)")
 
 # %% [markdown]
 # A warp of a 16 x 16 block covers two rows ty and ty + 1, so the coalesced layout reads two
@@ -183,7 +192,7 @@ if plt is not None:
     ax = ax[0]
     ax[0].bar([str(s) for s, _ in rows], [m for _, m in rows], color="tab:blue")
     ax[0].set_xlabel("stride between neighbouring threads (floats)")
-    ax[0].set_ylabel("32-byte sectors per warp load")
+    ax[0].set_ylabel("32-byte sectors per warp load (modelled)")
     ax[0].set_title("one warp's 32 float loads", fontsize=9)
     if measured:
         ax[1].bar(list(measured), [8 * big / t / 1e9 for t in measured.values()], color="tab:green")

@@ -5,11 +5,13 @@
 # waits, another computes. So it wants many warps resident on each streaming multiprocessor
 # (SM) at once. How many fit is the kernel's **occupancy** (resident warps / the SM's maximum),
 # and it is set by what each block uses of three shared budgets: threads, registers and shared
-# memory. This tutorial reads those numbers off the real compiler, works out the occupancy of
-# our kernels on an H100, and then looks inside shared memory at **bank conflicts**, with the
-# one-column fix that gives `kernels/gemm.py` its third version, `tiled_padded`.
+# memory. This tutorial reads those numbers off the real compiler, works out the *theoretical*
+# occupancy of our kernels on an H100 (the most that fits; what a kernel achieves needs a GPU
+# profiler), and then looks inside shared memory at **bank conflicts**, with the one-column fix
+# that gives `kernels/gemm.py` its third version, `tiled_padded`: the conflicts are counted by
+# `minasgd.kernels.memprofile` from the addresses the GEMM kernels really issue on the simulator.
 #
-# Files: `kernels/gemm.py` (v2 `tiled`, v3 `tiled_padded`), `kernels/reduce.py`.
+# Files: `kernels/gemm.py` (v2 `tiled`, v3 `tiled_padded`), `kernels/reduce.py`, `kernels/memprofile.py`.
 # Run: `python tutorials/10_occupancy_and_bank_conflicts.py` (about 20 s on the simulator).
 
 # %%
@@ -26,7 +28,7 @@ import numpy as np  # noqa: E402
 from numba import config, cuda  # noqa: E402
 
 import _common as C  # noqa: E402
-from minasgd.kernels import gemm  # noqa: E402
+from minasgd.kernels import gemm, memprofile  # noqa: E402
 
 SIM = bool(config.ENABLE_CUDASIM)
 GPU = not SIM and cuda.is_available()
@@ -81,7 +83,7 @@ for name, (threads, regs, smem) in USAGE.items():
     print(f"  {name:24} {threads:5} threads  {regs:3} registers  {smem:6,} B shared")
 
 # %% [markdown]
-# ## 2. Occupancy on an H100
+# ## 2. Theoretical occupancy on an H100
 #
 # Per SM an H100 (like the A100 and V100) holds at most 2,048 threads (64 warps) and 32
 # blocks and has 65,536 32-bit registers; its shared memory is up to 228 KB per SM (the A100
@@ -94,7 +96,7 @@ SM = dict(threads=2048, blocks=32, registers=65536, shared=228 * 1024)
 
 
 def occupancy(threads, regs, shared):
-    """(blocks per SM, which limit binds, occupancy) for one kernel on an H100-class SM."""
+    """(blocks per SM, which limit binds, theoretical occupancy) for one kernel on an H100-class SM."""
     warps = math.ceil(threads / 32)
     regs_per_block = warps * math.ceil(regs * 32 / 256) * 256
     limits = {
@@ -107,12 +109,12 @@ def occupancy(threads, regs, shared):
     return blocks, min(limits, key=limits.get), blocks * threads / SM["threads"]
 
 
-print(f"  {'kernel':24} {'blocks/SM':>9} {'limited by':>14} {'occupancy':>10}")
+print(f"  {'kernel':24} {'blocks/SM':>9} {'limited by':>14} {'theoretical occupancy':>22}")
 occ = {}
 for name, use in USAGE.items():
     blocks, limit, o = occupancy(*use)
     occ[name] = o
-    print(f"  {name:24} {blocks:>9} {limit:>14} {o:>10.0%}")
+    print(f"  {name:24} {blocks:>9} {limit:>14} {o:>22.0%}")
 
 # %% [markdown]
 # The 16 x 16 GEMM tiles are limited by **registers**: 38 per thread is 38 x 32 = 1,216 per
@@ -137,34 +139,35 @@ for name, use in USAGE.items():
 #     stage a normal operand      sa[ty, tx] = ...     consecutive tx -> consecutive words
 #     stage a transposed operand  sa[tx, ty] = ...     consecutive tx -> words W apart (tutorial 8)
 #     compute                     sa[ty, kk], sb[kk, tx]   one word per row (broadcast) / consecutive
+#
+# Rather than work the banks out by hand, run both versions of the real kernel under the
+# profiler: C = A^T B (A transposed: its tile is stored `sa[tx, ty]`; B is not: `sb[ty, tx]`)
+# on one T x T tile, and read off, for each shared-memory line of `gemm_tiled`, the worst
+# conflict of any warp's request (the ways: 1 = conflict-free; a broadcast costs nothing).
 
 # %%
-def conflict_ways(words):
-    """The k of a k-way conflict: most distinct words any one bank must serve (1 = none)."""
-    words = np.unique(np.asarray(words))
-    return int(np.bincount(words % 32, minlength=32).max())
+def shared_ways(version, tile):
+    """{(op, array): worst ways of any request} of the shared accesses of one profiled GEMM launch."""
+    a = cuda.to_device(rng.standard_normal((tile, tile)).astype(np.float32))  # (K, M): op(A) = A^T
+    b = cuda.to_device(rng.standard_normal((tile, tile)).astype(np.float32))  # (K, N): op(B) = B
+    with memprofile.profiling() as prof:
+        gemm.gemm(a, b, trans_a=True, version=version, tile=tile)
+    return {(s.instruction.op, s.instruction.array): s for s in prof.instructions() if s.instruction.space == "shared"}
 
 
-def warp_words(tile, width, pattern, warp=0):
-    t = np.arange(warp * 32, warp * 32 + 32)
-    tx, ty = t % tile, t // tile
-    if pattern == "sa[ty, tx]":
-        r, c = ty, tx
-    elif pattern == "sa[tx, ty]":
-        r, c = tx, ty
-    else:  # "sb[kk, tx]" with kk = 0
-        r, c = np.zeros_like(tx), tx
-    return r * width + c
-
-
+PATTERNS = {("store", "sa"): "sa[tx, ty]", ("store", "sb"): "sb[ty, tx]", ("load", "sa"): "sa[ty, kk]",
+            ("load", "sb"): "sb[kk, tx]"}
 rows = []
-print(f"  {'access':12} {'T':>3} {'v2 tiled (W = T)':>17} {'v3 tiled_padded (W = T + 1)':>28}")
-for tile in (16, 32):
-    for pattern in ("sa[ty, tx]", "sa[tx, ty]", "sb[kk, tx]"):
-        worst = [max(conflict_ways(warp_words(tile, tile + pad, pattern, w)) for w in range(tile * tile // 32))
-                 for pad in (0, 1)]
+print(f"  {'access':12} {'T':>3} {'v2 tiled (W = T)':>17} {'v3 tiled_padded (W = T + 1)':>28}   (modelled, worst warp)")
+for tile in C.pick((16,), (16, 32)):  # T = 32: 1,024 simulated threads per launch, outside FAST mode only
+    v2, v3 = shared_ways("tiled", tile), shared_ways("tiled_padded", tile)
+    for key, pattern in PATTERNS.items():
+        worst = [v2[key].max_ways, v3[key].max_ways]
         rows.append((tile, pattern, *worst))
         print(f"  {pattern:12} {tile:>3} {f'{worst[0]}-way':>17} {f'{worst[1]}-way':>28}")
+print("  the profiled lines of gemm_tiled:")
+for (op, array), stats in v2.items():
+    print(f"    line {stats.instruction.line} ({op} {array}): {stats.instruction.source}")
 
 # %% [markdown]
 # The transposed store is the culprit: in v2 with T = 16 a warp's 32 threads write words
@@ -174,8 +177,9 @@ for tile in (16, 32):
 # is one row) all 32 land in distinct banks. At T = 16 (the default) a warp spans two rows, so
 # the padded transposed store is still 2-way (word 15 x 17 + 1 = 256 of the second row is in
 # bank 0 with word 0 of the first): 2-way instead of 8-way, not conflict-free. The row-wise
-# stores `sa[ty, tx]` also collide once at T = 16 (word 17 + 15 = 32 is in bank 0 with word 0):
-# 2-way where v2 had none. At T = 32 v3 is conflict-free everywhere. That one extra column is
+# stores (`sb[ty, tx]` here) also collide once at T = 16 (word 17 + 15 = 32 is in bank 0 with
+# word 0): 2-way where v2 had none. At T = 32 (run without MINASGD_TUTORIAL_FAST to see it
+# profiled) v3 is conflict-free everywhere. That one extra column is
 # all `tiled_padded` changes: `gemm.tiled_kernel(tile, pad=1)` builds it from the same code. It
 # costs 128-256 bytes of shared memory per block (two tiles, T extra floats each) and, at
 # T = 32, the compiler used 6 more registers (table above), which did not change the occupancy.
@@ -223,7 +227,7 @@ if plt is not None:
     names = list(occ)
     ax[0].barh(names, [occ[x] for x in names], color="tab:blue")
     ax[0].set_xlim(0, 1)
-    ax[0].set_xlabel("occupancy on an H100 SM")
+    ax[0].set_xlabel("theoretical occupancy on an H100 SM")
     ax[0].tick_params(axis="y", labelsize=8)
     labels = [f"{p}\nT={t}" for t, p, _, _ in rows]
     xs = np.arange(len(rows))
@@ -239,7 +243,7 @@ else:
 
 # %% [markdown]
 # ## What to remember
-# - Occupancy = resident warps / the SM's maximum; the tightest of threads, registers, shared
+# - Theoretical occupancy = resident warps / the SM's maximum; the tightest of threads, registers, shared
 #   memory and blocks per SM sets it. Read registers off the compiler (`ptxas -v`), not a guess.
 # - Shared memory has 32 banks; a warp touching k words of one bank waits k times. Column
 #   accesses of a T x T tile with T a multiple of 32 (or 16) conflict; pad rows to T + 1.

@@ -2,6 +2,7 @@
 `minasgd.experiments.run_sweep`; the bar, the lines and the table are `minasgd.dashboard`'s)."""
 
 import argparse
+import shlex
 from pathlib import Path
 
 from ..experiments.sweeps import NAMES
@@ -51,15 +52,45 @@ def add_arguments(p):
     p.add_argument("--data-root", metavar="DIR", help="where datasets live (default: $MINASGD_DATA or ./data)")
     p.add_argument("--fresh", action="store_true", help="run everything again (default: skip finished runs)")
     p.add_argument("--report", action="store_true",
-                   help="claim: no runs, only the table from the files already in --out")
+                   help="no runs: only the tables and report from the finished runs already in --out "
+                        "(a sweep's report then names the code that made them)")
+    p.add_argument("--worker-args", metavar="'ARGS'", default="",
+                   help="claim: arguments for the 2-worker command only, e.g. --worker-args=--sync or "
+                        "--worker-args='--lr-scaling workers' (with '=': argparse takes a lone --flag for its own) "
+                        "(a 2-worker setting to compare with the same one process)")
+    p.add_argument("--compare", nargs="+", metavar="DIR",
+                   help="claim: no runs, one row per claim directory (their settings side by side), or per "
+                        "`minasgd train` run directory")
     p.add_argument("--docs", metavar="FILE.md",
                    help="also put the report into this markdown file (between <!-- experiment:NAME --> markers) "
                         "and the plots next to it in img/")
 
 
+def _run_dirs(path):
+    """[path] if it is a claim or run directory, else its subdirectories that are (sorted)."""
+    if (path / "claim.json").exists() or (path / "summary.json").exists() or not path.is_dir():
+        return [path]
+    return sorted(d for d in path.iterdir() if (d / "claim.json").exists() or (d / "summary.json").exists())
+
+
 def cmd_claim(args, console):
     from ..experiments import claim
 
+    if args.compare:
+        given = " ".join(Path(d).as_posix() for d in args.compare)
+        args.compare = [run for d in args.compare for run in _run_dirs(Path(d))]
+        kinds = {(Path(d) / "claim.json").exists() for d in args.compare}
+        if len(kinds) != 1:
+            raise SystemExit("experiment claim --compare: give claim directories (with claim.json) or run "
+                             "directories (with summary.json), not both")
+        table = (claim.compare_table([claim.load_claim(d) for d in args.compare]) if kinds == {True}
+                 else claim.runs_table(args.compare))
+        console.print(table)
+        if args.docs:
+            claim.update_docs(args.docs, given, table, marker="compare " + given,
+                              regenerate=f"minasgd experiment claim --compare {given} --docs {args.docs}")
+            console.print(f"table put into {args.docs}")
+        return 0
     out = Path(args.out or Path("runs") / "experiment-claim")
     if args.report:
         result = claim.load_claim(out)
@@ -81,7 +112,11 @@ def cmd_claim(args, console):
                 how = "reused" if event["reused"] else f"exit {event['exit']}"
                 console.print(f"  {event['name']}: {event['seconds']:.0f} s ({how})")
 
-        result = claim.run_claim(out, seeds=args.seeds or 3, extra_args=extra, on_event=show)
+        try:
+            worker_args = shlex.split(args.worker_args)
+        except ValueError as e:
+            raise SystemExit(f"experiment claim: --worker-args {args.worker_args!r}: {e}")
+        result = claim.run_claim(out, seeds=args.seeds or 3, extra_args=extra, worker_args=worker_args, on_event=show)
     table = claim.claim_table(result)
     console.print(table)
     if args.docs:
@@ -100,7 +135,8 @@ def cmd_experiment(args, console):
 
     s = settings_from(args.name, quick=args.quick, **{k: getattr(args, k, None) for k in OVERRIDES})
     exp_dir = Path(args.out or Path("runs") / f"experiment-{s.name}")
-    result, failed = run_sweep(s, exp_dir, fresh=args.fresh, docs=args.docs, on_event=SweepView(console))
+    result, failed = run_sweep(s, exp_dir, fresh=args.fresh, docs=args.docs, on_event=SweepView(console),
+                               report_only=args.report)
     console.print(experiment_table(result, report.SUMMARY_COLUMNS, report.summary_cells))
     if args.docs:
         console.print(f"report and plots put into {args.docs}")

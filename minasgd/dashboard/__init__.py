@@ -19,6 +19,7 @@ from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progre
                            TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from .server import ServerDashboard, ServerView, show_bench_ps, show_bench_ps_hostile, staleness_summary  # noqa: F401
 
@@ -313,3 +314,18 @@ def show_kernel_static(result, console):
         for arch, p in row["archs"].items():
             if "error" in p:
                 console.print(f"[red]{row['kernel']} on {arch}: {escape(p['error'])}[/]")
+def show_kernel_profile(result, console):
+    """`minasgd bench kernels --simulated`: the modelled memory profile of every kernel (kernels/memprofile.py)."""
+    if "skipped" in result:
+        console.print(result["skipped"], highlight=False, soft_wrap=True, markup=False)
+        return
+    from ..kernels import memprofile
+
+    table = Table(title=f"minasgd kernels' memory traffic, MODELLED on the CUDA simulator "
+                        f"(Model(\"{result['model']}\"), batch {result['batch']}; not measured)")
+    for i, col in enumerate(memprofile.COLUMNS):
+        table.add_column(col, justify="left" if i < 3 else "right", overflow="fold")
+    for row in result["kernels"]:
+        table.add_row(*(Text(cell) for cell in memprofile.table_cells(row)))
+    console.print(table)
+    console.print(memprofile.caption(result["gpu"]), highlight=False, markup=False)

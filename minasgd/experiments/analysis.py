@@ -12,8 +12,13 @@ Definitions (as in the paper, plus what one machine cannot measure):
   that evaluation and the one before it. Images and server updates to target are interpolated
   the same way. Evaluations happen at exact step counts (every `eval_every` epochs).
 - A run that never reaches the target is CENSORED, not dropped: in the means it counts with its
-  whole length (a lower bound, shown as "≥"), and speed-ups are paired only where both runs
-  reached it (the table says how many pairs that left).
+  whole length (a lower bound, shown as "≥"). The table's speed-ups are ratios of MEDIANS over
+  seeds in which a missed target counts as never reached (+inf): the Kaplan-Meier median, since
+  runs are censored only at their end. So a configuration that misses the target in some seeds
+  is not judged by its lucky seeds alone (pairing only the runs that both reached the target
+  would be survivorship bias); when half or more of its runs miss, its median is beyond the run
+  and the speed-up is an upper bound ("<"). The 95% intervals resample seeds (paired) with
+  replacement. Per-seed paired speed-ups stay in runs.csv.
 - speed-up of N workers = time to target of 1 worker / time to target of N workers, paired by
   seed (same seed, nsync and group), factorised as
       speed-up = N x hardware efficiency x statistical efficiency
@@ -109,6 +114,15 @@ def run_row(spec, run_dir, target, summary=None):
     }
 
 
+def bootstrap_mean(values, samples=10_000, seed=0):
+    """(mean, low, high): the mean and a 95% percentile-bootstrap interval over `values`."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 2:
+        return float(values.mean()), float("nan"), float("nan")
+    draws = np.random.default_rng(seed).choice(values, size=(samples, len(values))).mean(axis=1)
+    return float(values.mean()), float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))
+
+
 def mean_std(values):
     """(mean, sample std) of the non-None values; (None, None) if there are none."""
     values = [v for v in values if v is not None and math.isfinite(v)]
@@ -117,19 +131,20 @@ def mean_std(values):
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
-def _baseline(rows, row):
-    """The 1-worker run with the same seed and nsync: from the same group, else any group (sync
-    uses async's: one worker is the same either way)."""
-    same = [r for r in rows if r["workers"] == 1 and r["seed"] == row["seed"] and r["nsync"] == row["nsync"]]
+def _baseline(rows, row, same_seed=True):
+    """The 1-worker run (or summary row) with the same seed and nsync: from the same group, else any
+    group (sync uses async's: one worker is the same either way)."""
+    same = [r for r in rows if r["workers"] == 1 and r["nsync"] == row["nsync"]
+            and (not same_seed or r["seed"] == row["seed"])]
     in_group = [r for r in same if r["group"] == row["group"] and r["lr_scaling"] == row["lr_scaling"]]
     family = [r for r in same if r["group"] == row["group"].split("-")[0]]  # an ablation: "warm-mnone" -> "warm"
     return (in_group or family or same or [None])[0]
 
 
-def _single(rows, row):
-    """The single-process run with the same seed and start (cold or warm), or None."""
-    group = "single-warm" if row.get("init") else "single"
-    return next((r for r in rows if r["group"] == group and r["seed"] == row["seed"]), None)
+def _single(rows, row, same_seed=True):
+    """The single-process run (or summary row) with the same seed and start (cold or warm), or None."""
+    group = "single-warm" if row.get("init") or row["group"].startswith("warm") else "single"
+    return next((r for r in rows if r["group"] == group and (not same_seed or r["seed"] == row["seed"])), None)
 
 
 def _ratio(a, b):
@@ -178,6 +193,71 @@ SUMMARY_FIELDS = tuple(TARGET_FIELDS) + SPEEDUP_FIELDS
 GROUP_KEY = ("group", "mode", "lr_scaling", "nsync", "workers", "momentum_scaling")
 
 
+def median_to_target(values):
+    """The median over seeds of a to-target number, a run that missed the target (None) counting as
+    never reaching it (+inf): the Kaplan-Meier median when runs are censored only at their end.
+    +inf when half or more of the runs missed."""
+    xs = sorted(math.inf if v is None else float(v) for v in values)
+    if not xs:
+        return math.inf
+    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
+
+
+def _median_ratio(base, runs):
+    """median(base) / median(runs) with +inf for misses; None when both medians are +inf."""
+    a, b = median_to_target(base), median_to_target(runs)
+    if math.isinf(a) and math.isinf(b):
+        return None
+    return math.inf if math.isinf(a) else a / b  # a / inf = 0.0: N workers never got there
+
+
+def median_speedup(base_runs, runs, name="seconds_to_target", samples=2000, seed=0):
+    """(ratio, low, high): median `name` of the baseline's runs / that of `runs` (misses +inf), and a
+    95% interval from resampling the seeds both have, paired, with replacement."""
+    seeds = sorted({r["seed"] for r in base_runs} & {r["seed"] for r in runs})
+    if not seeds:
+        return None, None, None
+    by_seed = lambda rs: {r["seed"]: (r[name] if r["reached"] else None) for r in rs}
+    b, n = by_seed(base_runs), by_seed(runs)
+    point = _median_ratio([b[s] for s in seeds], [n[s] for s in seeds])
+    rng = np.random.default_rng(seed)
+    draws = [_median_ratio([b[s] for s in pick], [n[s] for s in pick])
+             for pick in rng.choice(seeds, size=(samples, len(seeds)))]
+    draws = np.array([d for d in draws if d is not None])
+    if point is None or not len(draws):
+        return point, None, None
+    low, high = np.percentile(draws, [2.5, 97.5], method="inverted_cdf")  # no interpolation across inf
+    return point, float(low), float(high)
+
+
+def add_median_speedups(table, rows):
+    """Per summary row with workers: the speed-up of medians against the 1-worker row with the same
+    nsync and against one process, with its factors (N x hardware x statistical efficiency)."""
+    def runs_of(summary_row):
+        return [r for r in rows if tuple(r.get(k) for k in GROUP_KEY) == tuple(summary_row.get(k) for k in GROUP_KEY)]
+
+    for out in table:
+        for key in ("speedup", "speedup_low", "speedup_high", "stat_eff", "hw_eff", "projected",
+                    "vs_single", "vs_single_low", "vs_single_high", "images_vs_single_median"):
+            out[key] = None
+        if out["workers"] == 0:
+            continue
+        mine = runs_of(out)
+        base = _baseline(table, out, same_seed=False)
+        if base is not None:
+            out["speedup"], out["speedup_low"], out["speedup_high"] = median_speedup(runs_of(base), mine)
+            out["stat_eff"] = median_speedup(runs_of(base), mine, "images_to_target", samples=1)[0]
+            if out["stat_eff"] not in (None, 0.0, math.inf) and out["speedup"] not in (None, 0.0, math.inf):
+                out["hw_eff"] = out["speedup"] / (out["workers"] * out["stat_eff"])
+            if out["stat_eff"] is not None:
+                out["projected"] = out["workers"] * out["stat_eff"]
+        single = _single(table, out, same_seed=False)
+        if single is not None:
+            out["vs_single"], out["vs_single_low"], out["vs_single_high"] = median_speedup(runs_of(single), mine)
+            out["images_vs_single_median"] = median_speedup(runs_of(single), mine, "images_to_target", samples=1)[0]
+    return table
+
+
 def summarize(rows):
     """One row per (group, mode, lr_scaling, nsync, workers): counts and mean/std over seeds. For
     the to-target numbers a censored run counts with its whole length (`*_censored` says how many)."""
@@ -198,8 +278,11 @@ def summarize(rows):
         for name in SPEEDUP_FIELDS:
             out[f"{name}_mean"], out[f"{name}_std"] = mean_std([r.get(name) for r in runs])
         out["speedup_pairs"] = sum(r.get("measured_speedup") is not None for r in runs)
+        _, out["final_accuracy_low"], out["final_accuracy_high"] = bootstrap_mean([r["final_accuracy"] for r in runs])
+        for name in TARGET_FIELDS:
+            out[f"{name}_median"] = median_to_target([r[name] if r["reached"] else None for r in runs])
         table.append(out)
-    return table
+    return add_median_speedups(table, rows)
 
 
 def staleness_histograms(specs, summaries):

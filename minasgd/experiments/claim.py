@@ -1,11 +1,13 @@
 """The paper's claim as a user checks it: `minasgd train` against `minasgd train --workers 2`.
 
-    runs = run_claim(out_dir, seeds=3, dataset="shapes", extra_args=[], on_event=print_event)
+    runs = run_claim(out_dir, seeds=3, extra_args=[], worker_args=["--sync"], on_event=print_event)
     table = claim_table(load_claim(out_dir))       # markdown, generated from the files only
+    table = compare_table([load_claim(d) for d in out_dirs])   # one row per claim directory
 
 For each seed both commands run one after the other, as the README gives them: separate
 processes, the same --seed, everything else at its default (plus `extra_args` for both, e.g. a
-dataset or --epochs), each timed from start to exit (the whole command: start-up, data, worker
+dataset or --epochs; `worker_args` for the 2-worker command only, e.g. `--sync` or
+`--lr-scaling workers`, to probe one 2-worker setting), each timed from start to exit (the whole command: start-up, data, worker
 processes, evaluations). Each run keeps its run directory (`metrics.jsonl`, `summary.json`;
 the model files are deleted to keep the results small) and a `run.json` with the exact command,
 the seed, the code version (git commit, and whether the tree had uncommitted changes), the
@@ -29,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .analysis import bootstrap_mean
+
 COMMANDS = {"one-process": [], "2-workers": ["--workers", "2"]}
 
 
@@ -51,8 +55,10 @@ def machine():
             "system": platform.system()}
 
 
-def command(kind, seed, run_dir, extra_args):
-    return ["minasgd", "train", *COMMANDS[kind], "--seed", str(seed), *extra_args, "--out", str(run_dir), "--quiet"]
+def command(kind, seed, run_dir, extra_args, worker_args=()):
+    only_workers = list(worker_args) if kind == "2-workers" else []
+    return ["minasgd", "train", *COMMANDS[kind], *only_workers, "--seed", str(seed), *extra_args,
+            "--out", str(run_dir), "--quiet"]
 
 
 def finished(run_dir, cmd, commit):
@@ -66,10 +72,10 @@ def finished(run_dir, cmd, commit):
     return info
 
 
-def run_one(kind, seed, out_dir, extra_args, commit, dirty):
+def run_one(kind, seed, out_dir, extra_args, commit, dirty, worker_args=()):
     """Run one command to its end (a subprocess, timed whole); returns its run.json dict."""
     run_dir = Path(out_dir) / f"{kind}-s{seed}"
-    cmd = command(kind, seed, run_dir, extra_args)
+    cmd = command(kind, seed, run_dir, extra_args, worker_args)
     info = finished(run_dir, cmd, commit)
     if info is not None:
         return info, True
@@ -90,17 +96,19 @@ def run_one(kind, seed, out_dir, extra_args, commit, dirty):
     return info, False
 
 
-def run_claim(out_dir, seeds=3, extra_args=(), on_event=None):
+def run_claim(out_dir, seeds=3, extra_args=(), worker_args=(), on_event=None):
     """Both commands for seeds 0..seeds-1, one after the other; returns load_claim(out_dir)."""
     emit = on_event or (lambda event: None)
     commit, dirty = code_version()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "claim.json").write_text(json.dumps({"seeds": seeds, "extra_args": list(extra_args)}, indent=1) + "\n")
+    settings = {"seeds": seeds, "extra_args": list(extra_args), "worker_args": list(worker_args)}
+    (out_dir / "claim.json").write_text(json.dumps(settings, indent=1) + "\n")
     for seed in range(seeds):
         for kind in COMMANDS:
-            emit({"kind": "run_start", "name": f"{kind}-s{seed}", "command": command(kind, seed, "DIR", extra_args)})
-            info, reused = run_one(kind, seed, out_dir, list(extra_args), commit, dirty)
+            emit({"kind": "run_start", "name": f"{kind}-s{seed}",
+                  "command": command(kind, seed, "DIR", extra_args, worker_args)})
+            info, reused = run_one(kind, seed, out_dir, list(extra_args), commit, dirty, list(worker_args))
             emit({"kind": "run_done", "name": f"{kind}-s{seed}", "reused": reused, "exit": info["exit"],
                   "seconds": info["wall_seconds"]})
     return load_claim(out_dir)
@@ -141,15 +149,6 @@ def load_claim(out_dir):
     return {"settings": settings, "pairs": pairs}
 
 
-def bootstrap_mean(values, samples=10_000, seed=0):
-    """(mean, low, high): the mean and a 95% percentile-bootstrap interval over `values`."""
-    values = np.asarray(values, dtype=np.float64)
-    if len(values) < 2:
-        return float(values.mean()), float("nan"), float("nan")
-    draws = np.random.default_rng(seed).choice(values, size=(samples, len(values))).mean(axis=1)
-    return float(values.mean()), float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))
-
-
 def pair_numbers(pair):
     one, two = pair["one-process"], pair["2-workers"]
     common = sorted(set(one["curve"]) & set(two["curve"]))
@@ -179,8 +178,8 @@ def claim_table(result):
     if not rows:
         return "No finished pair of runs yet.\n"
     first = result["pairs"][0]["one-process"]["info"]
-    lines = [f"`minasgd train` (one process) against `minasgd train --workers 2`, extra arguments "
-             f"`{' '.join(result['settings']['extra_args']) or '(none)'}`; code {first['commit']}, "
+    lines = [f"`minasgd train` (one process) against `minasgd train --workers 2{_worker_args(result)}`, extra "
+             f"arguments `{' '.join(result['settings']['extra_args']) or '(none)'}`; code {first['commit']}, "
              f"{first['machine']['cores']} cores ({first['machine']['processor']}). A load average above the "
              f"core count means other jobs shared the machine: wall times are then noisy.", "",
              "| seed | one process: accuracy | wall s | 2 workers: accuracy | wall s | accuracy ratio | "
@@ -202,15 +201,64 @@ def claim_table(result):
     return "\n".join(lines) + "\n"
 
 
-def update_docs(doc_path, out_dir, table):
+def _worker_args(result):
+    """' --sync': the arguments only the 2-worker command was given, with a leading space."""
+    args = result["settings"].get("worker_args") or []
+    return "".join(" " + a for a in args)
+
+
+def compare_table(results):
+    """One row per claim directory (each a 2-worker setting against the same one process): the
+    2-worker command, seeds, mean accuracies and ratios with 95% bootstrap intervals, and the
+    accuracy ratio at equal images after each evaluation."""
+    lines = ["| 2-worker command | seeds | code | one process: accuracy | 2 workers: accuracy | accuracy ratio | "
+             "time ratio (1 / 2) | accuracy ratio at equal images (each evaluation) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for result in results:
+        rows = [pair_numbers(p) for p in result["pairs"]]
+        if not rows:
+            continue
+        images = sorted(set.intersection(*(set(r["per_image"]) for r in rows)))
+        per_image = ", ".join(f"{np.mean([r['per_image'][i] for r in rows]):.2f}" for i in images)
+        commits = sorted({p[k]["info"]["commit"] for p in result["pairs"] for k in COMMANDS})
+        lines.append(f"| `minasgd train --workers 2{_worker_args(result)}` | {len(rows)} | {', '.join(commits)} | "
+                     f"{_interval([r['acc_one'] for r in rows], '{:.1%}')} | "
+                     f"{_interval([r['acc_two'] for r in rows], '{:.1%}')} | "
+                     f"{_interval([r['accuracy_ratio'] for r in rows], '{:.3f}')} | "
+                     f"{_interval([r['time_ratio'] for r in rows], '{:.2f}')}x | {per_image} |")
+    extras = sorted({" ".join(r["settings"]["extra_args"]) for r in results})
+    head = (f"Both commands with the extra arguments `{' | '.join(extras) or '(none)'}`; the same seeds "
+            f"0..N-1 for every row; mean [95% bootstrap interval] over seeds.")
+    return head + "\n\n" + "\n".join(lines) + "\n"
+
+
+def runs_table(run_dirs):
+    """One row per run directory (a `minasgd train` run's summary.json): its settings as the
+    workers ran them and its final test accuracy, from the files alone."""
+    lines = ["| run | workers | nsync | lr scaling | momentum scaling | each worker's SGD | epochs | seed | "
+             "final test accuracy |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for run_dir in run_dirs:
+        summary = json.loads((Path(run_dir) / "summary.json").read_text())
+        cfg, ps = summary.get("config", {}), summary.get("ps") or {}
+        workers = summary.get("workers", 0)
+        sgd = (f"m {summary['worker_momentum']:.3g}, lr {summary['worker_peak_lr']:.3g}" if "worker_momentum" in summary
+               else f"not recorded (--momentum {cfg.get('momentum')}, --lr {cfg.get('lr')})")
+        lines.append(f"| {Path(run_dir).name} | {workers or '1 process'} | {summary.get('nsync', '-')} | "
+                     f"{ps.get('lr_scaling', '-')} | {ps.get('momentum_scaling', '-')} | {sgd} | {cfg.get('epochs')} | "
+                     f"{cfg.get('seed')} | {summary['test_accuracy']:.1%} |")
+    return "\n".join(lines) + "\n"
+
+
+def update_docs(doc_path, out_dir, table, marker=None, regenerate=None):
     """Put `table` into the markdown file between <!-- claim:OUT begin --> and <!-- claim:OUT end -->
     (appended if the markers are missing), saying which command regenerates it."""
     import re
 
-    doc, key = Path(doc_path), Path(out_dir).as_posix()
+    doc, key = Path(doc_path), marker or Path(out_dir).as_posix()
     begin, end = f"<!-- claim:{key} begin -->", f"<!-- claim:{key} end -->"
-    block = (f"{begin}\n<!-- generated from the files in {key} by `minasgd experiment claim --out {key} "
-             f"--report --docs {doc_path}`; do not edit by hand -->\n\n{table}\n{end}")
+    regenerate = regenerate or f"minasgd experiment claim --out {key} --report --docs {doc_path}"
+    block = (f"{begin}\n<!-- generated from the files in {out_dir} by `{regenerate}`; do not edit by hand -->"
+             f"\n\n{table}\n{end}")
     old = doc.read_text() if doc.exists() else ""
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     doc.write_text(pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block + "\n")

@@ -4,6 +4,7 @@ matplotlib; the runner then writes the tables only."""
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -79,9 +80,11 @@ def curves(result, path):
 
 
 def speedups(result, path):
-    """Measured and projected speed-up vs workers (mean ± std over seeds), per group and nsync."""
-    rows = [r for r in result["summary"] if r["workers"] and (r["measured_speedup_mean"] is not None or r["workers"] == 1)]
-    if not any(r["workers"] > 1 and r["projected_speedup_mean"] is not None for r in rows):
+    """Measured and projected speed-up vs workers (ratio of median times over seeds, a missed
+    target counting as never; bars: 95% interval from resampling seeds), per group and nsync."""
+    finite = lambda x: x is not None and np.isfinite(x)
+    rows = [r for r in result["summary"] if r["workers"] and (finite(r["speedup"]) or r["workers"] == 1)]
+    if not any(r["workers"] > 1 and finite(r["projected"]) for r in rows):
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     top = 1
@@ -90,12 +93,15 @@ def speedups(result, path):
         for i, key in enumerate(keys):
             pts = sorted((r for r in rows if (r["group"], r["mode"], r["lr_scaling"], r["nsync"]) == key),
                          key=lambda r: r["workers"])
-            pts = [r for r in pts if r[f"{kind}_speedup_mean"] is not None]
+            value = "speedup" if kind == "measured" else "projected"
+            pts = [r for r in pts if finite(r[value])]
             if not pts:
                 continue
-            ys = [r[f"{kind}_speedup_mean"] for r in pts]
+            ys = [r[value] for r in pts]
             top = max(top, max(ys))
-            ax.errorbar([r["workers"] for r in pts], ys, yerr=[r[f"{kind}_speedup_std"] or 0 for r in pts],
+            low = [y - r["speedup_low"] if kind == "measured" and finite(r["speedup_low"]) else 0 for y, r in zip(ys, pts)]
+            high = [r["speedup_high"] - y if kind == "measured" and finite(r["speedup_high"]) else 0 for y, r in zip(ys, pts)]
+            ax.errorbar([r["workers"] for r in pts], ys, yerr=[low, high],
                         marker="o", capsize=3, linestyle=STYLES.get(key[0], "-"),
                         color=plt.get_cmap("tab10")(i % 10), label=f"{key[0]}, nsync {key[3]}")
         n = max(r["workers"] for r in rows)

@@ -12,6 +12,23 @@ def pm(mean, std, fmt="{:.2f}"):
     return fmt.format(mean) + ("" if not std else " ± " + fmt.format(std))
 
 
+def ratio(point, low=None, high=None):
+    """'1.85 [1.40, 2.10]': a ratio of medians with its interval; 0 = never reached, ∞ = only it did."""
+    def one(x):
+        return "∞" if x == float("inf") else f"{x:.2f}"
+    if point is None:
+        return "-"
+    return one(point) + ("" if low is None or high is None else f" [{one(low)}, {one(high)}]")
+
+
+def median_cell(row, name, fmt):
+    """The median to target over seeds; '> run' when half or more of the runs missed it."""
+    value = row.get(f"{name}_median")
+    if value is None:
+        return "-"
+    return "> run" if value == float("inf") else fmt.format(value)
+
+
 def _mode(row):
     scaling = row.get("lr_scaling", "none")
     return row["mode"] + ("" if scaling == "none" else f" + lr/{'N' if scaling == 'workers' else 'staleness'}")
@@ -49,18 +66,18 @@ SUMMARY_COLUMNS = [  # (markdown header, terminal header, cell)
     ("nsync", "k", lambda r: str(r["nsync"])),
     ("workers", "N", _workers),
     ("reached", "hit", lambda r: f"{r['reached']}/{r['seeds']}"),
-    ("seconds to target", "s→tgt", lambda r: censored(r, "seconds_to_target", "{:.1f}")),
-    ("images to target", "img→tgt", lambda r: censored(r, "images_to_target", "{:.0f}")),
-    ("server updates to target", "upd→tgt", lambda r: censored(r, "updates_to_target", "{:.0f}")),
-    ("speed-up (vs 1 worker)", "speed-up", lambda r: pm(r["measured_speedup_mean"], r["measured_speedup_std"])),
-    ("= N x hardware eff.", "hw eff", lambda r: pm(r["hardware_efficiency_mean"], r["hardware_efficiency_std"])),
-    ("x statistical eff.", "stat eff", lambda r: pm(r["statistical_efficiency_mean"], r["statistical_efficiency_std"])),
-    ("projected speed-up (hw eff. 1)", "projected", lambda r: pm(r["projected_speedup_mean"], r["projected_speedup_std"])),
-    ("speed-up vs 1 process", "vs 1 proc", lambda r: pm(r["speedup_vs_single_mean"], r["speedup_vs_single_std"])),
-    ("images-to-target ratio vs 1 process", "img vs 1 proc",
-     lambda r: pm(r["images_vs_single_mean"], r["images_vs_single_std"])),
-    ("final test error", "error", lambda r: "-" if r["final_accuracy_mean"] is None else
-        pm(1 - r["final_accuracy_mean"], r["final_accuracy_std"], "{:.1%}")),
+    ("median seconds to target", "s→tgt", lambda r: median_cell(r, "seconds_to_target", "{:.1f}")),
+    ("median images to target", "img→tgt", lambda r: median_cell(r, "images_to_target", "{:.0f}")),
+    ("median server updates to target", "upd→tgt", lambda r: median_cell(r, "updates_to_target", "{:.0f}")),
+    ("speed-up vs 1 worker [95%]", "speed-up", lambda r: ratio(r["speedup"], r["speedup_low"], r["speedup_high"])),
+    ("= N x hardware eff.", "hw eff", lambda r: ratio(r["hw_eff"])),
+    ("x statistical eff.", "stat eff", lambda r: ratio(r["stat_eff"])),
+    ("projected speed-up (hw eff. 1)", "projected", lambda r: ratio(r["projected"])),
+    ("speed-up vs 1 process [95%]", "vs 1 proc", lambda r: ratio(r["vs_single"], r["vs_single_low"], r["vs_single_high"])),
+    ("images-to-target ratio vs 1 process", "img vs 1 proc", lambda r: ratio(r["images_vs_single_median"])),
+    ("final test error [95%]", "error", lambda r: "-" if r["final_accuracy_mean"] is None else
+        f"{1 - r['final_accuracy_mean']:.1%}" + ("" if r["final_accuracy_low"] != r["final_accuracy_low"] else
+                                              f" [{1 - r['final_accuracy_high']:.1%}, {1 - r['final_accuracy_low']:.1%}]")),
     ("final training error", "train err", lambda r: pm(r.get("final_train_error_mean"), r.get("final_train_error_std"),
                                                        "{:.1%}")),
     ("images/s", "img/s", lambda r: pm(r["images_per_second_mean"], None, "{:.0f}")),
@@ -94,7 +111,8 @@ def markdown(result, images, image_prefix=""):
            f"each worker ran is in the table's first column), evaluation every {s['eval_every']} epochs; "
            f"{seeds} seed{'s' if seeds > 1 else ''} per configuration; target test error "
            f"**{1 - s['target']:.0%}** (accuracy {s['target']:.0%}). Machine: {m['cores']} cores "
-           f"({m['processor']}), workers and server share them. Report made at commit {m.get('commit') or 'unknown'}.", ""]
+           f"({m['processor']}), workers and server share them. Runs made by code {', '.join(result.get('made_by') or ['unknown'])}; "
+           f"report made at commit {m.get('commit') or 'unknown'}.", ""]
     if result["pretrain"]:
         p = result["pretrain"]
         accs = ", ".join(f"{x['test_accuracy']:.1%}" for x in p)
@@ -107,14 +125,18 @@ def markdown(result, images, image_prefix=""):
             "Each worker's SGD: the momentum and peak lr every worker (or the one process) stepped with, "
             "from --momentum and --lr through --momentum-scaling staleness and the run's --lr-scaling.", "",
             "Times are from the moment all workers joined (one process: training time, evaluations "
-            "excluded) to the first evaluation at the target, interpolated between evaluations. A run that "
-            "missed the target counts with its whole length (**≥**). Speed-ups are paired by seed against the "
-            "1-worker run with the same nsync and factorised: **speed-up = N x hardware efficiency x "
-            "statistical efficiency**, hardware efficiency = images/s(N) / (N x images/s(1)) up to the target (this machine "
-            "and the server), statistical efficiency = images-to-target(1) / images-to-target(N) (the cost "
-            "of asynchrony and staleness). **Projected** = N x statistical efficiency: an assumption of N "
-            "independent devices and a free server, not a measurement. The last two columns compare with "
-            "the single-process trainer with the same seed (from the same pretrained model for warm runs).", ""]
+            "excluded) to the first evaluation at the target, interpolated between evaluations. Medians are "
+            "over seeds, a run that missed the target counting as never reaching it (the Kaplan-Meier "
+            "median: runs are censored only at their end), so no configuration is judged by its lucky seeds "
+            "alone; **> run** means half or more of its runs missed. Speed-up = median time of the 1-worker "
+            "runs with the same nsync / median time of these (0: these never reached the target by the "
+            "median), with a 95% interval from resampling seeds (paired), and factorised: **speed-up = N x "
+            "hardware efficiency x statistical efficiency**, statistical efficiency = median images to "
+            "target(1) / median images(N) (the cost of asynchrony and staleness), hardware efficiency the "
+            "rest (this machine and the server). **Projected** = N x statistical efficiency: an assumption of "
+            "N independent devices and a free server, not a measurement. The next two columns compare with "
+            "the single-process trainer with the same seeds (from the same pretrained model for warm runs). "
+            "Final test error: mean over seeds [95% bootstrap interval].", ""]
     if result["staleness"] and result["experiment"] in ("staleness", "workers"):
         rows = [[h["group"], str(h["nsync"]), str(h["workers"]), _histogram_text(h["histogram"])]
                 for h in result["staleness"]]
@@ -123,6 +145,23 @@ def markdown(result, images, image_prefix=""):
     for path in images:
         out += [f"![{Path(path).stem}]({image_prefix}{Path(path).name})", ""]
     return "\n".join(out)
+
+
+def regenerate_command(result, exp_dir, doc_path):
+    """The command that makes this report again from the run files: the settings that differ
+    from the experiment's defaults, --out, --report and --docs."""
+    from .sweeps import default_settings
+
+    quick = result["settings"].get("quick", False)
+    default = default_settings(result["experiment"], quick=quick).as_dict()
+    flags = ["--quick"] if quick else []
+    for key, value in result["settings"].items():
+        if key in ("name", "quick") or value == default.get(key):
+            continue
+        text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+        flags.append(f"--{key.replace('_', '-')} {text}")
+    return " ".join([f"minasgd experiment {result['experiment']}", *flags, f"--out {Path(exp_dir).as_posix()}",
+                     "--report", f"--docs {doc_path}"])
 
 
 def update_docs(doc_path, result, exp_dir, images):
@@ -139,7 +178,8 @@ def update_docs(doc_path, result, exp_dir, images):
         copied.append(dest)
     text = markdown(result, copied, image_prefix="img/")
     begin, end = f"<!-- experiment:{name} begin -->", f"<!-- experiment:{name} end -->"
-    block = f"{begin}\n<!-- generated by `minasgd experiment {name} --docs {doc_path}`; do not edit by hand -->\n\n{text}\n{end}"
+    command = regenerate_command(result, exp_dir, doc_path)
+    block = f"{begin}\n<!-- generated by `{command}`; do not edit by hand -->\n\n{text}\n{end}"
     old = doc.read_text() if doc.exists() else ""
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block + "\n"

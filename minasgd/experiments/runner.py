@@ -98,8 +98,9 @@ def _distributed(s, spec, run_dir, dataset, exp_dir):
     return train_distributed(cfg, opts, dataset=dataset)
 
 
-def finished_summary(run_dir, spec, s):
-    """The run's summary.json if it finished with this spec and these settings, else None."""
+def finished_summary(run_dir, spec, s, any_code=False):
+    """The run's summary.json if it finished with this spec and these settings (and, unless
+    `any_code`, with this very code, committed), else None."""
     path = Path(run_dir) / "summary.json"
     if not path.exists():
         return None
@@ -112,6 +113,8 @@ def finished_summary(run_dir, spec, s):
     if summary.get("spec") != spec or settings != _comparable(s):
         return None
     code = summary.get("code") or {}
+    if any_code:
+        return summary
     if code.get("dirty") or code.get("commit") is None or code != _code():  # other or unknown code: run again
         return None
     return summary
@@ -123,9 +126,11 @@ def _ignore(event):
     pass
 
 
-def run_sweep(s, exp_dir, fresh=False, docs=None, on_event=None):
+def run_sweep(s, exp_dir, fresh=False, docs=None, on_event=None, report_only=False):
     """Run every training run of the sweep `s` that is not finished yet (all of them if `fresh`),
     then write the tables, the plots and report.md into `exp_dir` (and into `docs` if given).
+    `report_only`: run nothing; report the finished runs whatever code made them (the report
+    names that code).
 
     Returns (result, failed run names). `on_event(dict)` hears how it goes: sweep_start,
     run_skipped, run_start, run_failed, run_done, run_end, sweep_end, no_plots
@@ -141,8 +146,10 @@ def run_sweep(s, exp_dir, fresh=False, docs=None, on_event=None):
     summaries, failed, dataset = [], [], None
     for spec in specs:
         run_dir = exp_dir / spec["name"]
-        summary = None if fresh else finished_summary(run_dir, spec, s)
-        if summary is not None:
+        summary = None if fresh else finished_summary(run_dir, spec, s, any_code=report_only)
+        if report_only:
+            pass
+        elif summary is not None:
             emit({"kind": "run_skipped", "name": spec["name"]})
         else:
             emit({"kind": "run_start", "name": spec["name"]})
@@ -202,7 +209,9 @@ def collect(s, specs, summaries, exp_dir):
     analysis.add_speedups(rows)
     hists = analysis.staleness_histograms([sp for sp, su in zip(specs, summaries) if sp["workers"]],
                                           [su for sp, su in zip(specs, summaries) if sp["workers"]])
+    made_by = sorted({(su.get("code") or {}).get("commit") or "unknown" for su in summaries if su is not None})
     return {"experiment": s.name, "settings": s.as_dict(), "runs": rows, "summary": analysis.summarize(rows),
+            "made_by": made_by,
             "pretrain": pretrain, "staleness": [{"group": g, "nsync": k, "workers": w, "histogram": h}
                                                 for (g, k, w), h in hists.items()],
             "curves": curves, "machine": _machine()}
