@@ -1,7 +1,9 @@
 """Hand-written Numba CUDA kernels, one module per op family (installed as `minasgd.kernels`).
 
-    common       the simulator switch, threads per block and grid sizes for grid-stride loops
-    elementwise  fill, relu forward/backward, dropout forward/backward (the mask is a hash, not stored)
+    common       the simulator switch, threads per block, grid sizes, and `fill` (every family zeroes with it)
+    registry     every op's versions and cases in one list (what the workbench, the benchmark, the
+                 resource table, the compile check and the race check iterate)
+    elementwise  relu forward/backward, dropout forward/backward (the mask is a hash, not stored)
     gemm         matrix multiply C = op(A) op(B) (+ bias): v1 naive, v2 shared-memory tiled
     conv         conv2d: forward v1 naive and v2 tiled implicit GEMM; backward-data (gather)
                  and backward-filter (tiled implicit GEMM with split-K)
@@ -26,11 +28,34 @@ simulator: Model("micro")'s shapes, validate only). The loop itself is `minasgd/
 each module's `if __name__ == "__main__":` block only calls it.
 
 Each module has the same layout: the kernels (naive first, then optimized), then the host
-launchers that pick the grid and block, then the public functions that `minasgd.backends.cuda_backend`
-calls. Public functions take numba device arrays and an optional `out=` buffer (tests pre-fill
-it with NaN so that any element a kernel forgets to write fails the comparison). Each module also
-declares, in `signatures()`, the argument types and block sizes its launchers use, so that every
-kernel is compiled for real GPUs without one (`resources`, tests/test_compile_kernels.py).
+launchers that pick the grid and block (`launch_<what>_<version>`: the name says which kernel
+it launches; a launcher and its kernel take the public function's inputs in its order, then the
+outputs, then the scalars: `conv2d_backward_filter(dy, x, ...)` launches `(dy, x, dw, stride,
+pad)`), then `VERSIONS_OF`
+(each public function's versions: name, label, launcher, determinism, the backend's default)
+and the public functions that `minasgd.backends.cuda_backend` calls, each choosing its kernel
+by `version=`. Public functions take numba device arrays and an optional `out=` buffer (cases
+pre-fill it with NaN so that any element a kernel forgets to write fails the comparison). Each
+module also declares, in `signatures()`, the argument types and block sizes its launchers use,
+so that every kernel is compiled for real GPUs without one (`resources`,
+tests/test_compile_kernels.py), and in `cases(net, ref, tiles, make)` every version at the
+model's layer shapes with the reference's answer (`registry.Case`).
+
+Adding an op end to end (say batch norm) touches 7 files, and nothing else lists op names:
+    1. kernels/batchnorm.py      kernels, launchers, signatures(), VERSIONS_OF, the public
+                                 functions (with their shape checks), cases(), and the
+                                 three-line `if __name__ == "__main__":` workbench block
+    2. kernels/registry.py       "batchnorm" in FAMILIES: the workbench (`python -m
+                                 minasgd.kernels.batchnorm`), `minasgd bench kernels`, the
+                                 resource table, the compile check, the race check and
+                                 tests/test_workbench.py now all run its cases
+    3. minasgd/backends/__init__.py     the op in the contract (OPS and the docstring)
+    4. minasgd/backends/numpy_backend.py  the reference (what every case is checked against)
+    5. minasgd/backends/numpy_fast.py     its re-export list (or a fast path of its own)
+    6. minasgd/backends/cuda_backend.py   the glue to the public function
+    7. tests/test_reference_ops.py        the reference against finite differences
+A PyTorch twin for the benchmark table (`minasgd.bench_kernels.TorchTwins`) is optional; a
+layer that uses the op (layers.py, model.py, torch_reference.py) is a model change, not the op's.
 
 Kernels are float32 throughout: constants are written `float32(0.5)`, never `0.5`, because a
 Python float literal promotes the arithmetic to float64. Set `NUMBA_ENABLE_CUDASIM=1` before

@@ -84,3 +84,31 @@ def flat(a):
 def is_device_array(a):
     """True for a numba device array (`cuda.is_cuda_array` is missing from the simulator)."""
     return cuda.devicearray.is_cuda_ndarray(a)
+
+
+# ---------------------------------------------------------------- fill: every family zeroes outputs with it
+
+@cuda.jit(cache=True)
+def fill_kernel(x, value):
+    """x[i] = value for every i (x flat). Thread t handles t, t + G, t + 2G, ..."""
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    for i in range(start, x.size, stride):
+        x[i] = value
+
+
+def launch_fill(x, value):
+    blocks, threads = grid_1d(x.size)
+    fill_kernel[blocks, threads](flat(x), x.dtype.type(value))
+
+
+def fill(x, value):
+    """x[...] = value, in place (device_array memory starts uninitialised)."""
+    if x.size:
+        launch_fill(x, value)
+    return x
+
+
+def signatures():
+    """What the launcher above passes (see `Signature`)."""
+    return [Signature("fill_kernel", "v1", fill_kernel, (F1, F32), THREADS)]

@@ -25,11 +25,8 @@ Backward
               into chunks (grid z); each block reduces its chunk in shared-memory tiles and adds its
               partial result into dW with cuda.atomic.add (dW is zeroed first).
     bias   `reduce.sum_over_batch` (db[k] = sum over n, p, q of dy).
-All backward functions overwrite their output (never accumulate into it).
-
-Deterministic (the same bits every run): forward v1 and v2, backward data v1 and v2, backward
-filter v1. Backward filter v2 is not when a weight's sum is split (splits > 1): the partial sums
-arrive through atomics in whatever order the blocks finish (the result differs in the last bits).
+All backward functions overwrite their output. All versions are deterministic (`VERSIONS_OF`) but
+backward filter v2 with splits > 1: the split sums arrive through atomics in any order.
 """
 
 import functools
@@ -37,8 +34,8 @@ import functools
 from numba import cuda, float32
 
 from . import reduce, shapes
-from .common import F1, F2, F4, INT, MAX_BLOCKS, SIM, THREADS, TILES, Signature, bounded, ceil_div, grid_1d, output
-from .elementwise import fill
+from .common import F1, F2, F4, INT, MAX_BLOCKS, SIM, THREADS, TILES, Signature, bounded, ceil_div, fill, grid_1d, output
+from .registry import Case, Version, dims, pick
 
 TILE = 16  # the implicit-GEMM tile: 16 x 16 = 256 threads per block
 
@@ -158,7 +155,7 @@ def conv2d_backward_data_naive(dy, w, dx, stride, pad):
 
 
 @cuda.jit(cache=True)
-def conv2d_backward_filter_naive(x, dy, dw, stride, pad):
+def conv2d_backward_filter_naive(dy, x, dw, stride, pad):
     """One thread per weight dw[k, c, r, s] (grid-stride): sum over n, p, q of dy * the input it saw."""
     start = cuda.grid(1)
     step = cuda.gridsize(1)
@@ -218,7 +215,7 @@ def backward_filter_tiled_kernel(tile):
     """Build the split-K implicit-GEMM filter-gradient kernel for a tile x tile thread block."""
 
     @cuda.jit(cache=True, **bounded(tile * tile))
-    def conv2d_backward_filter_tiled(x, dy, dw2, stride, pad, r_, s_, chunk):
+    def conv2d_backward_filter_tiled(dy, x, dw2, stride, pad, r_, s_, chunk):
         """dW[k, t] += sum_{j in this block's chunk} dY[k, j] X[t, j]; dw2 is dw viewed as (K, C*R*S).
 
         Block (bx, by, bz) owns dW[k0 + ty, t0 + tx] with k0 = by*T, t0 = bx*T, and sums over
@@ -290,17 +287,17 @@ def launch_backward_data_naive(dy, w, dx, stride, pad):
     conv2d_backward_data_naive[blocks, threads](dy, w, dx, stride, pad)
 
 
-def launch_backward_data(dy, w, dx, stride, pad):
+def launch_backward_data_gather(dy, w, dx, stride, pad):
     blocks, threads = grid_1d(dx.size)
     conv2d_backward_data_gather[blocks, threads](dy, w, dx, stride, pad)
 
 
-def launch_backward_filter_naive(x, dy, dw, stride, pad):
+def launch_backward_filter_naive(dy, x, dw, stride, pad):
     blocks, threads = grid_1d(dw.size)
-    conv2d_backward_filter_naive[blocks, threads](x, dy, dw, stride, pad)
+    conv2d_backward_filter_naive[blocks, threads](dy, x, dw, stride, pad)
 
 
-def launch_backward_filter(x, dy, dw, stride, pad, tile=TILE, splits=None):
+def launch_backward_filter_tiled(dy, x, dw, stride, pad, tile=TILE, splits=None):
     """dw must be zeroed: blocks add their partial sums into it."""
     n, k, p, q = dy.shape
     _, c, r, s = dw.shape
@@ -313,20 +310,15 @@ def launch_backward_filter(x, dy, dw, stride, pad, tile=TILE, splits=None):
     chunk = ceil_div(ceil_div(j_dim, splits), tile) * tile  # a whole number of tiles
     grid = (ceil_div(c * r * s, tile), ceil_div(k, tile), ceil_div(j_dim, chunk))
     dw2 = dw.reshape(k, c * r * s)
-    backward_filter_tiled_kernel(tile)[grid, (tile, tile)](x, dy, dw2, stride, pad, r, s, chunk)
+    backward_filter_tiled_kernel(tile)[grid, (tile, tile)](dy, x, dw2, stride, pad, r, s, chunk)
 
 
 def signatures():
     """What the launchers above pass (see `common.Signature`), for every tile size in use."""
-    sigs = [
-        Signature("conv2d_forward_naive", "v1 naive", conv2d_forward_naive, (F4, F4, F1, F4, INT, INT), THREADS),
-        Signature("conv2d_backward_data_naive", "v1 naive", conv2d_backward_data_naive,
-                  (F4, F4, F4, INT, INT), THREADS),
-        Signature("conv2d_backward_data_gather", "v2 gather", conv2d_backward_data_gather,
-                  (F4, F4, F4, INT, INT), THREADS),
-        Signature("conv2d_backward_filter_naive", "v1 naive", conv2d_backward_filter_naive,
-                  (F4, F4, F4, INT, INT), THREADS),
-    ]
+    sigs = [Signature("conv2d_forward_naive", "v1 naive", conv2d_forward_naive, (F4, F4, F1, F4, INT, INT), THREADS)]
+    sigs += [Signature(kernel.py_func.__name__, label, kernel, (F4, F4, F4, INT, INT), THREADS) for label, kernel in (
+        ("v1 naive", conv2d_backward_data_naive), ("v2 gather", conv2d_backward_data_gather),
+        ("v1 naive", conv2d_backward_filter_naive))]
     for t in TILES:
         sigs += [
             Signature(f"conv2d_forward_tiled {t}x{t}", "v2 tiled", forward_tiled_kernel(t),
@@ -337,53 +329,65 @@ def signatures():
     return sigs
 
 
-# ---------------------------------------------------------------- public functions
+# ---------------------------------------------------------------- versions and public functions
 
-VERSIONS = ("naive", "tiled")  # forward
-DATA_VERSIONS = ("naive", "gather")  # backward data
-FILTER_VERSIONS = ("naive", "tiled")  # backward filter
+VERSIONS_OF = {  # each public function's versions (`registry.Version`: name, label, launcher, deterministic)
+    "conv2d_forward": (Version("conv2d_forward", "naive", "v1 naive", "launch_forward_naive", True),
+                       Version("conv2d_forward", "tiled", "v2 tiled", "launch_forward_tiled", True, default=True)),
+    "conv2d_backward_data": (
+        Version("conv2d_backward_data", "naive", "v1 naive", "launch_backward_data_naive", True),
+        Version("conv2d_backward_data", "gather", "v2 gather", "launch_backward_data_gather", True, default=True)),
+    "conv2d_backward_filter": (  # tiled: deterministic only with splits=1 (atomics add the split sums)
+        Version("conv2d_backward_filter", "naive", "v1 naive", "launch_backward_filter_naive", True),
+        Version("conv2d_backward_filter", "tiled", "v2 tiled split-K", "launch_backward_filter_tiled", False,
+                default=True)),
+}
+# The names `version=` takes: forward, backward data, backward filter.
+VERSIONS, DATA_VERSIONS, FILTER_VERSIONS = (tuple(v.name for v in VERSIONS_OF[op]) for op in VERSIONS_OF)
 
 
 def conv2d_forward(x, w, b, stride=1, pad=0, out=None, version="tiled", tile=TILE):
     # x: (N, C, H, W), w: (K, C, R, S), b: (K,) -> y: (N, K, P, Q)
+    pick(VERSIONS_OF, "conv2d_forward", version)
     y_shape = shapes.conv2d_output_shape(x.shape, w.shape, stride, pad, b.shape)
     y = output(y_shape, x.dtype, out, "conv2d_forward out")
-    if y.size == 0:
+    if not y.size:
         return y
     if version == "naive":
         launch_forward_naive(x, w, b, y, stride, pad)
-    elif version == "tiled":
-        launch_forward_tiled(x, w, b, y, stride, pad, tile)
     else:
-        raise ValueError(f"conv2d_forward: unknown version {version!r}; choose one of {VERSIONS}")
+        launch_forward_tiled(x, w, b, y, stride, pad, tile)
     return y
 
 
 def conv2d_backward_data(dy, w, x_shape, stride=1, pad=0, out=None, version="gather"):
     # dy: (N, K, P, Q), w: (K, C, R, S) -> dx: (N, C, H, W) (fresh unless out is given); deterministic
+    pick(VERSIONS_OF, "conv2d_backward_data", version)
     shapes.check_same_shape("conv2d_backward dy", dy.shape, shapes.conv2d_output_shape(x_shape, w.shape, stride, pad))
     dx = output(x_shape, dy.dtype, out, "conv2d_backward_data out")
-    if version not in DATA_VERSIONS:
-        raise ValueError(f"conv2d_backward_data: unknown version {version!r}; choose one of {DATA_VERSIONS}")
-    if dx.size:
-        (launch_backward_data_naive if version == "naive" else launch_backward_data)(dy, w, dx, stride, pad)
+    if not dx.size:
+        return dx
+    if version == "naive":
+        launch_backward_data_naive(dy, w, dx, stride, pad)
+    else:
+        launch_backward_data_gather(dy, w, dx, stride, pad)
     return dx
 
 
 def conv2d_backward_filter(dy, x, w_shape, stride=1, pad=0, out=None, tile=TILE, splits=None, version="tiled"):
     # dy: (N, K, P, Q), x: (N, C, H, W) -> dw: (K, C, R, S) (overwritten, fresh unless out is given)
     # naive: deterministic; tiled: deterministic only with splits=1 (atomics add the split sums)
+    pick(VERSIONS_OF, "conv2d_backward_filter", version)
     shapes.check_same_shape("conv2d_backward dy", dy.shape, shapes.conv2d_output_shape(x.shape, w_shape, stride, pad))
     dw = output(w_shape, dy.dtype, out, "conv2d_backward_filter out")
-    if version == "naive":
-        if dw.size:
-            launch_backward_filter_naive(x, dy, dw, stride, pad)
+    if not dw.size:
         return dw
-    if version != "tiled":
-        raise ValueError(f"conv2d_backward_filter: unknown version {version!r}; choose one of {FILTER_VERSIONS}")
-    fill(dw, 0)
-    if dy.size:
-        launch_backward_filter(x, dy, dw, stride, pad, tile, splits)
+    if version == "naive":
+        launch_backward_filter_naive(dy, x, dw, stride, pad)
+    else:
+        fill(dw, 0)  # the blocks add their partial sums into it
+        if dy.size:
+            launch_backward_filter_tiled(dy, x, dw, stride, pad, tile, splits)
     return dw
 
 
@@ -398,6 +402,42 @@ def conv2d_backward(dy, x, w, stride=1, pad=0, tile=TILE, need_dx=True):
     dw = conv2d_backward_filter(dy, x, w.shape, stride, pad, tile=tile)
     db = reduce.sum_over_batch(dy)
     return dx, dw, db
+
+
+# ---------------------------------------------------------------- cases: every version at the model's shapes
+
+def cases(net, ref, tiles, make):
+    """Every version of forward, backward data and backward filter at each conv layer of `net`
+    (`registry.cases`), tiled ones at each of `tiles`, against `ref` (the NumPy reference)."""
+    return [c for L in net["conv"] for c in _layer_cases(L, ref, tiles, make)]
+
+
+def _layer_cases(L, ref, tiles, make):
+    """The cases of one conv layer (a function of its own, so each launch sees its own arrays)."""
+    x, w, b, s, p = make.randn(*L["x"]), make.randn(*L["w"]), make.randn(L["w"][0]), L["stride"], L["pad"]
+    y_ref = ref.conv2d_forward(x, w, b, s, p)
+    dy = make.randn(*y_ref.shape)
+    dx_ref, dw_ref, _ = ref.conv2d_backward(dy, x, w, s, p)
+    x_, w_, b_, dy_ = make.dev(x), make.dev(w), make.dev(b), make.dev(dy)
+    size = f"{dims(*x.shape)} * {dims(*w.shape)} pad {p}" + (f" stride {s}" if s != 1 else "")
+    sizes, flops = {"x": x.shape, "w": w.shape, "y": y_ref.shape}, 2.0 * y_ref.size * w[0].size
+
+    def case(what, v, launch, expect, tile=0):
+        return Case("conv", f"{L['name']} {what}", v.name, f"{L['name']} {what} {v.label}" + (f" {tile}x{tile}" if tile
+                    else ""), launch, sizes, expect, flops, "GFLOP/s", deterministic=v.deterministic,
+                    default=v.default, tile=tile or None, size=size, extra={"stride": s, "pad": p})
+
+    def each(op):  # (version, tile): the tiled versions at every tile size
+        return [(v, t) for v in VERSIONS_OF[op] for t in (tiles if v.name == "tiled" else (0,))]
+
+    out = [case("forward", v, lambda y=make.nan(y_ref.shape), v=v.name, t=t: conv2d_forward(
+        x_, w_, b_, s, p, out=y, version=v, **({"tile": t} if t else {})), y_ref, t) for v, t in each("conv2d_forward")]
+    out += [case("backward data", v, lambda g=make.nan(x.shape), v=v.name: conv2d_backward_data(
+        dy_, w_, g.shape, s, p, out=g, version=v), dx_ref) for v, _ in each("conv2d_backward_data")]
+    out += [case("backward filter", v, lambda g=make.nan(w.shape), v=v.name, t=t: conv2d_backward_filter(
+        dy_, x_, g.shape, s, p, out=g, version=v, **({"tile": t} if t else {})), dw_ref, t)
+        for v, t in each("conv2d_backward_filter")]
+    return out
 
 
 if __name__ == "__main__":  # the workbench: every version vs the NumPy reference, then timed (minasgd/workbench.py)

@@ -1,6 +1,5 @@
-"""Elementwise kernels: fill, ReLU and dropout.
+"""Elementwise kernels: ReLU and dropout (`fill` is in `common`: every family uses it).
 
-    fill           v1: grid-stride loop, x[i] = value
     relu_forward   v1: grid-stride loop, y[i] = max(x[i], 0)
     relu_backward  v1: grid-stride loop, dx[i] = dy[i] where y[i] > 0, else 0
     dropout        v1: grid-stride loop; element i is kept when hash32(seed, i) >= threshold(p),
@@ -17,7 +16,8 @@ from numba import cuda, float32, uint32
 
 from . import dropout_hash, shapes
 
-from .common import F1, F32, THREADS, U32, Signature, flat, grid_1d, output
+from .common import F1, F32, THREADS, U32, Signature, fill, flat, grid_1d, launch_fill, output  # noqa: F401
+from .registry import Case, Version, dims
 
 GOLDEN = uint32(dropout_hash.GOLDEN)
 MUL1 = uint32(dropout_hash.MUL1)
@@ -25,15 +25,6 @@ MUL2 = uint32(dropout_hash.MUL2)
 
 
 # ---------------------------------------------------------------- kernels
-
-@cuda.jit(cache=True)
-def fill_kernel(x, value):
-    """x[i] = value for every i (x flat). Thread t handles t, t + G, t + 2G, ..."""
-    start = cuda.grid(1)
-    stride = cuda.gridsize(1)
-    for i in range(start, x.size, stride):
-        x[i] = value
-
 
 @cuda.jit(cache=True)
 def relu_forward_kernel(x, y):
@@ -89,11 +80,6 @@ def dropout_kernel(x, y, seed, threshold, scale):
 
 # ---------------------------------------------------------------- launchers
 
-def launch_fill(x, value):
-    blocks, threads = grid_1d(x.size)
-    fill_kernel[blocks, threads](flat(x), x.dtype.type(value))
-
-
 def launch_relu_forward(x, y):
     blocks, threads = grid_1d(x.size)
     relu_forward_kernel[blocks, threads](flat(x), flat(y))
@@ -115,7 +101,6 @@ def launch_dropout(x, y, p, seed):
 def signatures():
     """What the launchers above pass (see `common.Signature`)."""
     return [
-        Signature("fill_kernel", "v1", fill_kernel, (F1, F32), THREADS),
         Signature("relu_forward_kernel", "v1", relu_forward_kernel, (F1, F1), THREADS),
         Signature("relu_backward_kernel", "v1", relu_backward_kernel, (F1, F1, F1), THREADS),
         Signature("dropout_kernel", "v1", dropout_kernel, (F1, F1, U32, U32, F32), THREADS),
@@ -123,13 +108,6 @@ def signatures():
 
 
 # ---------------------------------------------------------------- public functions
-
-def fill(x, value):
-    """x[...] = value, in place (device_array memory starts uninitialised)."""
-    if x.size:
-        launch_fill(x, value)
-    return x
-
 
 def relu_forward(x, out=None):
     # x: any shape -> y: same shape
@@ -155,6 +133,31 @@ def dropout(x, p, seed, out=None):
     if x.size:
         launch_dropout(x, y, p, seed)
     return y
+
+
+# ---------------------------------------------------------------- versions and cases
+
+VERSIONS_OF = {op: (Version(op, "v1", "v1", launcher, deterministic=True, default=True),) for op, launcher in
+               (("relu_forward", "launch_relu_forward"), ("relu_backward", "launch_relu_backward"),
+                ("dropout", "launch_dropout"))}
+
+
+def cases(net, ref, tiles, make):
+    """ReLU forward, backward and dropout over the largest activation of `net` (`registry.cases`)."""
+    size = net["largest"]
+    x, dy = make.randn(size), make.randn(size)
+    x_, dy_, y_ = make.dev(x), make.dev(dy), make.dev(ref.relu_forward(x))
+    outs = [make.nan(size) for _ in range(3)]
+
+    def case(name, launch, expect, moved):
+        return Case("elementwise", name, "v1", name, launch, {"x": (size,)}, expect, moved, "GB/s", exact=True,
+                    default=True, size=dims(size))
+
+    return [case("relu forward", lambda: relu_forward(x_, out=outs[0]), ref.relu_forward(x), 8.0 * size),
+            case("relu backward", lambda: relu_backward(dy_, y_, out=outs[1]),
+                 ref.relu_backward(dy, ref.relu_forward(x)), 12.0 * size),
+            case("dropout p=0.5", lambda: dropout(x_, 0.5, 1234, out=outs[2]), ref.dropout_forward(x, 0.5, 1234),
+                 8.0 * size)]
 
 
 if __name__ == "__main__":  # the workbench: every version vs the NumPy reference, then timed (minasgd/workbench.py)

@@ -31,6 +31,7 @@ import functools
 from numba import cuda, float32
 
 from .common import BOOL, F1, F2, THREADS, TILES, Signature, grid_1d, output
+from .registry import Case, Version, dims, pick
 
 TILE = 16  # 16 x 16 = 256 threads per block
 
@@ -140,11 +141,17 @@ def signatures():
 
 # ---------------------------------------------------------------- public functions
 
-VERSIONS = ("naive", "tiled", "tiled_padded")
+VERSIONS_OF = {  # every version of the public function (`registry.Version`); the backend's is `default`
+    "gemm": (Version("gemm", "naive", "v1 naive", "launch_naive", deterministic=True),
+             Version("gemm", "tiled", "v2 tiled", "launch_tiled", deterministic=True, default=True),
+             Version("gemm", "tiled_padded", "v3 tiled_padded", "launch_tiled", deterministic=True)),
+}
+VERSIONS = tuple(v.name for v in VERSIONS_OF["gemm"])
 
 
 def gemm(a, b, trans_a=False, trans_b=False, bias=None, out=None, version="tiled", tile=TILE):
     """C = op(A) @ op(B) (+ bias[None, :]) -> (M, N) float32 device array (fresh unless out is given)."""
+    pick(VERSIONS_OF, "gemm", version)
     m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
     kb, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
     if k != kb:
@@ -158,11 +165,37 @@ def gemm(a, b, trans_a=False, trans_b=False, bias=None, out=None, version="tiled
         launch_naive(a, b, c, trans_a, trans_b, bias)
     elif version == "tiled":
         launch_tiled(a, b, c, trans_a, trans_b, bias, tile)
-    elif version == "tiled_padded":
+    else:  # "tiled_padded": the same kernel with each shared row one float longer (no bank conflicts)
         launch_tiled(a, b, c, trans_a, trans_b, bias, tile, pad=1)
-    else:
-        raise ValueError(f"gemm: unknown version {version!r}; choose one of {VERSIONS}")
     return c
+
+
+# ---------------------------------------------------------------- cases: every version at the model's shapes
+
+def cases(net, ref, tiles, make):
+    """The three products of each fully connected layer of `net` (forward, dx, dw), every version,
+    tiled ones at each of `tiles` (`registry.cases`). `ref` is not needed: NumPy's @ is the reference."""
+    return [c for L in net["fc"] for c in _layer_cases(L, tiles, make)]
+
+
+def _layer_cases(L, tiles, make):
+    (n, d), (m, _) = L["x"], L["w"]
+    x, w, b, dy = make.randn(n, d), make.randn(m, d), make.randn(m), make.randn(n, m)
+    products = (("forward y = x w^T + b", (x, w, False, True, b), x @ w.T + b),
+                ("backward dx = dy w", (dy, w, False, False, None), dy @ w),
+                ("backward dw = dy^T x", (dy, x, True, False, None), dy.T @ x))
+    out = []
+    for what, (a, bm, ta, tb, bias), expect in products:
+        a_, b_, bias_ = make.dev(a), make.dev(bm), None if bias is None else make.dev(bias)
+        for v in VERSIONS_OF["gemm"]:
+            for t in (None,) if v.name == "naive" else tiles:
+                out.append(Case("gemm", f"{L['name']} {what}", v.name, f"{L['name']} {what} {v.label}"
+                                + ("" if t is None else f" {t}x{t}"),
+                                lambda a=a_, b=b_, ta=ta, tb=tb, bias=bias_, c=make.nan(expect.shape), v=v.name,
+                                kw={} if t is None else {"tile": t}: gemm(a, b, ta, tb, bias=bias, out=c, version=v, **kw),
+                                {"a": a.shape, "b": bm.shape, "c": expect.shape}, expect, 2.0 * n * d * m, "GFLOP/s",
+                                default=v.default, tile=t, size=f"{dims(n, d)} -> {dims(n, m)}"))
+    return out
 
 
 if __name__ == "__main__":  # the workbench: every version vs the NumPy reference, then timed (minasgd/workbench.py)

@@ -16,6 +16,7 @@ from numba import cuda
 from . import shapes
 
 from .common import F1, F32, THREADS, Signature, flat, grid_1d
+from .registry import Case, Version
 
 
 # ---------------------------------------------------------------- kernels
@@ -77,6 +78,39 @@ def axpy(y, a, x):
     shapes.check_same_shape("axpy", y.shape, x.shape)
     if y.size:
         launch_axpy(y, a, x)
+
+
+# ---------------------------------------------------------------- versions and cases
+
+VERSIONS_OF = {"sgd_update": (Version("sgd_update", "v1", "v1", "launch_sgd", deterministic=True, default=True),),
+               "axpy": (Version("axpy", "v1", "v1", "launch_axpy", deterministic=True, default=True),)}
+
+
+def cases(net, ref, tiles, make):
+    """One SGD step and one axpy over all of `net`'s parameters (`registry.cases`). Both work in
+    place, so their checks start from fresh copies."""
+    n = net["num_params"]
+    w, g, v = make.randn(n), make.randn(n), make.randn(n)
+    w_ref, v_ref = w.copy(), v.copy()
+    ref.sgd_update(w_ref, g, v_ref, 0.01, 0.9, 5e-4)
+    w_, g_, v_, y_ = make.dev(w), make.dev(g), make.dev(v), make.dev(w)
+
+    def sgd_check():
+        w_.copy_to_device(w)
+        v_.copy_to_device(v)
+        sgd_update(w_, g_, v_, 0.01, 0.9, 5e-4)
+        return w_, v_
+
+    def axpy_check():
+        y_.copy_to_device(w)
+        axpy(y_, -0.5, g_)
+        return y_
+
+    return [Case("optim", "sgd momentum + decay", "v1", f"sgd momentum + decay ({n:,} params)",
+                 lambda: sgd_update(w_, g_, v_, 0.01, 0.9, 5e-4), {"w": (n,)}, (w_ref, v_ref), 20.0 * n,
+                 check=sgd_check, default=True, size=f"{n:,} params"),
+            Case("optim", "axpy", "v1", f"axpy ({n:,} params)", lambda: axpy(y_, -0.5, g_), {"y": (n,)},
+                 w + np.float32(-0.5) * g, 12.0 * n, check=axpy_check, default=True, bench=False, size=f"{n:,} params")]
 
 
 if __name__ == "__main__":  # the workbench: every version vs the NumPy reference, then timed (minasgd/workbench.py)

@@ -11,8 +11,8 @@
               v2 gather: one thread per input pixel dx[n, c, h, w]. It visits the few windows
               that contain (h, w) and adds dy wherever that window's argmax is this pixel. No
               atomics, no zeroing, a fixed summation order; it needs the window size and stride,
-              which the backend contract passes: `maxpool2d_backward(dy, argmax, x_shape, size,
-              stride)` (the cuda backend's POOL_BACKWARD_VERSION picks which one it calls).
+              which the backend contract passes: `maxpool2d_backward(dy, argmax, x_shape, version=
+              "gather", size=size, stride=stride)` (the cuda backend's POOL_BACKWARD_VERSION picks).
 
 Deterministic: forward, and backward v2 gather. Backward v1 scatter is not when windows overlap
 (size > stride): two atomic adds into one pixel land in either order, which can change its last bit.
@@ -22,8 +22,8 @@ from numba import cuda, float32
 
 from . import shapes
 
-from .common import F4, I4, INT, THREADS, Signature, grid_1d, output
-from .elementwise import fill
+from .common import F4, I4, INT, THREADS, Signature, fill, grid_1d, output
+from .registry import Case, Version, dims, pick
 
 
 # ---------------------------------------------------------------- kernels
@@ -132,7 +132,19 @@ def signatures():
     ]
 
 
-# ---------------------------------------------------------------- public functions
+# ---------------------------------------------------------------- versions and public functions
+
+VERSIONS_OF = {  # every version of each public function (`registry.Version`); the backend's is `default`
+    "maxpool2d_forward": (Version("maxpool2d_forward", "v1", "v1", "launch_forward", deterministic=True, default=True),),
+    "maxpool2d_backward": (
+        # not deterministic when windows overlap: two atomic adds into one pixel land in either order
+        Version("maxpool2d_backward", "scatter", "v1 scatter (atomics)", "launch_backward_scatter",
+                deterministic=False, default=True),
+        Version("maxpool2d_backward", "gather", "v2 gather (deterministic)", "launch_backward_gather",
+                deterministic=True)),
+}
+BACKWARD_VERSIONS = tuple(v.name for v in VERSIONS_OF["maxpool2d_backward"])
+
 
 def maxpool2d_forward(x, size=3, stride=2, out=None, out_argmax=None):
     # x: (N, C, H, W) -> y: (N, C, P, Q), argmax: (N, C, P, Q) int32 index into the H*W plane
@@ -144,30 +156,60 @@ def maxpool2d_forward(x, size=3, stride=2, out=None, out_argmax=None):
     return y, argmax
 
 
-def maxpool2d_backward(dy, argmax, x_shape, out=None):
-    """dy, argmax: (N, C, P, Q) -> dx: (N, C, H, W) by atomic scatter (the backend's version)."""
+def maxpool2d_backward(dy, argmax, x_shape, out=None, version="scatter", size=None, stride=None):
+    """dy, argmax: (N, C, P, Q) -> dx: (N, C, H, W). version "scatter" (the backend's) needs only
+    argmax; "gather" (deterministic) needs the window `size` and `stride` too."""
+    pick(VERSIONS_OF, "maxpool2d_backward", version)
     shapes.check_same_shape("maxpool2d_backward argmax", argmax.shape, dy.shape)
-    _check_batch_channels(dy.shape, x_shape)
+    if version == "gather":
+        if size is None or stride is None:
+            raise ValueError("maxpool2d_backward: version 'gather' needs the window size and stride")
+        shapes.check_same_shape("maxpool2d_backward dy", dy.shape, shapes.pool2d_output_shape(x_shape, size, stride))
+    else:
+        _check_batch_channels(dy.shape, x_shape)
     dx = output(x_shape, dy.dtype, out, "maxpool2d_backward out")
-    fill(dx, 0)
-    if dy.size:
-        launch_backward_scatter(dy, argmax, dx)
-    return dx
-
-
-def maxpool2d_backward_gather(dy, argmax, x_shape, size, stride, out=None):
-    """The same dx by gather: deterministic, but needs the window `size` and `stride`."""
-    shapes.check_same_shape("maxpool2d_backward argmax", argmax.shape, dy.shape)
-    shapes.check_same_shape("maxpool2d_backward dy", dy.shape, shapes.pool2d_output_shape(x_shape, size, stride))
-    dx = output(x_shape, dy.dtype, out, "maxpool2d_backward out")
-    if dx.size:
-        launch_backward_gather(dy, argmax, dx, size, stride)
+    if version == "gather":
+        if dx.size:
+            launch_backward_gather(dy, argmax, dx, size, stride)
+    else:
+        fill(dx, 0)
+        if dy.size:
+            launch_backward_scatter(dy, argmax, dx)
     return dx
 
 
 def _check_batch_channels(dy_shape, x_shape):
     if len(x_shape) != 4 or len(dy_shape) != 4 or tuple(dy_shape[:2]) != tuple(x_shape[:2]):
         raise ValueError(f"maxpool2d_backward: dy {tuple(dy_shape)} does not pool x {tuple(x_shape)}")
+
+
+# ---------------------------------------------------------------- cases: every version at the model's shapes
+
+def cases(net, ref, tiles, make):
+    """Forward, and every backward version, at each pooling layer of `net` (`registry.cases`)."""
+    return [c for L in net["pool"] for c in _layer_cases(L, ref, make)]
+
+
+def _layer_cases(L, ref, make):
+    x, size, stride = make.randn(*L["x"]), L["size"], L["stride"]
+    y_ref, arg_ref = ref.maxpool2d_forward(x, size, stride)
+    dy = make.randn(*y_ref.shape)
+    dx_ref = ref.maxpool2d_backward(dy, arg_ref, x.shape)
+    x_, dy_, arg_ = make.dev(x), make.dev(dy), make.dev(arg_ref)
+    moved, label = 4.0 * x.size + 8.0 * y_ref.size, f"{dims(*x.shape)} window {size} stride {stride}"
+    sizes = {"x": x.shape, "y": y_ref.shape}
+    forward = VERSIONS_OF["maxpool2d_forward"][0]
+    out = [Case("pool", f"{L['name']} forward", forward.name, f"{L['name']} forward",
+                lambda y=make.nan(y_ref.shape), a=make.nan(y_ref.shape, "int32"):
+                maxpool2d_forward(x_, size, stride, out=y, out_argmax=a), sizes, (y_ref, arg_ref), moved, "GB/s",
+                exact=True, default=True, size=label, extra={"size": size, "stride": stride})]
+    for v in VERSIONS_OF["maxpool2d_backward"]:
+        out.append(Case("pool", f"{L['name']} backward", v.name, f"{L['name']} backward {v.label}",
+                        lambda g=make.nan(x.shape), v=v.name:
+                        maxpool2d_backward(dy_, arg_, g.shape, out=g, version=v, size=size, stride=stride),
+                        sizes, dx_ref, moved + 4.0 * x.size, "GB/s", deterministic=v.deterministic,
+                        default=v.default, size=label, extra={"size": size, "stride": stride}))
+    return out
 
 
 if __name__ == "__main__":  # the workbench: every version vs the NumPy reference, then timed (minasgd/workbench.py)

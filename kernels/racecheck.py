@@ -251,6 +251,21 @@ def watching(recorder):
         raise RuntimeError("racecheck needs the CUDA simulator: set NUMBA_ENABLE_CUDASIM=1 before numba is imported")
     if _active is not None:
         raise RuntimeError("racecheck.checking() blocks cannot be nested")
+    saved, patches = _patches(recorder)
+    _active = recorder
+    for (cls, attr), fn in patches.items():
+        setattr(cls, attr, fn)
+    try:
+        yield recorder
+    finally:
+        for (cls, attr), fn in saved.items():
+            setattr(cls, attr, fn)
+        _active = None
+
+
+def _patches(recorder):
+    """(saved, patches): the simulator's methods `watching` replaces, as they are, and their
+    replacements that report every launch and access to `recorder`: {(class, attribute): function}."""
     from numba.cuda import types
     from numba.cuda.np import numpy_support
     from numba.cuda.simulator import kernel, kernelapi
@@ -320,12 +335,4 @@ def watching(recorder):
             thread_run(self)
 
         patches[(kernel.BlockThread, "run")] = started_run
-    _active = races
-    for (cls, attr), fn in patches.items():
-        setattr(cls, attr, fn)
-    try:
-        yield races
-    finally:
-        for (cls, attr), fn in saved.items():
-            setattr(cls, attr, fn)
-        _active = None
+    return saved, patches

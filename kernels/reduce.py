@@ -20,8 +20,9 @@ The same kernel serves three callers by viewing their input as (N, K, L):
 import numpy as np
 from numba import cuda, float32
 
-from .common import F1, F3, F32, MAX_BLOCKS, THREADS, Signature, output
-from .elementwise import fill
+from .common import F1, F3, F32, MAX_BLOCKS, THREADS, Signature, fill, output
+from .registry import Case, Version
+from .shapes import conv2d_output_shape
 
 BLOCK = THREADS  # threads per block, a power of two (a compile-time constant for the shared array)
 
@@ -116,6 +117,43 @@ def block_sum(x, out=None, blocks=None):
         blocks = max(1, min((x.size + BLOCK - 1) // BLOCK, MAX_BLOCKS))
     launch_block_sum(flat, s, blocks)
     return s
+
+
+# ---------------------------------------------------------------- versions and cases
+
+VERSIONS_OF = {
+    "sum_over_batch": (Version("sum_over_batch", "v1", "v1", "launch_sum_over_batch", deterministic=True, default=True),),
+    # the blocks' totals meet through atomics in any order: not bit-deterministic
+    "block_sum": (Version("block_sum", "v1", "v1 tree + atomic", "launch_block_sum", deterministic=False, default=True),),
+}
+
+
+def cases(net, ref, tiles, make):
+    """Bias gradients at every layer of `net`, the mean loss and a block sum over the largest
+    activation (`registry.cases`). Not rows of the benchmark table (`bench=False`)."""
+    batch = net["fc"][0]["x"][0]
+    sums = [(f"{L['name']} bias grad", (batch, L["w"][0], *conv2d_output_shape(L["x"], L["w"], L["stride"], L["pad"])[2:]))
+            for L in net["conv"]]
+    sums += [(f"{L['name']} bias grad", (batch, L["w"][0])) for L in net["fc"]]
+    out = [_sum_case(label, shape, make) for label, shape in sums]
+    losses = make.randn(batch)
+    l_, s = make.dev(losses), make.nan((1,))
+    out.append(Case("reduce", "mean loss", "v1", f"mean loss ({batch},)", lambda: sum_over_batch(l_, 1.0 / batch, out=s),
+                    {"x": (batch,)}, np.array([losses.sum() / batch], np.float32), 4.0 * batch, bench=False))
+    grads = make.randn(net["largest"])
+    g_, t = make.dev(grads), make.nan((1,))
+    out.append(Case("reduce", "block_sum", "v1", f"block_sum ({grads.size},)", lambda: block_sum(g_, out=t),
+                    {"x": grads.shape}, np.array([grads.astype(np.float64).sum()], np.float32), 4.0 * grads.size,
+                    deterministic=False, bench=False))
+    return out
+
+
+def _sum_case(label, shape, make):
+    x = make.randn(*shape)
+    expect = x.sum(axis=tuple(i for i in range(x.ndim) if i != 1))
+    x_, s = make.dev(x), make.nan(expect.shape)
+    return Case("reduce", label, "v1", f"{label} {shape}", lambda: sum_over_batch(x_, out=s), {"x": shape}, expect,
+                4.0 * x.size, bench=False)
 
 
 if __name__ == "__main__":  # the workbench: every version vs the NumPy reference, then timed (minasgd/workbench.py)

@@ -60,10 +60,10 @@ MISSING = ("the offline compile for real GPUs needs NVVM and ptxas: pip install 
 
 
 def all_signatures():
-    """Every `common.Signature` of every kernel module, in a fixed order."""
-    from . import conv, elementwise, gemm, optim, pool, reduce, softmax
+    """Every `common.Signature` of every kernel module, in the registry's order (`registry.signatures`)."""
+    from . import registry
 
-    return [s for m in (conv, gemm, pool, elementwise, softmax, reduce, optim) for s in m.signatures()]
+    return registry.signatures()
 
 
 def ptxas_path():

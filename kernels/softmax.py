@@ -21,6 +21,7 @@ from numba import cuda, float32
 
 from . import reduce, shapes
 from .common import F1, F2, I1, THREADS, Signature, grid_1d, is_device_array, output
+from .registry import Case, Version, dims
 
 
 # ---------------------------------------------------------------- kernels
@@ -83,6 +84,24 @@ def softmax_cross_entropy(logits, labels, out=None):
     launch_softmax_xent(logits, labels, dlogits, row_loss)
     loss = reduce.sum_over_batch(row_loss, scale=1.0 / n)
     return loss, dlogits
+
+
+# ---------------------------------------------------------------- versions and cases
+
+VERSIONS_OF = {"softmax_cross_entropy": (Version("softmax_cross_entropy", "v1", "v1 (a thread per row)",
+                                                 "launch_softmax_xent", deterministic=True, default=True),)}
+
+
+def cases(net, ref, tiles, make):
+    """The loss at the last layer of `net`: its batch and classes (`registry.cases`)."""
+    n, m = net["fc"][-1]["x"][0], net["classes"]
+    logits, labels = make.randn(n, m) * 10, make.rng.integers(0, m, n).astype(np.int32)
+    expect = ref.softmax_cross_entropy(logits, labels)
+    lg, lb, d = make.dev(logits), make.dev(labels), make.nan((n, m))
+    v = VERSIONS_OF["softmax_cross_entropy"][0]
+    return [Case("softmax", "softmax + cross-entropy", v.name, f"softmax + cross-entropy {v.label}",
+                 lambda: softmax_cross_entropy(lg, lb, out=d), {"logits": (n, m), "labels": (n,)}, expect,
+                 8.0 * n * m + 4.0 * n, "GB/s", default=True, size=dims(n, m))]
 
 
 if __name__ == "__main__":  # the workbench: every version vs the NumPy reference, then timed (minasgd/workbench.py)

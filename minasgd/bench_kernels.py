@@ -31,8 +31,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import numpy as np
-
 from .timer import median_seconds
 
 BATCH = 128
@@ -55,174 +53,117 @@ class Case:
     results: dict = field(default_factory=dict)
 
 
-def _shape(*dims):
-    return "x".join(str(d) for d in dims)
-
-
 def build_cases(model=MODEL, batch=BATCH, torch_device=None, tile=None):
-    """Every benchmark case at the shapes one training step of `model` uses, with device inputs
-    and preallocated outputs ready.
+    """Every benchmark row at the shapes one training step of `model` uses, with device inputs
+    and preallocated outputs ready: the kernel registry's cases (`minasgd.kernels.registry`, the
+    same ones the workbench validates), grouped by op. `ours` is the version the cuda backend
+    uses, `alt` the first other one (the naive conv and GEMM, the gather pool backward).
 
     `torch_device` ("cuda", or "cpu" to check the calls without a GPU) adds the PyTorch
-    equivalents; None leaves them out. `tile` overrides the tile size of the tiled kernels.
+    equivalents; None leaves them out. `tile` sets the tile size of the tiled kernels (default 16).
     """
-    from numba import cuda
-
-    from minasgd.backends import cuda_backend as be
-    from minasgd.kernels import conv, elementwise, gemm, optim, pool, reduce, shapes, softmax
+    from minasgd import backends
+    from minasgd.kernels import registry
     from minasgd.workbench import layer_shapes
 
-    net = layer_shapes(model, batch)
+    twins = TorchTwins(torch_device) if torch_device is not None else None
+    kernels = registry.cases(layer_shapes(model, batch), backends.get("numpy"), (tile or DEFAULT_TILE,))
+    rows = {}
+    for case in (c for c in kernels if c.bench):
+        rows.setdefault(case.name, []).append(case)
+    cases = []
+    for name, versions in rows.items():
+        ours = next(c for c in versions if c.default)
+        alt = next((c for c in versions if not c.default), None)
+        cases.append(Case(name, ours.size, ours.work, ours.unit, ours.launch, alt and alt.launch,
+                          alt.version if alt else "", twins and twins.of(ours)))
+    return cases
 
-    torch = F = None
-    if torch_device is not None:
+
+DEFAULT_TILE = 16  # the tile the kernels use unless told (conv.TILE, gemm.TILE)
+
+
+class TorchTwins:
+    """PyTorch's equivalent of a registry case (cuDNN, cuBLAS, ATen), on random inputs of its shapes."""
+
+    def __init__(self, device):
         import torch
         import torch.nn.functional as F
 
         torch.backends.cudnn.benchmark = True
+        self.torch, self.F, self.device = torch, F, device
 
-    rng = np.random.default_rng(0)
-    ct = {} if tile is None else {"tile": tile}  # tile size for the tiled conv and GEMM kernels
+    def randn(self, *shape):
+        return self.torch.randn(*shape, device=self.device)
 
-    def dev(*shape):
-        return cuda.to_device(rng.standard_normal(shape).astype(np.float32))
+    def of(self, case):
+        """The twin of `case` (a callable), or None where PyTorch has none."""
+        kind = case.family if case.family != "elementwise" else case.name.split()[0]
+        make = getattr(self, f"_{kind}", None)
+        return make(case) if make else None
 
-    def tdev(*shape):
-        return torch.randn(*shape, device=torch_device)
+    def _conv(self, case):
+        torch, F = self.torch, self.F
+        sh, s, p = case.shapes, case.extra["stride"], case.extra["pad"]
+        x, w, dy, k = self.randn(*sh["x"]), self.randn(*sh["w"]), self.randn(*sh["y"]), sh["w"][0]
+        b = self.randn(k)
 
-    cases = []
-    for layer in net["conv"]:
-        name, (_, c, h, w), (k, _, r, _), cs, pad = layer["name"], layer["x"], layer["w"], layer["stride"], layer["pad"]
-        x, wt, b = dev(batch, c, h, w), dev(k, c, r, r), dev(k)
-        y_shape = shapes.conv2d_output_shape(x.shape, wt.shape, cs, pad)
-        y, dx, dw, db = (cuda.device_array(s, np.float32) for s in (y_shape, x.shape, wt.shape, (k,)))
-        dy = dev(*y_shape)
-        flops = 2.0 * np.prod(y_shape) * c * r * r
-        label = f"{_shape(batch, c, h, w)} * {_shape(k, c, r, r)} pad {pad}" + (f" stride {cs}" if cs != 1 else "")
-        t = {}
-        if torch is not None:
-            tx, tw, tb, tdy = tdev(batch, c, h, w), tdev(k, c, r, r), tdev(k), tdev(*y_shape)
+        def backward(mask):
+            return torch.ops.aten.convolution_backward(dy, x, w, [k], [s, s], [p, p], [1, 1], False, [0, 0], 1, mask)
 
-            def t_backward(mask, tx=tx, tw=tw, tdy=tdy, pad=pad, k=k, cs=cs):
-                return torch.ops.aten.convolution_backward(tdy, tx, tw, [k], [cs, cs], [pad, pad], [1, 1], False, [0, 0], 1, mask)
+        if case.name.endswith("forward"):
+            return lambda: F.conv2d(x, w, b, s, p)
+        return lambda: backward([True, False, False] if "data" in case.name else [False, True, False])  # dw only, as ours
 
-            t = dict(
-                fwd=lambda tx=tx, tw=tw, tb=tb, pad=pad, cs=cs: F.conv2d(tx, tw, tb, cs, pad),
-                data=lambda f=t_backward: f([True, False, False]),
-                filt=lambda f=t_backward: f([False, True, True]),
-            )
-        cases += [
-            Case(f"{name} forward", label, flops, "GFLOP/s",
-                 lambda x=x, wt=wt, b=b, y=y, pad=pad, cs=cs: conv.conv2d_forward(x, wt, b, cs, pad, out=y, version="tiled", **ct),
-                 lambda x=x, wt=wt, b=b, y=y, pad=pad, cs=cs: conv.conv2d_forward(x, wt, b, cs, pad, out=y, version="naive"),
-                 "naive", t.get("fwd")),
-            Case(f"{name} backward data", label, flops, "GFLOP/s",
-                 lambda dy=dy, wt=wt, dx=dx, pad=pad, cs=cs: conv.conv2d_backward_data(dy, wt, dx.shape, cs, pad, out=dx),
-                 lambda dy=dy, wt=wt, dx=dx, pad=pad, cs=cs: conv.conv2d_backward_data(dy, wt, dx.shape, cs, pad, out=dx, version="naive"),
-                 "naive", t.get("data")),
-            Case(f"{name} backward filter+bias", label, flops + 4.0 * np.prod(y_shape), "GFLOP/s",
-                 lambda dy=dy, x=x, dw=dw, db=db, pad=pad, cs=cs: (conv.conv2d_backward_filter(dy, x, dw.shape, cs, pad, out=dw, **ct),
-                                                                   reduce.sum_over_batch(dy, out=db)),
-                 lambda dy=dy, x=x, dw=dw, db=db, pad=pad, cs=cs: (conv.conv2d_backward_filter(dy, x, dw.shape, cs, pad, out=dw, version="naive"),
-                                                                   reduce.sum_over_batch(dy, out=db)),
-                 "naive", t.get("filt")),
-        ]
+    def _pool(self, case):
+        torch, F = self.torch, self.F
+        size, stride = case.extra["size"], case.extra["stride"]
+        y = self.randn(*case.shapes["x"])
+        if case.name.endswith("forward"):
+            return lambda: F.max_pool2d(y, size, stride, return_indices=True)
+        _, idx = F.max_pool2d(y, size, stride, return_indices=True)
+        dy = self.randn(*case.shapes["y"])
+        return lambda: torch.ops.aten.max_pool2d_with_indices_backward(
+            dy, y, [size, size], [stride, stride], [0, 0], [1, 1], False, idx)
 
-    for layer in net["pool"]:
-        name, y_shape, size, stride = layer["name"], layer["x"], layer["size"], layer["stride"]
-        y = dev(*y_shape)  # the pool's input: a conv layer's (ReLU'd) output
-        p_shape = shapes.pool2d_output_shape(y_shape, size, stride)
-        py, parg, pdy, pdx = (cuda.device_array(p_shape, np.float32), cuda.device_array(p_shape, np.int32),
-                              dev(*p_shape), cuda.device_array(y_shape, np.float32))
-        pool.maxpool2d_forward(y, size, stride, out=py, out_argmax=parg)  # valid argmax for backward
-        pool_bytes = 4.0 * np.prod(y_shape) + 8.0 * np.prod(p_shape)
-        tp = {}
-        if torch is not None:
-            ty = tdev(*y_shape)
-            _, tidx = F.max_pool2d(ty, size, stride, return_indices=True)
-            tpdy = tdev(*p_shape)
-            tp = dict(
-                fwd=lambda ty=ty, size=size, stride=stride: F.max_pool2d(ty, size, stride, return_indices=True),
-                bwd=lambda ty=ty, tidx=tidx, tpdy=tpdy, size=size, stride=stride: torch.ops.aten.max_pool2d_with_indices_backward(
-                    tpdy, ty, [size, size], [stride, stride], [0, 0], [1, 1], False, tidx),
-            )
-        pool_name = name
-        plabel = f"{_shape(*y_shape)} window {size} stride {stride}"
-        cases += [
-            Case(f"{pool_name} forward", plabel, pool_bytes, "GB/s",
-                 lambda y=y, py=py, parg=parg, size=size, stride=stride: pool.maxpool2d_forward(y, size, stride, out=py, out_argmax=parg),
-                 torch=tp.get("fwd")),
-            Case(f"{pool_name} backward", plabel, pool_bytes + 4.0 * np.prod(y_shape), "GB/s",
-                 lambda pdy=pdy, parg=parg, pdx=pdx: pool.maxpool2d_backward(pdy, parg, pdx.shape, out=pdx),
-                 lambda pdy=pdy, parg=parg, pdx=pdx, size=size, stride=stride: pool.maxpool2d_backward_gather(pdy, parg, pdx.shape, size, stride, out=pdx),
-                 "gather", tp.get("bwd")),
-        ]
+    def _gemm(self, case):
+        a, b = self.randn(*case.shapes["a"]), self.randn(*case.shapes["b"])
+        if "forward" in case.name:  # y = x w^T + bias: a is x (N, D), b is w (M, D)
+            bias = self.randn(case.shapes["c"][1])
+            return lambda: self.F.linear(a, b, bias)
+        return (lambda: a.t() @ b) if "dw" in case.name else (lambda: a @ b)
 
-    for layer in net["fc"]:
-        name, (_, d), (m, _) = layer["name"], layer["x"], layer["w"]
-        x, wt, b, dy = dev(batch, d), dev(m, d), dev(m), dev(batch, m)
-        y, dx, dw = (cuda.device_array(s, np.float32) for s in ((batch, m), (batch, d), (m, d)))
-        flops = 2.0 * batch * d * m
-        tl = {}
-        if torch is not None:
-            tx, tw, tb, tdy = tdev(batch, d), tdev(m, d), tdev(m), tdev(batch, m)
-            tl = dict(fwd=lambda tx=tx, tw=tw, tb=tb: F.linear(tx, tw, tb),
-                      data=lambda tdy=tdy, tw=tw: tdy @ tw,
-                      weight=lambda tdy=tdy, tx=tx: tdy.t() @ tx)
-        for what, args, out, tkey in (
-            ("forward y = x w^T + b", (x, wt, False, True, b), y, "fwd"),
-            ("backward dx = dy w", (dy, wt, False, False, None), dx, "data"),
-            ("backward dw = dy^T x", (dy, x, True, False, None), dw, "weight"),
-        ):
-            cases.append(Case(
-                f"{name} {what}", f"{_shape(batch, d)} -> {_shape(batch, m)}", flops, "GFLOP/s",
-                lambda args=args, out=out: gemm.gemm(*args[:2], args[2], args[3], bias=args[4], out=out, version="tiled", **ct),
-                lambda args=args, out=out: gemm.gemm(*args[:2], args[2], args[3], bias=args[4], out=out, version="naive"),
-                "naive", tl.get(tkey)))
+    def _relu(self, case):
+        torch, F = self.torch, self.F
+        a, dy = self.randn(*case.shapes["x"]), self.randn(*case.shapes["x"])
+        return (lambda: F.relu(a)) if case.name.endswith("forward") else (
+            lambda: torch.ops.aten.threshold_backward(dy, a, 0.0))
 
-    # Elementwise ops over the largest activation, the loss, and one optimizer step.
-    largest = net["largest"]
-    a, a_out, a_dy = dev(largest), cuda.device_array(largest, np.float32), dev(largest)
-    classes = net["classes"]
-    logits, dlogits = dev(batch, classes), cuda.device_array((batch, classes), np.float32)
-    labels = cuda.to_device(rng.integers(0, classes, batch).astype(np.int32))
-    n_params = net["num_params"]
-    pw, pg, pv = dev(n_params), dev(n_params), be.zeros((n_params,))
-    te = {}
-    if torch is not None:
-        ta, tady, tlog = tdev(largest), tdev(largest), tdev(batch, classes)
-        tlab = torch.randint(0, classes, (batch,), device=torch_device)
-        tpw, tpg, tpv = tdev(n_params), tdev(n_params), torch.zeros(n_params, device=torch_device)
+    def _dropout(self, case):
+        a = self.randn(*case.shapes["x"])
+        return lambda: self.F.dropout(a, 0.5, training=True)
 
-        def t_softmax_xent():  # loss and its gradient, like ours
-            tlog.requires_grad_(True)
-            loss = F.cross_entropy(tlog, tlab)
-            return loss.detach(), torch.autograd.grad(loss, tlog)[0]
+    def _softmax(self, case):
+        torch, F = self.torch, self.F
+        (n, m) = case.shapes["logits"]
+        logits, labels = self.randn(n, m), torch.randint(0, m, (n,), device=self.device)
 
-        def t_sgd():
-            tpv.mul_(0.9).add_(tpg).add_(tpw, alpha=5e-4)
-            tpw.add_(tpv, alpha=-0.01)
+        def loss_and_grad():  # loss and its gradient, like ours
+            logits.requires_grad_(True)
+            loss = F.cross_entropy(logits, labels)
+            return loss.detach(), torch.autograd.grad(loss, logits)[0]
 
-        te = dict(
-            relu=lambda: F.relu(ta),
-            relu_bwd=lambda: torch.ops.aten.threshold_backward(tady, ta, 0.0),
-            dropout=lambda: F.dropout(ta, 0.5, training=True),
-            softmax=t_softmax_xent,
-            sgd=t_sgd,
-        )
-    cases += [
-        Case("relu forward", _shape(largest), 8.0 * largest, "GB/s",
-             lambda: elementwise.relu_forward(a, out=a_out), torch=te.get("relu")),
-        Case("relu backward", _shape(largest), 12.0 * largest, "GB/s",
-             lambda: elementwise.relu_backward(a_dy, a, out=a_out), torch=te.get("relu_bwd")),
-        Case("dropout p=0.5", _shape(largest), 8.0 * largest, "GB/s",
-             lambda: elementwise.dropout(a, 0.5, 1234, out=a_out), torch=te.get("dropout")),
-        Case("softmax + cross-entropy", _shape(batch, classes), 8.0 * batch * classes + 4.0 * batch, "GB/s",
-             lambda: softmax.softmax_cross_entropy(logits, labels, out=dlogits), torch=te.get("softmax")),
-        Case("sgd momentum + decay", f"{n_params:,} params", 20.0 * n_params, "GB/s",
-             lambda: optim.sgd_update(pw, pg, pv, 0.01, 0.9, 5e-4), torch=te.get("sgd")),
-    ]
-    return cases
+        return loss_and_grad
+
+    def _optim(self, case):
+        n = case.shapes["w"][0]
+        w, g, v = self.randn(n), self.randn(n), self.torch.zeros(n, device=self.device)
+
+        def sgd():
+            v.mul_(0.9).add_(g).add_(w, alpha=5e-4)
+            w.add_(v, alpha=-0.01)
+
+        return sgd
 
 
 # ---------------------------------------------------------------- timing

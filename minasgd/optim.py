@@ -32,8 +32,9 @@ class SGD:
 class Adagrad:
     """Adagrad (Duchi et al. 2011): each parameter's step shrinks with its summed squared gradients."""
 
-    def __init__(self, be, num_params, eps=1e-8, weight_decay=0.0):
-        self.be, self.eps, self.weight_decay = be, np.float32(eps), weight_decay
+    def __init__(self, num_params, eps=1e-8, weight_decay=0.0):
+        """Host-side (NumPy) only: the parameter server's optimizer, never a worker's."""
+        self.eps, self.weight_decay = np.float32(eps), weight_decay
         self.sum_sq = np.zeros(num_params, dtype=np.float32)
 
     def step(self, params, grads, lr):

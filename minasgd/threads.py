@@ -56,6 +56,23 @@ def limit_blas_threads(n):
 
 
 @contextlib.contextmanager
+def blas_threads_for_children(n):
+    """Inside the block, processes started from here use `n` BLAS threads: every variable of
+    ENV_NAMES is set (they read it when NumPy loads); the old values come back after. (This
+    process's own BLAS is `limit_blas_threads`' business.)"""
+    saved = {name: os.environ.get(name) for name in ENV_NAMES}
+    os.environ.update({name: str(n) for name in ENV_NAMES})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
 def blas_threads_for_training(environ=None):
     """Apply the rule inside the block; yields the one line to tell the user."""
     n, why = chosen_blas_threads(environ)

@@ -105,14 +105,14 @@ def schedule_start(cfg):
     return steps
 
 
-def build_model(cfg, be, console=None):
-    """The configured model, warm-started from cfg.init if set. `console` (anything with a
-    `print(str)` method, or None) is told about a warm start."""
+def build_model(cfg, be, on_event=None):
+    """The configured model, warm-started from cfg.init if set; a warm start is told to
+    `on_event` as {"kind": "warm_start", "init", "steps"} (one process and the workers' server alike)."""
     model = Model(cfg.model, be, seed=cfg.seed)
     if cfg.init:
         steps = warm_start(model, cfg.init)
-        if console is not None:
-            console.print(f"warm start from {cfg.init} ({steps} steps trained)")
+        if on_event is not None:
+            on_event({"kind": "warm_start", "init": cfg.init, "steps": steps})
     return model
 
 
@@ -136,9 +136,7 @@ def train(cfg: TrainConfig, on_event=None):
 def _train(cfg, be, emit):
     ds = load_dataset(cfg, progress=lambda what, done, total: emit(
         {"kind": "progress", "what": what, "done": done, "total": total}))
-    model = Model(cfg.model, be, seed=cfg.seed)
-    if cfg.init:
-        emit({"kind": "warm_start", "init": cfg.init, "steps": warm_start(model, cfg.init)})
+    model = build_model(cfg, be, emit)
     run = RunDir(cfg.out or default_run_dir())
     emit({"kind": "start", "model": model.name, "num_params": model.num_params, "dataset": ds.name,
           "train_images": len(ds.train_y), "test_images": len(ds.test_y), "run_dir": str(run.path)})

@@ -207,7 +207,7 @@ def test_maxpool2d_backward_gather(rng, shape, size, stride):
     x = randn(rng, *shape)
     _, arg_ref = ref.maxpool2d_forward(x, size, stride)
     dy = randn(rng, *arg_ref.shape)
-    dx = pool.maxpool2d_backward_gather(dev(dy), dev(arg_ref), shape, size, stride, out=nan_out(shape))
+    dx = pool.maxpool2d_backward(dev(dy), dev(arg_ref), shape, out=nan_out(shape), version="gather", size=size, stride=stride)
     assert_close(host(dx), ref.maxpool2d_backward(dy, arg_ref, shape), **TINY)
 
 
@@ -229,13 +229,13 @@ def test_maxpool2d_backward_gather_is_reachable_through_the_backend(rng, monkeyp
     x = randn(rng, 1, 2, 7, 6)
     y_ref, arg_ref = ref.maxpool2d_forward(x, 3, 2)
     dy = randn(rng, *y_ref.shape)
-    calls, real = [], pool.maxpool2d_backward_gather
+    calls, real = [], pool.launch_backward_gather
 
-    def spy(dy, argmax, x_shape, size, stride, out=None):
+    def spy(dy, argmax, dx, size, stride):
         calls.append((size, stride))
-        return real(dy, argmax, x_shape, size, stride, out=out)
+        return real(dy, argmax, dx, size, stride)
 
-    monkeypatch.setattr(pool, "maxpool2d_backward_gather", spy)
+    monkeypatch.setattr(pool, "launch_backward_gather", spy)
     monkeypatch.setattr(cuda_backend, "POOL_BACKWARD_VERSION", "gather")
     dx = cuda_backend.maxpool2d_backward(dev(dy), dev(arg_ref), x.shape, 3, 2)
     assert_close(host(dx), ref.maxpool2d_backward(dy, arg_ref, x.shape), **TINY)
@@ -253,7 +253,7 @@ def test_maxpool2d_overlapping_windows_accumulate():
     expect = np.zeros((1, 1, 5, 5), np.float32)
     expect[0, 0, 2, 2] = 4.0
     assert_equal(dx, expect, "dx")
-    assert_equal(host(pool.maxpool2d_backward_gather(ones, arg, (1, 1, 5, 5), 3, 2)), expect, "dx (gather)")
+    assert_equal(host(pool.maxpool2d_backward(ones, arg, (1, 1, 5, 5), version="gather", size=3, stride=2)), expect, "dx (gather)")
 
 
 # ---------------------------------------------------------------- elementwise
@@ -647,9 +647,13 @@ def test_bench_cases_all_run_at_tiny_sizes():
     torch_device = "cpu" if importlib.util.find_spec("torch") else None
     from minasgd.workbench import layer_shapes
 
+    from minasgd.kernels import registry
+
     cases = bench_kernels.build_cases("micro", batch=1, torch_device=torch_device, tile=4)
     net = layer_shapes("micro", 1)
-    assert len(cases) == 3 * len(net["conv"]) + 2 * len(net["pool"]) + 3 * len(net["fc"]) + 5
+    # one row per op the registry marks for the table, in its order (no hand-kept count of ops)
+    rows = list(dict.fromkeys(c.name for c in registry.cases(net, ref, (4,)) if c.bench))
+    assert [case.name for case in cases] == rows and len(rows) >= 3 * len(net["conv"]) + 2 * len(net["pool"]) + 3 * len(net["fc"]) + 5
     for case in cases:
         for fn in (case.ours, case.alt, case.torch):
             if fn is not None:

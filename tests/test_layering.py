@@ -218,8 +218,9 @@ def test_entry_points_import_only_the_workbench_from_above():
                 above[(m, what)] = line
     assert above == {}
     kernels_with_main = sorted(m for m, ts in entries.items() if m.startswith("minasgd.kernels") and ts)
-    assert kernels_with_main == [f"minasgd.kernels.{op}" for op in
-                                 ("conv", "elementwise", "gemm", "optim", "pool", "reduce", "softmax")]
+    from minasgd.kernels.registry import FAMILIES  # every op family has its workbench
+
+    assert kernels_with_main == sorted(f"minasgd.kernels.{op}" for op in FAMILIES)
 
 
 def test_no_import_cycles():
@@ -260,3 +261,55 @@ def test_the_checker_catches_planted_violations(tmp_path):
             ("minasgd.optim", "minasgd.train._private")} <= set(found)
     planted["minasgd.layers"] = edges["minasgd.layers"] + [("minasgd.model", 1)]  # model -> layers -> model
     assert ["minasgd.layers", "minasgd.model"] in cycles(planted)
+
+
+# ---------------------------------------------------------------- clients never import the server
+
+# A worker's side of the parameter server: what it needs is the wire vocabulary (`ps/protocol.py`)
+# and the conversation (`ps/session.py`), never the server's internals. `ps/tcp.py` and `ps/mpi.py`
+# hold a client and a server side each; neither side needs the server module.
+CLIENT_MODULES = ("minasgd.ps.session", "minasgd.ps.worker", "minasgd.ps.tcp_client", "minasgd.ps.tcp",
+                  "minasgd.ps.mpi_client", "minasgd.ps.mpi", "minasgd.ps.protocol")
+SERVER_MODULE = "minasgd.ps.server"
+
+
+def reaches(edges, start, target):
+    """The import chain from `start` to `target` (a list of modules), or None: imports anywhere in
+    the module, lazy ones inside functions included, followed transitively."""
+    seen, stack = {start}, [[start]]
+    while stack:
+        path = stack.pop()
+        for what, _ in edges.get(path[-1], ()):
+            if what == target:
+                return path + [what]
+            if what in edges and what not in seen:
+                seen.add(what)
+                stack.append(path + [what])
+    return None
+
+
+def test_client_modules_never_import_the_server():
+    modules, edges = graph()
+    assert all(m in modules for m in CLIENT_MODULES + (SERVER_MODULE,))
+    chains = {m: reaches(edges, m, SERVER_MODULE) for m in CLIENT_MODULES}
+    assert {m: chain for m, chain in chains.items() if chain} == {}
+
+
+def test_the_client_check_catches_a_planted_server_import():
+    modules, edges = graph()
+    planted = dict(edges)
+    planted["minasgd.ps.protocol"] = edges["minasgd.ps.protocol"] + [(SERVER_MODULE, 1)]
+    assert reaches(planted, "minasgd.ps.tcp", SERVER_MODULE)[-2:] == ["minasgd.ps.protocol", SERVER_MODULE]
+    planted = dict(edges, **{"minasgd.ps.worker": edges["minasgd.ps.worker"] + [(SERVER_MODULE, 9)]})
+    assert reaches(planted, "minasgd.ps.worker", SERVER_MODULE) == ["minasgd.ps.worker", SERVER_MODULE]
+
+
+def test_clients_do_not_reach_the_server_by_a_name_in_a_string():
+    """An attack on the import check: `importlib.import_module("minasgd.ps.server")` (or
+    `__import__`) is no import statement, so the graph would not see it; no client names it."""
+    modules = module_files()
+    for m in CLIENT_MODULES:
+        text = modules[m].read_text()
+        strings = {n.value for n in ast.walk(ast.parse(text)) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+        assert not {s for s in strings if s == SERVER_MODULE or s.endswith(".server")}, m
+        assert "import_module" not in text and "__import__" not in text, m

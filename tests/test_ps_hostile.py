@@ -24,7 +24,7 @@ from rich.console import Console
 
 from minasgd import checkpoint
 from minasgd.dashboard import ServerDashboard
-from minasgd.ps import protocol, server as server_module, tcp as tcp_module
+from minasgd.ps import protocol, registry as registry_module, tcp as tcp_module
 from minasgd.ps.monitor import Monitor
 from minasgd.ps.protocol import HEADER, MAGIC, MAX_JSON, PROTOCOL, Msg, Receiver, send_frame, send_json
 from minasgd.ps.server import ParameterServer
@@ -259,8 +259,8 @@ def test_4a_long_names_and_departed_workers_stay_bounded(serve):
     ps, tcp = serve()
     sock, rx = hostile(tcp, name="x" * 65_000)
     sock.close()
-    MAX_DEPARTED = server_module.MAX_DEPARTED
-    assert len(ps.workers[1].name) == server_module.MAX_NAME
+    MAX_DEPARTED = registry_module.MAX_DEPARTED
+    assert len(ps.workers[1].name) == registry_module.MAX_NAME
     for i in range(MAX_DEPARTED + 20):  # join/leave cycles
         sock, rx = hostile(tcp, name=f"cycle {i}")
         send_json(sock, Msg.BYE, {"reason": "r" * 60_000}, seq=2)

@@ -129,7 +129,8 @@ CONVERSATION = textwrap.dedent("""
     import json, sys
     import numpy as np
     from mpi4py import MPI
-    from minasgd.ps.mpi import MpiClient, MpiServer, final_barrier
+    from minasgd.ps.mpi import MpiServer, final_barrier
+    from minasgd.ps.mpi_client import MpiClient
     from minasgd.ps.server import ParameterServer
     from minasgd.ps.tcp import ServerError
 

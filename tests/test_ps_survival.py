@@ -24,7 +24,7 @@ from rich.console import Console
 
 from minasgd import checkpoint
 from minasgd.dashboard import ServerDashboard
-from minasgd.ps import server as server_module
+from minasgd.ps import staleness as staleness_module
 from minasgd.ps.launcher import PsOptions
 from minasgd.ps.monitor import Monitor
 from minasgd.ps.protocol import Msg, Receiver, clip, send_frame, send_json
@@ -567,7 +567,7 @@ def test_11_pushes_based_on_version_0_keep_the_histogram_small(tmp_path):
         ps.push(wid, np.zeros(N, np.float32), 0, batches=4)
     assert ps.steps == 12000 and sum(ps.staleness.values()) == 3000
     assert len(ps.staleness) <= 140, len(ps.staleness)
-    assert server_module.staleness_bucket(11996) == 8192 and server_module.staleness_bucket(5) == 5
+    assert staleness_module.staleness_bucket(11996) == 8192 and staleness_module.staleness_bucket(5) == 5
     assert len(json.dumps(ps.stats()["staleness"])) < 3000
     ps.checkpoint()
     assert (tmp_path / "model.npz").stat().st_size < 8 * N + 8000

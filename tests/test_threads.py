@@ -1,5 +1,7 @@
 """The BLAS thread rule for training processes (minasgd.threads) and the step benchmark's numbers."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -130,3 +132,16 @@ def test_the_parameter_server_runs_on_one_blas_thread(tmp_path, monkeypatch):
             launcher.run_server(cfg, launcher.PsOptions(), local_workers=0)
         assert threads.blas_threads() == 2
     assert seen == [1]
+
+
+def test_blas_threads_for_children_sets_every_variable_and_puts_them_back(monkeypatch):
+    """One list of variables (threads.ENV_NAMES) for the rule and for the processes we start."""
+    monkeypatch.setenv(threads.ENV_NAMES[0], "7")
+    for name in threads.ENV_NAMES[1:]:
+        monkeypatch.delenv(name, raising=False)
+    with threads.blas_threads_for_children(3):
+        assert {name: os.environ.get(name) for name in threads.ENV_NAMES} == dict.fromkeys(threads.ENV_NAMES, "3")
+    assert os.environ[threads.ENV_NAMES[0]] == "7"
+    assert all(name not in os.environ for name in threads.ENV_NAMES[1:])
+    from minasgd.ps import launcher
+    assert not hasattr(launcher, "blas_threads")  # its old name, which shadowed threads.blas_threads

@@ -98,3 +98,19 @@ def test_training_error_is_measured_beside_test_error(tmp_path, dataset, monkeyp
         model = Model("micro", backends.get("numpy"))
         model.set_params(checkpoint.load(tmp_path / name / "model.npz")["params"])
         assert evals[-1]["train_accuracy"] == evaluate(model, dataset.train_x[:32], dataset.train_y[:32])[0]
+
+
+def test_one_process_builds_its_model_with_build_model(tmp_path, dataset, monkeypatch):
+    """`train.build_model` is the one place a model is built and warm-started (the workers'
+    server uses it too), and a warm start is told as the same event on both paths."""
+    import minasgd.train as train_module
+
+    snapshot = run(cfg(tmp_path, "snap", stop_step=4), dataset, monkeypatch)
+    built, real = [], train_module.build_model
+    monkeypatch.setattr(train_module, "build_model", lambda *a: built.append(a[0].init) or real(*a))
+    events = []
+    monkeypatch.setattr("minasgd.train.load_dataset", lambda cfg, progress=None: dataset)
+    config = cfg(tmp_path, "warm", init=str(tmp_path / "snap" / "model.npz"), stop_step=2)
+    train(config, on_event=events.append)
+    assert built == [config.init] and snapshot["steps"] == 4
+    assert [e for e in events if e["kind"] == "warm_start"] == [{"kind": "warm_start", "init": config.init, "steps": 4}]

@@ -80,7 +80,7 @@ print(f"cuda forward: values equal: {np.array_equal(y_cu.copy_to_host(), y_ref)}
       f"argmax equal: {np.array_equal(arg_cu.copy_to_host(), arg_ref)}")
 dx_ref = ref.maxpool2d_backward(g32, arg_ref, x.shape)
 dx_scatter = pool.maxpool2d_backward(d(g32), arg_cu, x.shape).copy_to_host()
-dx_gather = pool.maxpool2d_backward_gather(d(g32), arg_cu, x.shape, 3, 2).copy_to_host()
+dx_gather = pool.maxpool2d_backward(d(g32), arg_cu, x.shape, version="gather", size=3, stride=2).copy_to_host()
 print(f"cuda backward: scatter (atomics) max |error| = {C.max_err(dx_scatter, dx_ref):.1e}, "
       f"gather max |error| = {C.max_err(dx_gather, dx_ref):.1e}")
 

@@ -8,7 +8,8 @@
 # may have been computed from parameters that other pushes have since changed: its
 # **staleness** is the number of mini-batches the server applied in between.
 #
-# Files: `minasgd/ps/protocol.py` (the wire format), `server.py` (the rules, no sockets),
+# Files: `minasgd/ps/protocol.py` (the wire format), `server.py` (the rules, no sockets; its
+# units: `update.py` the update rule, `sync.py` the sync round, `registry.py` the workers),
 # `tcp.py` (the transport), `worker.py` (the client loop), `launcher.py` (`--workers N`).
 # Run: `python tutorials/06_data_parallelism.py` (about 15 s; it starts worker processes).
 

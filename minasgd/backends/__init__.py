@@ -34,8 +34,6 @@ Every backend offers the same functions, all float32, images NCHW:
 Backward functions return fresh arrays; none accumulates into its inputs.
 """
 
-NAMES = ("numpy", "cuda")
-
 OPS = (
     "asarray", "to_numpy", "zeros", "copy_into", "synchronize",
     "conv2d_forward", "conv2d_backward",
@@ -65,7 +63,8 @@ def cuda_available():
 def get(name="numpy", device=None):
     """Return the backend module called `name` ("numpy", "numpy-reference", "cuda" or "auto").
 
-    A backend is a plain module: `be.conv2d_forward(...)`, `be.NAME`, `be.DEVICE`.
+    A backend is a plain module: `be.conv2d_forward(...)`, `be.NAME` (the `name` that gets it:
+    summary.json says which backend ran), `be.DEVICE`.
 
     `device` selects a GPU for the cuda backend (default: the current one).
     """

@@ -4,8 +4,8 @@ NumPy does a pass over an array fast when its innermost axis is long and contigu
 col2im and max-pooling are the opposite: many short strided rows (a 15-pixel output row, a 3x3
 window), so as NumPy expressions they become dozens of slow strided passes. Written as plain
 loops and compiled, each is one pass that reads its input once, while the matrix products stay
-with NumPy's BLAS. The loops mirror the CUDA kernels in `minasgd/kernels/`: where a kernel maps
-one thread to one output element, the loop here visits that element.
+with NumPy's BLAS. The loops mirror the CUDA kernels in `kernels/` (`minasgd.kernels`): where a kernel
+maps one thread to one output element, the loop here visits that element.
 
 Every function fills an output array it is given (no allocation), works for float32 and
 float64 (the gradchecks), and releases the GIL (`nogil`), so threads training side by side run

@@ -15,7 +15,7 @@ import numpy as np
 from numba import cuda
 
 from minasgd.kernels import conv, elementwise, gemm, optim, pool, reduce, shapes, softmax
-from minasgd.kernels.common import SIM, is_device_array
+from minasgd.kernels.common import SIM, fill, is_device_array
 
 from .errors import BackendError
 
@@ -71,7 +71,7 @@ def to_numpy(a):
 
 def zeros(shape, dtype=F32):
     """A device array filled with zeros by a kernel (fresh device memory is uninitialised)."""
-    return elementwise.fill(cuda.device_array(shape, dtype=dtype), 0)
+    return fill(cuda.device_array(shape, dtype=dtype), 0)
 
 
 def copy_into(dst, src):
@@ -110,8 +110,8 @@ def maxpool2d_backward(dy, argmax, x_shape, size=None, stride=None):
     # dy, argmax: (N, C, P, Q) -> dx: (N, C, H, W); windows that overlap add their gradients.
     # With the window size and stride, POOL_BACKWARD_VERSION = "gather" picks the deterministic kernel.
     if POOL_BACKWARD_VERSION == "gather" and size is not None and stride is not None:
-        return pool.maxpool2d_backward_gather(dy, argmax, tuple(x_shape), size, stride)
-    return pool.maxpool2d_backward(dy, argmax, tuple(x_shape))
+        return pool.maxpool2d_backward(dy, argmax, tuple(x_shape), version="gather", size=size, stride=stride)
+    return pool.maxpool2d_backward(dy, argmax, tuple(x_shape), version="scatter")
 
 
 # ---------------------------------------------------------------- elementwise

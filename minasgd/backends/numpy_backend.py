@@ -11,7 +11,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from ..kernels import dropout_hash, shapes
 
-NAME = "numpy"
+NAME = "numpy-reference"  # `backends.get(NAME)`; numpy_fast is "numpy"
 DEVICE = "CPU (NumPy)"
 F32 = np.float32
 

@@ -16,7 +16,7 @@ import os
 
 from ..ps.launcher import PsOptions
 from .train import add_train_arguments as add_one_process_train_arguments
-from .train import train_config
+from .train import ps_options, train_config
 
 D = PsOptions()
 
@@ -147,7 +147,7 @@ def serve(args, console):
     from ..ps.launcher import run_server
 
     cfg = train_config(args)
-    run_server(cfg, PsOptions.from_args(args), ServerView(console, quiet=cfg.quiet))
+    run_server(cfg, ps_options(args), ServerView(console, quiet=cfg.quiet))
     return 0
 
 

@@ -39,6 +39,17 @@ def add_train_arguments(p):
     p.add_argument("--quiet", action="store_true", help="no live display")
 
 
+def ps_options(args):
+    """The parameter-server settings of the parsed command line (`minasgd.ps.launcher.PsOptions`):
+    every PsOptions field the command has a flag for; the rest keep their defaults. The argparse
+    Namespace stops here: nothing below the command line ever sees it."""
+    from dataclasses import fields
+
+    from ..ps.launcher import PsOptions
+
+    return PsOptions(**{f.name: getattr(args, f.name) for f in fields(PsOptions) if hasattr(args, f.name)})
+
+
 def train_config(args):
     d = TrainConfig()
     if getattr(args, "optimizer", "sgd") == "adagrad":
@@ -83,7 +94,7 @@ def cmd_train(args, console):
     from ..dashboard import ServerView
     from ..ps import launcher
 
-    launcher.train_distributed(cfg, args, on_event=ServerView(console, quiet=cfg.quiet))
+    launcher.train_distributed(cfg, ps_options(args), on_event=ServerView(console, quiet=cfg.quiet))
     return 0
 
 

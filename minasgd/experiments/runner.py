@@ -65,9 +65,9 @@ def _in_own_process(cfg):
     fake a speed-up of the distributed runs."""
     import multiprocess
 
-    from ..ps.launcher import blas_threads
+    from ..threads import blas_threads_for_children
 
-    with blas_threads(1), multiprocess.get_context("spawn").Pool(1) as pool:
+    with blas_threads_for_children(1), multiprocess.get_context("spawn").Pool(1) as pool:
         return pool.apply(_single_process, (cfg,))
 
 

@@ -6,7 +6,7 @@
    process: no header, no checks, no optimizer). The ratio is ours / raw. With `--transport mpi`
    the same three operations also go through the MPI transport (`minasgd.ps.mpi`: two ranks of an
    `mpiexec -n 2` started here) and through bare MPI Send/Recv, and the table adds MPI / socket.
-   The server is configured as the default run's (`--momentum-at worker`, `session.BENCH_SERVER`):
+   The server is configured as the default run's (`--momentum-at worker`, `bench_common.BENCH_SERVER`):
    it checks each push and applies w -= lr * push, with no velocity of its own.
 2. Speed-up: images/s and the time to reach `--target` test accuracy for `--workers-list`
    (default 1,2,4) on the shapes dataset, with single-process training as the first row.
@@ -25,8 +25,9 @@ import numpy as np
 from .. import backends
 from ..model import Model
 from ..timer import rate
-from .launcher import PsOptions, blas_threads
-from .session import BENCH_SERVER
+from ..threads import blas_threads_for_children
+from .launcher import PsOptions
+from .bench_common import BENCH_SERVER
 
 OPS = ("push", "fetch", "push+fetch")
 
@@ -72,7 +73,7 @@ def _start(target, n):
 
     ctx = multiprocess.get_context("spawn")
     port_queue, stop_event = ctx.Queue(), ctx.Event()
-    with blas_threads(1):
+    with blas_threads_for_children(1):
         process = ctx.Process(target=target, args=(n, port_queue, stop_event), daemon=True)
         process.start()
     return process, stop_event, port_queue.get(timeout=60)
@@ -89,7 +90,7 @@ def goodput(n, seconds=1.5, rounds=ROUNDS):
     Both servers run at once; every round times each operation on ours, then on the raw socket,
     for seconds / rounds each, so a busy moment of the machine hits both. Rates are medians.
     """
-    from .session import round_trips
+    from .bench_common import round_trips
     from .tcp import TcpClient
 
     grad = np.full(n, 1e-3, np.float32)
@@ -169,7 +170,7 @@ def speedup(model, backend, gpu, epochs, train_limit, nsync, target, workers_lis
         t0 = time.perf_counter()
         if workers == 0:  # in a fresh process with the same BLAS threads a single worker gets
             ctx = multiprocess.get_context("spawn")
-            with blas_threads(max(1, cores - 1)), ctx.Pool(1) as pool:
+            with blas_threads_for_children(max(1, cores - 1)), ctx.Pool(1) as pool:
                 summary = pool.apply(_single_process, (cfg,))
         else:
             summary = train_distributed(cfg, PsOptions(workers=workers, nsync=nsync))
@@ -321,7 +322,7 @@ def hostile(n, workers=2, idle=500, malformed=200, seconds=3.0, rounds=3):
 
     ctx = multiprocess.get_context("spawn")
     port_queue, stop_server = ctx.Queue(), ctx.Event()
-    with blas_threads(1):
+    with blas_threads_for_children(1):
         server = ctx.Process(target=_hostile_ps_process, args=(n, port_queue, stop_server, idle + workers + 16),
                              daemon=True)
         server.start()

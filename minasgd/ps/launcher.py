@@ -29,7 +29,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import backends
@@ -37,7 +37,7 @@ from ..rundir import RunDir, default_run_dir
 from ..threads import blas_threads_for_training
 from ..train import build_model, load_dataset, train_sample
 from .monitor import Monitor
-from .run import Say, assign_devices, check_options, create_server, finish_run, ignore, server_start, watch
+from .run import assign_devices, check_options, create_server, finish_run, ignore, server_start, watch
 from .run import WorkersGone, worker_momentum  # noqa: F401  (what this module's users catch and call)
 from .tcp import TcpServer, listen, parse_address
 
@@ -86,9 +86,6 @@ class PsOptions:
     reconnect: float = 60.0  # seconds a worker keeps trying to reach a server that went away
     resume: str | None = None  # RUN_DIR: continue the run whose full-state model.npz is there
 
-    @classmethod
-    def from_args(cls, args):
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
 
 
 # ------------------------------------------------------------------ the server
@@ -164,31 +161,15 @@ def stop_signals_set(flag):
 ctrl_c_sets = stop_signals_set  # its name before SIGTERM and SIGHUP joined SIGINT
 
 
-@contextlib.contextmanager
-def blas_threads(n):
-    """Set the BLAS thread count for the processes started inside (they read it when NumPy loads)."""
-    names = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-    saved = {name: os.environ.get(name) for name in names}
-    os.environ.update({name: str(n) for name in names})
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def start_workers(address, token, shards, backend, gpus, opts):
     """Start one spawned process per shard; returns them."""
     import multiprocess
 
-    from ..threads import chosen_blas_threads
+    from ..threads import blas_threads_for_children, chosen_blas_threads
 
     ctx = multiprocess.get_context("spawn")
     processes = []
-    with blas_threads(chosen_blas_threads()[0]):
+    with blas_threads_for_children(chosen_blas_threads()[0]):
         for i, (shard, gpu) in enumerate(zip(shards, gpus)):
             p = ctx.Process(target=worker_process, name=f"minasgd-worker-{i + 1}", daemon=True,
                             args=(i, address, token, shard.train_x, shard.train_y, backend, gpu,
@@ -211,14 +192,15 @@ def stop_workers(processes, grace=15.0):
 
 # ------------------------------------------------------------------ the whole run
 
-def train_distributed(cfg, args, on_event=None, dataset=None):
+def train_distributed(cfg, opts, on_event=None, dataset=None):
     """Train with a parameter server and N worker processes; returns the summary (also in summary.json).
 
-    `args`: a `PsOptions` or the parsed command line. `dataset`: use this `Dataset` instead of
+    `opts`: a `PsOptions` (the command line makes one: `minasgd.cli.ps.ps_options`). `dataset`: use this `Dataset` instead of
     loading `cfg.dataset` (tests build small ones in memory). `on_event(event)` hears what happens
     (see `run_server`); the command line passes `minasgd.dashboard.ServerView`.
     """
-    opts = args if isinstance(args, PsOptions) else PsOptions.from_args(args)
+    if not isinstance(opts, PsOptions):
+        raise TypeError(f"train_distributed takes a PsOptions, not a {type(opts).__name__}")
     if opts.transport == "mpi":  # this process is one rank of `mpiexec -n N+1`
         from .mpi_job import train_mpi
 
@@ -238,7 +220,7 @@ def run_server(cfg, opts, on_event=None, dataset=None, local_workers=0):
     With local_workers=0 (`minasgd serve`) the workers are `minasgd work` processes elsewhere.
     `on_event(event)` hears, in order: "server_start" (where, what), "resumed" (with --resume),
     "serving" / "served" around the watch (from the Monitor: a live view may draw it), "done"
-    (the summary); and "say" (a line of text, e.g. a warm start). When things go wrong:
+    (the summary); "warm_start" {"init", "steps"}; and "say" (a line of text). When things go wrong:
     "warning" (a last checkpoint or metrics line the disk refused) and "stopped" (a signal or an
     error ended the run early: which signal, the step, the final checkpoint's path or why there is none).
 
@@ -257,7 +239,7 @@ def _run_server(cfg, opts, on_event, dataset, local_workers):
     try:
         backend, gpus = assign_devices(cfg.backend, cfg.gpu, local_workers)
         ds = dataset or load_dataset(cfg)
-        eval_model = build_model(cfg, backends.get("numpy"), Say(on_event))  # the server's side is NumPy
+        eval_model = build_model(cfg, backends.get("numpy"), on_event)  # the server's side is NumPy
         if opts.resume and cfg.out and Path(cfg.out) != Path(opts.resume):
             raise ValueError("--resume continues the run in RUN_DIR: leave out --out")
         if opts.resume and cfg.init:

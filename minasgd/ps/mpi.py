@@ -2,7 +2,8 @@
 
     mpiexec -n 5 minasgd train --transport mpi       rank 0 the server, ranks 1..4 the workers
 
-This module is the byte mover only (Channel, MpiServer, MpiClient, polling waits). What the
+This module is the byte mover only (Channel, MpiServer, polling waits; the workers' MpiClient is
+in `minasgd.ps.mpi_client`, which imports nothing of the server's). What the
 messages mean lives in `minasgd.ps.session` (the request loop, the client's requests), the MPI job
 that `minasgd train --transport mpi` runs in `minasgd.ps.mpi_job`, and the MPI goodput benchmark
 in `minasgd.ps.mpi_bench`.
@@ -15,11 +16,7 @@ and the run directory, all on rank 0. Install the extra first: `pip install -e "
     server = MpiServer(ps, comm).start(shards)   # rank 0: one thread per worker rank
     server.join(grace=15.0)                      # after ps.stop(): wait for the workers' BYE
 
-    client = MpiClient(comm)                     # ranks 1..N: the server's HELLO, then our shard
-    config = client.hello(model.fingerprint(), {"name": "rank 1"})   # -> WELCOME, or ServerError
-    version = client.fetch_into(params)          # None once training is over
-    reply = client.push(grad_sum, version, batches=4)
-    client.close("finished")
+    client = MpiClient(comm)                     # ranks 1..N (`minasgd.ps.mpi_client`)
 
 The messages are the conversation of `minasgd.ps.protocol` (HELLO, WELCOME, FETCH, PARAMS, PUSH,
 ACK, STATS, BYE, ERROR), each sent as two MPI messages whose TAG is the message type:
@@ -74,9 +71,8 @@ import time
 
 import numpy as np
 
-from .protocol import MAX_JSON, Frame, Msg, ProtocolError, clip
-from .server import STOPPING, Refused, Stopping
-from .session import Client, ServerError, serve_requests
+from .protocol import MAX_JSON, REFUSED, STOPPING_TEXT, Frame, Msg, ProtocolError, Refused, Stopping, clip, error_body
+from .session import ServerError, serve_requests
 
 FLOAT_MESSAGES = (Msg.PARAMS, Msg.PUSH)  # their payload is float32[num_params]; everything else JSON
 PAYLOAD_TAG = 32  # a payload's tag: PAYLOAD_TAG + its header's type (so a posted receive takes only payloads)
@@ -333,13 +329,13 @@ class MpiServer:
             who = f"worker {worker_id}"
             reason = self._serve_requests(channel, worker_id)
         except Stopping as e:  # stopping before training is over: not the worker's fault
-            reason = STOPPING
-            self._refuse(channel, str(e))
+            reason = STOPPING_TEXT
+            self._refuse(channel, str(e), e.code)
         except (Refused, ProtocolError, ValueError, TypeError, RecursionError, OverflowError) as e:
             error = clip(e if isinstance(e, (Refused, ProtocolError)) else f"bad request ({type(e).__name__})")
             reason = f"rejected: {error}"
             self.ps.reject(who, error)
-            self._refuse(channel, error)
+            self._refuse(channel, error, getattr(e, "code", REFUSED))
         except TimeoutError:
             reason = f"silent for {self.timeout:g} s (timed out)"
         except Closing:
@@ -386,10 +382,10 @@ class MpiServer:
             pass
         return reason
 
-    def _refuse(self, channel, error):
+    def _refuse(self, channel, error, code=REFUSED):
         """Send ERROR, then read what the worker still sends until its BYE (for up to 2 seconds)."""
         try:
-            channel.send_json(Msg.ERROR, {"error": clip(error)}, timeout=2.0)
+            channel.send_json(Msg.ERROR, error_body(error, code), timeout=2.0)
         except Exception:
             return
         self._wait_for_bye(channel, "", seconds=2.0)
@@ -419,66 +415,8 @@ def refuse_all(MPI, comm, error, timeout=5.0):
     """Rank 0 could not start serving: every worker gets ERROR instead of HELLO (and exits 1)."""
     for rank in range(1, comm.Get_size()):
         try:
-            Channel(MPI, comm, rank).send_json(Msg.ERROR, {"error": error}, timeout=timeout)
+            Channel(MPI, comm, rank).send_json(Msg.ERROR, error_body(error), timeout=timeout)
         except (TimeoutError, Closing):
-            pass
-
-
-# ------------------------------------------------------------------ worker side (ranks 1..N)
-
-class MpiClient(Client):
-    """The worker's end: the requests of `session.Client` over MPI, so `minasgd.ps.worker` runs
-    unchanged. No token (the MPI job is the trust boundary) and no reconnect (a lost rank ends the job)."""
-
-    def __init__(self, comm, server=0, timeout=300.0, greeting_timeout=None):
-        """Wait for the server's HELLO (and our shard, if it sends one). `greeting_timeout`: None waits
-        as long as rank 0 takes to load the dataset."""
-        super().__init__(say=lambda text: print(f"minasgd worker rank {comm.Get_rank()}: {text}",
-                                                file=sys.stderr, flush=True))
-        self.MPI = import_mpi()
-        self.comm, self.server, self.timeout = comm, server, timeout
-        self.where = f"rank {server}"
-        self.channel = Channel(self.MPI, comm, server, spin=BUSY_SECONDS)
-        try:
-            frame = self.channel.recv(timeout=greeting_timeout)
-        except TimeoutError:
-            raise ServerError(f"rank {server} did not greet us in {greeting_timeout:g} s") from None
-        if frame.type == Msg.ERROR:
-            raise ServerDidNotStart(f"the server could not start: {frame.json().get('error', '?')}")
-        if frame.type != Msg.HELLO:
-            raise ServerError(f"rank {server} did not greet us with HELLO (got {frame.type.name})")
-        self.server_hello = frame.json()
-        self.num_params = int(self.server_hello.get("num_params", 0))
-        # Replies are control frames of at most MAX_JSON (STATS replies are bounded by the server).
-        self.shard = None
-        if "shard" in self.server_hello:
-            self.shard = self._recv_shard(self.server_hello["shard"]["shape"])
-
-    def _recv_shard(self, shape):
-        MPI = self.MPI
-        x = np.empty(shape, np.uint8)
-        y = np.empty(shape[0], np.int32)
-        for request in (self.comm.Irecv([x, MPI.BYTE], self.server, tag=TAG_SHARD_X),
-                        self.comm.Irecv([y, MPI.INT32_T], self.server, tag=TAG_SHARD_Y)):
-            wait(request, self.timeout)
-        return x, y
-
-    def _exchange(self, msg, payload, version, count, into):
-        """Send one request and receive its reply (parameters land straight in `into`)."""
-        if isinstance(payload, dict):
-            payload = json.dumps(payload).encode("utf-8")
-        try:
-            if into is not None:
-                self.channel.post(Msg.PARAMS, into)
-            self.channel.send(msg, payload, seq=self.seq, version=version, count=count, timeout=self.timeout)
-            return self.channel.recv(into, timeout=self.timeout)
-        except TimeoutError:
-            raise ServerError(f"rank {self.server} did not answer {msg.name} in {self.timeout:g} s") from None
-
-    def _say_bye(self, reason):
-        try:
-            self.channel.send_json(Msg.BYE, {"reason": reason}, seq=self.seq, timeout=10.0)
-        except TimeoutError:
             pass
 
 

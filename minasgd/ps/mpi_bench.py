@@ -12,8 +12,9 @@ import sys
 
 import numpy as np
 
-from .mpi import MpiClient, MpiServer, final_barrier, import_mpi, mpiexec_command, poll
-from .session import BENCH_SERVER, round_trips
+from .mpi import MpiServer, final_barrier, import_mpi, mpiexec_command, poll
+from .mpi_client import MpiClient
+from .bench_common import BENCH_SERVER, round_trips
 
 TAG_RAW = 110  # the bare Send/Recv baseline
 

@@ -12,7 +12,8 @@ import sys
 import numpy as np
 
 from ..threads import blas_threads_for_training
-from .mpi import MpiClient, MpiServer, ServerDidNotStart, final_barrier, import_mpi, refuse_all
+from .mpi import MpiServer, ServerDidNotStart, final_barrier, import_mpi, refuse_all
+from .mpi_client import MpiClient
 from .protocol import ProtocolError
 from .session import ServerError
 
@@ -56,7 +57,7 @@ def _serve_rank0(MPI, comm, cfg, opts, on_event, dataset):
     from .. import backends
     from ..rundir import RunDir, default_run_dir
     from ..train import build_model, load_dataset, train_sample
-    from .run import Say, assign_devices, create_server, finish_run, ignore, server_start, watch
+    from .run import assign_devices, create_server, finish_run, ignore, server_start, watch
     from .monitor import Monitor
 
     on_event = on_event or ignore
@@ -66,7 +67,7 @@ def _serve_rank0(MPI, comm, cfg, opts, on_event, dataset):
         try:
             backend, _ = assign_devices(cfg.backend, cfg.gpu, 0)  # as rank 0 sees it; each worker resolves "auto" itself
             ds = dataset or load_dataset(cfg)
-            eval_model = build_model(cfg, backends.get("numpy"), Say(on_event))  # the server's side is NumPy
+            eval_model = build_model(cfg, backends.get("numpy"), on_event)  # the server's side is NumPy
             run = RunDir(opts.resume or cfg.out or default_run_dir("train"))
             ps = create_server(cfg, opts, eval_model, len(ds.train_y), run)
             shards = [ds.shard(i, n) for i in range(n)]

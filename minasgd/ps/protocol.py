@@ -22,7 +22,7 @@ A conversation (worker on the left):
     -> HELLO   {"fingerprint", "name", "npush", "hmac", "nonce"} hmac of the server's nonce with the
                                                                   token, and our own nonce
     <- WELCOME {"worker_id", "version", "proof", config...}      proof: the server's hmac of both
-               or ERROR {"error"}, then the server hangs up      nonces (with a token)
+               or ERROR {"error", "code"}, then it hangs up      nonces (with a token)
     -> FETCH                          <- PARAMS  float32[num_params], version
     -> PUSH    float32[num_params]    <- ACK     {"steps", "lr", "done"}, version
     -> STATS   {"loss", ...}          <- STATS   the server's statistics
@@ -30,6 +30,8 @@ A conversation (worker on the left):
 
 Once training is over the server answers FETCH with BYE. Any request the server rejects
 (bad header, wrong payload size, non-finite gradient...) gets ERROR and the connection closes.
+An ERROR's "error" is one line for people; its "code" (REFUSED, FINISHED, STOPPING, SERVER_FULL)
+is what a client acts on: it never reads meaning into the words, which may quote a peer's strings.
 
 Bounds: only PARAMS and PUSH may carry more than MAX_JSON (64 KiB); a control frame announcing
 more is refused from its header alone. A JSON body nested too deeply is refused like any other
@@ -45,7 +47,8 @@ import time
 import numpy as np
 
 MAGIC = b"MASG"
-PROTOCOL = 2  # 2: a PUSH carries the displacement the worker moved (was: velocities to scale by the lr)
+PROTOCOL = 3  # 3: an ERROR body carries a "code" that clients act on (was: its words were matched)
+#              2: a PUSH carries the displacement the worker moved (was: velocities to scale by the lr)
 HEADER = struct.Struct("<4sBBHQQQ")  # magic, protocol, type, count, length, seq, version: 32 bytes
 MAX_JSON = 64 * 1024  # a control body is never bigger than this
 
@@ -60,6 +63,67 @@ class Msg(enum.IntEnum):
     ACK = 7
     STATS = 8
     BYE = 9
+
+
+# ------------------------------------------------------------------ the vocabulary both sides share
+
+# The numbers a worker may report in STATS (the server refuses anything else), and their types.
+STATS_FIELDS = {"loss": float, "steps": int, "images": int, "pushes": int, "fetches": int,
+                "images_per_second": float, "lr": float, "seconds": float, "reconnects": int}
+MAX_NPUSH = 1024  # the most mini-batches one push may sum (the frame's count field allows 65535)
+
+# An ERROR frame's body is {"error": one line for people, "code": one of these for programs}.
+# A client decides what to do from the code, never from the words (which quote peer strings).
+REFUSED = "refused"  # the request is wrong; the text says why. Do not insist.
+FINISHED = "finished"  # training is over: a (re)joining worker has nothing left to do
+STOPPING = "stopping"  # the server stops before training is over: reconnect to the resumed one
+SERVER_FULL = "server_full"  # max_connections reached: try again later
+RETRY_LATER = frozenset({STOPPING, SERVER_FULL})  # the codes a reconnecting worker comes back after
+CODES = frozenset({REFUSED, FINISHED, STOPPING, SERVER_FULL})
+# The start of each code's text (what people read in logs and on the dashboard).
+FINISHED_TEXT = "training is already finished"
+STOPPING_TEXT = "server stopping"
+SERVER_FULL_TEXT = "server full"
+
+
+class Refused(Exception):
+    """A request the server will not serve; the one-line message goes back to the worker in an
+    ERROR frame with this refusal's `code` (REFUSED unless a subclass says otherwise)."""
+
+    code = REFUSED
+
+
+class Finished(Refused):
+    """Training is over: a worker (re)joining now is told so, and is done."""
+
+    code = FINISHED
+
+
+class Stopping(Refused):
+    """The server is stopping before training is over (a signal, an error): the worker should
+    reconnect to the server that resumes the run, not believe training is done."""
+
+    code = STOPPING
+
+
+class ServerFull(Refused):
+    """max_connections workers are connected already: come back later."""
+
+    code = SERVER_FULL
+
+
+def error_body(error, code=REFUSED):
+    """An ERROR frame's body: the reason made safe (`clip`) and its code."""
+    return {"error": clip(error), "code": code if code in CODES else REFUSED}
+
+
+def read_error(body):
+    """(code, text) of an ERROR frame's JSON body, whatever a peer put in it: a code that is not
+    one of CODES (or none, or not a string) reads as REFUSED."""
+    if not isinstance(body, dict):
+        return REFUSED, clip(body)
+    code = body.get("code")
+    return (code if isinstance(code, str) and code in CODES else REFUSED), clip(body.get("error", "?"))
 
 
 class ProtocolError(Exception):

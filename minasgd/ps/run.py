@@ -17,7 +17,8 @@ from .. import backends, checkpoint
 from ..rundir import RunDir
 from ..train import schedule_start
 from ..train import total_steps as count_steps
-from .server import MAX_NPUSH, ParameterServer
+from .protocol import MAX_NPUSH
+from .server import ParameterServer
 
 LR_SCALINGS = ("none", "workers", "staleness")
 MOMENTUM_SCALINGS = ("staleness", "workers", "none")
@@ -207,16 +208,6 @@ def server_start(address, ps, opts, workers, eval_model, ds, run):
             "nsync": opts.nsync, "workers": workers, "model": eval_model.name, "num_params": eval_model.num_params,
             "dataset": ds.name, "train_images": len(ds.train_y), "test_images": len(ds.test_y),
             "run_dir": str(run.path)}
-
-
-class Say:
-    """Turns `print(text)` (what `minasgd.train.build_model` tells about a warm start) into a "say" event."""
-
-    def __init__(self, on_event):
-        self.on_event = on_event
-
-    def print(self, text):
-        self.on_event({"kind": "say", "text": text})
 
 
 def ignore(event):

@@ -27,14 +27,17 @@ import hmac
 import math
 import os
 
-from .protocol import FrameTooLarge, Msg, ProtocolError, clip
-from .server import SERVER_FULL, STATS_FIELDS, STOPPING, Stopping
-
-RETRY_LATER = (SERVER_FULL, STOPPING)  # refusals that mean "come back": a reconnecting worker does
+from .protocol import (REFUSED, RETRY_LATER, STATS_FIELDS, STOPPING_TEXT, FrameTooLarge, Msg, ProtocolError,
+                       Stopping, clip, read_error)
 
 
 class ServerError(ConnectionError):
-    """The server refused us or went away; the message says why, in one line."""
+    """The server refused us or went away; the message says why, in one line, and `code` (one of
+    `protocol.CODES`, or None when no ERROR frame was involved) what kind of refusal it was."""
+
+    def __init__(self, message, code=None):
+        super().__init__(message)
+        self.code = code
 
 
 class ConnectionLost(ServerError):
@@ -71,7 +74,7 @@ def serve_requests(ps, link, worker_id):
                 if not done:
                     link.send(Msg.PARAMS, params, seq=frame.seq, version=version)
             if done and ps.interrupted:
-                raise Stopping(f"{STOPPING}: training is not over; reconnect to the resumed server")
+                raise Stopping(f"{STOPPING_TEXT}: training is not over; reconnect to the resumed server")
             if done:
                 link.send_json(Msg.BYE, {"reason": "training finished"}, seq=frame.seq)
                 return link.finished("training finished")
@@ -215,10 +218,7 @@ class Client:
                 raise
             raise ServerError(f"{self.where} sent a bad reply to {msg.name}: {e}") from None
         if frame.type == Msg.ERROR:
-            error = clip(error_of(frame))
-            # "server stopping" / "server full": worth coming back (a reconnect does), unlike other refusals
-            raise (ConnectionLost if error.startswith(RETRY_LATER) else ServerError)(
-                f"the server refused {msg.name}: {error}")
+            raise refusal(frame, f"the server refused {msg.name}")
         if frame.seq != self.seq:
             raise ServerError(f"{self.where} answered message {frame.seq}, expected {self.seq}")
         return frame
@@ -252,29 +252,13 @@ class Client:
         raise error
 
 
-# The server `minasgd bench ps` measures: the default run's (`--momentum-at worker`: the workers
-# keep the momentum, the server applies w -= lr * push), with so many steps that the lr stays put.
-BENCH_SERVER = {"model_name": "bench", "fingerprint": "bench", "total_steps": 10**12, "lr": 1e-6, "momentum": 0.0}
-
-
-def round_trips(client, grad, params):
-    """The operations `minasgd bench ps` times, through any connected `Client` (after its hello):
-    {"push", "fetch", "push+fetch"} -> a function doing one round trip (push from `grad`, fetch
-    into `params`), each push based on the version last seen."""
-    state = {"version": client.fetch_into(params)}
-
-    def push():
-        state["version"] = client.push(grad, state["version"], 1)["version"]
-
-    def fetch():
-        client.fetch_into(params)
-
-    return {"push": push, "fetch": fetch, "push+fetch": lambda: (push(), fetch())}
-
-
-def error_of(frame):
-    """The reason in an ERROR frame, whatever its body holds."""
+def refusal(frame, what):
+    """The exception a client raises for an ERROR `frame`, its message `what: the reason`, decided
+    by the frame's code (`protocol.read_error`), never by its words: ConnectionLost for a code in
+    RETRY_LATER ("server stopping", "server full": worth coming back, a reconnect does), else
+    ServerError; either way `.code` says which refusal it was."""
     try:
-        return frame.json().get("error", "?")
+        code, text = read_error(frame.json())
     except ProtocolError as e:
-        return f"(unreadable: {e})"
+        code, text = REFUSED, f"(unreadable: {e})"
+    return (ConnectionLost if code in RETRY_LATER else ServerError)(f"{what}: {text}", code=code)

@@ -1,24 +1,34 @@
-"""The server's optimizer update, out of place and checked: a new parameter vector, or why not.
+"""The server's update rule, whole: how far a push moves the parameters, and the checked step.
 
-    update = CheckedUpdate(SGD(numpy_backend, n, momentum=0.0))   # or Adagrad(...)
-    update.step_into(params, grad, lr, out)    # out = the updated params; `params` is only read
+    rule = UpdateRule(num_params, optimizer="sgd", momentum=0.0, staleness_lr=False, lr_scale=1.0)
+    scale = rule.scale(batches=4, staleness=2, lr_now=lambda: schedule(steps))
+    params = rule.step(params, grad, scale, batches, in_use=lambda v: False)  # a NEW read-only vector
 
-`ParameterServer` keeps its current parameters as an immutable snapshot that fetches send
-without copying (`minasgd.ps.server`): an update must never write into them. So `step_into`
-writes the result into a spare vector `out`, checks it, and only then does the server swap
-`out` in. A result (or optimizer state) with NaN/Inf is simply not swapped in: the parameters
-and the optimizer's state stay bit-identical and `step_into` returns the one-line reason (a
-non-finite gradient, or an update that overflowed: two huge but finite pushes), which the
-server sends back as Refused.
+What a push means (`minasgd.ps.server` says who sends what):
+- SGD: a push is the displacement the worker moved, applied as it is: the scale is 1, whatever the
+  schedule did since the worker stepped. With the server's momentum m (`--momentum-at server`)
+  the server keeps ONE velocity of pushed displacements, decayed by m per mini-batch (m**k for a
+  push of k): v = m**k v + push, w -= (1 - m**k) / (1 - m) v.
+- Adagrad: a push is a plain gradient sum, stepped at the schedule's lr now (times lr_scale).
+- `staleness_lr`: a push of k mini-batches that is s mini-batches stale moves k / (k + s) as far.
 
-Cost per update, SGD (the default server, `--momentum-at worker`: w_new = w - lr*g): two passes
+The step is out of place and checked. The server's current parameters are an immutable vector
+that fetches send without copying: an update never writes into it. `step` computes the result
+into a spare vector (the previous version's, once no fetch sends it: `in_use`), checks it, and
+only then returns it; a result (or optimizer state) with NaN/Inf raises Refused with the one-line
+reason (a non-finite gradient, or an update that overflowed: two huge but finite pushes) and the
+parameters and the optimizer's state stay bit-identical.
+
+Cost per update, SGD (the default server, `--momentum-at worker`: w_new = w - push): two passes
 over three vectors (multiply, add) and one read pass to check, no copy, no temporary. With
 server momentum the velocity is updated into a second spare vector and swapped the same way.
 """
 
 import numpy as np
 
-from ..optim import SGD
+from ..backends import numpy_backend
+from ..optim import SGD, Adagrad
+from .protocol import Refused
 
 
 def all_finite(x):
@@ -33,24 +43,67 @@ def count_not_finite(x):
     return int(np.count_nonzero(~np.isfinite(x)))
 
 
-class CheckedUpdate:
-    """Wraps the server's optimizer (SGD or Adagrad): `step_into` computes out of place and
-    changes nothing if the gradient or the result is not finite (it returns why)."""
+def frozen(vector):
+    """`vector`, made read-only: a parameter vector fetches may send."""
+    vector.flags.writeable = False
+    return vector
 
-    def __init__(self, optimizer):
-        self.optimizer = optimizer
-        self.spare_velocity = None  # SGD: the velocity's next vector (swapped with the current one)
 
-    def step_into(self, params, grad, lr, out):
-        """out = params after one step with `grad` at `lr` (the optimizer's state moves on too);
-        returns None, or why nothing changed (a one-line reason)."""
-        if isinstance(self.optimizer, SGD) and not self.optimizer.weight_decay:
-            return self._sgd_into(params, grad, np.float32(lr), out)
-        return self._generic_into(params, grad, lr, out)
+class UpdateRule:
+    """The server's optimizer (SGD or Adagrad), the scale of a push, and the checked step."""
 
-    def _sgd_into(self, params, grad, lr, out):
+    def __init__(self, num_params, *, optimizer="sgd", momentum=0.0, staleness_lr=False, lr_scale=1.0):
+        if optimizer not in ("sgd", "adagrad"):
+            raise ValueError(f"unknown server optimizer {optimizer!r}; choose sgd or adagrad")
+        self.name, self.num_params = optimizer, num_params
+        # Weight decay is already in the pushes, so the server adds none. `momentum` is per
+        # mini-batch: a push of k mini-batches decays the velocity by momentum**k.
+        self.momentum, self.staleness_lr, self.lr_scale = momentum, staleness_lr, lr_scale
+        if optimizer == "sgd":
+            if not 0.0 <= momentum < 1.0:
+                raise ValueError(f"server momentum must be in [0, 1), got {momentum}")
+            self.optimizer = SGD(numpy_backend, num_params, momentum=momentum, weight_decay=0.0)
+        else:
+            self.optimizer = Adagrad(num_params)
+        self.spare = None  # a vector the next step may write (an older version nobody sends)
+        self.spare_velocity = None  # SGD with momentum: the velocity's next vector
+
+    def scale(self, batches, staleness, lr_now):
+        """What a push of `batches` mini-batches, `staleness` mini-batches stale, is multiplied by
+        before it is subtracted; `lr_now()`: the run's schedule at the server's step count (only
+        Adagrad asks: an SGD push is a displacement, never scaled by the lr now)."""
+        if self.name == "adagrad":
+            scale = lr_now() * self.lr_scale
+        elif self.momentum and batches > 1:
+            scale = (1.0 - self.momentum**batches) / (1.0 - self.momentum)
+        else:
+            scale = 1.0
+        if self.staleness_lr:
+            scale *= batches / (batches + staleness)
+        return scale
+
+    def step(self, params, grad, scale, batches, in_use=lambda vector: False):
+        """The parameters after one step with `grad` at `scale` for a push of `batches`, as a new
+        read-only vector; `params` is only read. Refused, changing nothing, if not finite.
+
+        `in_use(vector)`: True while a fetch still sends that vector (it may not be written)."""
+        out = self.spare
+        if out is None or in_use(out):
+            out = np.empty(self.num_params, np.float32)
+        out.flags.writeable = True
+        if self.name == "sgd":  # per mini-batch: m**k for a push of k
+            error = self._sgd_into(params, grad, np.float32(scale), out, self.momentum**batches)
+        else:
+            error = self._generic_into(params, grad, scale, out)
+        if error:
+            self.spare = out
+            raise Refused(error)
+        self.spare = params
+        return frozen(out)
+
+    def _sgd_into(self, params, grad, lr, out, m):
         """SGD: v_new = m v + g (skipped for m = 0), out = params - lr v_new; v swapped on success."""
-        m, v = self.optimizer.momentum, self.optimizer.velocity
+        v = self.optimizer.velocity
         step = grad
         if m:
             if self.spare_velocity is None:
@@ -87,10 +140,9 @@ class CheckedUpdate:
         return f"the update would make {what} NaN/Inf; not applied"
 
     def state(self):
-        return self.optimizer.state()
+        """The optimizer's state as float32 copies (the checkpoint's)."""
+        return {k: np.array(v, dtype=np.float32, copy=True) for k, v in self.optimizer.state().items()}
 
     def load_state(self, state):
+        """ValueError, changing nothing, if a vector is missing or of the wrong size."""
         self.optimizer.load_state(state)
-
-    def __getattr__(self, name):  # the wrapped optimizer's own attributes (velocity, momentum...)
-        return getattr(self.optimizer, name)

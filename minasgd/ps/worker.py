@@ -17,8 +17,8 @@ One round of the loop, on any backend (the model and the step sum stay on the de
     step_sum = 0
 
 The push is the worker's displacement: the sum of the steps it took, each at the lr it took it
-with, and the number of mini-batches in it. The server subtracts it as it is (`minasgd.ps.server`,
-`push_scale`), so what the server applies is exactly what the worker moved, whatever the lr
+with, and the number of mini-batches in it. The server subtracts it as it is (`minasgd.ps.update`,
+`UpdateRule.scale`), so what the server applies is exactly what the worker moved, whatever the lr
 schedule did in between; with one worker the server's parameters follow the path of
 single-process training with the same --lr and --momentum, whatever nsync is (bit for bit at
 nsync 1). With N workers every mini-batch still moves the parameters as far as the worker moved
@@ -38,7 +38,7 @@ a worker pushes several times between fetches; with nfetch < npush it fetches mo
 `push(step_sum, base_version, batches) -> {"version", "steps", "lr", "done"}`, `stats(numbers) -> dict` and
 `close(reason)`, plus `server_hello` (a dict with "model") and `hello(fingerprint, info) -> config`
 for `connect_and_train`. Two transports provide them: `minasgd.ps.tcp.TcpClient` (sockets) and
-`minasgd.ps.mpi.MpiClient` (MPI ranks).
+`minasgd.ps.mpi_client.MpiClient` (MPI ranks).
 """
 
 import os
