@@ -1,4 +1,4 @@
-"""The BLAS thread rule for training processes (minasgd.threads) and the step benchmark's numbers."""
+"""The thread rules for training processes (minasgd.threads) and the step benchmark's numbers."""
 
 import numpy as np
 import pytest
@@ -54,23 +54,76 @@ def test_bench_step_table_gives_each_side_as_a_share_of_the_blas_peak():
     assert "of BLAS peak" in text and "75%" in text and "94%" in text and "1 each: 80" in text
 
 
-def test_single_process_training_runs_on_one_blas_thread_and_says_so(tmp_path, monkeypatch):
-    from minasgd import train as train_module
+def _blas_pools():
+    from threadpoolctl import threadpool_info
 
-    for name in threads.ENV_NAMES:
+    return {pool["filepath"]: pool["num_threads"] for pool in threadpool_info() if pool.get("user_api") == "blas"}
+
+
+def _train_and_watch(tmp_path, monkeypatch, n_cores, load, **cfg_extra):
+    """Train `micro` for one short epoch on a pretend machine; (the thread line said, the
+    (BLAS, loop) thread counts seen at each step)."""
+    from minasgd import train as train_module
+    from minasgd.backends import cpu_loops
+
+    for name in (threads.THREADS_ENV, *threads.ENV_NAMES):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(threads, "cores", lambda: n_cores)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (load, load, load))
     seen = []
     real_lr = train_module.learning_rate
-    monkeypatch.setattr(train_module, "learning_rate", lambda *a: (seen.append(threads.blas_threads()), real_lr(*a))[1])
-    before = threads.blas_threads()
+    monkeypatch.setattr(train_module, "learning_rate",
+                        lambda *a: (seen.append((threads.blas_threads(), cpu_loops.threads())), real_lr(*a))[1])
+    before = _blas_pools(), cpu_loops.threads()
     events = []
     cfg = train_module.TrainConfig(dataset="shapes:64,16", data_root=str(tmp_path), model="micro", epochs=1,
-                                   batch_size=16, out=str(tmp_path / "run"))
+                                   batch_size=16, out=str(tmp_path / "run"), **cfg_extra)
     train_module.train(cfg, on_event=events.append)
-    assert seen and set(seen) == {1}
+    # Put back afterwards (in every BLAS loaded before: one loaded meanwhile starts at its own default).
+    assert ({k: v for k, v in _blas_pools().items() if k in before[0]}, cpu_loops.threads()) == before
     said = [e["text"] for e in events if e["kind"] == "threads"]
-    assert len(said) == 1 and said[0].startswith("BLAS threads: 1 (one per training process")
-    assert threads.blas_threads() == before
+    assert len(said) == 1
+    return said[0], set(seen)
+
+
+def test_single_process_training_on_an_idle_machine_uses_its_cores_and_says_so(tmp_path, monkeypatch):
+    said, seen = _train_and_watch(tmp_path, monkeypatch, n_cores=2, load=0.1)
+    assert seen == {(2, 2)}
+    assert said.startswith("threads: 2 (2 cores given, load 0.1 leaves 1.9 idle")
+
+
+def test_single_process_training_on_a_busy_machine_keeps_to_one_thread(tmp_path, monkeypatch):
+    said, seen = _train_and_watch(tmp_path, monkeypatch, n_cores=2, load=1.2)
+    assert seen == {(1, 1)}
+    assert said.startswith("threads: 1 (2 cores given, load 1.2 leaves 0.8 idle")
+
+
+def test_threads_flag_overrides_the_load(tmp_path, monkeypatch):
+    said, seen = _train_and_watch(tmp_path, monkeypatch, n_cores=2, load=0.0, threads=1)
+    assert seen == {(1, 1)} and said == "threads: 1 (from --threads)"
+
+
+@pytest.mark.parametrize("n_cores, load, want", [(8, 0.3, 8), (8, 2.6, 5), (8, 7.6, 1), (8, 40.0, 1),
+                                                 (2, 0.4, 2), (2, 0.6, 1), (1, 0.0, 1)])
+def test_one_process_gets_the_idle_cores_it_is_given(n_cores, load, want):
+    assert threads.chosen_threads_for_one_process(environ={}, n_cores=n_cores, load=load)[0] == want
+
+
+def test_one_process_thread_count_from_the_environment_or_the_flag():
+    choose = threads.chosen_threads_for_one_process
+    assert choose(environ={"MINASGD_THREADS": "3", "OPENBLAS_NUM_THREADS": "1"}, n_cores=8, load=0) == (3, "from MINASGD_THREADS")
+    assert choose(environ={"OMP_NUM_THREADS": "2"}, n_cores=8, load=0) == (2, "from OMP_NUM_THREADS")
+    assert choose(4, environ={"MINASGD_THREADS": "3"}) == (4, "from --threads")
+    for bad in ({"MINASGD_THREADS": "all"}, {"MINASGD_THREADS": "0"}):
+        with pytest.raises(ValueError, match="MINASGD_THREADS"):
+            choose(environ=bad)
+    with pytest.raises(ValueError, match="--threads 0"):
+        choose(0)
+
+
+def test_cores_are_the_affinity_not_the_machine(monkeypatch):
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert threads.cores() == 1
 
 
 class _Stop(Exception):
