@@ -36,6 +36,46 @@ def test_bench_step_gives_a_row_per_thread_setting():
     assert result["rows"][0]["blas_threads"] == 1
     assert all(row["ours_seconds"] > 0 and np.isfinite(row["ours_gflops"]) for row in result["rows"])
     assert all(row["blas_peak_gflops"] > 0 for row in result["rows"])
+    assert [row["threads"] for row in result["scaling"]] == list(range(1, threads.cores() + 1))
+    assert min(row["ours_over_best"] for row in result["scaling"]) == 1.0
+    assert result["load_before"] >= 0 and result["cores"] == threads.cores()
+
+
+def test_bench_step_scaling_runs_our_loops_and_blas_at_each_count(monkeypatch):
+    from minasgd.backends import cpu_loops
+
+    monkeypatch.setattr(bench_step, "cores", lambda: 2)
+    seen = []
+    monkeypatch.setattr(bench_step, "_median_times", lambda steps, repeats: (
+        seen.append((threads.blas_threads(), cpu_loops.threads())), {"ours": (0.1 * len(seen), 0.1)})[1])
+    rows = bench_step._scaling(None, None, None, None, None, 1)
+    assert seen == [(1, 1), (2, 2)] and cpu_loops.threads() == 1
+    assert [(r["threads"], round(r["ours_over_best"], 6)) for r in rows] == [(1, 1.0), (2, 2.0)]
+
+
+def test_bench_step_scaling_table_and_docs_region(tmp_path):
+    from rich.console import Console
+
+    from minasgd.cli.bench import write_between_markers
+    from minasgd.dashboard import show_bench_step
+
+    result = {"backend": "numpy", "device": "CPU", "model": "micro", "batch_size": 16, "step_gflop": 0.1,
+              "first_step_seconds": 1.0, "rows": [], "cores": 2, "load_before": 0.3, "load_after": 0.5,
+              "scaling": [{"threads": 1, "ours_seconds": 0.3, "ours_over_best": 1.5},
+                          {"threads": 2, "ours_seconds": 0.2, "ours_over_best": 1.0}]}
+    console = Console(record=True, width=200)
+    show_bench_step(result, console)
+    text = console.export_text()
+    assert "1.50x" in text and "300.0" in text and "PyTorch baseline unavailable" in text
+    md = bench_step.scaling_markdown(result)
+    assert "| 2 | 200.0 | 1.00x |" in md and "load average 0.3 before, 0.5 after" in md
+    doc = tmp_path / "cpu.md"
+    doc.write_text("intro\n<!-- bench step scaling -->\nold table\n<!-- end -->\noutro\n")
+    write_between_markers(doc, md)
+    assert doc.read_text() == f"intro\n<!-- bench step scaling -->\n{md}<!-- end -->\noutro\n"
+    doc.write_text("no markers\n")
+    with pytest.raises(ValueError, match="needs a line"):
+        write_between_markers(doc, md)
 
 
 def test_bench_step_table_gives_each_side_as_a_share_of_the_blas_peak():
