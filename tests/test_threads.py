@@ -223,3 +223,13 @@ def test_the_parameter_server_runs_on_one_blas_thread(tmp_path, monkeypatch):
             launcher.run_server(cfg, launcher.PsOptions(), local_workers=0)
         assert threads.blas_threads() == 2
     assert seen == [1]
+
+
+def test_train_refuses_zero_threads_in_one_line(tmp_path, capsys):
+    from minasgd.cli import main
+
+    assert main(["train", "--workers", "0", "--threads", "0", "--model", "micro", "--quiet",
+                 "--out", str(tmp_path / "run"), "--data-root", str(tmp_path)]) == 2
+    said = capsys.readouterr()
+    assert "minasgd train: --threads 0: expected 1 or more" in said.out + said.err
+    assert not (tmp_path / "run").exists()
