@@ -6,11 +6,11 @@ names a count in OPENBLAS_NUM_THREADS, OMP_NUM_THREADS or MKL_NUM_THREADS (the f
 wins). A one-process run (`minasgd train`, `--workers 0`): see `threads_for_one_process` below,
 the cores it is given that nobody else is using.
 
-Why one: our matrix products are a few milliseconds each, and a multi-threaded BLAS spins
-threads that fight other processes for the cores. On a busy 2-core machine a `--workers 0`
-run of `tiny` went from 329 to 6,536 images/s with one thread; parallelism comes from
-workers (one process per core), not from BLAS. A quiet machine with cores to spare and a
-big net may do better with more: say so in the environment.
+Why one for those: our matrix products are a few milliseconds each, and a multi-threaded BLAS
+spins threads that fight the other processes for the cores. On a busy 2-core machine a
+`--workers 0` run of `tiny` went from 329 to 6,536 images/s with one thread; parallelism there
+comes from the processes (one per core). A lone process on a quiet machine is the other case:
+it gets the idle cores (docs/cpu.md has the measurement both ways).
 
     with blas_threads_for_training() as line:   # "BLAS threads: 1 (one per training process ...)"
         ...train...
