@@ -171,15 +171,16 @@ def measure(backend="numpy", model_name="alexnet-mini", batch_size=128, repeats=
                        cpu_ratio_ours_over_torch=t["ours"][1] / t["torch"][1])
         result["rows"].append(row)
     if scaling and be.NAME != "cuda":
-        result["scaling"] = _scaling(ours, model, x_np, y_np, torch, repeats)
+        result["scaling"] = _scaling(ours, model, x_np, y_np, torch, repeats, flops, peak_size)
     if torch is not None:
         torch.set_num_threads(default_torch_threads)
     result["cores"], result["load_before"], result["load_after"] = cores(), load_before, os.getloadavg()[0]
     return result
 
 
-def _scaling(ours, model, x_np, y_np, torch, repeats):
-    """Rows of the scaling table: each side at 1..cores threads, against its own best."""
+def _scaling(ours, model, x_np, y_np, torch, repeats, flops, peak_size):
+    """Rows of the scaling table: each side at 1..cores threads, against its own best, and its
+    GFLOP/s as a share of NumPy's BLAS peak at that thread count."""
     rows = []
     for n in range(1, cores() + 1):
         steps = {"ours": ours}
@@ -188,9 +189,11 @@ def _scaling(ours, model, x_np, y_np, torch, repeats):
             steps["torch"] = _theirs(model, "cpu", x_np, y_np)
         with _our_threads(n):
             t = _median_times(steps, repeats)
-        row = {"threads": n, "ours_seconds": t["ours"][0]}
+            peak = blas_peak_gflops(peak_size)
+        row = {"threads": n, "ours_seconds": t["ours"][0], "blas_peak_gflops": peak,
+               "ours_of_peak": flops / t["ours"][0] / 1e9 / peak}
         if torch is not None:
-            row["torch_seconds"] = t["torch"][0]
+            row.update(torch_seconds=t["torch"][0], torch_of_peak=flops / t["torch"][0] / 1e9 / peak)
         rows.append(row)
     for side in ("ours", "torch"):
         if all(f"{side}_seconds" in row for row in rows):
@@ -206,12 +209,14 @@ def scaling_markdown(result):
     lines = [f"`minasgd bench step --model {result['model']} --batch-size {result['batch_size']}`, "
              f"{result['cores']} cores given, 1-minute load average {result['load_before']:.1f} before, "
              f"{result['load_after']:.1f} after:", "",
-             "| threads | minasgd ms / step | vs its best |" + (" PyTorch ms / step | vs its best |" if torch else ""),
-             "|---:|---:|---:|" + ("---:|---:|" if torch else "")]
+             "| threads | BLAS peak GFLOP/s | minasgd ms / step | vs its best | of BLAS peak |"
+             + (" PyTorch ms / step | vs its best | of BLAS peak |" if torch else ""),
+             "|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if torch else "")]
     for row in result["scaling"]:
-        line = f"| {row['threads']} | {row['ours_seconds'] * 1e3:.1f} | {row['ours_over_best']:.2f}x |"
+        line = (f"| {row['threads']} | {row['blas_peak_gflops']:.0f} | {row['ours_seconds'] * 1e3:.1f} | "
+                f"{row['ours_over_best']:.2f}x | {row['ours_of_peak']:.0%} |")
         if torch:
-            line += f" {row['torch_seconds'] * 1e3:.1f} | {row['torch_over_best']:.2f}x |"
+            line += f" {row['torch_seconds'] * 1e3:.1f} | {row['torch_over_best']:.2f}x | {row['torch_of_peak']:.0%} |"
         lines.append(line)
     if not torch:
         lines += ["", "PyTorch baseline unavailable (not installed): only our own scaling."]

@@ -198,12 +198,14 @@ def _show_step_scaling(result, console):
     torch = all("torch_seconds" in row for row in result["scaling"])
     table = Table(title=f"threads: 1..{result['cores']} (load average {result['load_before']:.1f} before, "
                         f"{result['load_after']:.1f} after)")
-    for col in ("threads", "minasgd ms / step", "vs its best") + (("PyTorch ms / step", "vs its best") if torch else ()):
+    for col in (("threads", "BLAS peak GFLOP/s", "minasgd ms / step", "vs its best", "of BLAS peak")
+                + (("PyTorch ms / step", "vs its best", "of BLAS peak") if torch else ())):
         table.add_column(col, justify="right")
     for row in result["scaling"]:
-        cells = [str(row["threads"]), f"{row['ours_seconds'] * 1e3:.1f}", f"{row['ours_over_best']:.2f}x"]
+        cells = [str(row["threads"]), f"{row['blas_peak_gflops']:.0f}", f"{row['ours_seconds'] * 1e3:.1f}",
+                 f"{row['ours_over_best']:.2f}x", f"{row['ours_of_peak']:.0%}"]
         if torch:
-            cells += [f"{row['torch_seconds'] * 1e3:.1f}", f"{row['torch_over_best']:.2f}x"]
+            cells += [f"{row['torch_seconds'] * 1e3:.1f}", f"{row['torch_over_best']:.2f}x", f"{row['torch_of_peak']:.0%}"]
         table.add_row(*cells)
     console.print(table)
     if not torch:

@@ -48,9 +48,11 @@ def test_bench_step_scaling_runs_our_loops_and_blas_at_each_count(monkeypatch):
     seen = []
     monkeypatch.setattr(bench_step, "_median_times", lambda steps, repeats: (
         seen.append((threads.blas_threads(), cpu_loops.threads())), {"ours": (0.1 * len(seen), 0.1)})[1])
-    rows = bench_step._scaling(None, None, None, None, None, 1)
+    monkeypatch.setattr(bench_step, "blas_peak_gflops", lambda size: 10.0 * threads.blas_threads())
+    rows = bench_step._scaling(None, None, None, None, None, 1, 1e9, 64)
     assert seen == [(1, 1), (2, 2)] and cpu_loops.threads() == 1
     assert [(r["threads"], round(r["ours_over_best"], 6)) for r in rows] == [(1, 1.0), (2, 2.0)]
+    assert [round(r["ours_of_peak"], 6) for r in rows] == [1.0, 0.25]  # 10 GFLOP/s of 10, 5 of 20
 
 
 def test_bench_step_scaling_table_and_docs_region(tmp_path):
@@ -61,14 +63,16 @@ def test_bench_step_scaling_table_and_docs_region(tmp_path):
 
     result = {"backend": "numpy", "device": "CPU", "model": "micro", "batch_size": 16, "step_gflop": 0.1,
               "first_step_seconds": 1.0, "rows": [], "cores": 2, "load_before": 0.3, "load_after": 0.5,
-              "scaling": [{"threads": 1, "ours_seconds": 0.3, "ours_over_best": 1.5},
-                          {"threads": 2, "ours_seconds": 0.2, "ours_over_best": 1.0}]}
+              "scaling": [{"threads": 1, "ours_seconds": 0.3, "ours_over_best": 1.5, "blas_peak_gflops": 40.0,
+                           "ours_of_peak": 0.25},
+                          {"threads": 2, "ours_seconds": 0.2, "ours_over_best": 1.0, "blas_peak_gflops": 70.0,
+                           "ours_of_peak": 0.125}]}
     console = Console(record=True, width=200)
     show_bench_step(result, console)
     text = console.export_text()
-    assert "1.50x" in text and "300.0" in text and "PyTorch baseline unavailable" in text
+    assert "1.50x" in text and "300.0" in text and "25%" in text and "PyTorch baseline unavailable" in text
     md = bench_step.scaling_markdown(result)
-    assert "| 2 | 200.0 | 1.00x |" in md and "load average 0.3 before, 0.5 after" in md
+    assert "| 2 | 70 | 200.0 | 1.00x | 12% |" in md and "load average 0.3 before, 0.5 after" in md
     doc = tmp_path / "cpu.md"
     doc.write_text("intro\n<!-- bench step scaling -->\nold table\n<!-- end -->\noutro\n")
     write_between_markers(doc, md)
