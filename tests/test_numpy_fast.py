@@ -215,7 +215,8 @@ def test_maxpool_and_relu_loops_write_every_output():
 # outputs and every sum keeps the serial order, so the results must be bitwise the serial ones.
 
 @pytest.fixture
-def two_threads():
+def two_threads(monkeypatch):
+    monkeypatch.setattr(cpu_loops, "PARALLEL_MIN_ELEMENTS", 0)  # the small test arrays go parallel too
     before = cpu_loops.threads()
     assert cpu_loops.use_threads(2) == 2, "the Numba thread pool has fewer than 2 threads"
     yield
@@ -268,6 +269,16 @@ def test_the_fast_backends_step_on_two_threads_equals_one_thread(two_threads):
     cpu_loops.use_threads(1)
     for got, want in zip(two, everything()):
         np.testing.assert_array_equal(got, want)
+
+
+def test_small_outputs_stay_serial_on_two_threads(two_threads, monkeypatch):
+    monkeypatch.setattr(cpu_loops, "PARALLEL_MIN_ELEMENTS", 100)
+    calls = []
+    for name in ("serial", "parallel"):
+        monkeypatch.setattr(cpu_loops.relu_backward, name, lambda *a, name=name: calls.append(name))
+    cpu_loops.relu_backward(*(np.zeros(99, np.float32) for _ in range(3)))
+    cpu_loops.relu_backward(*(np.zeros(100, np.float32) for _ in range(3)))
+    assert calls == ["serial", "parallel"]
 
 
 def test_use_threads_refuses_nonsense():

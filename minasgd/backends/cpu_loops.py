@@ -31,6 +31,11 @@ from numba import uint64 as U
 # slower. An unsigned index can't be negative, so the check (and the slowness) disappears.
 
 _threads = 1  # the Numba threads the loops use: see use_threads
+# Below this many output elements a loop runs serially whatever the thread count: starting and
+# joining the threads costs more than the work. On a loaded 2-core machine each parallel call
+# also waits for a thread the scheduler put aside: `micro` (small arrays) went from 13 ms a step
+# with serial loops to 1,052 ms with every loop on two threads (load average 10, same run).
+PARALLEL_MIN_ELEMENTS = 1 << 16
 
 
 def use_threads(n):
@@ -59,14 +64,15 @@ def _serial_and_parallel(py_func):
 
 
 def _dispatching(py_func):
-    """The public loop: the serial version on one thread, the parallel one on more."""
+    """The public loop: the serial version on one thread or a small output (its last argument),
+    the parallel one otherwise."""
     serial, parallel = _serial_and_parallel(py_func)
 
     def run(*args):
-        if _threads == 1:
-            return serial(*args)
+        if _threads == 1 or args[-1].size < PARALLEL_MIN_ELEMENTS:
+            return run.serial(*args)
         numba.set_num_threads(_threads)  # per calling thread in Numba: set where the loop runs
-        return parallel(*args)
+        return run.parallel(*args)
 
     run.__name__, run.__qualname__, run.__doc__ = py_func.__name__, py_func.__qualname__, py_func.__doc__
     run.serial, run.parallel = serial, parallel
