@@ -11,8 +11,16 @@ gradients of every conv and fc layer, the first layer's input gradient excluded)
 CPU, the yardstick to read it against: the GFLOP/s of one large float32 matrix product through
 NumPy's BLAS at the same thread count (`blas_peak_gflops`), near what the cores can do.
 `measure` returns the numbers; the command line shows them (`minasgd.dashboard.show_bench_step`).
+
+On the CPU it then times each side at 1, 2, ... N threads (N: the cores this process is given;
+ours: BLAS and the compiled loops of `cpu_loops` both at that count), each against its own best
+time: the scaling table. The machine's load average goes with the numbers, since a shared
+machine's other processes decide how much a second thread can get.
 """
 
+import os
+
+import contextlib
 import time
 
 import numpy as np
@@ -20,7 +28,8 @@ import numpy as np
 from . import backends, torch_reference
 from .model import Model
 from .optim import SGD
-from .threads import blas_threads, limit_blas_threads
+from .backends import cpu_loops
+from .threads import blas_threads, cores, limit_blas_threads
 
 
 def step_flops(model, batch_size):
@@ -98,13 +107,30 @@ def _theirs(model, device, x_np, y_np):
     return step
 
 
-def measure(backend="numpy", model_name="alexnet-mini", batch_size=128, repeats=10, device=None, peak_size=1536):
+@contextlib.contextmanager
+def _our_threads(n):
+    """BLAS and our compiled loops at n threads (None: BLAS's default and loops on every core)."""
+    before = cpu_loops.threads()
+    cpu_loops.use_threads(n or cores())
+    try:
+        with limit_blas_threads(n):
+            yield
+    finally:
+        cpu_loops.use_threads(before)
+
+
+def measure(backend="numpy", model_name="alexnet-mini", batch_size=128, repeats=10, device=None, peak_size=1536,
+            scaling=True):
     """{"backend", "device", "model", "batch_size", "step_gflop", "first_step_seconds", "rows": [...]}.
 
     Each row: "threads" ("1 each" or "default"), "ours_seconds", "ours_cpu_seconds", "ours_gflops",
     "blas_threads", on the CPU "blas_peak_gflops", and with PyTorch: "torch_seconds", "torch_cpu_seconds", "torch_gflops",
     "torch_threads", "ratio_ours_over_torch", "cpu_ratio_ours_over_torch" (medians; GFLOP/s from wall time).
+    On the CPU with `scaling`, also "scaling": one row per thread count 1..cores, "ours_seconds",
+    "ours_over_best" (this time / our best time over the counts), and with PyTorch the same for it;
+    and "cores", "load_before", "load_after": the 1-minute load average around the whole measurement.
     """
+    load_before = os.getloadavg()[0]
     be = backends.get(backend, device)
     rng = np.random.default_rng(0)
     probe = Model(model_name, backends.get("numpy-reference"), seed=0)
@@ -132,7 +158,7 @@ def measure(backend="numpy", model_name="alexnet-mini", batch_size=128, repeats=
         if torch is not None:
             torch.set_num_threads(n or default_torch_threads)
             steps["torch"] = _theirs(model, tdev, x_np, y_np)
-        with limit_blas_threads(n):
+        with _our_threads(n):
             t = _median_times(steps, repeats)
             row = {"threads": label, "blas_threads": blas_threads(), "ours_seconds": t["ours"][0],
                    "ours_cpu_seconds": t["ours"][1], "ours_gflops": flops / t["ours"][0] / 1e9}
@@ -144,6 +170,54 @@ def measure(backend="numpy", model_name="alexnet-mini", batch_size=128, repeats=
                        torch_threads=torch.get_num_threads(), ratio_ours_over_torch=t["ours"][0] / t["torch"][0],
                        cpu_ratio_ours_over_torch=t["ours"][1] / t["torch"][1])
         result["rows"].append(row)
+    if scaling and be.NAME != "cuda":
+        result["scaling"] = _scaling(ours, model, x_np, y_np, torch, repeats, flops, peak_size)
     if torch is not None:
         torch.set_num_threads(default_torch_threads)
+    result["cores"], result["load_before"], result["load_after"] = cores(), load_before, os.getloadavg()[0]
     return result
+
+
+def _scaling(ours, model, x_np, y_np, torch, repeats, flops, peak_size):
+    """Rows of the scaling table: each side at 1..cores threads, against its own best, and its
+    GFLOP/s as a share of NumPy's BLAS peak at that thread count."""
+    rows = []
+    for n in range(1, cores() + 1):
+        steps = {"ours": ours}
+        if torch is not None:
+            torch.set_num_threads(n)
+            steps["torch"] = _theirs(model, "cpu", x_np, y_np)
+        with _our_threads(n):
+            t = _median_times(steps, repeats)
+            peak = blas_peak_gflops(peak_size)
+        row = {"threads": n, "ours_seconds": t["ours"][0], "blas_peak_gflops": peak,
+               "ours_of_peak": flops / t["ours"][0] / 1e9 / peak}
+        if torch is not None:
+            row.update(torch_seconds=t["torch"][0], torch_of_peak=flops / t["torch"][0] / 1e9 / peak)
+        rows.append(row)
+    for side in ("ours", "torch"):
+        if all(f"{side}_seconds" in row for row in rows):
+            best = min(row[f"{side}_seconds"] for row in rows)
+            for row in rows:
+                row[f"{side}_over_best"] = row[f"{side}_seconds"] / best
+    return rows
+
+
+def scaling_markdown(result):
+    """The scaling table as markdown (docs/cpu.md is made of it: never typed)."""
+    torch = any("torch_seconds" in row for row in result["scaling"])
+    lines = [f"`minasgd bench step --model {result['model']} --batch-size {result['batch_size']}`, "
+             f"{result['cores']} cores given, 1-minute load average {result['load_before']:.1f} before, "
+             f"{result['load_after']:.1f} after:", "",
+             "| threads | BLAS peak GFLOP/s | minasgd ms / step | vs its best | of BLAS peak |"
+             + (" PyTorch ms / step | vs its best | of BLAS peak |" if torch else ""),
+             "|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if torch else "")]
+    for row in result["scaling"]:
+        line = (f"| {row['threads']} | {row['blas_peak_gflops']:.0f} | {row['ours_seconds'] * 1e3:.1f} | "
+                f"{row['ours_over_best']:.2f}x | {row['ours_of_peak']:.0%} |")
+        if torch:
+            line += f" {row['torch_seconds'] * 1e3:.1f} | {row['torch_over_best']:.2f}x | {row['torch_of_peak']:.0%} |"
+        lines.append(line)
+    if not torch:
+        lines += ["", "PyTorch baseline unavailable (not installed): only our own scaling."]
+    return "\n".join(lines) + "\n"

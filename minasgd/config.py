@@ -34,6 +34,7 @@ class TrainConfig:
     log_every: int = 20
     eval_every: float = 1.0  # epochs between test evaluations (a fraction: at exact step counts)
     eval_train: int = 0  # also evaluate the first N training images at each evaluation (training error, as the paper plots)
+    threads: int | None = None  # one process: BLAS and loop threads (None: the idle cores, `minasgd.threads`)
     quiet: bool = False  # no live display (read by the command line and the parameter server's monitor)
     extra: dict = field(default_factory=dict)
 

@@ -1,14 +1,16 @@
-"""How many threads the BLAS under NumPy may use in a training process: decided once, and said.
+"""How many threads a training process may use: decided once, and said.
 
-The rule, for every process that trains (a single-process run, each worker on either transport,
-the parameter server, each experiment run, the tutorials): ONE BLAS thread, unless the environment names a count in
-OPENBLAS_NUM_THREADS, OMP_NUM_THREADS or MKL_NUM_THREADS (the first one set wins).
+Two rules. Every process that trains next to others (each worker on either transport, the
+parameter server, each experiment run, the tutorials): ONE BLAS thread, unless the environment
+names a count in OPENBLAS_NUM_THREADS, OMP_NUM_THREADS or MKL_NUM_THREADS (the first one set
+wins). A one-process run (`minasgd train`, `--workers 0`): see `threads_for_one_process` below,
+the cores it is given that nobody else is using.
 
-Why one: our matrix products are a few milliseconds each, and a multi-threaded BLAS spins
-threads that fight other processes for the cores. On a busy 2-core machine a `--workers 0`
-run of `tiny` went from 329 to 6,536 images/s with one thread; parallelism comes from
-workers (one process per core), not from BLAS. A quiet machine with cores to spare and a
-big net may do better with more: say so in the environment.
+Why one for those: our matrix products are a few milliseconds each, and a multi-threaded BLAS
+spins threads that fight the other processes for the cores. On a busy 2-core machine a
+`--workers 0` run of `tiny` went from 329 to 6,536 images/s with one thread; parallelism there
+comes from the processes (one per core). A lone process on a quiet machine is the other case:
+it gets the idle cores (docs/cpu.md has the measurement both ways).
 
     with blas_threads_for_training() as line:   # "BLAS threads: 1 (one per training process ...)"
         ...train...
@@ -87,3 +89,63 @@ def pin_blas_threads_for_training(environ=None):
 
     threadpool_limits(limits=n, user_api="blas")
     return f"BLAS threads: {n} ({why})"
+
+
+# ------------------------------------------------------------------ one process, the whole machine
+
+THREADS_ENV = "MINASGD_THREADS"
+
+
+def cores():
+    """The cores this process may run on (its CPU affinity, e.g. `taskset`), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on this platform (macOS)
+        return os.cpu_count() or 1
+
+
+def chosen_threads_for_one_process(requested=None, environ=None, n_cores=None, load=None):
+    """(threads, why) for a training run that is the only training process: BLAS and the
+    compiled loops (`minasgd.backends.cpu_loops`) both get this count.
+
+    `requested` (`--threads N`) wins, then MINASGD_THREADS, then OPENBLAS_NUM_THREADS and the
+    like; otherwise the cores this process is given that are idle: the core count minus the
+    1-minute load average (`os.getloadavg`, the runnable processes of everyone else: this one
+    has not started yet), rounded, between 1 and the cores. An idle 8-core laptop gets 8; a
+    2-core machine with one other busy process gets 1, because multi-threaded BLAS on a core
+    someone else is using thrashes (docs/cpu.md: the measurement, quiet and loaded).
+    """
+    environ = os.environ if environ is None else environ
+    if requested is not None:
+        if int(requested) < 1:
+            raise ValueError(f"--threads {requested}: expected 1 or more")
+        return int(requested), "from --threads"
+    for name in (THREADS_ENV, *ENV_NAMES):
+        value = environ.get(name, "").strip()
+        if value:
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(f"{name}={value!r}: expected a whole number of threads, 1 or more")
+            return int(value), f"from {name}"
+    n_cores = cores() if n_cores is None else n_cores
+    load = os.getloadavg()[0] if load is None else load
+    idle = max(0.0, n_cores - load)
+    n = max(1, min(n_cores, int(idle + 0.5)))
+    return n, (f"{n_cores} cores given, load {load:.1f} leaves {idle:.1f} idle; "
+               f"--threads N or {THREADS_ENV} to choose")
+
+
+@contextlib.contextmanager
+def threads_for_one_process(requested=None, environ=None, n_cores=None, load=None):
+    """Inside the block BLAS and the compiled loops use the count `chosen_threads_for_one_process`
+    picks; yields the one line to tell the user. The old counts come back after."""
+    from .backends import cpu_loops
+
+    n, why = chosen_threads_for_one_process(requested, environ, n_cores, load)
+    before = cpu_loops.threads()
+    loops = cpu_loops.use_threads(n)
+    try:
+        with limit_blas_threads(n):
+            extra = "" if loops == n else f"; compiled loops: {loops}, Numba's pool"
+            yield f"threads: {n} ({why}{extra})"
+    finally:
+        cpu_loops.use_threads(before)

@@ -9,7 +9,7 @@ the run directory (`minasgd.rundir`); nothing is drawn on a screen here. Pass
 `on_event` to hear how it goes: it is called with one dict per event,
 
     {"kind": "backend", "name", "device"}                  before the data is loaded
-    {"kind": "threads", "text"}                            the BLAS thread count, and why (`minasgd.threads`)
+    {"kind": "threads", "text"}                            the thread count (BLAS and loops), and why (`minasgd.threads`)
     {"kind": "progress", "what", "done", "total"}          while the dataset is drawn or read
     {"kind": "warm_start", "init", "steps"}                parameters loaded from --init
     {"kind": "start", "model", "num_params", "dataset", "train_images", "test_images", "run_dir"}
@@ -31,7 +31,7 @@ from .config import TrainConfig, step_range, total_steps  # noqa: F401  (TrainCo
 from .model import Model
 from .optim import SGD, learning_rate
 from .rundir import RunDir, default_run_dir
-from .threads import blas_threads_for_training
+from .threads import threads_for_one_process
 
 
 def load_dataset(cfg, progress=None):
@@ -126,7 +126,7 @@ def train(cfg: TrainConfig, on_event=None):
     `on_event(dict)` hears how it goes (see the module docstring); None: nothing is reported.
     """
     emit = on_event or _ignore
-    with blas_threads_for_training() as threads_line:
+    with threads_for_one_process(cfg.threads) as threads_line:
         be = backends.get(cfg.backend, cfg.gpu)
         emit({"kind": "backend", "name": be.NAME, "device": be.DEVICE})
         emit({"kind": "threads", "text": threads_line})

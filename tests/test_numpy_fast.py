@@ -208,3 +208,81 @@ def test_maxpool_and_relu_loops_write_every_output():
     relu_dx = np.full(x.size, np.nan, np.float32)
     cpu_loops.relu_backward(x.ravel(), -x.ravel(), relu_dx)
     np.testing.assert_array_equal(relu_dx.reshape(x.shape), ref.relu_backward(x, -x))
+
+
+# ---------------------------------------------------------------- the loops on more than one thread
+# Each compiled loop also runs split across threads (`prange`, issue 24). Every thread owns its
+# outputs and every sum keeps the serial order, so the results must be bitwise the serial ones.
+
+@pytest.fixture
+def two_threads(monkeypatch):
+    monkeypatch.setattr(cpu_loops, "PARALLEL_MIN_ELEMENTS", 0)  # the small test arrays go parallel too
+    before = cpu_loops.threads()
+    assert cpu_loops.use_threads(2) == 2, "the Numba thread pool has fewer than 2 threads"
+    yield
+    cpu_loops.use_threads(before)
+
+
+def test_each_loop_on_two_threads_equals_the_serial_one(two_threads):
+    """float32, the training dtype: only it ever runs in parallel (gradchecks run float64 serially),
+    and each dtype costs the parallel versions a compile (~25 s from a clean clone under load)."""
+    dtype = np.float32
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((3, 5, 11, 9)).astype(dtype)
+    xp = np.pad(x, ((0, 0), (0, 0), (2, 2), (2, 2)))
+    stride, r, s = 2, 3, 4
+    p, q = (xp.shape[2] - r) // stride + 1, (xp.shape[3] - s) // stride + 1
+    y, argmax = np.empty((3, 5, 5, 4), dtype), np.empty((3, 5, 5, 4), np.int32)
+    dcols = rng.standard_normal((5, r, s, 3, p, q)).astype(dtype)
+    runs = {  # name: (args, the indices of the outputs among them)
+        "im2col": ((xp, stride, np.empty((5, r, s, 3, p, q), dtype)), [2]),
+        "col2im": ((dcols, stride, np.empty_like(xp)), [2]),
+        "maxpool_forward": ((x, 3, 2, y, argmax), [3, 4]),
+        "maxpool_backward": ((rng.standard_normal(y.shape).astype(dtype), None, np.empty_like(x)), [2]),
+        "relu_backward": ((x.ravel(), -x.ravel()[::-1].copy(), np.empty(x.size, dtype)), [2]),
+    }
+    for name, (args, outputs) in runs.items():
+        loop = getattr(cpu_loops, name)
+        if name == "maxpool_backward":
+            args = (args[0], argmax, args[2])  # the argmax the forward just wrote
+        serial_args = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
+        for k in outputs:  # outputs start as garbage: a loop must write every element
+            serial_args[k][...] = np.nan if serial_args[k].dtype.kind == "f" else -1
+            args[k][...] = 7 if args[k].dtype.kind == "f" else 12345
+        loop.serial(*serial_args)
+        loop(*args)  # two threads: the parallel version
+        for k in outputs:
+            np.testing.assert_array_equal(args[k], serial_args[k], err_msg=name)
+
+
+def test_the_fast_backends_step_on_two_threads_equals_one_thread(two_threads):
+    """conv, pooling and ReLU forward and backward at two threads: bitwise the one-thread results."""
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((5, 3, 13, 13)).astype(np.float32)
+    w, b = rng.standard_normal((4, 3, 3, 3)).astype(np.float32), rng.standard_normal(4).astype(np.float32)
+
+    def everything():
+        y = fast.conv2d_forward(x, w, b, 2, 1)
+        pooled, argmax = fast.maxpool2d_forward(np.maximum(y, 0), 3, 2)
+        dy = fast.maxpool2d_backward(pooled, argmax, y.shape)
+        return [y, pooled, dy, fast.relu_backward(dy, np.maximum(y, 0)), *fast.conv2d_backward(dy, x, w, 2, 1)]
+
+    two = everything()
+    cpu_loops.use_threads(1)
+    for got, want in zip(two, everything()):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_small_outputs_stay_serial_on_two_threads(two_threads, monkeypatch):
+    monkeypatch.setattr(cpu_loops, "PARALLEL_MIN_ELEMENTS", 100)
+    calls = []
+    for name in ("serial", "parallel"):
+        monkeypatch.setattr(cpu_loops.relu_backward, name, lambda *a, name=name: calls.append(name))
+    cpu_loops.relu_backward(*(np.zeros(99, np.float32) for _ in range(3)))
+    cpu_loops.relu_backward(*(np.zeros(100, np.float32) for _ in range(3)))
+    assert calls == ["serial", "parallel"]
+
+
+def test_use_threads_refuses_nonsense():
+    with pytest.raises(ValueError, match="1 or more"):
+        cpu_loops.use_threads(0)

@@ -265,7 +265,9 @@ def test_4a_long_names_and_departed_workers_stay_bounded(serve):
         sock, rx = hostile(tcp, name=f"cycle {i}")
         send_json(sock, Msg.BYE, {"reason": "r" * 60_000}, seq=2)
         sock.close()
-    wait_for(lambda: sum(w.left is not None for w in ps.workers.values()) == MAX_DEPARTED)
+    # Every cycle's BYE handled (under load the last few arrive after the first 32 departures), then count.
+    wait_for(lambda: all(w.left is not None for w in ps.workers.values())
+             and sum(w.left is not None for w in ps.workers.values()) == MAX_DEPARTED)
     assert len(ps.workers) <= MAX_DEPARTED + 1
     assert all(len(w.left) <= 200 for w in ps.workers.values() if w.left)
     assert len(json.dumps(ps.stats_reply())) < MAX_JSON

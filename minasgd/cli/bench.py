@@ -15,6 +15,9 @@ def add_arguments(p):
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--gpu", type=int, default=None)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--markdown", metavar="FILE",
+                   help="bench step: also write the threads scaling table into FILE, between its "
+                        "'<!-- bench step scaling -->' and '<!-- end -->' lines (docs/cpu.md)")
     p.add_argument("--static", action="store_true",
                    help="bench kernels: registers, shared memory, spills and occupancy of every kernel, "
                         "compiled offline for sm_80 and sm_90 (no GPU needed)")
@@ -34,6 +37,8 @@ def cmd_bench(args, console):
 
         result = bench_step.measure(args.backend, args.model, args.batch_size, args.repeats, args.gpu)
         show = dashboard.show_bench_step
+        if args.markdown and result.get("scaling"):
+            write_between_markers(args.markdown, bench_step.scaling_markdown(result))
     elif args.what == "ps":
         from ..ps import bench as ps_bench
 
@@ -93,3 +98,18 @@ def write_profile_docs(doc_path, result):
     old = doc.read_text() if doc.exists() else ""
     pattern = re.compile(re.escape(PROFILE_BEGIN) + ".*?" + re.escape(PROFILE_END), re.S)
     doc.write_text(pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block + "\n")
+
+
+START, END = "<!-- bench step scaling -->", "<!-- end -->"
+
+
+def write_between_markers(path, text):
+    """Replace what lies between the START and END lines of the file at `path` with `text`."""
+    from pathlib import Path
+
+    doc = Path(path).read_text()
+    if START not in doc or END not in doc.split(START, 1)[1]:
+        raise ValueError(f"{path}: needs a line {START} and, after it, a line {END}")
+    head, rest = doc.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    Path(path).write_text(f"{head}{START}\n{text}{END}{tail}")

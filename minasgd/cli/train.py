@@ -36,6 +36,9 @@ def add_train_arguments(p):
     p.add_argument("--train-limit", type=int, help="use only the first N training images")
     p.add_argument("--test-limit", type=int, help="use only the first N test images")
     p.add_argument("--log-every", type=int, default=d.log_every, help="steps between logged losses")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="one process (--workers 0): threads for BLAS and the compiled loops (default: the idle "
+                        "cores given, or $MINASGD_THREADS); workers always use one each")
     p.add_argument("--quiet", action="store_true", help="no live display")
 
 
@@ -64,7 +67,8 @@ def train_config(args):
                        weight_decay=args.weight_decay, seed=args.seed, init=args.init, out=args.out,
                        data_root=args.data_root, max_steps=args.max_steps, train_limit=args.train_limit,
                        continue_schedule=args.continue_schedule, stop_step=args.stop_step, eval_train=args.eval_train,
-                       test_limit=args.test_limit, log_every=args.log_every, quiet=args.quiet)
+                       test_limit=args.test_limit, log_every=args.log_every, quiet=args.quiet,
+                       threads=getattr(args, "threads", None))
 
 
 def add_eval_arguments(p):

@@ -187,6 +187,27 @@ def show_bench_step(result, console):
         console.print(f"BLAS peak, GFLOP/s of one 1536x1536 float32 product through NumPy ({', '.join(peaks)}): "
                       "the share above is each side's step against it")
     console.print(f"first step (includes compilation): {result['first_step_seconds'] * 1e3:.0f} ms")
+    if result.get("scaling"):
+        _show_step_scaling(result, console)
+
+
+def _show_step_scaling(result, console):
+    """The 1..N threads table of `bench step`: each side against its own best time."""
+    torch = all("torch_seconds" in row for row in result["scaling"])
+    table = Table(title=f"threads: 1..{result['cores']} (load average {result['load_before']:.1f} before, "
+                        f"{result['load_after']:.1f} after)")
+    for col in (("threads", "BLAS peak GFLOP/s", "minasgd ms / step", "vs its best", "of BLAS peak")
+                + (("PyTorch ms / step", "vs its best", "of BLAS peak") if torch else ())):
+        table.add_column(col, justify="right")
+    for row in result["scaling"]:
+        cells = [str(row["threads"]), f"{row['blas_peak_gflops']:.0f}", f"{row['ours_seconds'] * 1e3:.1f}",
+                 f"{row['ours_over_best']:.2f}x", f"{row['ours_of_peak']:.0%}"]
+        if torch:
+            cells += [f"{row['torch_seconds'] * 1e3:.1f}", f"{row['torch_over_best']:.2f}x", f"{row['torch_of_peak']:.0%}"]
+        table.add_row(*cells)
+    console.print(table)
+    if not torch:
+        console.print("PyTorch baseline unavailable (not installed): the table shows our own scaling only")
 
 
 def show_bench_kernels(result, console):
