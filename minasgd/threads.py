@@ -21,6 +21,7 @@ read only when the library loads), and puts the old count back on leaving the bl
 
 import contextlib
 import os
+import time
 
 ENV_NAMES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
@@ -134,16 +135,47 @@ def chosen_threads_for_one_process(requested=None, environ=None, n_cores=None, l
                f"--threads N or {THREADS_ENV} to choose")
 
 
+def measured_at_start(step, n, repeats=2):
+    """{1: ms, n: ms}: the best of `repeats` timed calls of `step` (one training step's forward
+    and backward) with 1 and with n threads for BLAS and the compiled loops, each after one
+    untimed call (compilation, caches). The start-up measurement behind the thread choice."""
+    from .backends import cpu_loops
+
+    times = {}
+    for k in (1, n):
+        cpu_loops.use_threads(k)
+        with limit_blas_threads(k):
+            step()
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                step()
+                best = min(best, time.perf_counter() - t0)
+        times[k] = 1000.0 * best
+    return times
+
+
 @contextlib.contextmanager
-def threads_for_one_process(requested=None, environ=None, n_cores=None, load=None):
+def threads_for_one_process(requested=None, environ=None, n_cores=None, load=None, step=None):
     """Inside the block BLAS and the compiled loops use the count `chosen_threads_for_one_process`
-    picks; yields the one line to tell the user. The old counts come back after."""
+    picks; yields the one line to tell the user. The old counts come back after.
+
+    `step`: a function running one training step's forward and backward. When the count was not
+    chosen by the user (flag or environment) and is above 1, both 1 and that count are timed on
+    it at start (`measured_at_start`) and more threads are kept only if they are faster: on the
+    2-core machine docs/cpu.md measures, 2 threads were slower than 1 even when it was idle."""
     from .backends import cpu_loops
 
     n, why = chosen_threads_for_one_process(requested, environ, n_cores, load)
     before = cpu_loops.threads()
-    loops = cpu_loops.use_threads(n)
     try:
+        if n > 1 and step is not None and not why.startswith("from "):
+            times = measured_at_start(step, n)
+            best = n if times[n] < 0.95 * times[1] else 1  # a tie keeps 1 thread: less to go wrong
+            why += (f"; measured at start, a step took {times[1]:.0f} ms on 1 thread and {times[n]:.0f} ms "
+                    f"on {n}")
+            n = best
+        loops = cpu_loops.use_threads(n)
         with limit_blas_threads(n):
             extra = "" if loops == n else f"; compiled loops: {loops}, Numba's pool"
             yield f"threads: {n} ({why}{extra})"

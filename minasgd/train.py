@@ -126,11 +126,26 @@ def train(cfg: TrainConfig, on_event=None):
     `on_event(dict)` hears how it goes (see the module docstring); None: nothing is reported.
     """
     emit = on_event or _ignore
-    with threads_for_one_process(cfg.threads) as threads_line:
-        be = backends.get(cfg.backend, cfg.gpu)
-        emit({"kind": "backend", "name": be.NAME, "device": be.DEVICE})
+    be = backends.get(cfg.backend, cfg.gpu)
+    emit({"kind": "backend", "name": be.NAME, "device": be.DEVICE})
+    step = None if be.NAME == "cuda" else timed_step(cfg, be)
+    with threads_for_one_process(cfg.threads, step=step) as threads_line:
         emit({"kind": "threads", "text": threads_line})
         return _train(cfg, be, emit)
+
+
+def timed_step(cfg, be):
+    """One forward and backward of a random batch of the run's model and batch size (the
+    start-up measurement of `minasgd.threads`; the run's own model is not touched)."""
+    def step():
+        if not hasattr(step, "model"):
+            step.model = Model(cfg.model, be, seed=0)
+            shape = (cfg.batch_size, *step.model.input_shape)
+            step.x = be.asarray(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
+            step.y = be.asarray(np.zeros(cfg.batch_size, dtype=np.int32))
+        step.model.loss_and_grad(step.x, step.y)
+        be.synchronize()
+    return step
 
 
 def _train(cfg, be, emit):

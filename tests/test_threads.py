@@ -132,10 +132,17 @@ def _train_and_watch(tmp_path, monkeypatch, n_cores, load, **cfg_extra):
     return said[0], set(seen)
 
 
-def test_single_process_training_on_an_idle_machine_uses_its_cores_and_says_so(tmp_path, monkeypatch):
+@pytest.mark.parametrize("ms_on_two, want", [(5.0, 2), (30.0, 1)])
+def test_single_process_training_on_an_idle_machine_measures_its_cores_and_says_so(tmp_path, monkeypatch,
+                                                                                  ms_on_two, want):
+    """2 idle cores: 1 and 2 threads are timed at start (here: a pretend measurement) and the
+    faster one trains."""
+    measured = []
+    monkeypatch.setattr(threads, "measured_at_start", lambda step, n: measured.append(n) or {1: 10.0, n: ms_on_two})
     said, seen = _train_and_watch(tmp_path, monkeypatch, n_cores=2, load=0.1)
-    assert seen == {(2, 2)}
-    assert said.startswith("threads: 2 (2 cores given, load 0.1 leaves 1.9 idle")
+    assert measured == [2] and seen == {(want, want)}
+    assert said.startswith(f"threads: {want} (2 cores given, load 0.1 leaves 1.9 idle")
+    assert f"a step took 10 ms on 1 thread and {ms_on_two:.0f} ms on 2" in said
 
 
 def test_single_process_training_on_a_busy_machine_keeps_to_one_thread(tmp_path, monkeypatch):
@@ -252,3 +259,31 @@ def test_train_refuses_zero_threads_in_one_line(tmp_path, capsys):
     said = capsys.readouterr()
     assert "minasgd train: --threads 0: expected 1 or more" in said.out + said.err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("faster", [1, 2])
+def test_more_threads_are_kept_only_when_measured_faster_at_start(faster):
+    """The start-up measurement decides: a step that is slower on 2 threads runs on 1 (as on the
+    2-core machine of docs/cpu.md, even idle), one that is faster keeps 2."""
+    import time as clock
+
+    from minasgd.backends import cpu_loops
+
+    calls = []
+
+    def step():
+        calls.append(cpu_loops.threads())
+        clock.sleep(0.002 if cpu_loops.threads() == faster else 0.02)
+
+    with threads.threads_for_one_process(environ={}, n_cores=2, load=0.0, step=step) as line:
+        assert cpu_loops.threads() == faster
+        assert line.startswith(f"threads: {faster} (") and "measured at start" in line
+    assert sorted(set(calls)) == [1, 2]
+
+
+def test_a_thread_count_the_user_chose_is_not_second_guessed():
+    calls = []
+    with threads.threads_for_one_process(requested=2, environ={}, n_cores=2, load=0.0,
+                                         step=lambda: calls.append(1)) as line:
+        assert line.startswith("threads: 2 (from --threads")
+    assert calls == []
