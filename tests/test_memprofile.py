@@ -145,13 +145,20 @@ def masked_loop(a, b, out):
         out[j] = a[j] if b[j] > float32(0) else float32(0)
 
 
-def test_a_load_some_threads_skip_is_grouped_by_loop_iteration_not_by_count():
+def profile_masked(kernel):
+    """Run `kernel(a, b, out)` on one warp over 64 elements where b keeps even threads' element in
+    iteration 0 and odd threads' in iteration 1; check out = where(b > 0, a, 0); its profile."""
     a = np.arange(64, dtype=np.float32)
     b = np.where((np.arange(64) + np.arange(64) // 32) % 2 == 0, 1, -1).astype(np.float32)
     out = cuda.device_array(64, np.float32)
     with memprofile.profiling() as prof:
-        masked_loop[1, 32](cuda.to_device(a), cuda.to_device(b), out)
+        kernel[1, 32](cuda.to_device(a), cuda.to_device(b), out)
     np.testing.assert_array_equal(out.copy_to_host(), np.where(b > 0, a, 0))
+    return prof
+
+
+def test_a_load_some_threads_skip_is_grouped_by_loop_iteration_not_by_count():
+    prof = profile_masked(masked_loop)
     load = only(prof, "masked_loop", "global", "load", "a")
     # one request per iteration, 16 threads each: 4 sectors (all of a[32k : 32k + 32]), half the bytes used
     assert (load.requests, load.sectors_per_request, load.efficiency) == (2, 4.0, 0.5)
@@ -171,12 +178,7 @@ def test_branches_some_threads_take_in_some_iterations_are_grouped_by_iteration(
     """Thread i keeps element i in iteration 0 only when i is even, in iteration 1 only when i is
     odd: counting each thread's executions of the line (not the loop's iterations) would put
     iteration 1 of the odd threads with iteration 0 of the even ones, in one 8-sector request."""
-    a = np.arange(64, dtype=np.float32)
-    b = np.where((np.arange(64) + np.arange(64) // 32) % 2 == 0, 1, -1).astype(np.float32)
-    out = cuda.device_array(64, np.float32)
-    with memprofile.profiling() as prof:
-        branchy_loop[1, 32](cuda.to_device(a), cuda.to_device(b), out)
-    np.testing.assert_array_equal(out.copy_to_host(), np.where(b > 0, a, 0))
+    prof = profile_masked(branchy_loop)
     load = only(prof, "branchy_loop", "global", "load", "a")
     assert (load.requests, load.sectors_per_request, load.efficiency) == (2, 4.0, 0.5)
     stores = [s for s in prof.instructions("branchy_loop") if s.instruction.op == "store"]
