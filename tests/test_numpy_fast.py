@@ -133,6 +133,8 @@ def test_threads_do_not_share_buffers():
 
 def test_kept_buffers_stay_under_the_byte_cap(monkeypatch):
     monkeypatch.setattr(fast, "_MAX_BYTES", 64 * 1024)
+    # this thread's buffers start empty, whatever other tests in this process (an xdist worker) kept
+    monkeypatch.setattr(fast._local, "buffers", {}, raising=False)
     rng = np.random.default_rng(6)
     wt = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
     for n in range(1, 40):  # a new batch size every call: new buffers every call
