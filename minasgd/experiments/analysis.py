@@ -211,18 +211,29 @@ def _median_ratio(base, runs):
     return math.inf if math.isinf(a) else a / b  # a / inf = 0.0: N workers never got there
 
 
-def median_speedup(base_runs, runs, name="seconds_to_target", samples=2000, seed=0):
-    """(ratio, low, high): median `name` of the baseline's runs / that of `runs` (misses +inf), and a
-    95% interval from resampling the seeds both have, paired, with replacement."""
+def _paired(base_runs, runs, name):
+    """(baseline values, values): `name` per seed both have (None where the target was missed)."""
     seeds = sorted({r["seed"] for r in base_runs} & {r["seed"] for r in runs})
-    if not seeds:
-        return None, None, None
     by_seed = lambda rs: {r["seed"]: (r[name] if r["reached"] else None) for r in rs}
     b, n = by_seed(base_runs), by_seed(runs)
-    point = _median_ratio([b[s] for s in seeds], [n[s] for s in seeds])
-    rng = np.random.default_rng(seed)
-    draws = [_median_ratio([b[s] for s in pick], [n[s] for s in pick])
-             for pick in rng.choice(seeds, size=(samples, len(seeds)))]
+    return [b[s] for s in seeds], [n[s] for s in seeds]
+
+
+def median_ratio(base_runs, runs, name):
+    """Median `name` of the baseline's runs / that of `runs`, paired by seed (misses +inf)."""
+    base, mine = _paired(base_runs, runs, name)
+    return _median_ratio(base, mine) if base else None
+
+
+def median_speedup(base_runs, runs, name="seconds_to_target", samples=2000, seed=0):
+    """(ratio, low, high): `median_ratio`, and a 95% interval from resampling the seeds both
+    have, paired, with replacement."""
+    base, mine = _paired(base_runs, runs, name)
+    if not base:
+        return None, None, None
+    point = _median_ratio(base, mine)
+    picks = np.random.default_rng(seed).integers(0, len(base), size=(samples, len(base)))
+    draws = [_median_ratio([base[i] for i in pick], [mine[i] for i in pick]) for pick in picks]
     draws = np.array([d for d in draws if d is not None])
     if point is None or not len(draws):
         return point, None, None
@@ -246,7 +257,7 @@ def add_median_speedups(table, rows):
         base = _baseline(table, out, same_seed=False)
         if base is not None:
             out["speedup"], out["speedup_low"], out["speedup_high"] = median_speedup(runs_of(base), mine)
-            out["stat_eff"] = median_speedup(runs_of(base), mine, "images_to_target", samples=1)[0]
+            out["stat_eff"] = median_ratio(runs_of(base), mine, "images_to_target")
             if out["stat_eff"] not in (None, 0.0, math.inf) and out["speedup"] not in (None, 0.0, math.inf):
                 out["hw_eff"] = out["speedup"] / (out["workers"] * out["stat_eff"])
             if out["stat_eff"] is not None:
@@ -254,7 +265,7 @@ def add_median_speedups(table, rows):
         single = _single(table, out, same_seed=False)
         if single is not None:
             out["vs_single"], out["vs_single_low"], out["vs_single_high"] = median_speedup(runs_of(single), mine)
-            out["images_vs_single_median"] = median_speedup(runs_of(single), mine, "images_to_target", samples=1)[0]
+            out["images_vs_single_median"] = median_ratio(runs_of(single), mine, "images_to_target")
     return table
 
 
