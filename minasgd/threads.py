@@ -156,21 +156,21 @@ def measured_at_start(step, n, repeats=2):
 
 
 @contextlib.contextmanager
-def threads_for_one_process(requested=None, environ=None, n_cores=None, load=None, step=None):
+def threads_for_one_process(requested=None, environ=None, n_cores=None, load=None, make_step=None):
     """Inside the block BLAS and the compiled loops use the count `chosen_threads_for_one_process`
     picks; yields the one line to tell the user. The old counts come back after.
 
-    `step`: a function running one training step's forward and backward. When the count was not
-    chosen by the user (flag or environment) and is above 1, both 1 and that count are timed on
-    it at start (`measured_at_start`) and more threads are kept only if they are faster: on the
+    `make_step`: makes a function running one training step's forward and backward (called only
+    when needed). When the count was not chosen by the user (flag or environment) and is above 1,
+    both 1 and that count are timed on that function at start (`measured_at_start`) and more threads are kept only if they are faster: on the
     2-core machine docs/cpu.md measures, 2 threads were slower than 1 even when it was idle."""
     from .backends import cpu_loops
 
     n, why = chosen_threads_for_one_process(requested, environ, n_cores, load)
     before = cpu_loops.threads()
     try:
-        if n > 1 and step is not None and not why.startswith("from "):
-            times = measured_at_start(step, n)
+        if n > 1 and make_step is not None and not why.startswith("from "):
+            times = measured_at_start(make_step(), n)
             best = n if times[n] < 0.95 * times[1] else 1  # a tie keeps 1 thread: less to go wrong
             why += (f"; measured at start, a step took {times[1]:.0f} ms on 1 thread and {times[n]:.0f} ms "
                     f"on {n}")

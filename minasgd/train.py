@@ -128,8 +128,8 @@ def train(cfg: TrainConfig, on_event=None):
     emit = on_event or _ignore
     be = backends.get(cfg.backend, cfg.gpu)
     emit({"kind": "backend", "name": be.NAME, "device": be.DEVICE})
-    step = None if be.NAME == "cuda" else timed_step(cfg, be)
-    with threads_for_one_process(cfg.threads, step=step) as threads_line:
+    make_step = None if be.NAME == "cuda" else (lambda: timed_step(cfg, be))
+    with threads_for_one_process(cfg.threads, make_step=make_step) as threads_line:
         emit({"kind": "threads", "text": threads_line})
         return _train(cfg, be, emit)
 
@@ -137,13 +137,12 @@ def train(cfg: TrainConfig, on_event=None):
 def timed_step(cfg, be):
     """One forward and backward of a random batch of the run's model and batch size (the
     start-up measurement of `minasgd.threads`; the run's own model is not touched)."""
+    model = Model(cfg.model, be, seed=0)
+    x = be.asarray(np.random.default_rng(0).standard_normal((cfg.batch_size, *model.input_shape)).astype(np.float32))
+    y = be.asarray(np.zeros(cfg.batch_size, dtype=np.int32))
+
     def step():
-        if not hasattr(step, "model"):
-            step.model = Model(cfg.model, be, seed=0)
-            shape = (cfg.batch_size, *step.model.input_shape)
-            step.x = be.asarray(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
-            step.y = be.asarray(np.zeros(cfg.batch_size, dtype=np.int32))
-        step.model.loss_and_grad(step.x, step.y)
+        model.loss_and_grad(x, y)
         be.synchronize()
     return step
 

@@ -275,7 +275,7 @@ def test_more_threads_are_kept_only_when_measured_faster_at_start(faster):
         calls.append(cpu_loops.threads())
         clock.sleep(0.002 if cpu_loops.threads() == faster else 0.02)
 
-    with threads.threads_for_one_process(environ={}, n_cores=2, load=0.0, step=step) as line:
+    with threads.threads_for_one_process(environ={}, n_cores=2, load=0.0, make_step=lambda: step) as line:
         assert cpu_loops.threads() == faster
         assert line.startswith(f"threads: {faster} (") and "measured at start" in line
     assert sorted(set(calls)) == [1, 2]
@@ -284,6 +284,6 @@ def test_more_threads_are_kept_only_when_measured_faster_at_start(faster):
 def test_a_thread_count_the_user_chose_is_not_second_guessed():
     calls = []
     with threads.threads_for_one_process(requested=2, environ={}, n_cores=2, load=0.0,
-                                         step=lambda: calls.append(1)) as line:
+                                         make_step=lambda: calls.append(1)) as line:
         assert line.startswith("threads: 2 (from --threads")
     assert calls == []
