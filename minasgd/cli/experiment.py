@@ -78,13 +78,13 @@ def cmd_claim(args, console):
 
     if args.compare:
         given = " ".join(Path(d).as_posix() for d in args.compare)
-        args.compare = [run for d in args.compare for run in _run_dirs(Path(d))]
-        kinds = {(Path(d) / "claim.json").exists() for d in args.compare}
+        dirs = [run for d in args.compare for run in _run_dirs(Path(d))]
+        kinds = {(Path(d) / "claim.json").exists() for d in dirs}
         if len(kinds) != 1:
             raise SystemExit("experiment claim --compare: give claim directories (with claim.json) or run "
                              "directories (with summary.json), not both")
-        table = (claim.compare_table([claim.load_claim(d) for d in args.compare]) if kinds == {True}
-                 else claim.runs_table(args.compare))
+        table = (claim.compare_table([claim.load_claim(d) for d in dirs]) if kinds == {True}
+                 else claim.runs_table(dirs))
         console.print(table)
         if args.docs:
             claim.update_docs(args.docs, given, table, marker="compare " + given,
