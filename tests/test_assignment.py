@@ -227,6 +227,16 @@ def relu_forward(x):  # edited by the student: the "reference" now agrees with a
     return np.zeros_like(x)
 '''
 PLAIN_ADD = "        dx[n, c, at // w_, at % w_] += dy[n, c, p, q]\n"
+# 7.1 with a tree, finished by a plain += (a lost update between blocks)
+TREE_PLAIN_FINISH = '''    half = BLOCK // 2
+    while half > 0:
+        if tid < half:
+            partial[tid] += partial[tid + half]
+        cuda.syncthreads()
+        half //= 2
+    if tid == 0:
+        out[0] += partial[0]
+'''
 
 
 def solve_with(path, task, body, which=0):
@@ -282,15 +292,7 @@ def test_missing_atomic_grades_fail_naming_the_two_threads(tmp_path):
         n = idx // (q_ * p_ * c_)
         at = argmax[n, c, p, q]
 """ + PLAIN_ADD)
-    solve_with(tree / "kernels" / "reduce.py", "7.1", """    half = BLOCK // 2
-    while half > 0:
-        if tid < half:
-            partial[tid] += partial[tid + half]
-        cuda.syncthreads()
-        half //= 2
-    if tid == 0:
-        out[0] += partial[0]
-""")
+    solve_with(tree / "kernels" / "reduce.py", "7.1", TREE_PLAIN_FINISH)
     # seed 1234: how many random cases happen to send two windows' gradients to one pixel depends on the inputs
     grades = {g.task: g for g in assignment.grade(tree, ["3.2", "7.1"], seed=1234)}
     for task, least in (("3.2", 4), ("7.1", 2)):  # every case with overlapping windows / several blocks

@@ -27,7 +27,7 @@ import pytest
 
 from minasgd import assignment
 from minasgd.assignment import AssignmentError, grading
-from test_assignment import solve_with
+from test_assignment import TREE_PLAIN_FINISH, solve_with
 
 ROOT = assignment.source_root()
 
@@ -113,17 +113,6 @@ PLAIN_ADD_THROUGH_VIEW = '''    for idx in range(start, dy.size, step):
         n = idx // (q_ * p_ * c_)
         at = argmax[n, c, p, q]
         dx.T[at % w_, at // w_, c, n] += dy[n, c, p, q]
-'''
-
-# 7.1 with a tree, finished by a plain += (a lost update between blocks)
-TREE_PLAIN_FINISH = '''    half = BLOCK // 2
-    while half > 0:
-        if tid < half:
-            partial[tid] += partial[tid + half]
-        cuda.syncthreads()
-        half //= 2
-    if tid == 0:
-        out[0] += partial[0]
 '''
 
 ONE_ATOMIC_PER_THREAD = '''    cuda.atomic.add(out, 0, partial[tid])
