@@ -198,3 +198,23 @@ def test_the_factorisation_closes_when_the_whole_run_is_faster_than_the_way_to_t
     two = rows[1]
     assert two["hardware_efficiency"] == pytest.approx(30.0 / (2 * 10.0))
     assert two["measured_speedup"] == pytest.approx(two["workers"] * two["hardware_efficiency"] * two["statistical_efficiency"])
+
+
+def test_final_errors_are_means_with_bootstrap_intervals_not_standard_deviations():
+    """Three seeds' spread is no confidence interval: both final errors are given as a mean and
+    its 95% bootstrap interval; one seed gives the mean alone; a run without a training
+    evaluation gives '-'."""
+    rows = [_row(1, s, 100.0, 1000) for s in range(3)]
+    for r, train_error in zip(rows, (0.10, 0.20, 0.30)):
+        r["final_train_error"] = train_error
+    headers = [h for h, _, _ in report.SUMMARY_COLUMNS]
+    test_col, train_col = headers.index("final test error [95%]"), headers.index("final training error [95%]")
+    cells = report.summary_cells(analysis.summarize(analysis.add_speedups(rows)))[0]
+    assert cells[train_col].startswith("20.0% [") and "±" not in cells[train_col]
+    low, high = (float(x.rstrip("%")) for x in cells[train_col].split("[")[1].rstrip("]").split(", "))
+    assert 10.0 <= low < 20.0 < high <= 30.0
+    assert cells[test_col] == "70.0% [70.0%, 70.0%]"  # every seed at 30% accuracy
+    one = report.summary_cells(analysis.summarize(analysis.add_speedups(rows[:1])))[0]
+    assert one[train_col] == "10.0%"
+    rows[0]["final_train_error"] = None
+    assert report.summary_cells(analysis.summarize(analysis.add_speedups(rows[:1])))[0][train_col] == "-"

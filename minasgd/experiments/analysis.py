@@ -290,6 +290,10 @@ def summarize(rows):
             out[f"{name}_mean"], out[f"{name}_std"] = mean_std([r.get(name) for r in runs])
         out["speedup_pairs"] = sum(r.get("measured_speedup") is not None for r in runs)
         _, out["final_accuracy_low"], out["final_accuracy_high"] = bootstrap_mean([r["final_accuracy"] for r in runs])
+        train_errors = [r["final_train_error"] for r in runs if r.get("final_train_error") is not None]
+        out["final_train_error_low"] = out["final_train_error_high"] = float("nan")
+        if train_errors:
+            _, out["final_train_error_low"], out["final_train_error_high"] = bootstrap_mean(train_errors)
         for name in TARGET_FIELDS:
             out[f"{name}_median"] = median_to_target([r[name] if r["reached"] else None for r in runs])
         table.append(out)

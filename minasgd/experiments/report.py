@@ -1,5 +1,6 @@
 """The experiment's report as markdown (report.md, and the generated parts of docs/paper.md)."""
 
+import math
 import re
 import shutil
 from pathlib import Path
@@ -50,6 +51,16 @@ def _worker_sgd(settings):
     return cell
 
 
+def percent_interval(mean, low, high):
+    """'12.3% [10.1%, 14.0%]': a mean and its 95% bootstrap interval ('-' without a mean; no
+    interval from one seed, whose bounds are NaN)."""
+    if mean is None:
+        return "-"
+    if low is None or not (math.isfinite(low) and math.isfinite(high)):
+        return f"{mean:.1%}"
+    return f"{mean:.1%} [{low:.1%}, {high:.1%}]"
+
+
 def _workers(row):
     return "1 process" if row["workers"] == 0 else str(row["workers"])
 
@@ -76,10 +87,9 @@ SUMMARY_COLUMNS = [  # (markdown header, terminal header, cell)
     ("speed-up vs 1 process [95%]", "vs 1 proc", lambda r: ratio(r["vs_single"], r["vs_single_low"], r["vs_single_high"])),
     ("images-to-target ratio vs 1 process", "img vs 1 proc", lambda r: ratio(r["images_vs_single_median"])),
     ("final test error [95%]", "error", lambda r: "-" if r["final_accuracy_mean"] is None else
-        f"{1 - r['final_accuracy_mean']:.1%}" + ("" if r["final_accuracy_low"] != r["final_accuracy_low"] else
-                                              f" [{1 - r['final_accuracy_high']:.1%}, {1 - r['final_accuracy_low']:.1%}]")),
-    ("final training error", "train err", lambda r: pm(r.get("final_train_error_mean"), r.get("final_train_error_std"),
-                                                       "{:.1%}")),
+        percent_interval(1 - r["final_accuracy_mean"], 1 - r["final_accuracy_high"], 1 - r["final_accuracy_low"])),
+    ("final training error [95%]", "train err", lambda r: percent_interval(
+        r.get("final_train_error_mean"), r.get("final_train_error_low"), r.get("final_train_error_high"))),
     ("images/s", "img/s", lambda r: pm(r["images_per_second_mean"], None, "{:.0f}")),
     ("mean staleness (mini-batches)", "stale", lambda r: pm(r["mean_staleness_mean"], None, "{:.2f}")),
 ]
