@@ -258,3 +258,31 @@ def test_maybe_checkpoint_waits_for_its_interval(tmp_path):
     assert ps.maybe_checkpoint() is None and not (tmp_path / "m.npz").exists()
     ps.checkpoint_every = 1e-9
     assert ps.maybe_checkpoint() == tmp_path / "m.npz"
+
+
+def test_an_averaging_server_moves_by_the_mean_of_the_workers_steps():
+    """push_scale 1/2 (--lr-scaling average with 2 workers): async, each push moves w by half of
+    what its worker moved; sync, the round moves w by the mean of the two pushes."""
+    ps = make_ps(push_scale=0.5)
+    a, b = ps.join("toy:50:abc", {}), ps.join("toy:50:abc", {})
+    before = ps.params.copy()
+    ps.push(a, np.full(N, 2.0, np.float32), base_version=0, batches=4)
+    ps.push(b, np.full(N, 4.0, np.float32), base_version=0, batches=4)
+    np.testing.assert_allclose(before - ps.params, (2.0 + 4.0) / 2)
+    assert ps.steps == 8  # the schedule still counts every mini-batch
+    ps = make_ps(push_scale=0.5, sync=True)
+    a, b = ps.join("toy:50:abc", {}), ps.join("toy:50:abc", {})
+    before, replies = ps.params.copy(), []
+    t = _push_in_thread(ps, a, 1.0, replies)
+    ps.push(b, np.full(N, 3.0, np.float32), 0, batches=1)
+    t.join(timeout=5)
+    assert ps.version == 1
+    np.testing.assert_allclose(before - ps.params, (1.0 + 3.0) / 2, rtol=1e-5)
+
+
+def test_run_options_decide_the_push_scale():
+    from minasgd.ps.launcher import PsOptions
+    from minasgd.ps.run import push_scale
+    assert push_scale(PsOptions(workers=4, lr_scaling="average")) == 0.25
+    assert push_scale(PsOptions(workers=4, lr_scaling="none")) == 1.0
+    assert push_scale(PsOptions(workers=4, lr_scaling="average", optimizer="adagrad")) == 1.0

@@ -15,6 +15,7 @@ process list.
 import os
 
 from ..ps.launcher import PsOptions
+from ..ps.run import LR_SCALINGS
 from .train import add_train_arguments as add_one_process_train_arguments
 from .train import ps_options, train_config
 
@@ -38,8 +39,10 @@ def _add_server_arguments(p, bind_default, bind_help):
                    help="where --momentum lives: each worker's SGD (they push their steps) or one velocity "
                         "on the server (they push gradients); a gradient's total step is the same "
                         "(default: %(default)s)")
-    p.add_argument("--lr-scaling", default=D.lr_scaling, choices=["none", "workers", "staleness"],
+    p.add_argument("--lr-scaling", default=D.lr_scaling, choices=list(LR_SCALINGS),
                    help="none: every mini-batch moves the parameters lr / (1 - momentum), as in one process; "
+                        "average: each worker steps as one process, the server applies 1/N of every push "
+                        "(the parameters move by the average of the workers' steps: model averaging); "
                         "workers: lr / N; "
                         "staleness: a push of k mini-batches, s stale, moves k / (k + s) as far "
                         "(default: %(default)s)")

@@ -20,7 +20,7 @@ from ..train import total_steps as count_steps
 from .protocol import MAX_NPUSH
 from .server import ParameterServer
 
-LR_SCALINGS = ("none", "workers", "staleness")
+LR_SCALINGS = ("none", "average", "workers", "staleness")
 MOMENTUM_SCALINGS = ("staleness", "workers", "none")
 
 
@@ -74,7 +74,7 @@ def create_server(cfg, opts, model, train_size, run):
     ps = ParameterServer(
         model.get_params(), model_name=model.name, fingerprint=model.fingerprint(), total_steps=total_steps,
         lr=cfg.lr if sgd else opts.adagrad_lr, warmup_steps=cfg.warmup_steps, optimizer=opts.optimizer,
-        momentum=cfg.momentum if sgd and on_server else 0.0, lr_scale=lr_scale,
+        momentum=cfg.momentum if sgd and on_server else 0.0, lr_scale=lr_scale, push_scale=push_scale(opts),
         sync=opts.sync, staleness_lr=opts.lr_scaling == "staleness", expected_workers=opts.workers,
         checkpoint_path=run.model_path, checkpoint_every=opts.checkpoint_every,
         eval_every_steps=max(1, round(opts.eval_every * steps_per_epoch)),
@@ -99,8 +99,9 @@ def worker_settings(momentum, opts):
     - --momentum-at server: the workers step without momentum, the server keeps it (0, 1).
     - --momentum-at worker: `worker_momentum` (--momentum-scaling), with a staleness of
       (N - 1) x nsync mini-batches, none with --sync (a round's workers start from the same parameters).
-    Then --lr-scaling workers divides the lr by N; --lr-scaling staleness is the server's
-    (a push of k mini-batches, s stale, is applied k / (k + s)).
+    Then --lr-scaling workers divides the lr by N; --lr-scaling average and staleness are the
+    server's (`push_scale`: 1 / N of every push; a push of k mini-batches, s stale, is applied
+    k / (k + s)) and leave the workers' lr as it is.
     """
     if opts.optimizer != "sgd":
         return 0.0, 1.0
@@ -112,6 +113,13 @@ def worker_settings(momentum, opts):
     if opts.lr_scaling == "workers":
         lr_scale /= opts.workers
     return per_worker, lr_scale
+
+
+def push_scale(opts):
+    """The fraction of every push the server applies: 1 / N with `--lr-scaling average` (the
+    parameters move by the average of the N workers' displacements, each worker stepping as one
+    process would), else 1 (the sum). Adagrad's pushes are gradients, scaled by its own lr."""
+    return 1.0 / opts.workers if opts.lr_scaling == "average" and opts.optimizer == "sgd" else 1.0
 
 
 def worker_momentum(momentum, workers, nsync=1, scaling="staleness"):
@@ -191,6 +199,7 @@ def finish_run(cfg, opts, on_event, monitor, run, eval_model, ds, *, backend, de
     momentum, lr_scale = worker_settings(cfg.momentum, opts)
     summary = {**numbers, "backend": backend, "device": device,
                "worker_momentum": momentum, "worker_peak_lr": cfg.lr * lr_scale if opts.optimizer == "sgd" else None,
+               "push_scale": push_scale(opts),
                "model": eval_model.name, "num_params": eval_model.num_params, "dataset": ds.name,
                "workers": workers or len(numbers["worker_stats"]), "nsync": opts.nsync,
                "nfetch": opts.nfetch or opts.nsync, "npush": opts.npush or opts.nsync, "address": address,

@@ -24,7 +24,8 @@ The rules (each unit's docstring has the details):
 - Training starts when `expected_workers` have joined: until then FETCH waits.
 - `version` counts the updates applied; `steps` the mini-batches behind them. The lr follows
   single-process training's schedule over `steps`; training is over when `steps` reaches `total_steps`.
-- A push is what the worker MOVED (`minasgd.ps.worker`), applied as it is (`update.py`); with one
+- A push is what the worker MOVED (`minasgd.ps.worker`), applied as it is or 1 / N of it
+  (`--lr-scaling average`: model averaging; `update.py`); with one
   worker the server follows single-process training's path exactly (bit for bit at nsync 1).
   What --lr and --momentum mean with N workers is decided in one place,
   `minasgd.ps.run.worker_settings`: the workers' momentum and `lr_scale`.
@@ -72,14 +73,15 @@ def _part(unit, name):
 
 class ParameterServer:
     def __init__(self, params, *, model_name, fingerprint, total_steps, lr=0.02, warmup_steps=0,
-                 optimizer="sgd", momentum=0.0, lr_scale=1.0, sync=False, staleness_lr=False,
+                 optimizer="sgd", momentum=0.0, lr_scale=1.0, push_scale=1.0, sync=False, staleness_lr=False,
                  expected_workers=1, worker_config=None, checkpoint_path=None, checkpoint_every=60.0,
                  eval_every_steps=None, round_timeout=120.0, start_step=0):
         # The rule for a push (`minasgd.ps.update`): optimizer, scale, the checked out-of-place step.
-        # `lr_scale` is the factor on the workers' schedule (`minasgd.ps.run.worker_settings`).
+        # `lr_scale` is the factor on the workers' schedule, `push_scale` the fraction of a push
+        # that is applied (`minasgd.ps.run.worker_settings`).
         params = np.array(params, dtype=np.float32, copy=True)
         self.update = UpdateRule(params.size, optimizer=optimizer, momentum=momentum,
-                                 staleness_lr=staleness_lr, lr_scale=lr_scale)
+                                 staleness_lr=staleness_lr, lr_scale=lr_scale, push_scale=push_scale)
         # The current version's parameters: read-only, and never written again (fetches send this
         # very vector). An update computes the next version into a spare and swaps the two.
         self.params = frozen(params)
