@@ -6,6 +6,7 @@ import shlex
 from pathlib import Path
 
 from ..experiments.sweeps import NAMES
+from ..ps.run import LR_SCALINGS
 
 # flags that override a field of the experiment's Settings (argparse dest = field name)
 OVERRIDES = ("seeds", "workers", "nsync", "dataset", "model", "backend", "gpu", "epochs", "batch_size", "lr", "lr_scaling",
@@ -42,7 +43,7 @@ def add_arguments(p):
     p.add_argument("--epochs", type=int, help="epochs of the train split per run, all workers together (default: 8)")
     p.add_argument("--batch-size", type=int, help="(default: 32)")
     p.add_argument("--lr", type=float, help="peak learning rate, as `minasgd train --lr` (default: 0.02)")
-    p.add_argument("--lr-scaling", choices=["none", "workers", "staleness"],
+    p.add_argument("--lr-scaling", choices=list(LR_SCALINGS),
                    help="the workers' lr scaling, as `minasgd train --lr-scaling` (default: none)")
     p.add_argument("--target", type=float, metavar="ACC",
                    help="test accuracy to reach, i.e. target test error 1 - ACC (default: per experiment)")
