@@ -68,11 +68,15 @@ b.close()
 #
 # What a push holds: each worker runs single-process training's SGD with momentum locally, each
 # step at the run's lr schedule for its step count, and pushes the sum of the steps it took:
-# exactly the displacement it moved. The server subtracts that sum as it is, never rescaled by
-# its own lr *now* (the schedule may have moved in between: during the warm-up another worker's
-# push can raise it 20x). So `--lr` and `--momentum` mean the same with workers as in one
-# process, and one worker with nsync 1 follows one process's path bit for bit. Below each
-# pretend push is a displacement of 0.1 per parameter.
+# exactly the displacement it moved. The server subtracts that sum at a fixed scale, never
+# rescaled by its own lr *now* (the schedule may have moved in between: during the warm-up
+# another worker's push can raise it 20x). `minasgd train --workers N` applies 1/N of every push
+# (`--lr-scaling average`): the parameters move by the mean of the workers' displacements, model
+# averaging, while each worker steps exactly as one process would. Summing instead
+# (`--lr-scaling none`) loses accuracy per image, even in sync rounds (docs/paper.md, "Choosing
+# the defaults"). One worker with nsync 1 follows one process's path bit for bit. The pretend
+# server below keeps the scale 1 (the sum), and each pretend push is a displacement of 0.1 per
+# parameter.
 
 # %%
 n = 5

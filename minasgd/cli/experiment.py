@@ -44,7 +44,8 @@ def add_arguments(p):
     p.add_argument("--batch-size", type=int, help="(default: 32)")
     p.add_argument("--lr", type=float, help="peak learning rate, as `minasgd train --lr` (default: 0.02)")
     p.add_argument("--lr-scaling", choices=list(LR_SCALINGS),
-                   help="the workers' lr scaling, as `minasgd train --lr-scaling` (default: none)")
+                   help="as `minasgd train --lr-scaling` (default: none, the sum of the pushes, as the committed "
+                        "sweeps ran; `minasgd train`'s default is average)")
     p.add_argument("--target", type=float, metavar="ACC",
                    help="test accuracy to reach, i.e. target test error 1 - ACC (default: per experiment)")
     p.add_argument("--eval-every", type=float, metavar="EPOCHS", help="epochs between test evaluations (default: 0.25)")

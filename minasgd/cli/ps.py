@@ -15,7 +15,7 @@ process list.
 import os
 
 from ..ps.launcher import PsOptions
-from ..ps.run import LR_SCALINGS
+from ..ps.run import LR_SCALINGS, MOMENTUM_SCALINGS
 from .train import add_train_arguments as add_one_process_train_arguments
 from .train import ps_options, train_config
 
@@ -26,11 +26,12 @@ def _add_server_arguments(p, bind_default, bind_help):
     p.add_argument("--nsync", type=int, default=D.nsync,
                    help="mini-batches between a worker's syncs: nfetch = npush = nsync (default: %(default)s)")
     p.add_argument("--sync", action="store_true",
-                   help="bulk-synchronous baseline: one update per round, the SUM of one push from every "
-                        "worker (the same step per image as async); no staleness, so each worker's momentum "
-                        "is set for staleness 0")
+                   help="bulk-synchronous baseline: one update per round from one push of every worker, "
+                        "applied as async would apply them (their mean with --lr-scaling average, their sum "
+                        "with none); no staleness (with --momentum-scaling staleness each worker's momentum "
+                        "is set for staleness 0)")
     p.add_argument("--optimizer", default=D.optimizer, choices=["sgd", "adagrad"],
-                   help="sgd: the workers run --lr/--momentum SGD and the server adds their steps; "
+                   help="sgd: the workers run --lr/--momentum SGD and the server applies their steps; "
                         "adagrad: the server's Adagrad, as in Downpour SGD (--adagrad-lr; no momentum) "
                         "(default: %(default)s)")
     p.add_argument("--adagrad-lr", type=float, default=D.adagrad_lr,
@@ -46,10 +47,11 @@ def _add_server_arguments(p, bind_default, bind_help):
                         "workers: lr / N; "
                         "staleness: a push of k mini-batches, s stale, moves k / (k + s) as far "
                         "(default: %(default)s)")
-    p.add_argument("--momentum-scaling", default=D.momentum_scaling, choices=["staleness", "workers", "none"],
-                   help="each worker's momentum from --momentum m, keeping a gradient's total step: staleness: "
-                        "momentum delay plus staleness equal one process's delay; workers: m**N (staleness "
-                        "aside); none: m (default: %(default)s)")
+    p.add_argument("--momentum-scaling", default=D.momentum_scaling, choices=list(MOMENTUM_SCALINGS),
+                   help="each worker's momentum from --momentum m: none: m, each worker steps as one process; "
+                        "staleness: lowered so that momentum delay plus staleness equal one process's delay, "
+                        "workers: m**N (staleness aside), both with the lr raised to keep a gradient's total "
+                        "step (default: %(default)s)")
     p.add_argument("--bind", metavar="HOST:PORT", default=bind_default, help=bind_help)
     p.add_argument("--token", default=os.environ.get("MINASGD_TOKEN"),
                    help="shared secret workers must prove (default: $MINASGD_TOKEN); needed to bind anything "

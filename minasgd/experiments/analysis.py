@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .sweeps import sweep_momentum_scaling
+
 
 def load_records(run_dir):
     path = Path(run_dir) / "metrics.jsonl"
@@ -97,7 +99,7 @@ def run_row(spec, run_dir, target, summary=None):
     return {
         "name": spec["name"], "group": spec["group"], "mode": spec["mode"], "workers": spec["workers"],
         "nsync": spec["nsync"], "lr_scaling": spec.get("lr_scaling", "none"), "seed": spec["seed"],
-        "momentum_scaling": spec.get("momentum_scaling", "staleness"),
+        "momentum_scaling": spec.get("momentum_scaling", sweep_momentum_scaling(spec)),
         "init": spec.get("init") or "", "target_accuracy": target, "target_error": 1 - target,
         "final_accuracy": summary["test_accuracy"], "final_error": 1 - summary["test_accuracy"],
         "best_accuracy": max((p["accuracy"] for p in curve), default=summary["test_accuracy"]),

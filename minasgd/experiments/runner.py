@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..timer import usable_cores
 from . import analysis, report
-from .sweeps import default_settings, plan
+from .sweeps import default_settings, plan, sweep_momentum_scaling
 
 
 def settings_from(name, quick=False, **overrides):
@@ -93,7 +93,7 @@ def _distributed(s, spec, run_dir, dataset, exp_dir):
     init = str(exp_dir / spec["init"] / "model.npz") if spec.get("init") else None
     cfg = _train_config(s, spec, run_dir, init=init)
     opts = PsOptions(workers=spec["workers"], nsync=spec["nsync"], sync=spec["sync"],
-                     lr_scaling=spec["lr_scaling"], momentum_scaling=spec.get("momentum_scaling", "staleness"),
+                     lr_scaling=spec["lr_scaling"], momentum_scaling=spec.get("momentum_scaling", sweep_momentum_scaling(spec)),
                      checkpoint_every=1e9, eval_every=s.eval_every)
     return train_distributed(cfg, opts, dataset=dataset)
 

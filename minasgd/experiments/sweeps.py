@@ -33,7 +33,11 @@ class Settings:
     batch_size: int = 32
     lr: float = 0.02  # peak lr (warm-up + cosine over the run's mini-batches), as `minasgd train`
     momentum: float = 0.9  # the trainer's and every worker's SGD momentum
-    lr_scaling: str = "none"  # as `minasgd train --lr-scaling` (its default), for runs that don't sweep it
+    # For runs that don't sweep it. "none" (the sum of the pushes, each worker's momentum lowered
+    # by `--momentum-scaling staleness`): the settings the committed sweeps in docs/results/sweeps
+    # were run with, before `minasgd train` made the averaging server its default. `--lr-scaling
+    # average` reruns a sweep with it (the runner then also keeps each worker's momentum as given).
+    lr_scaling: str = "none"
     warmup_steps: int = 100
     target: float = 0.3  # test ACCURACY that counts as "reached" (the paper talks of test error = 1 - this)
     seeds: int = 3
@@ -113,3 +117,10 @@ def plan(s):
         return single + [_spec("staleness-lr" if on else "plain", w, k, seed, "staleness" if on else "none")
                          for seed in seeds for k in s.nsync for w in s.workers for on in (False, True)]
     raise ValueError(f"unknown experiment {s.name!r}")
+
+
+def sweep_momentum_scaling(spec):
+    """Each worker's momentum in a sweep run that does not set it: as given with the averaging
+    server (`minasgd train`'s defaults), lowered for staleness with the summing one (the
+    settings of the committed sweeps)."""
+    return "none" if spec.get("lr_scaling", "none") == "average" else "staleness"

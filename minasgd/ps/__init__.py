@@ -3,8 +3,9 @@
 N workers (the paper's GPU clients) each train the model on their own shard of the data and
 talk to one central server every `nsync` mini-batches: push the sum of the steps they took
 (what they moved), fetch fresh parameters. The server applies each push the moment it arrives
-(async, as in the paper and in DistBelief's Downpour SGD), or the SUM of one push per worker per
-round (`--sync`, the baseline).
+(async, as in the paper and in DistBelief's Downpour SGD), or one push per worker per round
+(`--sync`, the baseline); by default 1/N of each (`--lr-scaling average`: the parameters move by
+the mean of the workers' displacements).
 
 Read it in this order; each module does one job:
 

@@ -47,10 +47,10 @@ class PsOptions:
     """The parameter-server settings of `minasgd train --workers N` and `minasgd serve`."""
 
     workers: int = 2
-    # nfetch = npush = nsync, as in the paper. 1 by default: on one machine a push and a fetch cost
-    # about 1% of an alexnet-mini step, and nsync 1 keeps the staleness at N - 1 mini-batches
+    # nfetch = npush = nsync, as in the paper. 4 by default: with the averaging server (lr_scaling
+    # "average") 2 workers at nsync 4 match one process per image, where nsync 1 does not
     # (docs/paper.md, "Choosing the defaults").
-    nsync: int = 1
+    nsync: int = 4
     nfetch: int | None = None
     npush: int | None = None
     sync: bool = False  # the bulk-synchronous baseline instead of async
@@ -60,15 +60,17 @@ class PsOptions:
     # gradient moves the parameters lr / (1 - m) in total, as in one process. See docs/paper.md
     # for the sweep that chose the default.
     momentum_at: str = "worker"
-    # How each worker's momentum is set from --momentum m (the run keeps a gradient's total step
-    # lr / (1 - m) either way; `worker_momentum`): "staleness" (default, chosen by the sweep in
-    # docs/paper.md) also subtracts the delay that staleness adds; "workers" keeps one process's
-    # time constant only; "none" runs m as given in every worker.
-    momentum_scaling: str = "staleness"
-    # none (the default: every mini-batch moves the parameters lr / (1 - m), as in one process) |
-    # workers (lr / N) | staleness (a push of k mini-batches, s stale, moves k / (k + s) as far).
-    # Chosen by measurement after the lr fix (docs/paper.md, "Choosing the defaults").
-    lr_scaling: str = "none"
+    # How each worker's momentum is set from --momentum m (`worker_momentum`): "none" (default)
+    # runs m as given, so each worker steps exactly as one process does; "staleness" lowers it so
+    # that momentum's delay plus the staleness match one process's, "workers" to m**N, both raising
+    # the lr to keep a gradient's total step lr / (1 - m). Chosen by measurement with the
+    # averaging server (docs/paper.md, "Choosing the defaults").
+    momentum_scaling: str = "none"
+    # average (the default: the server applies 1/N of every push, so the parameters move by the
+    # mean of the workers' displacements: model averaging) | none (the sum: every mini-batch moves
+    # the parameters lr / (1 - m), as in one process) | workers (the workers' lr / N) | staleness
+    # (a push of k mini-batches, s stale, moves k / (k + s) as far).
+    lr_scaling: str = "average"
     # The server's Adagrad lr (--lr is SGD's; Adagrad's steps have another scale). Tuned on tiny,
     # 2 workers at nsync 4, 4 epochs: 0.003 -> 14.8%, 0.01 -> 22.6%, 0.03 -> 30.6%, 0.1 diverged
     # (the SGD defaults: 29.6%).

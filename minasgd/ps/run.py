@@ -21,7 +21,7 @@ from .protocol import MAX_NPUSH
 from .server import ParameterServer
 
 LR_SCALINGS = ("none", "average", "workers", "staleness")
-MOMENTUM_SCALINGS = ("staleness", "workers", "none")
+MOMENTUM_SCALINGS = ("none", "staleness", "workers")
 
 
 class WorkersGone(ChildProcessError):

@@ -17,12 +17,13 @@ One round of the loop, on any backend (the model and the step sum stay on the de
     step_sum = 0
 
 The push is the worker's displacement: the sum of the steps it took, each at the lr it took it
-with, and the number of mini-batches in it. The server subtracts it as it is (`minasgd.ps.update`,
-`UpdateRule.scale`), so what the server applies is exactly what the worker moved, whatever the lr
-schedule did in between; with one worker the server's parameters follow the path of
-single-process training with the same --lr and --momentum, whatever nsync is (bit for bit at
-nsync 1). With N workers every mini-batch still moves the parameters as far as the worker moved
-them; what differs is that it was computed from parameters a few mini-batches old (staleness).
+with, and the number of mini-batches in it. The server subtracts it at a fixed scale, 1 or 1/N
+(`--lr-scaling average`; `minasgd.ps.update`, `UpdateRule.scale`), so what the server applies is
+what the worker moved (times that scale), whatever the lr schedule did in between; with one
+worker the server's parameters follow the path of single-process training with the same --lr
+and --momentum, whatever nsync is (bit for bit at nsync 1). With N workers each push was
+computed from parameters a few mini-batches old (staleness), and the averaging server moves the
+parameters by the mean of the workers' displacements rather than their sum.
 
 The lr of each local step is the run's schedule (`minasgd.optim.Schedule`, sent in WELCOME)
 at the worker's estimate of the run's step count: the server's count in its last reply plus the
