@@ -9,14 +9,14 @@ import pytest
 from minasgd.experiments import claim
 
 
-def fake_run(out, kind, seed, accuracy, wall, curve, commit="abc", cmd=None):
+def fake_run(out, kind, seed, accuracy, wall, curve, commit="abc", cmd=None, summary=None):
     run_dir = out / f"{kind}-s{seed}"
     run_dir.mkdir(parents=True)
     cmd = cmd or claim.command(kind, seed, run_dir, [])
     (run_dir / "run.json").write_text(json.dumps({"command": cmd, "kind": kind, "seed": seed, "exit": 0,
                                                   "wall_seconds": wall, "commit": commit, "dirty": False,
                                                   "machine": {"cores": 2, "processor": "x86_64"}}))
-    (run_dir / "summary.json").write_text(json.dumps({"test_accuracy": accuracy}))
+    (run_dir / "summary.json").write_text(json.dumps({"test_accuracy": accuracy, **(summary or {})}))
     (run_dir / "metrics.jsonl").write_text("".join(
         json.dumps({"kind": "epoch", "images": images, "test_accuracy": acc}) + "\n" for images, acc in curve))
     return run_dir, cmd
@@ -111,12 +111,16 @@ def test_the_comparison_has_one_row_per_directory_from_its_files(tmp_path):
                                                   "worker_args": worker_args}))
         for seed, acc in enumerate((a, b)):
             fake_run(d, "one-process", seed, 1.0, 100.0, [(64, 0.5), (128, 1.0)])
-            fake_run(d, "2-workers", seed, acc, 50.0, [(64, 0.25), (128, acc)])
+            ran = {"nsync": 4, "ps": {"lr_scaling": "average", "sync": True}, "worker_momentum": 0.9,
+                   "worker_peak_lr": 0.02} if worker_args else None
+            fake_run(d, "2-workers", seed, acc, 50.0, [(64, 0.25), (128, acc)], summary=ran)
     table = claim.compare_table([claim.load_claim(tmp_path / "plain"), claim.load_claim(tmp_path / "sync")])
     rows = [line for line in table.splitlines() if line.startswith("| `minasgd")]
     assert len(rows) == 2
-    assert rows[0].startswith("| `minasgd train --workers 2` | 2 |") and "0.600 [" in rows[0]
-    assert rows[1].startswith("| `minasgd train --workers 2 --sync` (both: `--nsync 4`) | 2 |") and "0.925 [" in rows[1]
+    assert rows[0].startswith("| `minasgd train --workers 2` | - | 2 |") and "0.600 [" in rows[0]
+    # how the workers ran comes from their summary.json: the same command under other defaults differs
+    assert rows[1].startswith("| `minasgd train --workers 2 --sync` (both: `--nsync 4`) | "
+                              "nsync 4, average (sync), m 0.9, lr 0.02 | 2 |") and "0.925 [" in rows[1]
     assert table.startswith("Both commands with the extra arguments `--epochs 2`;")
     assert rows[0].endswith("| 0.50, 0.60 |") and "2.00 [2.00, 2.00]x" in rows[0]
 

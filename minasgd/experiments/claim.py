@@ -207,6 +207,18 @@ def _worker_args(result):
     return "".join(" " + a for a in args)
 
 
+def workers_ran(result):
+    """'nsync 4, average, m 0.9, lr 0.02': how the 2 workers of a claim's first pair actually ran
+    (their summary.json), so rows of the same command made by different defaults differ."""
+    summary = result["pairs"][0]["2-workers"]["summary"] if result["pairs"] else {}
+    ps = summary.get("ps") or {}
+    if "nsync" not in summary:
+        return "-"
+    sgd = (f", m {summary['worker_momentum']:.3g}, lr {summary['worker_peak_lr']:.3g}"
+           if summary.get("worker_peak_lr") is not None else "")
+    return f"nsync {summary['nsync']}, {ps.get('lr_scaling', 'none')}{' (sync)' if ps.get('sync') else ''}{sgd}"
+
+
 def compare_table(results):
     """One row per claim directory (each a 2-worker setting against the same one process): the
     2-worker command, seeds, mean accuracies and ratios with 95% bootstrap intervals, and the
@@ -215,9 +227,10 @@ def compare_table(results):
     shared = 0  # the extra arguments all rows share (a common prefix) go in the header
     while extras and all(len(e) > shared and e[shared] == extras[0][shared] for e in extras):
         shared += 1
-    lines = ["| 2-worker command | seeds | code | one process: accuracy | 2 workers: accuracy | accuracy ratio | "
+    lines = ["| 2-worker command | the workers ran (nsync, server, each worker's SGD) | seeds | code | "
+             "one process: accuracy | 2 workers: accuracy | accuracy ratio | "
              "time ratio (1 / 2) | accuracy ratio at equal images (each evaluation) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for result, extra in zip(results, extras):
         rows = [pair_numbers(p) for p in result["pairs"]]
         if not rows:
@@ -226,7 +239,7 @@ def compare_table(results):
         images = sorted(set.intersection(*(set(r["per_image"]) for r in rows)))
         per_image = ", ".join(f"{np.mean([r['per_image'][i] for r in rows]):.2f}" for i in images)
         commits = sorted({p[k]["info"]["commit"] for p in result["pairs"] for k in COMMANDS})
-        lines.append(f"| `minasgd train --workers 2{_worker_args(result)}`{f' (both: `{own.strip()}`)' if own else ''} | {len(rows)} | {', '.join(commits)} | "
+        lines.append(f"| `minasgd train --workers 2{_worker_args(result)}`{f' (both: `{own.strip()}`)' if own else ''} | {workers_ran(result)} | {len(rows)} | {', '.join(commits)} | "
                      f"{_interval([r['acc_one'] for r in rows], '{:.1%}')} | "
                      f"{_interval([r['acc_two'] for r in rows], '{:.1%}')} | "
                      f"{_interval([r['accuracy_ratio'] for r in rows], '{:.3f}')} | "
