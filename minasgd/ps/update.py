@@ -13,7 +13,8 @@ What a push means (`minasgd.ps.server` says who sends what):
 - Adagrad: a push is a plain gradient sum, stepped at the schedule's lr now (times lr_scale).
 - `push_scale` (SGD): the fraction of every push that is applied. 1 adds each worker's steps as
   they are; 1 / N (`--lr-scaling average`) moves the parameters by the average of N workers'
-  displacements: model averaging, the workers stepping locally as one process does.
+  displacements: model averaging, the workers stepping locally as one process does. N is the
+  run's --workers, fixed for the run: a worker that leaves does not make the others' pushes count more.
 - `staleness_lr`: a push of k mini-batches that is s mini-batches stale moves k / (k + s) as far.
 
 The step is out of place and checked. The server's current parameters are an immutable vector
