@@ -286,3 +286,14 @@ def test_run_options_decide_the_push_scale():
     assert push_scale(PsOptions(workers=4, lr_scaling="average")) == 0.25
     assert push_scale(PsOptions(workers=4, lr_scaling="none")) == 1.0
     assert push_scale(PsOptions(workers=4, lr_scaling="average", optimizer="adagrad")) == 1.0
+
+
+def test_the_start_line_says_what_the_workers_and_the_server_do():
+    from minasgd.ps.launcher import PsOptions
+    from minasgd.ps.run import update_rule_words
+    ps = make_ps(push_scale=0.5, worker_config={"momentum": 0.9}, lr=0.02)
+    assert update_rule_words(ps, PsOptions(workers=2)) == (
+        "each worker: SGD momentum 0.9, peak lr 0.02; the server applies 1/2 of every push (--lr-scaling average)")
+    ps = make_ps(momentum=0.9, worker_config={"momentum": 0.0}, lr=0.02)
+    assert "SGD momentum 0, " in update_rule_words(ps, PsOptions(workers=2, lr_scaling="none", momentum_at="server"))
+    assert "every push as it is with momentum 0.9" in update_rule_words(ps, PsOptions(workers=2, lr_scaling="none"))

@@ -83,7 +83,7 @@ class ServerView:
         elif kind == "server_start":
             e = event
             self.say(f"parameter server on {e['address']} ({e['mode']}, {e['optimizer']}, nsync {e['nsync']}); "
-                     f"{e['workers']}; model {e['model']}: {e['num_params']:,} parameters; "
+                     f"{e['workers']}; {e['rule']}; model {e['model']}: {e['num_params']:,} parameters; "
                      f"dataset {e['dataset']}: {e['train_images']:,} train / {e['test_images']:,} test; "
                      f"run dir {e['run_dir']}")
         elif kind == "resumed":

@@ -214,9 +214,22 @@ def finish_run(cfg, opts, on_event, monitor, run, eval_model, ds, *, backend, de
 def server_start(address, ps, opts, workers, eval_model, ds, run):
     """The "server_start" event: where the server listens, how it trains, on what."""
     return {"kind": "server_start", "address": address, "mode": ps.mode, "optimizer": opts.optimizer,
-            "nsync": opts.nsync, "workers": workers, "model": eval_model.name, "num_params": eval_model.num_params,
+            "nsync": opts.nsync, "workers": workers, "rule": update_rule_words(ps, opts), "model": eval_model.name, "num_params": eval_model.num_params,
             "dataset": ds.name, "train_images": len(ds.train_y), "test_images": len(ds.test_y),
             "run_dir": str(run.path)}
+
+
+def update_rule_words(ps, opts):
+    """'each worker: SGD momentum 0.9, peak lr 0.02; the server applies 1/2 of every push
+    (--lr-scaling average)': what the workers and the server will do, in words."""
+    if opts.optimizer != "sgd":
+        return f"the server's Adagrad, lr {ps.base_lr:g}; the workers push gradient sums"
+    scale = ps.update.push_scale
+    applies = "every push as it is" if scale == 1.0 else f"1/{round(1 / scale)} of every push"
+    server_momentum = f" with momentum {ps.momentum:g}" if ps.momentum else ""
+    return (f"each worker: SGD momentum {ps.worker_config.get('momentum', 0.0):.3g}, peak lr "
+            f"{ps.base_lr * ps.lr_scale:.3g}; the server applies {applies}{server_momentum} "
+            f"(--lr-scaling {opts.lr_scaling})")
 
 
 def ignore(event):
