@@ -14,6 +14,7 @@
     racecheck    a race checker for the CUDA simulator (missing atomics, missing syncthreads)
     memprofile   what each warp's memory accesses would cost on a GPU, from the simulator's addresses:
                  32-byte sectors per request, coalescing, shared-memory bank conflicts, a roofline
+    simulator    Numba's CUDA simulator made to yield instead of spin while a block runs (1.5-8x less CPU)
     resources    every kernel compiled offline for real GPUs: registers, shared memory, occupancy
     shapes       output shapes and input checks (pure Python; the backends and layers use them too)
     dropout_hash the dropout mask's uint32 hash in NumPy (the kernel's twin; the reference uses it)

@@ -22,6 +22,9 @@ MAX_BLOCKS = 2 if SIM else 2048
 if SIM:
     # The simulator computes uint32 hashes with NumPy scalars, which warn when they wrap (on purpose).
     warnings.filterwarnings("ignore", "overflow encountered", RuntimeWarning)
+    from . import simulator
+
+    simulator.install()  # the simulator's block loop yields the GIL instead of spinning (1.5-8x less CPU)
 
 
 def bounded(threads):

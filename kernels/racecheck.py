@@ -154,14 +154,21 @@ _active = None  # the Races being recorded (one checking() block at a time)
 
 
 def _who():
-    """(block, thread, epoch) of the simulated thread running now."""
+    """(block, thread, epoch) of the simulated thread running now (each simulated thread runs one
+    thread of one block, so its (block, thread) is worked out once and kept on it)."""
     t = threading.current_thread()
-    return tuple(t.blockIdx), tuple(t.threadIdx), getattr(t, "racecheck_epoch", 0)
+    try:
+        block, thread = t.racecheck_who
+    except AttributeError:
+        block, thread = t.racecheck_who = tuple(t.blockIdx), tuple(t.threadIdx)
+    return block, thread, getattr(t, "racecheck_epoch", 0)
 
 
 def _normalise(index, shape):
     """A tuple of non-negative ints for a full element index, or None for a slice/partial index."""
     if not isinstance(index, tuple):
+        if len(shape) == 1 and isinstance(index, (int, np.integer)):  # the common case: x[i]
+            return (int(index) + (shape[0] if index < 0 else 0),)
         index = (index,)
     if len(index) != len(shape) or not all(isinstance(i, (int, np.integer)) for i in index):
         return None
@@ -173,6 +180,7 @@ class Tracked:
 
     def __init__(self, name, ary, space):
         self._name, self._ary, self._space = name, ary, space
+        self._shape, self._strides, self._itemsize = ary.shape, ary.strides, ary.itemsize  # read at every access
         self._base = ary.__array_interface__["data"][0]
         root = ary
         while isinstance(root.base, np.ndarray):  # the array that owns the memory: the allocation
@@ -199,17 +207,17 @@ class Tracked:
         return len(self._ary)
 
     def _record(self, index, op):
-        idx = _normalise(index, self._ary.shape)
+        idx = _normalise(index, self._shape)
         if idx is None:  # a slice: record each element of the view
             view = Tracked(self._name, self._ary[index], self._space)
             for i in np.ndindex(view.shape):
                 view._record(i, op)
             return
         block, thread, epoch = _who()
-        address = self._base + sum(i * s for i, s in zip(idx, self._ary.strides))
+        address = self._base + sum(i * s for i, s in zip(idx, self._strides))
         key = (address,) if self._space == "global" else (address, block)
         _active._access(self._space, key, Access(block, thread, epoch, op, self._name, idx,
-                                                 address - self._allocation, self._ary.itemsize))
+                                                 address - self._allocation, self._itemsize))
 
     def __getitem__(self, index):
         value = self._ary[index]

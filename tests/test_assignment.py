@@ -7,6 +7,7 @@ and copy trees without caches: about 5-15 s each on the simulator.
 """
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -333,11 +334,13 @@ def test_a_fully_solved_student_tree_passes_its_own_suite(tmp_path):
     for rel, _ in {f for files in assignment.catalogue(ROOT).values() for f in files}:
         assert (tree / rel).read_text() == assignment.cut((ROOT / rel).read_text(), set()), rel
     env_cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
-    collected = subprocess.run(env_cmd + ["--collect-only"], cwd=tree, capture_output=True, text=True, timeout=300)
+    quiet = dict(os.environ, PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")  # no xdist, hypothesis ... start-up in the child
+    collected = subprocess.run(env_cmd + ["--collect-only"], cwd=tree, capture_output=True, text=True, timeout=300,
+                               env=quiet)
     assert collected.returncode == 0, collected.stdout[-2000:] + collected.stderr[-2000:]
     assert "error" not in collected.stdout.splitlines()[-1], collected.stdout[-2000:]
     run = subprocess.run(env_cmd + ["tests/test_tutorials.py", "-k", "listed or 03_ or 09_",
                                     "tests/test_cuda_kernels.py", "-k", "listed or 03_ or 09_ or block_sum or relu"],
-                         cwd=tree, capture_output=True, text=True, timeout=600)
+                         cwd=tree, capture_output=True, text=True, timeout=600, env=quiet)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and "failed" not in run.stdout

@@ -6,9 +6,9 @@ only the site-packages folders `grading.clean_site_dirs` allows (no editable-ins
 metadata of the instructor's minasgd). BOOT binds `minasgd.kernels` to the folder's kernels/
 and calls one of:
 
-    compile_check   compile every kernel of the graded kernel files for sm_90, with Numba's
-                    dead-branch pruning OFF (so no branch escapes the check), and say where each
-                    kernel's source lies. Nothing of the student's code runs: importing a merged
+    compile_check   compile every kernel of the graded kernel files that holds a solution region
+                    (all of them without `regions`) for sm_90, with Numba's dead-branch pruning
+                    OFF (so no branch escapes the check), and say where each kernel's source lies. Nothing of the student's code runs: importing a merged
                     file runs only instructor code (the student's lines are inside functions).
     run_pytest      the grading tests of one task (the plugin in the folder's conftest.py
                     writes the outcomes)
@@ -58,6 +58,10 @@ def _last_line(code):
     return max(lines)
 
 
+def _holds_a_region(row, spans):
+    return any(row["first"] <= first and last <= row["last"] for first, last in spans)
+
+
 def compile_check(args):
     """{"kernels": [{file, name, first, last, error}], "missing": message or ""} as JSON on stdout."""
     from numba import config, cuda
@@ -68,6 +72,7 @@ def compile_check(args):
 
     workdir = Path(args["workdir"]).resolve()
     files = {str((workdir / f).resolve()): f for f in args["files"]}
+    regions = args.get("regions")  # {file: [[first, last], ...]}: compile only the kernels holding one
     cc = (int(ARCH[3]), int(ARCH[4]))
     rows, seen = [], set()
     for sig in resources.all_signatures():
@@ -77,6 +82,8 @@ def compile_check(args):
             continue
         row = dict(file=files[path], name=fn.__name__, signature=sig.name, first=fn.__code__.co_firstlineno,
                    last=_last_line(fn.__code__), error="")
+        if regions is not None and not _holds_a_region(row, regions[row["file"]]):
+            continue  # instructor code only: nothing of the student's to check
         try:
             with resources.offline_device(cc):
                 cuda.compile_ptx(fn, sig.argtypes, cc=cc)

@@ -7,9 +7,9 @@ of theirs (`markers.merge_regions`: their lines must stay inside the region's fu
 nothing a student writes runs at import time, and an edited reference, test, launcher, checker
 or helper does not count, not even one in the same file as the stub.
 
-Then, for a kernel task, a child process compiles every kernel of the graded files for a real
-GPU (sm_90, Numba's dead-branch pruning off, `child.compile_check`) and checks that each region
-lies inside one of them: code that compiles for a GPU cannot call NumPy, import, read the
+Then, for a kernel task, a child process compiles every kernel of the graded files that holds a
+region of the task (the others are the instructor's code alone) for a real GPU (sm_90, Numba's
+dead-branch pruning off, `child.compile_check`), so each region must lie inside one of them: code that compiles for a GPU cannot call NumPy, import, read the
 environment, open files or patch a checker, so the student's code in a kernel task can do
 nothing on the host but compute inside its kernel. A region that does not compile fails the
 task with the compiler's message.
@@ -149,12 +149,16 @@ def clean_site_dirs(root, shadow):
 
 
 def child_env(root, extra):
-    """A small environment: nothing that names the instructor's checkout, plus `extra`."""
+    """A small environment: nothing that names the instructor's checkout, plus `extra`.
+
+    PYTEST_DISABLE_PLUGIN_AUTOLOAD: the grading run needs no plugin but its own (the folder's
+    conftest.py); whatever else is installed next to pytest (xdist, hypothesis, benchmark ...)
+    stays out of it, and out of its start-up time (about 1 s of every grading child here)."""
     env = {k: v for k, v in os.environ.items()
            if k in KEEP_ENV or (k.startswith("NUMBA_") and k not in ("NUMBA_CACHE_DIR", "NUMBA_ENABLE_CUDASIM"))}
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p and not _inside(p, root))
     env = {k: v for k, v in env.items() if str(root) not in v}
-    env.update(extra, PYTHONDONTWRITEBYTECODE="1")
+    env.update(extra, PYTHONDONTWRITEBYTECODE="1", PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
     return env
 
 
@@ -184,7 +188,7 @@ def compile_regions(workdir, spans, site, env, timeout=600):
     """('', kernels holding the regions) if every region lies in a kernel that compiles for sm_90;
     else (why not, in one line, [])."""
     files = sorted(spans)
-    proc = run_child("compile_check", workdir, site, env, timeout, files=files)
+    proc = run_child("compile_check", workdir, site, env, timeout, files=files, regions=spans)
     try:
         report = json.loads(proc.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
