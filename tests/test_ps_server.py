@@ -285,6 +285,7 @@ def test_run_options_decide_the_push_scale():
     from minasgd.ps.run import push_scale
     assert push_scale(PsOptions(workers=4, lr_scaling="average")) == 0.25
     assert push_scale(PsOptions(workers=4, lr_scaling="none")) == 1.0
+    assert push_scale(PsOptions(workers=4, lr_scaling="sqrt")) == 0.5
     assert push_scale(PsOptions(workers=4, lr_scaling="average", optimizer="adagrad")) == 1.0
 
 

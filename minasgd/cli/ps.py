@@ -44,6 +44,7 @@ def _add_server_arguments(p, bind_default, bind_help):
                    help="none: every mini-batch moves the parameters lr / (1 - momentum), as in one process; "
                         "average: each worker steps as one process, the server applies 1/N of every push "
                         "(the parameters move by the average of the workers' steps: model averaging); "
+                        "sqrt: the server applies 1/sqrt(N) of every push; "
                         "workers: lr / N; "
                         "staleness: a push of k mini-batches, s stale, moves k / (k + s) as far "
                         "(default: %(default)s)")

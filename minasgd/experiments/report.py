@@ -32,7 +32,7 @@ def median_cell(row, name, fmt):
 
 def _mode(row):
     scaling = row.get("lr_scaling", "none")
-    return row["mode"] + {"none": "", "average": " + average", "workers": " + lr/N"}.get(scaling, " + lr/staleness")
+    return row["mode"] + {"none": "", "average": " + average", "sqrt": " + 1/sqrt(N)", "workers": " + lr/N"}.get(scaling, " + lr/staleness")
 
 
 def _worker_sgd(settings):

@@ -20,7 +20,7 @@ from ..train import total_steps as count_steps
 from .protocol import MAX_NPUSH
 from .server import ParameterServer
 
-LR_SCALINGS = ("none", "average", "workers", "staleness")
+LR_SCALINGS = ("none", "average", "sqrt", "workers", "staleness")
 MOMENTUM_SCALINGS = ("none", "staleness", "workers")
 
 
@@ -118,8 +118,12 @@ def worker_settings(momentum, opts):
 def push_scale(opts):
     """The fraction of every push the server applies: 1 / N with `--lr-scaling average` (the
     parameters move by the average of the N workers' displacements, each worker stepping as one
-    process would), else 1 (the sum). Adagrad's pushes are gradients, scaled by its own lr."""
-    return 1.0 / opts.workers if opts.lr_scaling == "average" and opts.optimizer == "sgd" else 1.0
+    process would); 1 / sqrt(N) with `sqrt` (between the two: sqrt(N) x the average, as the
+    square-root rule scales the lr with the batch); else 1 (the sum). Adagrad's pushes are
+    gradients, scaled by its own lr."""
+    if opts.optimizer != "sgd":
+        return 1.0
+    return {"average": 1.0 / opts.workers, "sqrt": 1.0 / math.sqrt(opts.workers)}.get(opts.lr_scaling, 1.0)
 
 
 def worker_momentum(momentum, workers, nsync=1, scaling="staleness"):
@@ -225,7 +229,8 @@ def update_rule_words(ps, opts):
     if opts.optimizer != "sgd":
         return f"the server's Adagrad, lr {ps.base_lr:g}; the workers push gradient sums"
     scale = ps.update.push_scale
-    applies = "every push as it is" if scale == 1.0 else f"1/{round(1 / scale)} of every push"
+    applies = ("every push as it is" if scale == 1.0 else f"1/{round(1 / scale)} of every push"
+               if float(1 / scale).is_integer() else f"{scale:.3g} of every push")
     server_momentum = f" with momentum {ps.momentum:g}" if ps.momentum else ""
     return (f"each worker: SGD momentum {ps.worker_config.get('momentum', 0.0):.3g}, peak lr "
             f"{ps.base_lr * ps.lr_scale:.3g}; the server applies {applies}{server_momentum} "
