@@ -261,16 +261,16 @@ def test_maybe_checkpoint_waits_for_its_interval(tmp_path):
 
 
 def test_an_averaging_server_moves_by_the_mean_of_the_workers_steps():
-    """push_scale 1/2 (--lr-scaling average with 2 workers): async, each push moves w by half of
+    """push_fraction 1/2 (--lr-scaling average with 2 workers): async, each push moves w by half of
     what its worker moved; sync, the round moves w by the mean of the two pushes."""
-    ps = make_ps(push_scale=0.5)
+    ps = make_ps(push_fraction=0.5)
     a, b = ps.join("toy:50:abc", {}), ps.join("toy:50:abc", {})
     before = ps.params.copy()
     ps.push(a, np.full(N, 2.0, np.float32), base_version=0, batches=4)
     ps.push(b, np.full(N, 4.0, np.float32), base_version=0, batches=4)
     np.testing.assert_allclose(before - ps.params, (2.0 + 4.0) / 2)
     assert ps.steps == 8  # the schedule still counts every mini-batch
-    ps = make_ps(push_scale=0.5, sync=True)
+    ps = make_ps(push_fraction=0.5, sync=True)
     a, b = ps.join("toy:50:abc", {}), ps.join("toy:50:abc", {})
     before, replies = ps.params.copy(), []
     t = _push_in_thread(ps, a, 1.0, replies)
@@ -280,19 +280,19 @@ def test_an_averaging_server_moves_by_the_mean_of_the_workers_steps():
     np.testing.assert_allclose(before - ps.params, (1.0 + 3.0) / 2, rtol=1e-5)
 
 
-def test_run_options_decide_the_push_scale():
+def test_run_options_decide_the_push_fraction():
     from minasgd.ps.launcher import PsOptions
-    from minasgd.ps.run import push_scale
-    assert push_scale(PsOptions(workers=4, lr_scaling="average")) == 0.25
-    assert push_scale(PsOptions(workers=4, lr_scaling="none")) == 1.0
-    assert push_scale(PsOptions(workers=4, lr_scaling="sqrt")) == 0.5
-    assert push_scale(PsOptions(workers=4, lr_scaling="average", optimizer="adagrad")) == 1.0
+    from minasgd.ps.run import push_fraction
+    assert push_fraction(PsOptions(workers=4, lr_scaling="average")) == 0.25
+    assert push_fraction(PsOptions(workers=4, lr_scaling="none")) == 1.0
+    assert push_fraction(PsOptions(workers=4, lr_scaling="sqrt")) == 0.5
+    assert push_fraction(PsOptions(workers=4, lr_scaling="average", optimizer="adagrad")) == 1.0
 
 
 def test_the_start_line_says_what_the_workers_and_the_server_do():
     from minasgd.ps.launcher import PsOptions
     from minasgd.ps.run import update_rule_words
-    ps = make_ps(push_scale=0.5, worker_config={"momentum": 0.9}, lr=0.02)
+    ps = make_ps(push_fraction=0.5, worker_config={"momentum": 0.9}, lr=0.02)
     assert update_rule_words(ps, PsOptions(workers=2)) == (
         "each worker: SGD momentum 0.9, peak lr 0.02; the server applies 1/2 of every push (--lr-scaling average)")
     ps = make_ps(momentum=0.9, worker_config={"momentum": 0.0}, lr=0.02)

@@ -201,11 +201,11 @@ def test_a_failed_write_is_counted_and_the_next_succeeds(tmp_path, monkeypatch):
 def test_an_averaging_server_applies_one_nth_of_every_push():
     """--lr-scaling average: the push scale 1/N, with and without the server's momentum; a
     scale outside (0, 1] is refused."""
-    assert UpdateRule(N, push_scale=0.5).scale(batches=4, staleness=3, lr_now=lambda: 9.0) == 0.5
+    assert UpdateRule(N, push_fraction=0.5).scale(batches=4, staleness=3, lr_now=lambda: 9.0) == 0.5
     m = 0.5
-    assert UpdateRule(N, momentum=m, push_scale=0.25).scale(3, 0, lambda: 9.0) == pytest.approx(0.25 * (1 - m**3) / (1 - m))
-    both = UpdateRule(N, push_scale=0.5, staleness_lr=True)
+    assert UpdateRule(N, momentum=m, push_fraction=0.25).scale(3, 0, lambda: 9.0) == pytest.approx(0.25 * (1 - m**3) / (1 - m))
+    both = UpdateRule(N, push_fraction=0.5, staleness_lr=True)
     assert both.scale(batches=2, staleness=2, lr_now=lambda: 9.0) == pytest.approx(0.25)
     for bad in (0.0, -0.5, 1.5, float("nan")):
-        with pytest.raises(ValueError, match="push scale"):
-            UpdateRule(N, push_scale=bad)
+        with pytest.raises(ValueError, match="push fraction"):
+            UpdateRule(N, push_fraction=bad)

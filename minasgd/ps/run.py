@@ -74,7 +74,7 @@ def create_server(cfg, opts, model, train_size, run):
     ps = ParameterServer(
         model.get_params(), model_name=model.name, fingerprint=model.fingerprint(), total_steps=total_steps,
         lr=cfg.lr if sgd else opts.adagrad_lr, warmup_steps=cfg.warmup_steps, optimizer=opts.optimizer,
-        momentum=cfg.momentum if sgd and on_server else 0.0, lr_scale=lr_scale, push_scale=push_scale(opts),
+        momentum=cfg.momentum if sgd and on_server else 0.0, lr_scale=lr_scale, push_fraction=push_fraction(opts),
         sync=opts.sync, staleness_lr=opts.lr_scaling == "staleness", expected_workers=opts.workers,
         checkpoint_path=run.model_path, checkpoint_every=opts.checkpoint_every,
         eval_every_steps=max(1, round(opts.eval_every * steps_per_epoch)),
@@ -100,7 +100,7 @@ def worker_settings(momentum, opts):
     - --momentum-at worker: `worker_momentum` (--momentum-scaling), with a staleness of
       (N - 1) x nsync mini-batches, none with --sync (a round's workers start from the same parameters).
     Then --lr-scaling workers divides the lr by N; --lr-scaling average and staleness are the
-    server's (`push_scale`: 1 / N of every push; a push of k mini-batches, s stale, is applied
+    server's (`push_fraction`: 1 / N of every push; a push of k mini-batches, s stale, is applied
     k / (k + s)) and leave the workers' lr as it is.
     """
     if opts.optimizer != "sgd":
@@ -115,7 +115,7 @@ def worker_settings(momentum, opts):
     return per_worker, lr_scale
 
 
-def push_scale(opts):
+def push_fraction(opts):
     """The fraction of every push the server applies: 1 / N with `--lr-scaling average` (the
     parameters move by the average of the N workers' displacements, each worker stepping as one
     process would); 1 / sqrt(N) with `sqrt` (between the two: sqrt(N) x the average, as the
@@ -203,7 +203,7 @@ def finish_run(cfg, opts, on_event, monitor, run, eval_model, ds, *, backend, de
     momentum, lr_scale = worker_settings(cfg.momentum, opts)
     summary = {**numbers, "backend": backend, "device": device,
                "worker_momentum": momentum, "worker_peak_lr": cfg.lr * lr_scale if opts.optimizer == "sgd" else None,
-               "push_scale": push_scale(opts),
+               "push_fraction": push_fraction(opts),
                "model": eval_model.name, "num_params": eval_model.num_params, "dataset": ds.name,
                "workers": workers or len(numbers["worker_stats"]), "nsync": opts.nsync,
                "nfetch": opts.nfetch or opts.nsync, "npush": opts.npush or opts.nsync, "address": address,
@@ -228,9 +228,13 @@ def update_rule_words(ps, opts):
     (--lr-scaling average)': what the workers and the server will do, in words."""
     if opts.optimizer != "sgd":
         return f"the server's Adagrad, lr {ps.base_lr:g}; the workers push gradient sums"
-    scale = ps.update.push_scale
-    applies = ("every push as it is" if scale == 1.0 else f"1/{round(1 / scale)} of every push"
-               if float(1 / scale).is_integer() else f"{scale:.3g} of every push")
+    fraction = ps.update.push_fraction
+    if fraction == 1.0:
+        applies = "every push as it is"
+    elif (1 / fraction).is_integer():
+        applies = f"1/{round(1 / fraction)} of every push"
+    else:
+        applies = f"{fraction:.3g} of every push"
     server_momentum = f" with momentum {ps.momentum:g}" if ps.momentum else ""
     return (f"each worker: SGD momentum {ps.worker_config.get('momentum', 0.0):.3g}, peak lr "
             f"{ps.base_lr * ps.lr_scale:.3g}; the server applies {applies}{server_momentum} "

@@ -73,15 +73,15 @@ def _part(unit, name):
 
 class ParameterServer:
     def __init__(self, params, *, model_name, fingerprint, total_steps, lr=0.02, warmup_steps=0,
-                 optimizer="sgd", momentum=0.0, lr_scale=1.0, push_scale=1.0, sync=False, staleness_lr=False,
+                 optimizer="sgd", momentum=0.0, lr_scale=1.0, push_fraction=1.0, sync=False, staleness_lr=False,
                  expected_workers=1, worker_config=None, checkpoint_path=None, checkpoint_every=60.0,
                  eval_every_steps=None, round_timeout=120.0, start_step=0):
         # The rule for a push (`minasgd.ps.update`): optimizer, scale, the checked out-of-place step.
-        # `lr_scale` is the factor on the workers' schedule, `push_scale` the fraction of a push
+        # `lr_scale` is the factor on the workers' schedule, `push_fraction` the fraction of a push
         # that is applied (`minasgd.ps.run.worker_settings`).
         params = np.array(params, dtype=np.float32, copy=True)
         self.update = UpdateRule(params.size, optimizer=optimizer, momentum=momentum,
-                                 staleness_lr=staleness_lr, lr_scale=lr_scale, push_scale=push_scale)
+                                 staleness_lr=staleness_lr, lr_scale=lr_scale, push_fraction=push_fraction)
         # The current version's parameters: read-only, and never written again (fetches send this
         # very vector). An update computes the next version into a spare and swaps the two.
         self.params = frozen(params)

@@ -1,7 +1,7 @@
 """The server's update rule, whole: how far a push moves the parameters, and the checked step.
 
     rule = UpdateRule(num_params, optimizer="sgd", momentum=0.0, staleness_lr=False, lr_scale=1.0,
-                      push_scale=1.0)
+                      push_fraction=1.0)
     scale = rule.scale(batches=4, staleness=2, lr_now=lambda: schedule(steps))
     params = rule.step(params, grad, scale, batches, in_use=lambda v: False)  # a NEW read-only vector
 
@@ -11,7 +11,7 @@ What a push means (`minasgd.ps.server` says who sends what):
   the server keeps ONE velocity of pushed displacements, decayed by m per mini-batch (m**k for a
   push of k): v = m**k v + push, w -= (1 - m**k) / (1 - m) v.
 - Adagrad: a push is a plain gradient sum, stepped at the schedule's lr now (times lr_scale).
-- `push_scale` (SGD): the fraction of every push that is applied. 1 adds each worker's steps as
+- `push_fraction` (SGD): the fraction of every push that is applied. 1 adds each worker's steps as
   they are; 1 / N (`--lr-scaling average`) moves the parameters by the average of N workers'
   displacements: model averaging, the workers stepping locally as one process does. N is the
   run's --workers, fixed for the run: a worker that leaves does not make the others' pushes count more.
@@ -58,16 +58,16 @@ class UpdateRule:
     """The server's optimizer (SGD or Adagrad), the scale of a push, and the checked step."""
 
     def __init__(self, num_params, *, optimizer="sgd", momentum=0.0, staleness_lr=False, lr_scale=1.0,
-                 push_scale=1.0):
+                 push_fraction=1.0):
         if optimizer not in ("sgd", "adagrad"):
             raise ValueError(f"unknown server optimizer {optimizer!r}; choose sgd or adagrad")
         self.name, self.num_params = optimizer, num_params
         # Weight decay is already in the pushes, so the server adds none. `momentum` is per
         # mini-batch: a push of k mini-batches decays the velocity by momentum**k.
         self.momentum, self.staleness_lr, self.lr_scale = momentum, staleness_lr, lr_scale
-        if not 0.0 < push_scale <= 1.0:
-            raise ValueError(f"the push scale must be in (0, 1], got {push_scale}")
-        self.push_scale = push_scale
+        if not 0.0 < push_fraction <= 1.0:
+            raise ValueError(f"the push fraction must be in (0, 1], got {push_fraction}")
+        self.push_fraction = push_fraction
         if optimizer == "sgd":
             if not 0.0 <= momentum < 1.0:
                 raise ValueError(f"server momentum must be in [0, 1), got {momentum}")
@@ -84,9 +84,9 @@ class UpdateRule:
         if self.name == "adagrad":
             scale = lr_now() * self.lr_scale
         elif self.momentum and batches > 1:
-            scale = self.push_scale * (1.0 - self.momentum**batches) / (1.0 - self.momentum)
+            scale = self.push_fraction * (1.0 - self.momentum**batches) / (1.0 - self.momentum)
         else:
-            scale = self.push_scale
+            scale = self.push_fraction
         if self.staleness_lr:
             scale *= batches / (batches + staleness)
         return scale
