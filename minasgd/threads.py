@@ -107,15 +107,14 @@ def cores():
 
 def chosen_threads_for_one_process(requested=None, environ=None, n_cores=None, load=None):
     """(threads, why) for a training run that is the only training process: BLAS and the
-    compiled loops (`minasgd.backends.cpu_loops`) both get this count.
+    compiled loops (`minasgd.backends.cpu_loops`) both get this count. The user's count if they
+    gave one (`threads_the_user_chose`), else the idle cores (`idle_threads`)."""
+    return threads_the_user_chose(requested, environ) or idle_threads(n_cores, load)
 
-    `requested` (`--threads N`) wins, then MINASGD_THREADS, then OPENBLAS_NUM_THREADS and the
-    like; otherwise the cores this process is given that are idle: the core count minus the
-    1-minute load average (`os.getloadavg`, the runnable processes of everyone else: this one
-    has not started yet), rounded, between 1 and the cores. An idle 8-core laptop gets 8; a
-    2-core machine with one other busy process gets 1, because multi-threaded BLAS on a core
-    someone else is using thrashes (docs/cpu.md: the measurement, quiet and loaded).
-    """
+
+def threads_the_user_chose(requested=None, environ=None):
+    """(threads, why) from `requested` (`--threads N`), else MINASGD_THREADS, else
+    OPENBLAS_NUM_THREADS and the like; None if the user named no count."""
     environ = os.environ if environ is None else environ
     if requested is not None:
         if int(requested) < 1:
@@ -127,6 +126,15 @@ def chosen_threads_for_one_process(requested=None, environ=None, n_cores=None, l
             if not value.isdigit() or int(value) < 1:
                 raise ValueError(f"{name}={value!r}: expected a whole number of threads, 1 or more")
             return int(value), f"from {name}"
+    return None
+
+
+def idle_threads(n_cores=None, load=None):
+    """(threads, why): the cores this process is given that are idle: the core count minus the
+    1-minute load average (`os.getloadavg`, the runnable processes of everyone else: this one
+    has not started yet), rounded, between 1 and the cores. An idle 8-core laptop gets 8; a
+    2-core machine with one other busy process gets 1, because multi-threaded BLAS on a core
+    someone else is using thrashes (docs/cpu.md: the measurement, quiet and loaded)."""
     n_cores = cores() if n_cores is None else n_cores
     load = os.getloadavg()[0] if load is None else load
     idle = max(0.0, n_cores - load)
@@ -162,14 +170,16 @@ def threads_for_one_process(requested=None, environ=None, n_cores=None, load=Non
 
     `make_step`: makes a function running one training step's forward and backward (called only
     when needed). When the count was not chosen by the user (flag or environment) and is above 1,
-    both 1 and that count are timed on that function at start (`measured_at_start`) and more threads are kept only if they are faster: on the
-    2-core machine docs/cpu.md measures, 2 threads were slower than 1 even when it was idle."""
+    both 1 and that count are timed on that function at start (`measured_at_start`) and more
+    threads are kept only if they are faster: on the 2-core machine docs/cpu.md measures, 2
+    threads were slower than 1 even when it was idle."""
     from .backends import cpu_loops
 
-    n, why = chosen_threads_for_one_process(requested, environ, n_cores, load)
+    chosen = threads_the_user_chose(requested, environ)
+    n, why = chosen or idle_threads(n_cores, load)
     before = cpu_loops.threads()
     try:
-        if n > 1 and make_step is not None and not why.startswith("from "):
+        if chosen is None and n > 1 and make_step is not None:
             times = measured_at_start(make_step(), n)
             best = n if times[n] < 0.95 * times[1] else 1  # a tie keeps 1 thread: less to go wrong
             why += (f"; measured at start, a step took {times[1]:.0f} ms on 1 thread and {times[n]:.0f} ms "

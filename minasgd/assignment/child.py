@@ -8,8 +8,9 @@ and calls one of:
 
     compile_check   compile every kernel of the graded kernel files that holds a solution region
                     (all of them without `regions`) for sm_90, with Numba's dead-branch pruning
-                    OFF (so no branch escapes the check), and say where each kernel's source lies. Nothing of the student's code runs: importing a merged
-                    file runs only instructor code (the student's lines are inside functions).
+                    OFF (so no branch escapes the check), and say where each kernel's source
+                    lies. Nothing of the student's code runs: importing a merged file runs only
+                    instructor code (the student's lines are inside functions).
     run_pytest      the grading tests of one task (the plugin in the folder's conftest.py
                     writes the outcomes)
     probe           what the child sees (sys.path, metadata, environment): tests of the isolation

@@ -9,9 +9,10 @@ or helper does not count, not even one in the same file as the stub.
 
 Then, for a kernel task, a child process compiles every kernel of the graded files that holds a
 region of the task (the others are the instructor's code alone) for a real GPU (sm_90, Numba's
-dead-branch pruning off, `child.compile_check`), so each region must lie inside one of them: code that compiles for a GPU cannot call NumPy, import, read the
-environment, open files or patch a checker, so the student's code in a kernel task can do
-nothing on the host but compute inside its kernel. A region that does not compile fails the
+dead-branch pruning off, `child.compile_check`), so each region must lie inside one of them:
+code that compiles for a GPU cannot call NumPy, import, read the environment, open files or
+patch a checker, so the student's code in a kernel task can do nothing on the host but
+compute inside its kernel. A region that does not compile fails the
 task with the compiler's message.
 
 Then a second child runs the task's grading tests (`task_1_1`, narrowed by the task's keyword)

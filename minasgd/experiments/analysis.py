@@ -17,7 +17,7 @@ Definitions (as in the paper, plus what one machine cannot measure):
   runs are censored only at their end. So a configuration that misses the target in some seeds
   is not judged by its lucky seeds alone (pairing only the runs that both reached the target
   would be survivorship bias); when half or more of its runs miss, its median is beyond the run
-  and the speed-up is an upper bound ("<"). The 95% intervals resample seeds (paired) with
+  ("> run" in the table) and its speed-up is 0. The 95% intervals resample seeds (paired) with
   replacement. Per-seed paired speed-ups stay in runs.csv.
 - speed-up of N workers = time to target of 1 worker / time to target of N workers, paired by
   seed (same seed, nsync and group), factorised as
