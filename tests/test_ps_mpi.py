@@ -71,7 +71,7 @@ def train(n, tmp_path, env, *extra):
 @needs_mpi
 @pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
 def test_train_over_mpi_writes_the_run(tmp_path, env, sync):
-    done = train(3, tmp_path, env, *(["--sync"] if sync else []))
+    done = train(3, tmp_path, env, "--sync" if sync else "--async")
     assert done.returncode == 0, done.stdout + done.stderr
     run = tmp_path / "run"
     assert {p.name for p in run.iterdir()} >= {"metrics.jsonl", "model.npz", "summary.json"}

@@ -143,7 +143,7 @@ def _run(tmp_path, folder, name, kill_at=None):
     port, out = _free_port(), tmp_path / name
     serve_args = ["--bind", f"127.0.0.1:{port}", "--workers", "2", "--dataset", f"folder:{folder}", "--model",
                   "micro", "--backend", "numpy", "--epochs", "150", "--batch-size", "16", "--lr", "0.005",
-                  "--checkpoint-every", "0.2", "--nsync", "4"]
+                  "--checkpoint-every", "0.2", "--async", "--nsync", "4"]
     server = _minasgd("serve", *serve_args, "--out", str(out))
     workers = [_minasgd("work", "--server", f"127.0.0.1:{port}", "--backend", "numpy", "--shard", f"{i}/2",
                         "--reconnect", "15") for i in (1, 2)]

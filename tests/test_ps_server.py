@@ -293,8 +293,31 @@ def test_the_start_line_says_what_the_workers_and_the_server_do():
     from minasgd.ps.launcher import PsOptions
     from minasgd.ps.run import update_rule_words
     ps = make_ps(push_fraction=0.5, worker_config={"momentum": 0.9}, lr=0.02)
-    assert update_rule_words(ps, PsOptions(workers=2)) == (
-        "each worker: SGD momentum 0.9, peak lr 0.02; the server applies 1/2 of every push (--lr-scaling average)")
+    assert update_rule_words(ps, PsOptions(workers=2, lr_scaling="average", sync=False)) == (
+        "each worker: SGD momentum 0.9, peak lr 0.02; the server applies 1/2 of every push, as each push arrives "
+        "(--lr-scaling average, --async)")
+    ps = make_ps(push_fraction=1.0, worker_config={"momentum": 0.9}, lr=0.02)
+    assert update_rule_words(ps, PsOptions(workers=2)) == (  # the default
+        "each worker: SGD momentum 0.9, peak lr 0.02; the server applies every push as it is, in rounds of one "
+        "push from every worker (--lr-scaling none, --sync)")
     ps = make_ps(momentum=0.9, worker_config={"momentum": 0.0}, lr=0.02)
     assert "SGD momentum 0, " in update_rule_words(ps, PsOptions(workers=2, lr_scaling="none", momentum_at="server"))
     assert "every push as it is with momentum 0.9" in update_rule_words(ps, PsOptions(workers=2, lr_scaling="none"))
+
+
+def test_workers_default_to_summed_sync_rounds_of_one_mini_batch_and_async_is_one_flag():
+    """The defaults that met the claim on both sets (docs/paper.md): `--workers N` runs rounds of one
+    mini-batch of every worker, summed (N times the batch at N times the lr); --async is the paper's mode."""
+    from minasgd.cli import build_parser
+    from minasgd.cli.train import ps_options
+
+    def opts(*argv):
+        return ps_options(build_parser().parse_args(["train", "--workers", "2", *argv]))
+
+    default = opts()
+    assert (default.sync, default.nsync, default.lr_scaling, default.momentum_scaling) == (True, 1, "none", "none")
+    assert opts("--async").sync is False and opts("--sync").sync is True
+    with pytest.raises(SystemExit):
+        opts("--sync", "--async")
+    serve = build_parser().parse_args(["serve"])
+    assert serve.sync is True and serve.nsync == 1

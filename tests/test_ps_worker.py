@@ -198,11 +198,12 @@ def test_worker_settings_say_what_lr_and_momentum_mean_with_workers():
     from minasgd.ps.launcher import PsOptions
     from minasgd.ps.run import worker_settings
 
-    m, scale = worker_settings(0.9, PsOptions(workers=2, nsync=4, lr_scaling="workers", momentum_scaling="staleness"))
+    m, scale = worker_settings(0.9, PsOptions(workers=2, nsync=4, sync=False, lr_scaling="workers",
+                                              momentum_scaling="staleness"))
     assert m == pytest.approx((5 / 6) ** 2) and scale == pytest.approx((1 - m) / 0.1 / 2)  # staleness, lr / N
-    m, scale = worker_settings(0.9, PsOptions(workers=2, nsync=1, momentum_scaling="staleness"))  # staleness 1
+    m, scale = worker_settings(0.9, PsOptions(workers=2, nsync=1, sync=False, momentum_scaling="staleness"))  # staleness 1
     assert m == pytest.approx((8 / 9) ** 2) and scale == pytest.approx((1 - m) / 0.1)
-    # the defaults: each worker steps as one process (the server averages: `push_fraction`)
+    # the defaults: each worker steps as one process (the server sums a round's pushes: `push_fraction`)
     assert worker_settings(0.9, PsOptions(workers=2)) == (0.9, 1.0)
     m, scale = worker_settings(0.9, PsOptions(workers=2, nsync=4, sync=True, lr_scaling="none",
                                               momentum_scaling="staleness"))

@@ -70,11 +70,14 @@ b.close()
 # step at the run's lr schedule for its step count, and pushes the sum of the steps it took:
 # exactly the displacement it moved. The server subtracts that sum at a fixed scale, never
 # rescaled by its own lr *now* (the schedule may have moved in between: during the warm-up
-# another worker's push can raise it 20x). `minasgd train --workers N` applies 1/N of every push
-# (`--lr-scaling average`): the parameters move by the mean of the workers' displacements, model
-# averaging, while each worker steps exactly as one process would. Summing instead
-# (`--lr-scaling none`) loses accuracy per image, even in sync rounds (docs/paper.md, "Choosing
-# the defaults"). One worker with nsync 1 follows one process's path bit for bit. The pretend
+# another worker's push can raise it 20x). Async, as here and in the paper, `--lr-scaling average`
+# applies 1/N of every push: the parameters move by the mean of the workers' displacements, model
+# averaging, while each worker steps exactly as one process would; summing stale pushes instead
+# (`--lr-scaling none`) loses accuracy per image (docs/paper.md, "Choosing the defaults"). One
+# worker with nsync 1 follows one process's path bit for bit. `minasgd train --workers N` by
+# default does not run async at all: it runs rounds (`--sync --nsync 1`), one mini-batch of every
+# worker summed, which is one process's step on N times the batch at N times the lr; on a
+# machine whose workers are equal, async saved no time and cost accuracy. The pretend
 # server below keeps the scale 1 (the sum), and each pretend push is a displacement of 0.1 per
 # parameter.
 
@@ -108,14 +111,17 @@ except Refused as e:
 # momentum, add the step it took to a running sum}, then push the sum. `nsync` trades communication for staleness: pushing
 # rarely sends less data but makes each push staler and lets workers drift apart.
 #
-# We run it as a command (what you would type), on the NumPy backend, small.
+# We run it as a command (what you would type), on the NumPy backend, small, asynchronous
+# (`--async`: without it the server would wait for both workers every round, and no push would
+# be stale).
 # (Starting worker processes from a script needs an `if __name__ == "__main__":` guard,
 # because each process re-imports the script; running the command avoids that here.)
 
 # %%
 out = C.OUT / "06_ps_run"
 shutil.rmtree(out, ignore_errors=True)
-cmd = [sys.executable, "-m", "minasgd", "train", "--workers", "2", "--nsync", "4", "--model", "tiny",
+cmd = [sys.executable, "-m", "minasgd", "train", "--workers", "2", "--async", "--nsync", "4", "--lr-scaling", "average",
+       "--model", "tiny",
        "--backend", "numpy", "--batch-size", "32", "--epochs", str(C.pick(2, 3)),
        "--dataset", f"shapes:{C.pick(640, 4000)},{C.pick(200, 1000)}",  # a small shapes set, drawn once
        "--data-root", str(C.DATA_ROOT), "--out", str(out), "--quiet", "--checkpoint-every", "0"]

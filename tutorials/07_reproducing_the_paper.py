@@ -43,7 +43,8 @@ shutil.rmtree(OUT, ignore_errors=True)
 COMMON = ["--model", "tiny", "--backend", "numpy", "--batch-size", "32", "--lr", "0.02",
           "--dataset", f"shapes:{C.pick(640, 4000)},{C.pick(200, 1000)}",
           "--data-root", str(C.DATA_ROOT), "--quiet"]
-PS = ["--nsync", "4", "--checkpoint-every", "0", "--eval-every", "0.5"]
+PS = ["--async", "--nsync", "4", "--lr-scaling", "average",  # the paper's async workers (averaged pushes)
+      "--checkpoint-every", "0", "--eval-every", "0.5"]
 
 
 def train(name, *args):

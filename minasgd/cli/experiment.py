@@ -45,7 +45,7 @@ def add_arguments(p):
     p.add_argument("--lr", type=float, help="peak learning rate, as `minasgd train --lr` (default: 0.02)")
     p.add_argument("--lr-scaling", choices=list(LR_SCALINGS),
                    help="as `minasgd train --lr-scaling` (default: none, the sum of the pushes, as the committed "
-                        "sweeps ran; `minasgd train`'s default is average)")
+                        "sweeps ran, async unless the sweep runs sync)")
     p.add_argument("--target", type=float, metavar="ACC",
                    help="test accuracy to reach, i.e. target test error 1 - ACC (default: per experiment)")
     p.add_argument("--eval-every", type=float, metavar="EPOCHS", help="epochs between test evaluations (default: 0.25)")

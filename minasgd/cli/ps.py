@@ -25,11 +25,15 @@ D = PsOptions()
 def _add_server_arguments(p, bind_default, bind_help):
     p.add_argument("--nsync", type=int, default=D.nsync,
                    help="mini-batches between a worker's syncs: nfetch = npush = nsync (default: %(default)s)")
-    p.add_argument("--sync", action="store_true",
-                   help="bulk-synchronous baseline: one update per round from one push of every worker, "
-                        "applied as async would apply them (their mean with --lr-scaling average, their sum "
-                        "with none); no staleness (with --momentum-scaling staleness each worker's momentum "
-                        "is set for staleness 0)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--sync", dest="sync", action="store_true", default=D.sync,
+                      help="rounds (the default): the server waits for one push of every worker and applies "
+                           "them together, as --lr-scaling says (their sum with none, their mean with average); "
+                           "no push is stale (with --momentum-scaling staleness each worker's momentum is set "
+                           "for staleness 0)")
+    mode.add_argument("--async", dest="sync", action="store_false",
+                      help="asynchronous SGD, as in the paper: each push is applied as it arrives, "
+                           "(N - 1) x nsync mini-batches stale on average")
     p.add_argument("--optimizer", default=D.optimizer, choices=["sgd", "adagrad"],
                    help="sgd: the workers run --lr/--momentum SGD and the server applies their steps; "
                         "adagrad: the server's Adagrad, as in Downpour SGD (--adagrad-lr; no momentum) "

@@ -236,9 +236,10 @@ def update_rule_words(ps, opts):
     else:
         applies = f"{fraction:.3g} of every push"
     server_momentum = f" with momentum {ps.momentum:g}" if ps.momentum else ""
+    when = "in rounds of one push from every worker" if opts.sync else "as each push arrives"
     return (f"each worker: SGD momentum {ps.worker_config.get('momentum', 0.0):.3g}, peak lr "
-            f"{ps.base_lr * ps.lr_scale:.3g}; the server applies {applies}{server_momentum} "
-            f"(--lr-scaling {opts.lr_scaling})")
+            f"{ps.base_lr * ps.lr_scale:.3g}; the server applies {applies}{server_momentum}, {when} "
+            f"(--lr-scaling {opts.lr_scaling}, {'--sync' if opts.sync else '--async'})")
 
 
 def ignore(event):

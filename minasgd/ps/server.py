@@ -29,8 +29,9 @@ The rules (each unit's docstring has the details):
   worker the server follows single-process training's path exactly (bit for bit at nsync 1).
   What --lr and --momentum mean with N workers is decided in one place,
   `minasgd.ps.run.worker_settings`: the workers' momentum and `lr_scale`.
-- Async (the paper): each push is applied the moment it arrives. Sync (the baseline): the SUM of
-  one push per live worker is applied as ONE update (`sync.py`: deadlines, excused workers).
+- Sync (the default of `minasgd train --workers`): the SUM of one push per live worker (scaled as
+  --lr-scaling says) is applied as ONE update (`sync.py`: deadlines, excused workers). Async (the
+  paper, `--async`): each push is applied the moment it arrives.
 - Everything about a push is checked BEFORE the parameters change (size, finiteness, version,
   npush, worker): `Refused`, and the parameters stay bit-identical, also when the result of the
   update would not be finite.

@@ -21,9 +21,10 @@ with, and the number of mini-batches in it. The server subtracts it at a fixed s
 (`--lr-scaling average`; `minasgd.ps.update`, `UpdateRule.scale`), so what the server applies is
 what the worker moved (times that scale), whatever the lr schedule did in between; with one
 worker the server's parameters follow the path of single-process training with the same --lr
-and --momentum, whatever nsync is (bit for bit at nsync 1). With N workers each push was
+and --momentum, whatever nsync is (bit for bit at nsync 1). With N async workers each push was
 computed from parameters a few mini-batches old (staleness), and the averaging server moves the
-parameters by the mean of the workers' displacements rather than their sum.
+parameters by the mean of the workers' displacements rather than their sum; in sync rounds (the
+default) no push is stale and the server adds a round's displacements up.
 
 The lr of each local step is the run's schedule (`minasgd.optim.Schedule`, sent in WELCOME)
 at the worker's estimate of the run's step count: the server's count in its last reply plus the
