@@ -77,7 +77,7 @@ b.close()
 # worker with nsync 1 follows one process's path bit for bit. `minasgd train --workers N` by
 # default does not run async at all: it runs rounds (`--sync --nsync 1`), one mini-batch of every
 # worker summed, which is one process's step on N times the batch at N times the lr; on a
-# machine whose workers are equal, async saved no time and cost accuracy. The pretend
+# machine whose workers are equal, async saved little time and cost accuracy. The pretend
 # server below keeps the scale 1 (the sum), and each pretend push is a displacement of 0.1 per
 # parameter.
 

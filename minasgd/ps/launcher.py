@@ -55,8 +55,8 @@ class PsOptions:
     npush: int | None = None
     # Rounds (the default): the server waits for one push of every worker, applies them together,
     # and replies to all; no push is stale. False (--async): each push is applied as it arrives,
-    # as in the paper. On a 2-core machine with equal workers async saved no time and cost
-    # accuracy at every setting measured (docs/paper.md, "The claim").
+    # as in the paper. On a 2-core machine with equal workers async saved little time and cost
+    # accuracy at every setting measured (docs/paper.md, "Choosing the defaults").
     sync: bool = True
     optimizer: str = "sgd"  # the server's: sgd or adagrad (Downpour SGD's)
     # Where --momentum lives: "worker" (each worker's local SGD; they push their steps) or "server"
