@@ -224,8 +224,9 @@ def server_start(address, ps, opts, workers, eval_model, ds, run):
 
 
 def update_rule_words(ps, opts):
-    """'each worker: SGD momentum 0.9, peak lr 0.02; the server applies 1/2 of every push
-    (--lr-scaling average)': what the workers and the server will do, in words."""
+    """'each worker: SGD momentum 0.9, peak lr 0.02; the server applies every push as it is, in
+    rounds of one push from every worker (--lr-scaling none, --sync)': what the workers and the
+    server will do, in words."""
     if opts.optimizer != "sgd":
         return f"the server's Adagrad, lr {ps.base_lr:g}; the workers push gradient sums"
     fraction = ps.update.push_fraction
