@@ -1,8 +1,9 @@
 """What each kernel costs the hardware, found without a GPU: compile for real GPUs, read ptxas's report.
 
 For every launch the launchers make (each module's `signatures()`: kernel, argument types, threads
-per block), `numba.cuda.compile_ptx` turns the kernel into PTX for a compute capability (NVVM,
-no driver needed) and `ptxas -v` assembles it for that GPU and reports:
+per block), Numba turns the kernel into PTX for each compute capability (`ptx_for_archs`: what
+`numba.cuda.compile_ptx` does, the arch-independent half once; NVVM, no driver needed) and
+`ptxas -v` assembles it for that GPU and reports:
 
     registers   per thread. An SM has 65,536; a block of T threads needs about regs x T of them
                 (rounded up to 256 per warp), so heavy kernels fit fewer blocks at once.
@@ -138,18 +139,59 @@ def occupancy(registers, smem, threads, arch):
                 occupancy=blocks * warps / lim["max_warps"], limit=limit)
 
 
-def compile_one(sig, arch, ptxas):
-    """Compile one signature for one arch; a row of numbers (or an `error`)."""
-    from numba import cuda
+def ptx_for_archs(sig, archs):
+    """{arch: PTX text, or the exception compiling for it raised} for one signature.
 
-    cc = (int(arch[3]), int(arch[4]))
+    Numba's front end (typing, then lowering to NVVM IR) is most of a compile; only NVVM, which
+    turns that IR into PTX, needs the arch. So the IR is made once, for the first arch, and NVVM
+    runs once per arch (`CUDACodeLibrary.get_asm_strs(cc)`, as `cuda.compile_ptx` calls it). The
+    lowering itself reads the compute capability in two places only: float64 atomic adds below
+    6.0 (none of ARCHS) and tanh under fastmath from 7.5 on. A kernel compiled with fastmath, or
+    a numba-cuda without `_compile_pyfunc_with_fixup` (compile_ptx's own first half), gets the
+    public `cuda.compile_ptx` once per arch instead: the same PTX, three times the work."""
+    from numba import cuda
+    from numba.cuda import compiler
+
+    fn, options = sig.kernel.py_func, getattr(sig.kernel, "targetoptions", {})
+    bounds = options.get("launch_bounds")  # as the kernel's cuda.jit says
+    ccs = {arch: (int(arch[3]), int(arch[4])) for arch in archs}
+    lower = getattr(compiler, "_compile_pyfunc_with_fixup", None)
+    out = {}
+    if lower is None or options.get("fastmath"):
+        for arch, cc in ccs.items():
+            try:
+                with _offline_device(cc):
+                    out[arch] = cuda.compile_ptx(fn, sig.argtypes, cc=cc, launch_bounds=bounds)[0]
+            except Exception as e:  # noqa: BLE001 - the message is the result
+                out[arch] = e
+        return out
+    from numba.core.compiler_lock import global_compiler_lock
+
+    first = ccs[archs[0]]
+    try:
+        with global_compiler_lock, _offline_device(first):
+            library, _ = lower(fn, sig.argtypes, device=False, abi="numba", cc=first, launch_bounds=bounds)
+    except Exception as e:  # noqa: BLE001 - every arch fails the same way
+        return {arch: e for arch in archs}
+    for arch, cc in ccs.items():
+        try:
+            with global_compiler_lock:
+                (out[arch],) = library.get_asm_strs(cc=cc)
+        except Exception as e:  # noqa: BLE001
+            out[arch] = e
+    return out
+
+
+def compile_one(sig, archs, ptxas):
+    """Compile one signature for each arch: a row of numbers (or an `error`) per arch."""
+    return [_row(sig, arch, ptx, ptxas) for arch, ptx in ptx_for_archs(sig, archs).items()]
+
+
+def _row(sig, arch, ptx, ptxas):
     row = dict(name=sig.name, version=sig.version, kernel=sig.kernel.py_func.__name__, arch=arch,
                threads=sig.threads, argtypes=[str(t) for t in sig.argtypes])
-    bounds = getattr(sig.kernel, "targetoptions", {}).get("launch_bounds")  # as the kernel's cuda.jit says
-    try:
-        with _offline_device(cc):
-            ptx, _ = cuda.compile_ptx(sig.kernel.py_func, sig.argtypes, cc=cc, launch_bounds=bounds)
-    except Exception as e:  # noqa: BLE001 - the message is the result
+    if isinstance(ptx, Exception):
+        e = ptx
         text = " ".join(str(e).split())
         if "nvrtc" in text.lower() or "nvvm" in text.lower() or "driver library" in text.lower():
             raise ToolchainMissing(f"{MISSING} ({text[:200]})") from e
@@ -182,7 +224,7 @@ def compile_all(archs=ARCHS):
     ptxas = ptxas_path()
     if ptxas is None:
         raise ToolchainMissing(MISSING + " (no ptxas found)")
-    return [compile_one(sig, arch, ptxas) for sig in all_signatures() for arch in archs]
+    return [row for sig in all_signatures() for row in compile_one(sig, tuple(archs), ptxas)]
 
 
 def report(archs=ARCHS):

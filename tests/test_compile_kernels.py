@@ -103,6 +103,51 @@ def test_every_kernel_compiles_for_real_gpus(compiled):
                     "the CUDA 12 one CI uses does: pip install -e \".[gpu-compile]\"")
 
 
+# Run with the simulator off: ptx_for_archs' PTX against compile_ptx's, arch by arch, for a kernel with
+# shared memory and launch bounds (the tiled conv).
+SAME_PTX = """
+import json, re, sys
+from numba import cuda
+from minasgd.kernels import resources as r
+names = ("conv2d_forward_tiled 8x8",)
+def norm(ptx):  # the names Numba numbers per compile (mangled functions, shared arrays)
+    return re.sub(r"_cudapy_smem_\\d+", "SMEM", re.sub(r"_ZN\\w+", "NAME", ptx))
+out = []
+for sig in [s for s in r.all_signatures() if s.name in names]:
+    once = r.ptx_for_archs(sig, r.ARCHS)
+    for arch in r.ARCHS:
+        cc = (int(arch[3]), int(arch[4]))
+        try:
+            with r.offline_device(cc):
+                alone = cuda.compile_ptx(sig.kernel.py_func, sig.argtypes, cc=cc,
+                                         launch_bounds=sig.kernel.targetoptions.get("launch_bounds"))[0]
+        except Exception as e:
+            print(json.dumps({"missing": str(e)[:300]}))
+            sys.exit(0)
+        out.append([sig.name, arch, isinstance(once[arch], str) and norm(once[arch]) == norm(alone)])
+print(json.dumps({"missing": "", "same": out}))
+"""
+
+
+def test_one_front_end_for_every_arch_gives_compile_ptx_s_ptx():
+    """The compile check lowers each kernel once and runs NVVM per arch (`ptx_for_archs`, half the
+    time of a compile_ptx per arch): the PTX must be compile_ptx's, arch by arch."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    done = subprocess.run([sys.executable, "-c", SAME_PTX], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if result["missing"]:
+        if os.environ.get("MINASGD_REQUIRE_PTXAS") == "1":
+            pytest.fail(f"MINASGD_REQUIRE_PTXAS=1 but {result['missing']}")
+        pytest.skip(result["missing"])
+    assert len(result["same"]) == len(resources.ARCHS)
+    assert all(same for _, _, same in result["same"]), result["same"]
+
+
 # ---------------------------------------------------------------- the checks can fail
 
 def test_problems_flags_each_failure():
