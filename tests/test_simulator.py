@@ -2,6 +2,8 @@
 the simulator's meaning: barriers release a block only when all of its threads reached them,
 and an exception in one thread stops the launch, naming the thread."""
 
+import types
+
 import numpy as np
 import pytest
 from numba import config, cuda, float32
@@ -52,3 +54,67 @@ def fails_in_thread_5(x):
 def test_an_exception_in_one_thread_stops_the_launch_and_names_it():
     with pytest.raises(IndexError, match=r"tid=\[5, 0, 0\] ctaid=\[0, 0, 0\]"):
         fails_in_thread_5[1, 8](cuda.device_array(8, np.float32))
+
+
+# ---------------------------------------------------------------- kernels without a barrier: one thread after another
+
+@cuda.jit
+def where_am_i(out):
+    """out[block, thread] = 1000 * blockIdx.x + threadIdx.x + 100 * threadIdx.y: each thread must see its own indices."""
+    t = cuda.threadIdx.x + cuda.blockDim.x * cuda.threadIdx.y
+    out[cuda.blockIdx.x, t] = float32(1000 * cuda.blockIdx.x + cuda.threadIdx.x + 100 * cuda.threadIdx.y)
+
+
+def test_a_kernel_without_a_barrier_runs_in_order_and_each_thread_sees_its_own_index():
+    assert not simulator.waits_for_other_threads(where_am_i.py_func)
+    out = cuda.to_device(np.full((3, 15), np.nan, np.float32))
+    where_am_i[3, (5, 3)](out)
+    b, ty, tx = np.meshgrid(np.arange(3), np.arange(3), np.arange(5), indexing="ij")
+    np.testing.assert_array_equal(out.copy_to_host(), (1000 * b + tx + 100 * ty).reshape(3, 15).astype(np.float32))
+
+
+@cuda.jit
+def fails_in_thread_6_without_a_barrier(x):
+    t = cuda.threadIdx.x
+    if t == 6:
+        x[100] = 1  # out of bounds
+    x[t] = t
+
+
+def test_an_exception_in_a_kernel_without_a_barrier_names_its_thread():
+    with pytest.raises(IndexError, match=r"tid=\[6, 0, 0\] ctaid=\[0, 0, 0\]"):
+        fails_in_thread_6_without_a_barrier[1, 8](cuda.device_array(8, np.float32))
+
+
+@cuda.jit(device=True)
+def wait_for_the_block():
+    cuda.syncthreads()
+
+
+@cuda.jit(device=True)
+def add_one(v):
+    return v + float32(1)
+
+
+def test_a_barrier_is_found_in_the_kernel_and_in_the_device_functions_it_calls():
+    def direct(x):
+        cuda.syncthreads()
+
+    def through_a_device_function(x):
+        x[0] = add_one(x[0])
+        wait_for_the_block()
+
+    def counting(x):
+        x[0] = cuda.syncthreads_count(1)
+
+    def none(x):
+        x[0] = add_one(x[cuda.grid(1)])
+
+    for fn in (direct, through_a_device_function, counting):
+        assert simulator.waits_for_other_threads(fn), fn.__name__
+    assert not simulator.waits_for_other_threads(none)
+    helpers = types.ModuleType("helpers")  # a device function reached as a module's attribute: helpers.wait()
+    helpers.wait = wait_for_the_block
+    namespace = {"helpers": helpers}
+    exec("def via_a_module(x):\n    helpers.wait()\n", namespace)
+    assert simulator.waits_for_other_threads(namespace["via_a_module"])
