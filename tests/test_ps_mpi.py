@@ -3,7 +3,7 @@
 Every test launches `mpiexec -n 2|3` as a subprocess with a timeout (the pytest process itself
 never initializes MPI). They need the MPI extra, `pip install -e ".[mpi]"` (mpi4py and an MPI
 with `mpiexec`, e.g. the mpich wheel), and are skipped with that reason when it is missing
-(unless MINASGD_REQUIRE_MPI=1, as in CI's MPI job: then they fail). The
+(unless MINASGD_REQUIRE_MPI=1, as in CI: then they fail). The
 dataset is a tiny shapes set and the model `micro`, so each job takes a few seconds.
 """
 
@@ -37,7 +37,7 @@ def _mpi_missing():
 
 
 MISSING = _mpi_missing()
-REQUIRED = os.environ.get("MINASGD_REQUIRE_MPI") == "1"  # CI's MPI job: a missing MPI fails, never skips
+REQUIRED = os.environ.get("MINASGD_REQUIRE_MPI") == "1"  # CI: a missing MPI fails, never skips
 needs_mpi = pytest.mark.skipif(MISSING is not None and not REQUIRED,
                                reason=f"the MPI extra is not installed ({MISSING}): pip install -e '.[mpi]'")
 
