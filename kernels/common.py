@@ -3,7 +3,7 @@
 Most kernels here loop with a *grid stride*: thread `i` handles elements i, i + G, i + 2G, ...
 where G is the number of threads in the grid. Any grid then covers any size, so launchers can
 pick a modest grid: on a GPU enough blocks to fill the chip, on the CUDA simulator (which runs
-every thread as a Python thread, ~0.2 ms each) just two small blocks.
+every thread in Python) just two small blocks.
 """
 
 import math

@@ -1,38 +1,47 @@
-"""Numba's CUDA simulator, made cheaper to run: fewer Python threads, and barriers that count.
+"""Numba's CUDA simulator, made cheaper to run: fewer Python threads, and barriers as steps.
 
 The simulator runs each block's threads as Python threads, and its `BlockManager.run` watches
 them in a loop: every round it asks each thread whether it waits at `cuda.syncthreads()` or has
-finished, and releases the barrier once every live thread waits there. That loop never lets go
-of the GIL by itself, and starting a Python thread costs about 0.3 ms of CPU: a launch of 1,536
-threads that each write one element took 0.4 s.
+finished, and releases the barrier once every live thread waits there. Starting a Python thread
+costs about 0.3 ms of CPU and each barrier a switch of every thread, so a launch of 1,536
+threads that each write one element took 0.4 s, and a 16 x 16 tiled GEMM of 33 x 37 x 29
+(1,536 threads, 6 barriers each) 2.1 s.
 
-`run_block`, swapped in for `BlockManager.run`, runs a block one of two ways:
+`run_block`, swapped in for `BlockManager.run`, runs a block the cheapest of three ways:
 
     in order    a kernel that never makes threads wait for each other (no barrier, no warp-level
                 call in it or in a device function it calls: `waits_for_other_threads`, read from
                 its code) runs its threads one after another in one Python thread. Without a
-                barrier that is an order a GPU may choose too. Each CUDA thread still has a
-                BlockThread of its own, so threadIdx, the race checker and the memory profiler
-                see what they see in the other mode. The 1,536 one-element writes: 0.03 s.
+                barrier that is an order a GPU may choose too. The 1,536 writes: 0.03 s.
+    in steps    a kernel whose only waits are `cuda.syncthreads()` statements of its own is
+                rewritten once as a generator (`stepped_kernel`: each such statement becomes
+                `yield`, same file and lines), and its threads run in turns in one Python
+                thread: each to its next barrier, then all pass it together. The tiled GEMM:
+                0.25 s. (Not while the memory profiler watches: it traces Python threads.)
     together    any other kernel runs as the simulator runs it, one Python thread per CUDA
                 thread, with a `Barrier` that counts its arrivals: the last live thread to reach
-                `cuda.syncthreads()` wakes the others, a thread that returns counts as gone (as
-                in the simulator: a barrier waits only for the threads still running), and the
-                block's manager sleeps until every thread has finished or one has raised.
+                `cuda.syncthreads()` wakes the others, and the block's manager sleeps until every
+                thread has finished or one has raised.
 
-Same results either way; an exception stops the launch and names its thread. A kernel that
-spins on another thread of its block (a lock taken with atomics) would wait forever in order,
-as it may on a GPU: none of ours does.
+In every way each CUDA thread has a BlockThread of its own (so `cuda.threadIdx`, the race
+checker and the memory profiler see what they always saw), a barrier waits only for the threads
+still running (as in the simulator), and an exception stops the launch, naming its thread. A
+kernel that spins on another thread of its block (a lock taken with atomics) would wait forever
+in order or in steps, as it may on a GPU: none of ours does.
 
 `install()` swaps in `run_block` and `syncthreads` (once; `common` calls it when the simulator
 is on). They use the thread attributes the simulator has had since it exists (`exception`,
 `abort`, `_manager`) and `threading._active`, where `threading.current_thread()` looks; a
 simulator without them keeps its own loop, slower but just as correct. The race checker and the
 memory profiler (racecheck.py, memprofile.py) patch other pieces (the launch, shared arrays,
-atomics) and wrap this `syncthreads`; they work the same either way.
+atomics) and wrap this `syncthreads`; they work the same in every way.
 """
 
+import ast
 import functools
+import inspect
+import sys
+import textwrap
 import threading
 import types
 
@@ -105,37 +114,173 @@ def _names(code):
     return names
 
 
-@functools.lru_cache(maxsize=None)
-def waits_for_other_threads(fn):
-    """Whether the kernel `fn`, or a device function it calls, names a barrier or a warp-level call.
+def _names_wait(names):
+    return any(part in name for name in names for part in _WAITING_PARTS) or bool(set(_WAITING_NAMES) & names)
 
-    Read from the code, never run: every name the code uses (`_names`), and every device function
-    it can reach by those names, as a global, a closure variable or an attribute of a module it
-    uses (`common.helper(...)`)."""
+
+def _device_functions(fn):
+    """The device functions `fn` can reach by the names its code uses: as a global, a closure
+    variable or an attribute of a module it uses (`common.helper(...)`)."""
     from numba.cuda.simulator.kernel import FakeCUDAKernel
 
     names = _names(fn.__code__)
-    if any(part in name for name in names for part in _WAITING_PARTS) or set(_WAITING_NAMES) & names:
-        return True
     cells = dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
     scope = {**fn.__globals__, **cells}
     modules = [v for v in scope.values() if isinstance(v, types.ModuleType)]
     for name in names:
         for value in [scope.get(name)] + [getattr(m, name, None) for m in modules]:
-            if isinstance(value, FakeCUDAKernel) and value._device and waits_for_other_threads(value.fn):
-                return True
-    return False
+            if isinstance(value, FakeCUDAKernel) and value._device:
+                yield value.fn
+
+
+@functools.lru_cache(maxsize=None)
+def waits_for_other_threads(fn):
+    """Whether the kernel `fn`, or a device function it calls, names a barrier or a warp-level call.
+    Read from the code, never run."""
+    return _names_wait(_names(fn.__code__)) or any(waits_for_other_threads(d) for d in _device_functions(fn))
 
 
 def run_block(self, grid_point, *args):
-    """BlockManager.run: a kernel that has threads wait for each other (`waits_for_other_threads`)
-    runs its block as the simulator does, one Python thread per CUDA thread (`_run_together`);
-    any other runs the block's threads one after another (`_run_in_order`): without a barrier,
-    one after another is an order a GPU may choose, and it starts one Python thread, not 256."""
-    if waits_for_other_threads(self._f):
-        _run_together(self, grid_point, args)
-    else:
+    """BlockManager.run: the cheapest of three ways that gives the simulator's results.
+
+    A kernel whose threads never wait for each other (`waits_for_other_threads`) runs them one
+    after another (`_run_in_order`). One whose only waits are its own `cuda.syncthreads()`
+    statements runs them in steps (`_run_in_steps`), unless the memory profiler watches (it traces
+    each Python thread). Any other runs them together, one Python thread each (`_run_together`)."""
+    from numba.cuda.simulator.kernel import BlockThread
+
+    if not waits_for_other_threads(self._f):
         _run_in_order(self, grid_point, args)
+        return
+    stepped = stepped_kernel(self._f)
+    if stepped is not None and BlockThread.run is _SIMULATOR_RUN[0]:
+        _run_in_steps(self, grid_point, args, stepped)
+    else:
+        _run_together(self, grid_point, args)
+
+
+_SIMULATOR_RUN = [None]  # BlockThread.run as the simulator has it (install() keeps it); a patched one watches
+
+
+class _Passed:
+    """The barrier of a block run in steps: every live thread has reached it when syncthreads runs."""
+
+    def wait(self):
+        pass
+
+
+@functools.lru_cache(maxsize=None)
+def stepped_kernel(fn):
+    """`fn` rewritten as a generator function: each `cuda.syncthreads()` statement becomes `yield`
+    (same file, same line numbers, same globals and closure values), or None when that would not
+    be the same kernel: no barrier statement, another waiting call left (syncthreads_count,
+    syncwarp ...), a device function that waits, or no source to read."""
+    try:
+        lines, first = inspect.getsourcelines(fn)
+    except (OSError, TypeError):
+        return None
+    tree = ast.parse(textwrap.dedent("".join(lines)))
+    kernel = tree.body[0] if tree.body else None
+    if not isinstance(kernel, ast.FunctionDef) or any(waits_for_other_threads(d) for d in _device_functions(fn)):
+        return None
+    kernel.lineno = min([kernel.lineno] + [d.lineno for d in kernel.decorator_list])  # as Python counts it
+    kernel.decorator_list = []
+    barriers = _BarrierToYield()
+    kernel.body = [barriers.visit(statement) for statement in kernel.body]
+    left = {n.id for n in ast.walk(kernel) if isinstance(n, ast.Name)} | \
+        {n.attr for n in ast.walk(kernel) if isinstance(n, ast.Attribute)}
+    if not barriers.count or _names_wait(left) or any(isinstance(n, ast.Yield) for n in ast.walk(kernel)
+                                                           if n not in barriers.made):
+        return None
+    freevars = fn.__code__.co_freevars
+    make = ast.FunctionDef(name="_make", args=ast.arguments(posonlyargs=[], args=[ast.arg(v) for v in freevars],
+                                                            kwonlyargs=[], kw_defaults=[], defaults=[]),
+                           body=[kernel, ast.Return(ast.Name(kernel.name, ast.Load()))], decorator_list=[])
+    module = ast.fix_missing_locations(ast.Module(body=[make], type_ignores=[]))
+    ast.increment_lineno(module, first - 1)
+    namespace = {}
+    exec(compile(module, fn.__code__.co_filename, "exec"), fn.__globals__, namespace)
+    stepped = namespace["_make"](*(c.cell_contents for c in fn.__closure__ or ()))
+    stepped.__defaults__ = fn.__defaults__
+    return stepped if inspect.isgeneratorfunction(stepped) else None
+
+
+class _BarrierToYield(ast.NodeTransformer):
+    """`cuda.syncthreads()` (or `syncthreads()`) as a statement -> `yield`; nested functions untouched."""
+
+    def __init__(self):
+        self.count, self.made = 0, []
+
+    def visit_Expr(self, node):
+        call = node.value
+        if isinstance(call, ast.Call) and not call.args and not call.keywords and (
+                isinstance(call.func, ast.Attribute) and call.func.attr == "syncthreads"
+                or isinstance(call.func, ast.Name) and call.func.id == "syncthreads"):
+            self.count += 1
+            self.made.append(ast.Yield(value=None))
+            return ast.copy_location(ast.Expr(value=self.made[-1]), node)
+        return node
+
+    def visit_FunctionDef(self, node):
+        return node
+
+    visit_AsyncFunctionDef = visit_Lambda = visit_FunctionDef
+
+
+def _run_in_steps(self, grid_point, args, stepped):
+    """The block's threads in turns, in one Python thread: each runs to its next barrier (a `yield`
+    of `stepped_kernel`) or its end; once every live thread is at the barrier, each passes it
+    (`BlockThread.syncthreads`, which the race checker counts) and the next step starts. Each CUDA
+    thread has a BlockThread of its own, as in `_run_in_order`. The first exception stops the
+    launch, named like the simulator names it."""
+    from numba.cuda.simulator.kernel import BlockThread
+
+    self.barrier = _Passed()
+    failed = []
+
+    def in_steps():
+        me = threading.get_ident()
+        runner = threading._active[me]
+        try:
+            live = []
+            for block_point in np.ndindex(*self._block_dim):
+                t = BlockThread(_nothing, self, grid_point, block_point, self._debug)
+                live.append((t, stepped(*args)))
+            while live:
+                arrived = []
+                for t, steps in live:
+                    threading._active[me] = t
+                    try:
+                        next(steps)
+                        arrived.append((t, steps))
+                    except StopIteration:
+                        pass
+                    except Exception as e:  # noqa: BLE001 - named and raised by the launch, as BlockThread.run does
+                        failed.append(_named(e, t))
+                        return
+                for t, _ in arrived:
+                    threading._active[me] = t
+                    BlockThread.syncthreads(t)
+                live = arrived
+        finally:
+            threading._active[me] = runner
+
+    worker = threading.Thread(target=in_steps, daemon=True)
+    worker.start()
+    worker.join()
+    if failed:
+        raise failed[0][0].with_traceback(failed[0][1])
+
+
+def _nothing():
+    pass
+
+
+def _named(e, t):
+    """(exception, traceback) with the thread named as BlockThread.run names it."""
+    tid, ctaid = f"tid={list(t.threadIdx)}", f"ctaid={list(t.blockIdx)}"
+    message = f"{tid} {ctaid}" if str(e) == "" else f"{tid} {ctaid}: {e}"
+    return type(e)(message), sys.exc_info()[2]
 
 
 def _run_in_order(self, grid_point, args):
@@ -210,6 +355,7 @@ def install():
     looks_as_expected = all(hasattr(probe, a) for a in _THREAD_ATTRIBUTES)
     if not looks_as_expected or not isinstance(getattr(threading, "_active", None), dict):
         return False
+    _SIMULATOR_RUN[0] = kernel.BlockThread.run
     kernel.BlockManager.run = run_block
     kernel.BlockThread.syncthreads = syncthreads
     return True

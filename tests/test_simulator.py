@@ -1,6 +1,7 @@
-"""kernels/simulator.py: the simulator's block loop that yields the GIL is in use, and it keeps
-the simulator's meaning: barriers release a block only when all of its threads reached them,
-and an exception in one thread stops the launch, naming the thread."""
+"""kernels/simulator.py: its block loop is in use, and in each of its three ways to run a block
+(in order, in steps, together) it keeps the simulator's meaning: each thread sees its own
+indices, barriers release a block only when all of its threads reached them, and an exception
+in one thread stops the launch, naming the thread."""
 
 import types
 
@@ -35,10 +36,31 @@ def rotate_twice(x, out):
     out[cuda.blockIdx.x * 16 + t] = tile[t]
 
 
-def test_barriers_hold_every_thread_of_the_block():
+@cuda.jit(device=True)
+def wait_for_the_block():
+    cuda.syncthreads()
+
+
+@cuda.jit
+def rotate_twice_waiting_in_a_device_function(x, out):
+    """rotate_twice, its barriers in a device function: run together, one Python thread per CUDA thread."""
+    t = cuda.threadIdx.x
+    tile = cuda.shared.array(16, float32)
+    tile[t] = x[cuda.blockIdx.x * 16 + t]
+    for _ in range(2):
+        wait_for_the_block()
+        v = tile[(t + 1) % 16]
+        wait_for_the_block()
+        tile[t] = v
+    out[cuda.blockIdx.x * 16 + t] = tile[t]
+
+
+@pytest.mark.parametrize("rotate, in_steps", [(rotate_twice, True), (rotate_twice_waiting_in_a_device_function, False)])
+def test_barriers_hold_every_thread_of_the_block(rotate, in_steps):
+    assert (simulator.stepped_kernel(rotate.py_func) is not None) == in_steps
     x = np.arange(48, dtype=np.float32)
-    out = cuda.device_array(48, np.float32)
-    rotate_twice[3, 16](cuda.to_device(x), out)
+    out = cuda.to_device(np.full(48, np.nan, np.float32))
+    rotate[3, 16](cuda.to_device(x), out)
     np.testing.assert_array_equal(out.copy_to_host(), np.roll(x.reshape(3, 16), -2, axis=1).ravel())
 
 
@@ -51,9 +73,41 @@ def fails_in_thread_5(x):
     x[t] = t
 
 
-def test_an_exception_in_one_thread_stops_the_launch_and_names_it():
+@cuda.jit
+def fails_in_thread_5_after_a_device_barrier(x):
+    t = cuda.threadIdx.x
+    wait_for_the_block()
+    if t == 5:
+        x[100] = 1  # out of bounds
+    x[t] = t
+
+
+@pytest.mark.parametrize("kernel", [fails_in_thread_5, fails_in_thread_5_after_a_device_barrier])
+def test_an_exception_in_one_thread_stops_the_launch_and_names_it(kernel):
     with pytest.raises(IndexError, match=r"tid=\[5, 0, 0\] ctaid=\[0, 0, 0\]"):
-        fails_in_thread_5[1, 8](cuda.device_array(8, np.float32))
+        kernel[1, 8](cuda.device_array(8, np.float32))
+
+
+def test_a_kernel_in_steps_is_the_same_code_at_the_same_lines():
+    """Each syncthreads statement became a yield; file and line numbers are the kernel's (the race
+    checker, the memory profiler and the simulator's shared arrays go by them)."""
+    stepped = simulator.stepped_kernel(rotate_twice.py_func)
+    code, original = stepped.__code__, rotate_twice.py_func.__code__
+    assert (code.co_filename, code.co_firstlineno) == (original.co_filename, original.co_firstlineno)
+    assert sorted({line for _, _, line in code.co_lines() if line}) == \
+        sorted({line for _, _, line in original.co_lines() if line})
+
+
+def test_only_barrier_statements_of_the_kernel_itself_are_stepped():
+    def counting(x):
+        x[0] = cuda.syncthreads_count(1)  # a value from every thread: together
+
+    def both(x):
+        cuda.syncthreads()
+        cuda.syncwarp()
+
+    assert simulator.stepped_kernel(counting) is None and simulator.stepped_kernel(both) is None
+    assert simulator.stepped_kernel(rotate_twice_waiting_in_a_device_function.py_func) is None
 
 
 # ---------------------------------------------------------------- kernels without a barrier: one thread after another
@@ -84,11 +138,6 @@ def fails_in_thread_6_without_a_barrier(x):
 def test_an_exception_in_a_kernel_without_a_barrier_names_its_thread():
     with pytest.raises(IndexError, match=r"tid=\[6, 0, 0\] ctaid=\[0, 0, 0\]"):
         fails_in_thread_6_without_a_barrier[1, 8](cuda.device_array(8, np.float32))
-
-
-@cuda.jit(device=True)
-def wait_for_the_block():
-    cuda.syncthreads()
 
 
 @cuda.jit(device=True)

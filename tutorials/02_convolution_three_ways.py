@@ -126,7 +126,7 @@ print(f"for alexnet-mini conv1 at batch 128 cols would hold {c1 * r1 * r1} x {n1
 # (virtual) im2col matrix in shared memory, each thread computing which pixel, or padding
 # zero, its entry is. Every loaded value is then used 16 times. Tutorial 3 explains tiling.
 #
-# On the simulator every thread is a Python thread, so small shapes only. (The naive kernel
+# On the simulator every thread runs in Python, so small shapes only. (The naive kernel
 # happens to be the cheap one to *simulate*: its launcher uses only 64 threads there.)
 
 # %%

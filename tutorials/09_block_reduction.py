@@ -41,11 +41,12 @@ rng = np.random.default_rng(0)
 # One block of 8 threads sums 8 numbers; after each halving step it copies its shared partials
 # to a row of `steps`, so we can watch the tree. The barrier after each step matters: in step
 # 2, thread 0 reads partial[2], which thread 2 wrote in step 1. Without the barrier thread 0
-# may read it before thread 2 has written it (a *read-after-write race*). The simulator runs a
-# block's threads as Python threads that take turns at unpredictable points, so a tree without
-# its barriers gives a different sum from launch to launch, often a wrong one but not always.
-# Whether a launch shows the bug is luck, on the simulator as on a GPU; a race checker (which
-# watches who touches what between barriers) reports it on every launch.
+# may read it before thread 2 has written it (a *read-after-write race*). On a GPU a tree
+# without its barriers gives a different sum from launch to launch, often a wrong one but not
+# always: whether a launch shows the bug is luck. The simulator runs the threads of a kernel
+# with no barrier one after another (`kernels/simulator.py`), which shows this bug on every
+# launch but hides others; a race checker (which watches who touches what between barriers)
+# reports every one of them on every launch.
 #
 # The tree's halving loop is an exercise (task 7.1): a student copy has a stub there, and the
 # check cell below says whether yours is right.
@@ -122,10 +123,10 @@ print(f"two blocks add {block_totals[0]:.0f} and {block_totals[1]:.0f} with a pl
       f"out = {out[0]:.0f} (should be {block_totals.sum():.0f})")
 
 # %% [markdown]
-# On the simulator a lost update almost never shows: its threads take turns, and a turn rarely
-# ends between the read and the write of a `+=`, so the count below usually comes out right. A
-# missing barrier shows there on the launches where the thread order happens to expose it: for
-# the shift below that is every launch, for a tree it is some launches, for other kernels none.
+# On the simulator a lost update never shows: a kernel without a barrier runs its threads one
+# after another there, so no thread comes between the read and the write of another's `+=`, and
+# the count below comes out right. A missing barrier shows there when that order exposes it:
+# for the shift below that is every launch, for other kernels none.
 # `kernels/racecheck.py` watches who reads and writes each element between barriers instead of
 # the result, and reports both on every launch. Two tiny kernels, each in a plain and a correct
 # version: 64 threads counting into one number, and threads reading a neighbour's shared slot;
