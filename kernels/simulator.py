@@ -153,13 +153,15 @@ def run_block(self, grid_point, *args):
         _run_in_order(self, grid_point, args)
         return
     stepped = stepped_kernel(self._f)
-    if stepped is not None and BlockThread.run is _SIMULATOR_RUN[0]:
+    if stepped is not None and BlockThread.run is NUMBA_OWN.get("BlockThread.run"):
         _run_in_steps(self, grid_point, args, stepped)
     else:
         _run_together(self, grid_point, args)
 
 
-_SIMULATOR_RUN = [None]  # BlockThread.run as the simulator has it (install() keeps it); a patched one watches
+# The simulator's own methods as install() found them: a BlockThread.run other than its own is
+# the memory profiler's, which watches; docs/results/suite-times/simulator_cost.py times both loops.
+NUMBA_OWN = {}
 
 
 class _Passed:
@@ -355,7 +357,8 @@ def install():
     looks_as_expected = all(hasattr(probe, a) for a in _THREAD_ATTRIBUTES)
     if not looks_as_expected or not isinstance(getattr(threading, "_active", None), dict):
         return False
-    _SIMULATOR_RUN[0] = kernel.BlockThread.run
+    NUMBA_OWN.update({"BlockManager.run": kernel.BlockManager.run, "BlockThread.run": kernel.BlockThread.run,
+                      "BlockThread.syncthreads": kernel.BlockThread.syncthreads})
     kernel.BlockManager.run = run_block
     kernel.BlockThread.syncthreads = syncthreads
     return True

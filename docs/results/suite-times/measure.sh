@@ -2,7 +2,9 @@
 # One timed `.ci/run` of a commit, from a clean clone, as CI runs it (CI=true, no standard input).
 # Appends one JSON line to results.jsonl beside this script: the commit, the machine, the load
 # average before and after, the whole run's wall and CPU seconds, and each pytest run's closing
-# line (its count and its own wall time: the suite as the README's test command runs it).
+# line (its count and its own wall time: the suite as the README's test command runs it), and the
+# tests that failed. Run it where SIGINT and SIGHUP are not ignored (not under nohup, not as `cmd &`
+# from a script): the tests of the server's stop signals send them, and an ignored one stays ignored.
 #   docs/results/suite-times/measure.sh COMMIT [LABEL]
 #   python docs/results/suite-times/table.py      # the markdown table (docs/cpu.md)
 set -euo pipefail
@@ -30,7 +32,8 @@ cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.start
 print(json.dumps({"label": label, "commit": commit, "date_utc": datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M"),
                   "cores": len(os.sched_getaffinity(0)), "cpu": cpu, "load_before": float(before),
                   "load_after": float(after), "exit": int(status), "ci_wall_seconds": wall,
-                  "ci_cpu_seconds": round(user + system, 1), "pytest_runs": runs}))
+                  "ci_cpu_seconds": round(user + system, 1), "pytest_runs": runs,
+                  "failed": re.findall(r"^FAILED (\S+)", text, re.M)}))
 PY
 tail -1 "$here/results.jsonl"
 rm -rf "$work"
