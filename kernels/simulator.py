@@ -5,7 +5,7 @@ them in a loop: every round it asks each thread whether it waits at `cuda.syncth
 finished, and releases the barrier once every live thread waits there. Starting a Python thread
 costs about 0.3 ms of CPU and each barrier a switch of every thread, so a launch of 1,536
 threads that each write one element took 0.4 s, and a 16 x 16 tiled GEMM of 33 x 37 x 29
-(1,536 threads, 6 barriers each) 2.1 s.
+(1,536 threads, 6 barriers each) 2.1 s (docs/results/suite-times/simulator_cost.md: both loops).
 
 `run_block`, swapped in for `BlockManager.run`, runs a block the cheapest of three ways:
 
