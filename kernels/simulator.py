@@ -238,40 +238,51 @@ def _run_in_steps(self, grid_point, args, stepped):
     from numba.cuda.simulator.kernel import BlockThread
 
     self.barrier = _Passed()
-    failed = []
 
-    def in_steps():
+    def in_steps(become):
+        live = []
+        for block_point in np.ndindex(*self._block_dim):
+            t = BlockThread(_nothing, self, grid_point, block_point, self._debug)
+            live.append((t, stepped(*args)))
+        while live:
+            arrived = []
+            for t, steps in live:
+                become(t)
+                try:
+                    next(steps)
+                    arrived.append((t, steps))
+                except StopIteration:
+                    pass
+                except Exception as e:  # noqa: BLE001 - named and raised by the launch, as BlockThread.run does
+                    return _named(e, t)
+            for t, _ in arrived:
+                become(t)
+                BlockThread.syncthreads(t)
+            live = arrived
+        return None
+
+    _in_one_python_thread(in_steps)
+
+
+def _in_one_python_thread(body):
+    """Run `body(become)` in a fresh Python thread, where `become(t)` makes `threading.current_thread()`
+    answer the BlockThread `t` (its entry in `threading._active`, restored after); re-raise the
+    (exception, traceback) `body` returns, if any."""
+    outcome = []
+
+    def run():
         me = threading.get_ident()
         runner = threading._active[me]
         try:
-            live = []
-            for block_point in np.ndindex(*self._block_dim):
-                t = BlockThread(_nothing, self, grid_point, block_point, self._debug)
-                live.append((t, stepped(*args)))
-            while live:
-                arrived = []
-                for t, steps in live:
-                    threading._active[me] = t
-                    try:
-                        next(steps)
-                        arrived.append((t, steps))
-                    except StopIteration:
-                        pass
-                    except Exception as e:  # noqa: BLE001 - named and raised by the launch, as BlockThread.run does
-                        failed.append(_named(e, t))
-                        return
-                for t, _ in arrived:
-                    threading._active[me] = t
-                    BlockThread.syncthreads(t)
-                live = arrived
+            outcome.append(body(lambda t: threading._active.__setitem__(me, t)))
         finally:
             threading._active[me] = runner
 
-    worker = threading.Thread(target=in_steps, daemon=True)
+    worker = threading.Thread(target=run, daemon=True)
     worker.start()
     worker.join()
-    if failed:
-        raise failed[0][0].with_traceback(failed[0][1])
+    if outcome and outcome[0] is not None:
+        raise outcome[0][0].with_traceback(outcome[0][1])
 
 
 def _nothing():
@@ -291,27 +302,16 @@ def _run_in_order(self, grid_point, args):
     keep what they note per thread apart); stops at the first exception and re-raises it."""
     from numba.cuda.simulator.kernel import BlockThread
 
-    failed = []
+    def one_after_another(become):
+        for block_point in np.ndindex(*self._block_dim):
+            t = BlockThread(functools.partial(self._f, *args), self, grid_point, block_point, self._debug)
+            become(t)
+            t.run()  # BlockThread.run: the kernel, its exception kept in t.exception
+            if t.exception:
+                return t.exception
+        return None
 
-    def one_after_another():
-        me = threading.get_ident()
-        runner = threading._active[me]  # what threading.current_thread() looks up
-        try:
-            for block_point in np.ndindex(*self._block_dim):
-                t = BlockThread(functools.partial(self._f, *args), self, grid_point, block_point, self._debug)
-                threading._active[me] = t
-                t.run()  # BlockThread.run: the kernel, its exception kept in t.exception
-                if t.exception:
-                    failed.append(t)
-                    return
-        finally:
-            threading._active[me] = runner
-
-    worker = threading.Thread(target=one_after_another, daemon=True)
-    worker.start()
-    worker.join()
-    if failed:
-        raise failed[0].exception[0].with_traceback(failed[0].exception[1])
+    _in_one_python_thread(one_after_another)
 
 
 def _run_together(self, grid_point, args):
