@@ -57,7 +57,7 @@ from pathlib import Path
 import numba
 import numpy
 
-from . import racecheck
+from . import racecheck, simulator
 
 WARP = 32  # threads per warp
 SECTOR = 32  # bytes per global-memory sector
@@ -66,7 +66,7 @@ BANK_BYTES = 4  # bytes per bank word
 
 _RACECHECK_FILE = racecheck.__file__
 _NOT_THE_KERNEL = (str(Path(numba.__file__).parent), str(Path(numpy.__file__).parent), threading.__file__,
-                   _RACECHECK_FILE, __file__)  # the simulator's frames run before the kernel's
+                   _RACECHECK_FILE, simulator.__file__, __file__)  # the simulator's frames run before the kernel's
 
 
 # ---------------------------------------------------------------- what a request costs
