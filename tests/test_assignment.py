@@ -177,6 +177,49 @@ def test_grading_uses_the_instructors_copy_of_everything_but_the_solution_region
     assert (work / "kernels" / "pool.py").read_text() == (ROOT / "kernels" / "pool.py").read_text()
 
 
+def test_one_compile_child_serves_every_kernel_task_and_one_it_missed_is_checked_alone(monkeypatch, tmp_path):
+    """The kernel tasks of a tree share one compile child; a task that child never reported on
+    (it died on 3.2's code) is checked again in a child of its own, and so is each task after it;
+    a task that kills its own child too is a one-line AssignmentError, not a grade."""
+    from minasgd.assignment import grading
+
+    row = dict(file="kernels/x.py", name="k", signature="s", first=1, last=9, error="")
+    calls, deadly = [], {"3.2"}
+
+    def child(action, workdir, site, env, timeout, jobs):
+        calls.append([j["task"] for j in jobs])
+        lines = []
+        for j in jobs:
+            if j["task"] in deadly:  # a compiler crash: the child dies without another word
+                return subprocess.CompletedProcess([], -11, "\n".join(lines), "Segmentation fault")
+            lines.append(json.dumps({"task": j["task"], "kernels": [row], "missing": ""}))
+        return subprocess.CompletedProcess([], 0, "noise\n" + "\n".join(lines), "")
+
+    monkeypatch.setattr(grading, "run_child", child)
+    spans = {"kernels/x.py": [[3, 4]]}
+    jobs = {t: (tmp_path, spans) for t in ("1.1", "3.2", "7.1")}
+    deadly = set()
+    assert grading.compile_regions(jobs, [], {}) == {t: ("", ["k"]) for t in jobs} and calls == [["1.1", "3.2", "7.1"]]
+    calls.clear()
+    deadly = {"3.2"}
+    with pytest.raises(AssignmentError, match="the compile check did not run: Segmentation fault"):
+        grading.compile_regions(jobs, [], {})
+    assert calls == [["1.1", "3.2", "7.1"], ["3.2"]]
+    calls.clear()
+    deadly = {"never"}
+    flaky = iter([True])  # the shared child dies once (on 3.2's code, say); alone, each task is reported
+
+    def once(action, workdir, site, env, timeout, jobs):
+        if next(flaky, False):
+            calls.append([j["task"] for j in jobs])
+            return subprocess.CompletedProcess([], -9, json.dumps({"task": "1.1", "kernels": [row], "missing": ""}), "")
+        return child(action, workdir, site, env, timeout, jobs)
+
+    monkeypatch.setattr(grading, "run_child", once)
+    assert grading.compile_regions(jobs, [], {}) == {t: ("", ["k"]) for t in jobs}
+    assert calls == [["1.1", "3.2", "7.1"], ["3.2"], ["7.1"]]
+
+
 def test_short_failure_shows_the_first_mismatch():
     message = "AssertionError: relu forward: 3 of 105 elements differ; first at (0, 1, 2): got 0.0, expected 0.5\n  at (1, 1, 1): ..."
     assert assignment.short(message) == "AssertionError: relu forward: 3 of 105 elements differ; first at (0, 1, 2): got 0.0, expected 0.5"

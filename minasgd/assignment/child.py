@@ -6,11 +6,13 @@ only the site-packages folders `grading.clean_site_dirs` allows (no editable-ins
 metadata of the instructor's minasgd). BOOT binds `minasgd.kernels` to the folder's kernels/
 and calls one of:
 
-    compile_check   compile every kernel of the graded kernel files that holds a solution region
-                    (all of them without `regions`) for sm_90, with Numba's dead-branch pruning
-                    OFF (so no branch escapes the check), and say where each kernel's source
-                    lies. Nothing of the student's code runs: importing a merged file runs only
-                    instructor code (the student's lines are inside functions).
+    compile_check   for each kernel task of the tree, from its own folder (the modules of the
+                    one before are forgotten): compile every kernel of the graded kernel files
+                    that holds a solution region (all of them without `regions`) for sm_90,
+                    with Numba's dead-branch pruning OFF (so no branch escapes the check), and
+                    say where each kernel's source lies. Nothing of the student's code runs:
+                    importing a merged file runs only instructor code (the student's lines are
+                    inside functions).
     run_pytest      the grading tests of one task (the plugin in the folder's conftest.py
                     writes the outcomes)
     probe           what the child sees (sys.path, metadata, environment): tests of the isolation
@@ -64,16 +66,37 @@ def _holds_a_region(row, spans):
 
 
 def compile_check(args):
-    """{"kernels": [{file, name, first, last, error}], "missing": message or ""} as JSON on stdout."""
-    from numba import config, cuda
+    """For each of args["jobs"] (a kernel task: its grading folder, graded files and regions),
+    in order, one JSON line {"task", "kernels": [{file, name, first, last, error}], "missing":
+    message or ""} on stdout, printed as soon as that task is done."""
+    from numba import config
 
     assert not config.ENABLE_CUDASIM, "the compile check needs the simulator off"
     _no_pruning()
+    for job in args["jobs"]:
+        if Path(job["workdir"]).resolve() != Path(sys.path[0]).resolve():
+            _rebind(job["workdir"])
+        print(json.dumps(dict(_compile_job(job), task=job["task"])), flush=True)
+    return 0
+
+
+def _rebind(workdir):
+    """Forget the previous task's folder (its minasgd and kernels modules) and bind `workdir`."""
+    for name in [n for n in sys.modules if n == "minasgd" or n.startswith("minasgd.")]:
+        del sys.modules[name]
+    sys.path[0] = str(workdir)
+    os.chdir(workdir)
+    bind(workdir)
+
+
+def _compile_job(job):
+    from numba import cuda
+
     from minasgd.kernels import resources
 
-    workdir = Path(args["workdir"]).resolve()
-    files = {str((workdir / f).resolve()): f for f in args["files"]}
-    regions = args.get("regions")  # {file: [[first, last], ...]}: compile only the kernels holding one
+    workdir = Path(job["workdir"]).resolve()
+    files = {str((workdir / f).resolve()): f for f in job["files"]}
+    regions = job.get("regions")  # {file: [[first, last], ...]}: compile only the kernels holding one
     cc = (int(ARCH[3]), int(ARCH[4]))
     rows, seen = [], set()
     for sig in resources.all_signatures():
@@ -91,14 +114,12 @@ def compile_check(args):
         except Exception as e:  # noqa: BLE001 - the message is the result
             text = " ".join(str(e).split())
             if "nvrtc" in text.lower() or "nvvm" in text.lower() or "driver library" in text.lower():
-                print(json.dumps({"kernels": [], "missing": f"{resources.MISSING} ({text[:200]})"}))
-                return 0
+                return {"kernels": [], "missing": f"{resources.MISSING} ({text[:200]})"}
             row["error"] = f"{type(e).__name__}: {text[:400]}"
         if (row["file"], row["signature"]) not in seen:
             seen.add((row["file"], row["signature"]))
             rows.append(row)
-    print(json.dumps({"kernels": rows, "missing": ""}))
-    return 0
+    return {"kernels": rows, "missing": ""}
 
 
 def run_pytest(args):
