@@ -275,6 +275,48 @@ def test_the_fast_backends_step_on_two_threads_equals_one_thread(two_threads):
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_a_convolution_split_across_threads_equals_one_thread(two_threads, monkeypatch, threads):
+    """Conv forward and backward with their chunks of images on 2 and 3 threads (10 chunks, 8
+    groups of the weight gradient, a short last chunk): bitwise the one-thread results, every
+    output written, each chunk's loop run serially on a worker thread with ONE BLAS thread, and
+    the BLAS count the caller set back afterwards."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    rng = np.random.default_rng(13)
+    x = rng.standard_normal((37, 3, 9, 9)).astype(np.float32)  # 81 outputs per plane: 4 images a chunk
+    w, b = rng.standard_normal((5, 3, 3, 3)).astype(np.float32), rng.standard_normal(5).astype(np.float32)
+    dy = rng.standard_normal((37, 5, 9, 9)).astype(np.float32)
+    seen = []
+
+    def watching(loop):
+        def run(*args):
+            blas = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+            seen.append((threading.current_thread().name, max(blas)))
+            return loop(*args)
+        return run
+
+    for name in ("im2col", "col2im"):
+        monkeypatch.setattr(getattr(cpu_loops, name), "serial", watching(getattr(cpu_loops, name).serial))
+
+    def everything():
+        return [fast.conv2d_forward(x, w, b, 1, 1), *fast.conv2d_backward(dy, x, w, 1, 1)]
+
+    cpu_loops.use_threads(1)
+    one = everything()
+    seen.clear()
+    monkeypatch.setattr(cpu_loops, "threads", lambda: threads)  # 3 on a 2-core machine too
+    with threadpool_limits(limits=2, user_api="blas"):
+        split = everything()
+        assert max(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas") == 2
+    for got, want in zip(split, one):
+        assert not np.isnan(got).any()
+        np.testing.assert_array_equal(got, want)
+    workers = {name for name, _ in seen}
+    assert len(workers) == threads and all(n.startswith("minasgd-conv") for n in workers), workers
+    assert {blas for _, blas in seen} == {1}, seen
+
+
 def test_small_outputs_stay_serial_on_two_threads(two_threads, monkeypatch):
     monkeypatch.setattr(cpu_loops, "PARALLEL_MIN_ELEMENTS", 100)
     calls = []

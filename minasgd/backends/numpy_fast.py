@@ -21,6 +21,12 @@ PyTorch in the same run, and op by op at alexnet-mini's sizes on one thread):
     which OpenBLAS runs 20-30% faster in that orientation at these shapes.
   * Scratch buffers (padded images, im2col blocks, products) are kept per thread and shape and
     reused every step; only results are fresh arrays.
+  * On n threads (`cpu_loops.use_threads(n)`, which `minasgd.threads` sets for a one-process
+    run) a convolution gives each thread a contiguous run of those chunks, with serial loops and
+    ONE BLAS thread each: a product of 256 columns is too small for BLAS to split well, whole
+    chunks side by side are not (alexnet-mini's conv2 backward: 1.9x on 2 cores). The weight
+    gradient is summed in GROUPS fixed runs of chunks and then run by run, so 1, 2 or 3 threads
+    give the same bits (tests/test_numpy_fast.py).
 
 Tried and dropped: keeping the whole-batch im2col matrix from the forward for the backward
 (the previous version of this module: 1.6x PyTorch's step, now about 1.1-1.2x); the rows-first
@@ -29,6 +35,7 @@ than they save; more images per product (512 or 1024 columns: no gain).
 """
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -66,16 +73,9 @@ def _buffer(role, shape, dtype):
     return a
 
 
-# ---------------------------------------------------------------- convolution
-
-def images_per_product(p, q):
-    """How many images one matrix product covers: enough for B*P*Q >= 256 columns (narrower
-    products run BLAS below its pace), few enough that the im2col block stays in the cache."""
-    return max(1, -(-256 // (p * q)))
-
-
-def _im2col(x, r, s, stride, pad, p, q):
-    """The im2col matrix (C, R, S, B, P, Q) of the few images x (B, C, H, W), in a kept buffer."""
+def _im2col(x, r, s, stride, pad, p, q, im2col):
+    """The im2col matrix (C, R, S, B, P, Q) of the few images x (B, C, H, W), in a kept buffer
+    (`im2col`: the loop to build it with, `cpu_loops.im2col` or its serial version)."""
     b, c, h, w = x.shape
     xp = _buffer("conv.xpad", (b, c, h + 2 * pad, w + 2 * pad), x.dtype)
     if pad:  # only the border needs zeros; the interior is overwritten just below
@@ -83,8 +83,54 @@ def _im2col(x, r, s, stride, pad, p, q):
         xp[:, :, :, :pad], xp[:, :, :, w + pad :] = 0, 0
     xp[:, :, pad : pad + h, pad : pad + w] = x
     cols = _buffer("conv.cols", (c, r, s, b, p, q), x.dtype)
-    cpu_loops.im2col(xp, stride, cols)
+    im2col(xp, stride, cols)
     return cols
+
+
+# ---------------------------------------------------------------- the batch split across threads
+
+GROUPS = 8  # the weight gradient's partial sums: see conv2d_backward
+_pool = {"size": 0, "executor": None}
+_pool_lock = threading.Lock()
+_blas = {}  # threadpoolctl's view of NumPy's BLAS, looked up once (3 ms); limiting it then costs 25 us
+
+
+def _split_threads(chunks, elements):
+    """How many threads share a convolution's chunks: the loops' thread count
+    (`cpu_loops.use_threads`), unless there are too few chunks or too few outputs to pay for it."""
+    n = cpu_loops.threads()
+    if n == 1 or chunks < 2 or elements < cpu_loops.PARALLEL_MIN_ELEMENTS:
+        return 1
+    return min(n, chunks)
+
+
+def _on_threads(n, tasks):
+    """Run the callables `tasks` on n threads, each with ONE BLAS thread (n of them side by side
+    already use n cores; BLAS threads on top would fight over them); returns when all are done."""
+    with _pool_lock:
+        if _pool["size"] < n:  # grown, never shrunk: a thread that still uses the old one finishes
+            _pool.update(size=n, executor=ThreadPoolExecutor(n, thread_name_prefix="minasgd-conv"))
+        if "blas" not in _blas:
+            from threadpoolctl import ThreadpoolController
+
+            _blas["blas"] = ThreadpoolController().select(user_api="blas")
+        executor = _pool["executor"]
+    with _blas["blas"].limit(limits=1):
+        for future in [executor.submit(task) for task in tasks]:
+            future.result()
+
+
+def _parts(count, n):
+    """`count` items cut into n contiguous runs, as (start, stop) pairs, sizes differing by one at most."""
+    return [(t * count // n, (t + 1) * count // n) for t in range(n)]
+
+
+# ---------------------------------------------------------------- convolution
+
+def images_per_product(p, q):
+    """How many images one matrix product covers: enough for B*P*Q >= 256 columns (narrower
+    products run BLAS below its pace), few enough that the im2col block stays in the cache."""
+    return max(1, -(-256 // (p * q)))
 
 
 def conv2d_forward(x, w, b, stride=1, pad=0):
@@ -95,12 +141,21 @@ def conv2d_forward(x, w, b, stride=1, pad=0):
     y = np.empty((n, k, p * q), dtype=dtype)
     w_k = w.reshape(k, c * r * s)
     chunk = images_per_product(p, q)
-    for n0 in range(0, n, chunk):
-        images = min(chunk, n - n0)
-        cols = _im2col(x[n0 : n0 + images], r, s, stride, pad, p, q)
-        y_k = _buffer("conv.y_k", (k, images, p * q), dtype)
-        np.matmul(w_k, cols.reshape(c * r * s, images * p * q), out=y_k.reshape(k, images * p * q))
-        np.add(y_k.transpose(1, 0, 2), b[:, None], out=y[n0 : n0 + images])  # to NCHW, plus the bias
+    starts = range(0, n, chunk)
+    threads = _split_threads(len(starts), y.size)
+
+    def forward(first, stop, im2col):
+        for n0 in starts[first:stop]:
+            images = min(chunk, n - n0)
+            cols = _im2col(x[n0 : n0 + images], r, s, stride, pad, p, q, im2col)
+            y_k = _buffer("conv.y_k", (k, images, p * q), dtype)
+            np.matmul(w_k, cols.reshape(c * r * s, images * p * q), out=y_k.reshape(k, images * p * q))
+            np.add(y_k.transpose(1, 0, 2), b[:, None], out=y[n0 : n0 + images])  # to NCHW, plus the bias
+
+    if threads == 1:
+        forward(0, len(starts), cpu_loops.im2col)
+    else:  # each thread its own run of chunks: their outputs are disjoint, the bits the same
+        _on_threads(threads, [lambda a=a, z=z: forward(a, z, cpu_loops.im2col.serial) for a, z in _parts(len(starts), threads)])
     return y.reshape(n, k, p, q)
 
 
@@ -111,24 +166,42 @@ def conv2d_backward(dy, x, w, stride=1, pad=0, need_dx=True):
     c, r, s = w.shape[1:]
     dtype = np.result_type(dy, x, w)
     w_k = w.reshape(k, c * r * s)
-    dw_t = np.zeros((c * r * s, k), dtype=dtype)  # dw transposed: BLAS computes this product ~25% faster
     dx = np.empty(x.shape, dtype=dtype) if need_dx else None
     chunk = images_per_product(p, q)
-    for n0 in range(0, n, chunk):
-        images = min(chunk, n - n0)
-        cols = _im2col(x[n0 : n0 + images], r, s, stride, pad, p, q)  # again: cheaper than keeping it
-        dy_k = _buffer("conv.dy_k", (k, images, p * q), dtype)
-        np.copyto(dy_k, dy[n0 : n0 + images].reshape(images, k, p * q).transpose(1, 0, 2))
-        dy_k = dy_k.reshape(k, images * p * q)
-        dw_part = _buffer("conv.dw_part", (c * r * s, k), dtype)
-        np.matmul(cols.reshape(c * r * s, images * p * q), dy_k.T, out=dw_part)
-        dw_t += dw_part
-        if need_dx:
-            dcols = _buffer("conv.dcols", (c, r, s, images, p, q), dtype)
-            np.matmul(w_k.T, dy_k, out=dcols.reshape(c * r * s, images * p * q))
-            dxp = _buffer("conv.dxpad", (images, c, x.shape[2] + 2 * pad, x.shape[3] + 2 * pad), dtype)
-            cpu_loops.col2im(dcols, stride, dxp)
-            dx[n0 : n0 + images] = dxp[:, :, pad : pad + x.shape[2], pad : pad + x.shape[3]]
+    starts = range(0, n, chunk)
+    # dw (transposed: BLAS computes this product ~25% faster) is a sum over the chunks. It is
+    # summed in GROUPS runs of chunks, each in chunk order, and then the runs in order: threads
+    # take whole runs, so every thread count gives the same bits.
+    groups = _parts(len(starts), min(GROUPS, len(starts)))
+    dw_groups = np.zeros((len(groups), c * r * s, k), dtype=dtype)
+
+    def backward(group_first, group_stop, im2col, col2im):
+        for g in range(group_first, group_stop):
+            for n0 in starts[groups[g][0] : groups[g][1]]:
+                images = min(chunk, n - n0)
+                cols = _im2col(x[n0 : n0 + images], r, s, stride, pad, p, q, im2col)  # again: cheaper than keeping it
+                dy_k = _buffer("conv.dy_k", (k, images, p * q), dtype)
+                np.copyto(dy_k, dy[n0 : n0 + images].reshape(images, k, p * q).transpose(1, 0, 2))
+                dy_k = dy_k.reshape(k, images * p * q)
+                dw_part = _buffer("conv.dw_part", (c * r * s, k), dtype)
+                np.matmul(cols.reshape(c * r * s, images * p * q), dy_k.T, out=dw_part)
+                dw_groups[g] += dw_part
+                if need_dx:
+                    dcols = _buffer("conv.dcols", (c, r, s, images, p, q), dtype)
+                    np.matmul(w_k.T, dy_k, out=dcols.reshape(c * r * s, images * p * q))
+                    dxp = _buffer("conv.dxpad", (images, c, x.shape[2] + 2 * pad, x.shape[3] + 2 * pad), dtype)
+                    col2im(dcols, stride, dxp)
+                    dx[n0 : n0 + images] = dxp[:, :, pad : pad + x.shape[2], pad : pad + x.shape[3]]
+
+    threads = _split_threads(len(groups), dy.size)
+    if threads == 1:
+        backward(0, len(groups), cpu_loops.im2col, cpu_loops.col2im)
+    else:
+        serial = (cpu_loops.im2col.serial, cpu_loops.col2im.serial)
+        _on_threads(threads, [lambda a=a, z=z: backward(a, z, *serial) for a, z in _parts(len(groups), threads)])
+    dw_t = dw_groups[0]
+    for part in dw_groups[1:]:
+        dw_t += part
     db = dy.sum(axis=(0, 2, 3), dtype=dtype)
     return dx, np.ascontiguousarray(dw_t.T).reshape(w.shape), db
 
