@@ -4,8 +4,9 @@ Our step on the chosen backend vs the identical PyTorch net (when PyTorch is ins
 measured in the same run on the same inputs, the two alternating sample by sample, so the
 ratio means something even on a shared, noisy machine.
 
-On the CPU it runs twice: with one BLAS / PyTorch thread each (the fair per-core comparison,
-and what every worker of a CPU run uses), then with each library's default thread count.
+On the CPU it runs twice: with one thread each (the fair per-core comparison, and what every
+worker of a CPU run uses), then with each library's default thread count (ours: every core, as a
+lone `minasgd train` on an idle machine runs it).
 Each row also gives the step's GFLOP/s (multiply-adds count 2; forward, weight and input
 gradients of every conv and fc layer, the first layer's input gradient excluded) and, on the
 CPU, the yardstick to read it against: the GFLOP/s of one large float32 matrix product through
@@ -13,7 +14,8 @@ NumPy's BLAS at the same thread count (`blas_peak_gflops`), near what the cores 
 `measure` returns the numbers; the command line shows them (`minasgd.dashboard.show_bench_step`).
 
 On the CPU it then times each side at 1, 2, ... N threads (N: the cores this process is given;
-ours: BLAS and the compiled loops of `cpu_loops` both at that count), each against its own best
+ours: the compiled loops of `cpu_loops` and the convolutions' image chunks on that many
+threads, BLAS on one, as `minasgd.threads` runs a step), each against its own best
 time: the scaling table. The machine's load average goes with the numbers, since a shared
 machine's other processes decide how much a second thread can get.
 """
@@ -109,14 +111,21 @@ def _theirs(model, device, x_np, y_np):
 
 @contextlib.contextmanager
 def _our_threads(n):
-    """BLAS and our compiled loops at n threads (None: BLAS's default and loops on every core)."""
+    """Our step on n threads (None: every core), as `minasgd train` runs it: the compiled loops
+    and the convolutions' image chunks split over n threads, BLAS on one (`minasgd.threads`)."""
     before = cpu_loops.threads()
     cpu_loops.use_threads(n or cores())
     try:
-        with limit_blas_threads(n):
+        with limit_blas_threads(1):
             yield
     finally:
         cpu_loops.use_threads(before)
+
+
+def _blas_peak_at(n, peak_size):
+    """The BLAS peak with n BLAS threads (None: BLAS's default): the yardstick of a step on n threads."""
+    with limit_blas_threads(n):
+        return blas_peak_gflops(peak_size)
 
 
 def measure(backend="numpy", model_name="alexnet-mini", batch_size=128, repeats=10, device=None, peak_size=1536,
@@ -160,10 +169,10 @@ def measure(backend="numpy", model_name="alexnet-mini", batch_size=128, repeats=
             steps["torch"] = _theirs(model, tdev, x_np, y_np)
         with _our_threads(n):
             t = _median_times(steps, repeats)
-            row = {"threads": label, "blas_threads": blas_threads(), "ours_seconds": t["ours"][0],
-                   "ours_cpu_seconds": t["ours"][1], "ours_gflops": flops / t["ours"][0] / 1e9}
-            if be.NAME != "cuda":
-                row["blas_peak_gflops"] = blas_peak_gflops(peak_size)
+            row = {"threads": label, "our_threads": cpu_loops.threads(), "blas_threads": blas_threads(),
+                   "ours_seconds": t["ours"][0], "ours_cpu_seconds": t["ours"][1], "ours_gflops": flops / t["ours"][0] / 1e9}
+        if be.NAME != "cuda":
+            row["blas_peak_gflops"] = _blas_peak_at(n, peak_size)
         if torch is not None:
             row.update(torch_seconds=t["torch"][0], torch_cpu_seconds=t["torch"][1],
                        torch_gflops=flops / t["torch"][0] / 1e9, torch_device=tdev,
@@ -189,7 +198,7 @@ def _scaling(ours, model, x_np, y_np, torch, repeats, flops, peak_size):
             steps["torch"] = _theirs(model, "cpu", x_np, y_np)
         with _our_threads(n):
             t = _median_times(steps, repeats)
-            peak = blas_peak_gflops(peak_size)
+        peak = _blas_peak_at(n, peak_size)
         row = {"threads": n, "ours_seconds": t["ours"][0], "blas_peak_gflops": peak,
                "ours_of_peak": flops / t["ours"][0] / 1e9 / peak}
         if torch is not None:

@@ -43,7 +43,9 @@ def test_bench_step_gives_a_row_per_thread_setting():
     assert result["load_before"] >= 0 and result["cores"] == threads.cores()
 
 
-def test_bench_step_scaling_runs_our_loops_and_blas_at_each_count(monkeypatch):
+def test_bench_step_scaling_runs_our_threads_at_each_count_and_blas_on_one(monkeypatch):
+    """Our step as `minasgd train` runs it (n threads of ours, BLAS on one); the BLAS peak, the
+    yardstick, at n BLAS threads."""
     from minasgd.backends import cpu_loops
 
     monkeypatch.setattr(bench_step, "cores", lambda: 2)
@@ -52,7 +54,7 @@ def test_bench_step_scaling_runs_our_loops_and_blas_at_each_count(monkeypatch):
         seen.append((threads.blas_threads(), cpu_loops.threads())), {"ours": (0.1 * len(seen), 0.1)})[1])
     monkeypatch.setattr(bench_step, "blas_peak_gflops", lambda size: 10.0 * threads.blas_threads())
     rows = bench_step._scaling(None, None, None, None, None, 1, 1e9, 64)
-    assert seen == [(1, 1), (2, 2)] and cpu_loops.threads() == 1
+    assert seen == [(1, 1), (1, 2)] and cpu_loops.threads() == 1
     assert [(r["threads"], round(r["ours_over_best"], 6)) for r in rows] == [(1, 1.0), (2, 2.0)]
     assert [round(r["ours_of_peak"], 6) for r in rows] == [1.0, 0.25]  # 10 GFLOP/s of 10, 5 of 20
 
@@ -140,7 +142,7 @@ def test_single_process_training_on_an_idle_machine_measures_its_cores_and_says_
     measured = []
     monkeypatch.setattr(threads, "measured_at_start", lambda step, n: measured.append(n) or {1: 10.0, n: ms_on_two})
     said, seen = _train_and_watch(tmp_path, monkeypatch, n_cores=2, load=0.1)
-    assert measured == [2] and seen == {(want, want)}
+    assert measured == [2] and seen == {(1, want)}, seen
     assert said.startswith(f"threads: {want} (2 cores given, load 0.1 leaves 1.9 idle")
     assert f"a step took 10 ms on 1 thread and {ms_on_two:.0f} ms on 2" in said
 
@@ -275,9 +277,11 @@ def test_more_threads_are_kept_only_when_measured_faster_at_start(faster):
         calls.append(cpu_loops.threads())
         clock.sleep(0.002 if cpu_loops.threads() == faster else 0.02)
 
-    with threads.threads_for_one_process(environ={}, n_cores=2, load=0.0, make_step=lambda: step) as line:
-        assert cpu_loops.threads() == faster
-        assert line.startswith(f"threads: {faster} (") and "measured at start" in line
+    with threads.limit_blas_threads(2):
+        with threads.threads_for_one_process(environ={}, n_cores=2, load=0.0, make_step=lambda: step) as line:
+            assert cpu_loops.threads() == faster and threads.blas_threads() == 1  # our threads split the products
+            assert line.startswith(f"threads: {faster} (") and "measured at start" in line
+        assert threads.blas_threads() == 2
     assert sorted(set(calls)) == [1, 2]
 
 

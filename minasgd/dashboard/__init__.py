@@ -153,6 +153,12 @@ def model_table(model):
     return table
 
 
+def _our_threads_label(row):
+    """'2 threads, 1 BLAS': our own threads (loops and convolution chunks) and BLAS's."""
+    ours = f"{row['our_threads']} threads, " if "our_threads" in row else ""
+    return f"{ours}{row['blas_threads'] or '?'} BLAS"
+
+
 def show_bench_step(result, console):
     """`minasgd bench step`: ours vs PyTorch per training step, a row pair per thread setting."""
     table = Table(title=f"training step: {result['model']}, batch {result['batch_size']}, "
@@ -165,7 +171,7 @@ def show_bench_step(result, console):
         torch = "torch_seconds" in row
         peak = row.get("blas_peak_gflops")
         share = (lambda gflops: f"{gflops / peak:.0%}") if peak else (lambda gflops: "")
-        table.add_row(row["threads"], f"minasgd {result['backend']} ({row['blas_threads'] or '?'} BLAS)",
+        table.add_row(row["threads"], f"minasgd {result['backend']} ({_our_threads_label(row)})",
                       f"{row['ours_seconds'] * 1e3:.1f}", f"{result['batch_size'] / row['ours_seconds']:.0f}",
                       f"{row['ours_gflops']:.0f}", share(row["ours_gflops"]), f"{row['ours_cpu_seconds'] * 1e3:.0f}",
                       f"[bold]{row['ratio_ours_over_torch']:.2f}x[/]" if torch else "",
